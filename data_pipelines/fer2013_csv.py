@@ -1,0 +1,178 @@
+"""Reading and validating FER2013 in any of its distributed layouts (numpy only, no TensorFlow).
+
+Accepted files, looked for in this order in a directory (see `find_source`):
+
+- `fer2013.csv`: the original CSV, header `emotion,pixels,Usage`.
+- `fer2013/fer2013.csv`: the same, from an unpacked `fer2013.tar.gz`.
+- `fer2013.tar.gz`: the original archive holding `fer2013/fer2013.csv`; streamed, never unpacked.
+- `icml_face_data.csv`: the later Kaggle layout, header `emotion, Usage, pixels`.
+
+Columns are found by name (surrounding spaces ignored), so their order does not matter. `emotion`
+is an integer 0-6 (order of `labels.CLASS_NAMES`), `pixels` 2,304 space-separated integers 0-255
+(48x48, row-major), `Usage` one of Training, PublicTest, PrivateTest. Any violation raises
+`DataError` naming the file, the line and the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import pathlib
+import re
+import tarfile
+import zlib
+from collections.abc import Iterable
+
+import numpy as np
+
+from data_pipelines.errors import DataError
+from data_pipelines.labels import NUM_CLASSES
+
+IMAGE_SIZE = 48
+NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+SOURCE_FILES: tuple[str, ...] = (
+    "fer2013.csv",
+    "fer2013/fer2013.csv",
+    "fer2013.tar.gz",
+    "icml_face_data.csv",
+)
+ARCHIVE_MEMBER = "fer2013/fer2013.csv"
+# CSV `Usage` value -> split name.
+USAGE_SPLITS: dict[str, str] = {
+    "Training": "train",
+    "PublicTest": "public_test",
+    "PrivateTest": "private_test",
+}
+_USAGES = tuple(USAGE_SPLITS)
+_REQUIRED_COLUMNS = ("emotion", "pixels", "Usage")
+_PIXEL_CHARS = re.compile(r"[0-9 ]*")
+_INTEGER = re.compile(r"[0-9]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fer2013Rows:
+    """All rows of a FER2013 file, in file order.
+
+    Attributes:
+      images: (N, 48, 48) uint8.
+      labels: (N,) int64 in [0, 7).
+      splits: (N,) str, the split of each row (`USAGE_SPLITS` values).
+      source: the file the rows came from (`archive:member` for a tar.gz).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    source: str
+
+
+def find_source(directory: str | pathlib.Path) -> pathlib.Path:
+    """Returns the first of `SOURCE_FILES` present in `directory`; FileNotFoundError if none."""
+    directory = pathlib.Path(directory)
+    for name in SOURCE_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(
+        f"No FER2013 file in {directory}: expected one of "
+        + ", ".join(str(directory / n) for n in SOURCE_FILES)
+    )
+
+
+def read_fer2013(path: str | pathlib.Path) -> Fer2013Rows:
+    """Reads and validates a FER2013 `.csv` or `.tar.gz` (layouts in the module docstring)."""
+    path = pathlib.Path(path)
+    if path.name.endswith((".tar.gz", ".tgz")):
+        return _read_archive(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return parse_csv(f, source=str(path))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file ({e})") from e
+
+
+def _read_archive(path: pathlib.Path) -> Fer2013Rows:
+    source = f"{path}:{ARCHIVE_MEMBER}"
+    try:
+        with tarfile.open(path, mode="r:gz") as tar:
+            member = next(
+                (m for m in tar if m.isfile() and m.name.lstrip("./") == ARCHIVE_MEMBER), None
+            )
+            if member is None:
+                raise DataError(f"{path}: the archive holds no {ARCHIVE_MEMBER}")
+            f = tar.extractfile(member)
+            assert f is not None  # A regular file member always has contents.
+            with io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
+                return parse_csv(text, source=source)
+    except DataError:
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: unreadable or truncated archive ({type(e).__name__}: {e})") from e
+
+
+def parse_csv(lines: Iterable[str], *, source: str) -> Fer2013Rows:
+    """Parses FER2013 CSV text (header line first); `source` names the file in errors."""
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if header is None:
+        expected = ",".join(_REQUIRED_COLUMNS)
+        raise DataError(f"{source}, line 1: empty file, expected the header {expected}")
+    names = [h.strip() for h in header]
+    missing = [c for c in _REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise DataError(
+            f"{source}, line 1: missing column(s) {', '.join(missing)}; header is {header!r}, "
+            f"expected the columns {', '.join(_REQUIRED_COLUMNS)}"
+        )
+    col_label, col_pixels, col_usage = (names.index(c) for c in _REQUIRED_COLUMNS)
+
+    images, labels, splits = [], [], []
+    for row in reader:
+        if not row:  # A blank line.
+            continue
+        where = f"{source}, line {reader.line_num}"
+        if len(row) != len(names):
+            raise DataError(f"{where}: expected {len(names)} fields, found {len(row)}")
+        labels.append(_parse_label(row[col_label], where))
+        images.append(_parse_pixels(row[col_pixels], where))
+        usage = row[col_usage].strip()
+        if usage not in USAGE_SPLITS:
+            raise DataError(
+                f"{where}: unknown Usage {usage!r}, expected one of {', '.join(_USAGES)}"
+            )
+        splits.append(USAGE_SPLITS[usage])
+    if not images:
+        raise DataError(f"{source}: no data rows after the header")
+    return Fer2013Rows(
+        images=np.stack(images).reshape(-1, IMAGE_SIZE, IMAGE_SIZE),
+        labels=np.asarray(labels, dtype=np.int64),
+        splits=np.asarray(splits),
+        source=source,
+    )
+
+
+def _parse_label(field: str, where: str) -> int:
+    field = field.strip()
+    if not _INTEGER.fullmatch(field):
+        raise DataError(f"{where}: emotion {field!r} is not an integer")
+    label = int(field)
+    if label >= NUM_CLASSES:
+        raise DataError(f"{where}: emotion {label} outside 0-{NUM_CLASSES - 1}")
+    return label
+
+
+def _parse_pixels(field: str, where: str) -> np.ndarray:
+    """Returns (2304,) uint8; fast path by regex + np.fromstring, exact diagnosis on failure."""
+    if _PIXEL_CHARS.fullmatch(field):
+        values = np.fromstring(field, dtype=np.int64, sep=" ")  # Saturates on overflow.
+        if values.size == NUM_PIXELS and values.max() <= 255:
+            return values.astype(np.uint8)
+    tokens = field.split()
+    for i, token in enumerate(tokens):
+        if not _INTEGER.fullmatch(token):
+            raise DataError(f"{where}: pixel {i} is {token!r}, not an integer")
+        if int(token) > 255:
+            raise DataError(f"{where}: pixel {i} is {int(token)}, outside 0-255")
+    if len(tokens) != NUM_PIXELS:
+        raise DataError(f"{where}: {len(tokens)} pixels, expected {NUM_PIXELS} (48x48)")
+    return np.asarray([int(t) for t in tokens], dtype=np.uint8)  # Other whitespace than ' '.

@@ -1,0 +1,145 @@
+"""Building the TFDS datasets, loading whole splits into memory, pipelines over built splits."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from data_pipelines.pipelines import (
+    Normalize,
+    eval_dataset_from_arrays,
+    train_dataset_from_arrays,
+)
+
+
+def build(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.PathLike) -> None:
+    """Builds dataset `name` ('fer2013' or 'jaffe') into data_dir from the files in manual_dir.
+
+    Equivalent to `tfds build NAME --imports=data_pipelines --manual_dir=MANUAL_DIR
+    --data_dir=DATA_DIR`; a no-op if it is already built. A failed build leaves nothing that
+    `tfds.load` or `load_split` would accept.
+    """
+    config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+    tfds.builder(name, data_dir=os.fspath(data_dir)).download_and_prepare(download_config=config)
+
+
+def load_split(name: str, split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads a built split into memory, in source order (CSV rows; JAFFE file names).
+
+    Args:
+      name: 'fer2013' or 'jaffe'.
+      split: a split name ('train', 'public_test', 'private_test' for fer2013; 'train' for
+        jaffe), or any TFDS split expression such as 'train[:100]'.
+      data_dir: the TFDS data directory it was built into.
+
+    Returns:
+      Every feature as an array: 'image' (N, 48, 48, 1) uint8, 'label' (N,) int64, and per
+      dataset 'index' (N,) int64 (fer2013) or 'subject', 'filename' (N,) str and
+      'face_detected' (N,) bool (jaffe).
+
+    Raises:
+      FileNotFoundError: the dataset is not built in data_dir; the message gives the expected
+        path, the build command and the manual download instructions.
+    """
+    builder = tfds.builder(name, data_dir=os.fspath(data_dir))
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"Dataset {name!r} is not built in {data_dir} (expected {builder.data_path}). "
+            f"Build it with:\n  tfds build {name} --imports=data_pipelines "
+            f"--manual_dir=<MANUAL_DIR> --data_dir={data_dir}\n"
+            f"or data_pipelines.build({name!r}, data_dir=..., manual_dir=...).\n\n"
+            f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
+    ds = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False)
+    arrays = tfds.as_numpy(ds)
+    return {
+        k: np.array([s.decode("utf-8") for s in v]) if v.dtype == object else v
+        for k, v in arrays.items()
+    }
+
+
+def load_arrays(
+    name: str, split: str, data_dir: str | os.PathLike
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 48, 48, 1) uint8, labels (N,) int32) of a built split; see `load_split`."""
+    arrays = load_split(name, split, data_dir)
+    return arrays["image"], arrays["label"].astype(np.int32)
+
+
+def _subset(
+    name: str, split: str, data_dir: str | os.PathLike, indices: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = load_arrays(name, split, data_dir)
+    if indices is not None:
+        indices = np.asarray(indices)
+        images, labels = images[indices], labels[indices]
+    return images, labels
+
+
+def train_dataset(
+    data_dir: str | os.PathLike,
+    split: str = "train",
+    *,
+    batch_size: int,
+    seed: int,
+    start_epoch: int = 0,
+    start_step: int = 0,
+    num_epochs: int | None = None,
+    num_devices: int | None = None,
+    normalize: Normalize = "unit",
+    dataset_name: str = "fer2013",
+    indices: np.ndarray | None = None,
+    return_index: bool = False,
+) -> tf.data.Dataset:
+    """`train_dataset_from_arrays` on a built split (or its examples `indices`).
+
+    Yields {'image': (B, 44, 44, 1) float32, 'label': (B,) int32}, epoch after epoch from
+    (start_epoch, start_step); see `pipelines` for the epoch/step of each batch. With
+    `indices` it runs on those examples of the split; 'index' then counts positions in `indices`.
+    """
+    images, labels = _subset(dataset_name, split, data_dir, indices)
+    return train_dataset_from_arrays(
+        images,
+        labels,
+        batch_size=batch_size,
+        seed=seed,
+        start_epoch=start_epoch,
+        start_step=start_step,
+        num_epochs=num_epochs,
+        num_devices=num_devices,
+        normalize=normalize,
+        return_index=return_index,
+    )
+
+
+def eval_dataset(
+    data_dir: str | os.PathLike,
+    split: str,
+    *,
+    batch_size: int,
+    num_devices: int | None = None,
+    normalize: Normalize = "unit",
+    dataset_name: str = "fer2013",
+    indices: np.ndarray | None = None,
+    crops: str = "ten",
+    return_index: bool = False,
+) -> tf.data.Dataset:
+    """`eval_dataset_from_arrays` on a built split (or its examples `indices`).
+
+    Yields {'image': (B, 10, 44, 44, 1) float32, 'label': (B,) int32, 'mask': (B,) bool}, each
+    example exactly once, the last batch padded (mask False). With `indices` it runs on those
+    examples of the split, in that order.
+    """
+    images, labels = _subset(dataset_name, split, data_dir, indices)
+    return eval_dataset_from_arrays(
+        images,
+        labels,
+        batch_size=batch_size,
+        num_devices=num_devices,
+        normalize=normalize,
+        crops=crops,
+        return_index=return_index,
+    )

@@ -1,0 +1,269 @@
+"""In-memory tf.data pipelines: random-crop/flip training batches and ten-crop evaluation batches.
+
+Both take whole splits as numpy arrays (`images (N, H, W, C) uint8`, `labels (N,) int`; FER2013's
+training split is 66 MB) and gather each batch's pixels with one `tf.gather` on the flattened
+images, so augmentation is vectorised over the batch.
+
+Training (`train_dataset_from_arrays`), one epoch at a time, forever (or `num_epochs`):
+
+- The epoch's plan comes from numpy: `np.random.default_rng([seed, epoch])` draws the
+  permutation of the N examples (the last N % B are dropped that epoch), then per example a crop
+  offset (top, left), each uniform in 0..H-c / 0..W-c inclusive (0..4 for 44 of 48; no padding),
+  and a horizontal flip with probability 0.5 (`epoch_plan`). It depends only on (seed, epoch).
+- Batch k (0-based) of a dataset started at (start_epoch, start_step) is global step
+  g = start_epoch * steps_per_epoch + start_step + k, i.e. epoch g // steps_per_epoch and step
+  g % steps_per_epoch; it equals the batch an uninterrupted run yields at that step.
+- Output `{'image': (B, c, c, C) float32, 'label': (B,) int32}` (+ `'index': (B,) int64`, the
+  example indices, with `return_index`); with `num_devices=D` every array is (D, B / D, ...).
+
+Evaluation (`eval_dataset_from_arrays`): examples in order, ceil(N / B) batches, the last padded
+with zero images and label 0; `'mask'` is False on padding. Output `{'image': (B, 10, c, c, C)
+float32 (`crops.ten_crop` order), 'label': (B,) int32, 'mask': (B,) bool}`, or (B, c, c, C)
+centre crops with `crops='centre'`; `num_devices` as above.
+
+Normalisation (`normalize`): 'unit' x / 255 in [0, 1]; 'symmetric' x / 127.5 - 1 in [-1, 1];
+or a (mean, std) pair applied after 'unit': (x / 255 - mean) / std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines.crops import CROP_SIZE, five_crop_offsets, ten_crop_pixel_indices
+
+Normalize = str | tuple[float, float]
+_MAX_EPOCHS = 2**62
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Training steps per epoch: full batches only (`drop_remainder`)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    steps = num_examples // batch_size
+    if steps == 0:
+        raise ValueError(f"{num_examples} examples do not fill one batch of {batch_size}")
+    return steps
+
+
+def eval_steps(num_examples: int, batch_size: int) -> int:
+    """Evaluation batches for a split: ceil(num_examples / batch_size), the last one padded."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return -(-num_examples // batch_size)
+
+
+def epoch_plan(
+    num_examples: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    image_shape: tuple[int, int] = (48, 48),
+    crop: int = CROP_SIZE,
+) -> dict[str, np.ndarray]:
+    """The random choices of one training epoch, a pure function of its arguments.
+
+    Returns:
+      'index' (S, B) int64 example indices (a permutation prefix), 'top' and 'left' (S, B) int32
+      crop offsets in 0..H-crop and 0..W-crop inclusive, 'flip' (S, B) bool; S = steps per epoch.
+    """
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    steps = steps_per_epoch(num_examples, batch_size)
+    height, width = image_shape
+    rng = np.random.default_rng([seed, epoch])
+    shape = (steps, batch_size)
+    index = rng.permutation(num_examples)[: steps * batch_size].reshape(shape)
+    return {
+        "index": index.astype(np.int64),
+        "top": rng.integers(0, height - crop, size=shape, endpoint=True).astype(np.int32),
+        "left": rng.integers(0, width - crop, size=shape, endpoint=True).astype(np.int32),
+        "flip": rng.random(shape) < 0.5,
+    }
+
+
+def normalizer(normalize: Normalize) -> Callable[[tf.Tensor], tf.Tensor]:
+    """uint8 tensor -> float32 tensor, per the `normalize` option (module docstring)."""
+    if normalize == "unit":
+        return lambda x: tf.cast(x, tf.float32) * (1 / 255)
+    if normalize == "symmetric":
+        return lambda x: tf.cast(x, tf.float32) * (1 / 127.5) - 1
+    if isinstance(normalize, tuple | list) and len(normalize) == 2:
+        mean, std = (float(v) for v in normalize)
+        if std <= 0:
+            raise ValueError(f"normalize std must be positive, got {std}")
+        return lambda x: (tf.cast(x, tf.float32) * (1 / 255) - mean) * (1 / std)
+    raise ValueError(f"normalize must be 'unit', 'symmetric' or (mean, std), got {normalize!r}")
+
+
+def _check_arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be (N, H, W, C) uint8, got {images.dtype} of shape {images.shape}"
+        )
+    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be ({images.shape[0]},) integers, got {labels.dtype} {labels.shape}"
+        )
+    return images, labels
+
+
+def _split_devices(batch: dict[str, tf.Tensor], num_devices: int | None) -> dict[str, tf.Tensor]:
+    if num_devices is None:
+        return batch
+    return {k: tf.reshape(v, [num_devices, -1, *v.shape[1:]]) for k, v in batch.items()}
+
+
+def _check_devices(batch_size: int, num_devices: int | None) -> None:
+    if num_devices is not None and (num_devices <= 0 or batch_size % num_devices):
+        raise ValueError(f"batch_size {batch_size} is not divisible by num_devices {num_devices}")
+
+
+def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def train_dataset_from_arrays(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    start_epoch: int = 0,
+    start_step: int = 0,
+    num_epochs: int | None = None,
+    num_devices: int | None = None,
+    normalize: Normalize = "unit",
+    crop: int = CROP_SIZE,
+    flip: bool = True,
+    return_index: bool = False,
+) -> tf.data.Dataset:
+    """Augmented training batches, epoch after epoch, from (start_epoch, start_step).
+
+    Args:
+      images: (N, H, W, C) uint8.
+      labels: (N,) integer class codes.
+      batch_size: global batch size B (divisible by num_devices).
+      seed: int >= 0; with (epoch, step) it determines every batch.
+      start_epoch, start_step: where to start; step in [0, steps_per_epoch(N, B)).
+      num_epochs: epochs to run counting start_epoch's (possibly partial) one; None = forever.
+      num_devices: if set, arrays are shaped (num_devices, B / num_devices, ...).
+      normalize: 'unit', 'symmetric' or (mean, std) (module docstring).
+      crop: side of the random square crop.
+      flip: random horizontal flips with probability 0.5 (else never).
+      return_index: also yield 'index', the (B,) int64 example indices.
+
+    Returns:
+      tf.data.Dataset of {'image': (B, crop, crop, C) float32, 'label': (B,) int32}; iterate
+      with `.as_numpy_iterator()` for numpy.
+    """
+    images, labels = _check_arrays(images, labels)
+    _check_devices(batch_size, num_devices)
+    n, height, width, channels = images.shape
+    steps = steps_per_epoch(n, batch_size)
+    if not 0 <= start_step < steps:
+        raise ValueError(f"start_step {start_step} outside [0, {steps}) (steps per epoch)")
+    five_crop_offsets(height, width, crop)  # Checks that the crop fits.
+    norm = normalizer(normalize)
+    flat_images = tf.constant(images.reshape(n * height * width, channels))
+    labels_t = tf.constant(labels.astype(np.int32))
+
+    def plan(epoch: np.int64) -> tuple[np.ndarray, ...]:
+        p = epoch_plan(
+            n, batch_size, seed=seed, epoch=int(epoch), image_shape=(height, width), crop=crop
+        )
+        return p["index"], p["top"], p["left"], p["flip"] & flip
+
+    def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+        out = tf.numpy_function(
+            plan, [epoch], [tf.int64, tf.int32, tf.int32, tf.bool], stateful=False
+        )
+        out = [tf.ensure_shape(t, [steps, batch_size]) for t in out]
+        skip = tf.where(epoch == start_epoch, tf.constant(start_step, tf.int64), 0)
+        return tf.data.Dataset.from_tensor_slices(tuple(out)).skip(skip)
+
+    span = tf.range(crop)
+
+    def make_batch(index, top, left, flipped) -> dict[str, tf.Tensor]:
+        rows = top[:, None] + span  # (B, crop)
+        cols = tf.where(flipped[:, None], left[:, None] + crop - 1 - span, left[:, None] + span)
+        pixel = (index[:, None, None] * height + tf.cast(rows, tf.int64)[:, :, None]) * width
+        pixel += tf.cast(cols, tf.int64)[:, None, :]  # (B, crop, crop) flat pixel indices
+        batch = {
+            "image": norm(tf.gather(flat_images, pixel)),
+            "label": tf.gather(labels_t, index),
+        }
+        if return_index:
+            batch["index"] = index
+        return _split_devices(batch, num_devices)
+
+    stop = _MAX_EPOCHS if num_epochs is None else start_epoch + num_epochs
+    ds = tf.data.Dataset.range(start_epoch, stop).flat_map(epoch_batches)
+    ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def eval_dataset_from_arrays(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    num_devices: int | None = None,
+    normalize: Normalize = "unit",
+    crop: int = CROP_SIZE,
+    crops: str = "ten",
+    return_index: bool = False,
+) -> tf.data.Dataset:
+    """Every example once, in order, as ten crops (or centre crops), last batch padded.
+
+    Args:
+      images: (N, H, W, C) uint8.
+      labels: (N,) integer class codes.
+      batch_size: global batch size B (divisible by num_devices).
+      num_devices: if set, arrays are shaped (num_devices, B / num_devices, ...).
+      normalize: 'unit', 'symmetric' or (mean, std) (module docstring).
+      crop: side of the square crops.
+      crops: 'ten' (`crops.ten_crop` order) or 'centre'.
+      return_index: also yield 'index', the (B,) int64 example indices (0 on padding).
+
+    Returns:
+      tf.data.Dataset of eval_steps(N, B) batches {'image': (B, 10, crop, crop, C) float32
+      (or (B, crop, crop, C) for 'centre'), 'label': (B,) int32, 'mask': (B,) bool}.
+    """
+    images, labels = _check_arrays(images, labels)
+    _check_devices(batch_size, num_devices)
+    n, height, width, channels = images.shape
+    if crops not in ("ten", "centre"):
+        raise ValueError(f"crops must be 'ten' or 'centre', got {crops!r}")
+    crop_pixels = ten_crop_pixel_indices(height, width, crop)
+    if crops == "centre":
+        crop_pixels = crop_pixels[4]
+    norm = normalizer(normalize)
+    flat_images = tf.constant(images.reshape(n, height * width, channels))
+    labels_t = tf.constant(labels.astype(np.int32))
+    crop_pixels_t = tf.constant(crop_pixels)
+
+    def make_batch(step: tf.Tensor) -> dict[str, tf.Tensor]:
+        index = step * batch_size + tf.range(batch_size, dtype=tf.int64)
+        mask = index < n
+        index = tf.where(mask, index, 0)
+        x = tf.gather(tf.gather(flat_images, index), crop_pixels_t, axis=1)
+        x = x * tf.cast(tf.reshape(mask, [-1] + [1] * (x.shape.rank - 1)), tf.uint8)
+        batch = {
+            "image": norm(x),
+            "label": tf.where(mask, tf.gather(labels_t, index), 0),
+            "mask": mask,
+        }
+        if return_index:
+            batch["index"] = index
+        return _split_devices(batch, num_devices)
+
+    ds = tf.data.Dataset.range(eval_steps(n, batch_size))
+    ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _options(ds.prefetch(tf.data.AUTOTUNE))

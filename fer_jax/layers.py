@@ -1,0 +1,58 @@
+"""Layers of the network that Flax does not provide in the form we need.
+
+`Conv` takes explicit symmetric padding (PyTorch's `padding=p`; Flax's 'SAME' pads
+asymmetrically at stride 2) and a selectable implementation (`fer_jax.conv`), `AngleLinear` is
+SphereFace's bias-free cosine classifier.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from fer_jax import conv, losses
+
+# PyTorch-style He init (fan_out, normal), as torchvision's ResNets.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class Conv(nn.Module):
+    """Bias-free 2-D convolution, NHWC in/out, HWIO `kernel`, padding `((p, p), (p, p))`."""
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: int = 1
+    impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        x = x.astype(self.dtype)
+        return conv.conv2d(
+            x, kernel.astype(self.dtype), stride=self.strides, padding=self.padding, impl=self.impl
+        )
+
+
+def _uniform_pm1(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -1.0, 1.0)
+
+
+class AngleLinear(nn.Module):
+    """A-Softmax classifier: `(B, D)` -> `(B, K)` logits `|x| cos(theta_j)`, no bias.
+
+    The kernel `(D, K)` is initialised uniform in [-1, 1] (as the reference) and column-normalised
+    on every call. The training loss (`losses.a_softmax_loss`) takes this kernel directly.
+    """
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _uniform_pm1, (x.shape[-1], self.num_classes), jnp.float32)
+        return losses.angular_logits(x, kernel)

@@ -1,0 +1,125 @@
+"""CIFAR-style ResNet18 with a CBAM module in every residual block (Wen et al., ICAIS 2020).
+
+Input `(B, 44, 44, C)` float (C = 1 by default), NHWC. Stem 3x3 conv -> BN -> ReLU at width w,
+then 4 stages of 2 BasicBlocks (widths w, 2w, 4w, 8w; strides 1, 2, 2, 2; 44 -> 44 -> 22 -> 11
+-> 6), a 4x4/4 VALID average pool (top-left 4x4 of the 6x6 map, as PyTorch's
+`avg_pool2d(out, 4)`), dropout, and a Dense (softmax) or AngleLinear (A-Softmax) classifier.
+Submodule names mirror the PyTorch reference so that `fer_jax.convert` is a renaming.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from fer_jax.batch_norm import BatchNorm
+from fer_jax.cbam import CBAM
+from fer_jax.layers import AngleLinear, Conv
+
+HEADS = ("softmax", "a_softmax")
+STAGE_STRIDES = (1, 2, 2, 2)
+BLOCKS_PER_STAGE = 2
+
+
+class BasicBlock(nn.Module):
+    """conv3x3(s) -> BN -> ReLU -> conv3x3 -> BN -> [CBAM] -> + shortcut -> ReLU."""
+
+    features: int
+    strides: int = 1
+    cbam: str | None = "channel_first"
+    train: bool = False
+    bn_axis_name: str | None = None
+    conv_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv = lambda f, k, s, p, name: Conv(  # noqa: E731
+            f, kernel_size=k, strides=s, padding=p, impl=self.conv_impl, dtype=self.dtype, name=name
+        )
+        norm = lambda name: BatchNorm(  # noqa: E731
+            use_running_average=not self.train,
+            axis_name=self.bn_axis_name,
+            dtype=self.dtype,
+            name=name,
+        )
+        out = nn.relu(norm("bn1")(conv(self.features, 3, self.strides, 1, "conv1")(x)))
+        out = norm("bn2")(conv(self.features, 3, 1, 1, "conv2")(out))
+        if self.cbam is not None:
+            out = CBAM(
+                order=self.cbam,
+                train=self.train,
+                bn_axis_name=self.bn_axis_name,
+                conv_impl=self.conv_impl,
+                dtype=self.dtype,
+                name="cbam",
+            )(out)
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = norm("shortcut_bn")(conv(self.features, 1, self.strides, 0, "shortcut_conv")(x))
+        return nn.relu(out + x)
+
+
+class ResNet18(nn.Module):
+    """The paper's network; returns `(B, num_classes)` float32 logits.
+
+    Attributes:
+      num_classes: 7 for FER2013/JAFFE.
+      width: w, the stem width (64 in the paper; smaller for fast tests).
+      cbam: CBAM ordering ('channel_first', 'spatial_first', 'parallel') or None (plain ResNet18).
+      head: 'softmax' (Dense with bias) or 'a_softmax' (AngleLinear; logits `|x| cos(theta_j)`).
+      dropout_rate: dropout before the classifier. Default 0.5, the reference PyTorch FER
+        ResNet18's `F.dropout(out, p=0.5)`; the paper does not state it.
+      bn_axis_name: mapped axis over which BatchNorm averages batch statistics, or None.
+      conv_impl: implementation of the convolutions, see `fer_jax.conv.conv2d`.
+      dtype: computation dtype (e.g. bfloat16); parameters and BatchNorm statistics stay float32.
+    """
+
+    num_classes: int = 7
+    width: int = 64
+    cbam: str | None = "channel_first"
+    head: str = "softmax"
+    dropout_rate: float = 0.5
+    bn_axis_name: str | None = None
+    conv_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, train: bool = False, return_features: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """`x`: `(B, 44, 44, C)` float images (e.g. in [0, 1]).
+
+        With `return_features`, also returns the `(B, 8w)` float32 classifier inputs (the pooled
+        features, after dropout in training), which the A-Softmax loss takes.
+        """
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        x = x.astype(self.dtype)
+        x = Conv(self.width, impl=self.conv_impl, dtype=self.dtype, name="conv1")(x)
+        x = BatchNorm(
+            use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype, name="bn1"
+        )(x)
+        x = nn.relu(x)
+        for stage, stage_stride in enumerate(STAGE_STRIDES):
+            for block in range(BLOCKS_PER_STAGE):
+                x = BasicBlock(
+                    features=self.width * 2**stage,
+                    strides=stage_stride if block == 0 else 1,
+                    cbam=self.cbam,
+                    train=train,
+                    bn_axis_name=self.bn_axis_name,
+                    conv_impl=self.conv_impl,
+                    dtype=self.dtype,
+                    name=f"layer{stage + 1}_{block}",
+                )(x)
+        x = nn.avg_pool(x, window_shape=(4, 4), strides=(4, 4), padding="VALID")
+        features = x.reshape(x.shape[0], -1).astype(jnp.float32)
+        features = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
+        if self.head == "softmax":
+            logits = nn.Dense(self.num_classes, name="linear")(features)
+        else:
+            logits = AngleLinear(self.num_classes, name="linear")(features)
+        return (logits, features) if return_features else logits

@@ -1,0 +1,243 @@
+"""FER2013: parsing every distributed layout, bad input, and the TFDS builder (synthetic data)."""
+
+from __future__ import annotations
+
+import gzip
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import data_pipelines
+from data_pipelines import fer2013_csv, synthetic
+from data_pipelines.errors import DataError
+
+ROWS = synthetic.fer2013_rows((12, 5, 4), seed=1)
+SPLIT_OF_USAGE = {"Training": "train", "PublicTest": "public_test", "PrivateTest": "private_test"}
+
+
+def _text(rows=ROWS, icml=False) -> str:
+    return synthetic.fer2013_csv_text(rows["images"], rows["labels"], rows["usages"], icml=icml)
+
+
+def _check_rows(parsed: fer2013_csv.Fer2013Rows) -> None:
+    np.testing.assert_array_equal(parsed.images, ROWS["images"])
+    np.testing.assert_array_equal(parsed.labels, ROWS["labels"])
+    np.testing.assert_array_equal(parsed.splits, [SPLIT_OF_USAGE[u] for u in ROWS["usages"]])
+
+
+@pytest.mark.parametrize("layout", synthetic.LAYOUTS)
+def test_every_layout_parses_to_the_same_rows(tmp_path, layout):
+    path = synthetic.write_fer2013(tmp_path, _text(icml=layout == "icml"), layout)
+    assert fer2013_csv.find_source(tmp_path) == path
+    _check_rows(fer2013_csv.read_fer2013(path))
+
+
+def test_icml_header_has_leading_spaces_and_other_column_order():
+    header, first = _text(icml=True).splitlines()[:2]
+    assert header == "emotion, Usage, pixels"
+    assert first.split(",")[1] in synthetic.USAGES
+
+
+def test_find_source_prefers_the_original_csv(tmp_path):
+    synthetic.write_fer2013(tmp_path, _text(icml=True), "icml")
+    synthetic.write_fer2013(tmp_path, _text(), "tar.gz")
+    assert fer2013_csv.find_source(tmp_path).name == "fer2013.tar.gz"
+    synthetic.write_fer2013(tmp_path, _text(), "csv")
+    assert fer2013_csv.find_source(tmp_path).name == "fer2013.csv"
+
+
+def test_find_source_names_the_expected_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fer2013.csv.*fer2013.tar.gz.*icml_face_data.csv"):
+        fer2013_csv.find_source(tmp_path)
+
+
+def _replace_line(text: str, line: int, fn) -> str:
+    lines = text.splitlines()
+    lines[line - 1] = fn(lines[line - 1])
+    return "\n".join(lines) + "\n"
+
+
+def _set_pixel(i: int, value: str):
+    def fn(line: str) -> str:
+        label, pixels, usage = line.split(",")
+        tokens = pixels.split(" ")
+        tokens[i] = value
+        return ",".join([label, " ".join(tokens), usage])
+
+    return fn
+
+
+BAD_ROWS = {
+    "short": (
+        lambda line: line.rsplit(" ", 1)[0] + "," + line.rsplit(",", 1)[1],
+        r"line 4: 2303 pixels, expected 2304",
+    ),
+    "float_pixel": (_set_pixel(17, "12.5"), r"line 4: pixel 17 is '12.5', not an integer"),
+    "word_pixel": (_set_pixel(0, "abc"), r"line 4: pixel 0 is 'abc', not an integer"),
+    "negative_pixel": (_set_pixel(5, "-1"), r"line 4: pixel 5 is '-1', not an integer"),
+    "big_pixel": (_set_pixel(2303, "256"), r"line 4: pixel 2303 is 256, outside 0-255"),
+    "huge_pixel": (_set_pixel(9, "9" * 30), r"line 4: pixel 9 is 9{30}, outside 0-255"),
+    "label_7": (lambda line: "7" + line[1:], r"line 4: emotion 7 outside 0-6"),
+    "label_word": (lambda line: "x" + line[1:], r"line 4: emotion 'x' is not an integer"),
+    "usage": (
+        lambda line: line.rsplit(",", 1)[0] + ",Validation",
+        r"line 4: unknown Usage 'Validation'",
+    ),
+    "fields": (lambda line: line + ",extra", r"line 4: expected 3 fields, found 4"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_ROWS))
+def test_bad_row_is_an_error_naming_file_line_and_problem(tmp_path, kind):
+    fn, message = BAD_ROWS[kind]
+    path = synthetic.write_fer2013(tmp_path, _replace_line(_text(), 4, fn), "csv")
+    with pytest.raises(DataError, match=f"{path}, {message}"):
+        fer2013_csv.read_fer2013(path)
+
+
+def test_bad_row_inside_the_archive_names_archive_and_member(tmp_path):
+    text = _replace_line(_text(), 3, _set_pixel(1, "300"))
+    path = synthetic.write_fer2013(tmp_path, text, "tar.gz")
+    with pytest.raises(DataError, match=rf"{path}:fer2013/fer2013.csv, line 3: pixel 1 is 300"):
+        fer2013_csv.read_fer2013(path)
+
+
+def test_bad_row_in_icml_layout(tmp_path):
+    text = _replace_line(_text(icml=True), 2, lambda line: "9" + line[1:])
+    path = synthetic.write_fer2013(tmp_path, text, "icml")
+    with pytest.raises(DataError, match=rf"{path}, line 2: emotion 9 outside 0-6"):
+        fer2013_csv.read_fer2013(path)
+
+
+def test_missing_column_is_an_error(tmp_path):
+    text = _text().replace("emotion,pixels,Usage", "emotion,pixels,usage", 1)
+    path = synthetic.write_fer2013(tmp_path, text, "csv")
+    with pytest.raises(DataError, match=rf"{path}, line 1: missing column\(s\) Usage"):
+        fer2013_csv.read_fer2013(path)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    path = synthetic.write_fer2013(tmp_path, "", "csv")
+    with pytest.raises(DataError, match=rf"{path}, line 1: empty file"):
+        fer2013_csv.read_fer2013(path)
+
+
+def test_truncated_archive_is_an_error(tmp_path):
+    path = synthetic.write_fer2013(tmp_path, _text(), "tar.gz")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=rf"{path}: unreadable or truncated archive"):
+        fer2013_csv.read_fer2013(path)
+
+
+def test_archive_without_the_csv_is_an_error(tmp_path):
+    path = tmp_path / "fer2013.tar.gz"
+    path.write_bytes(gzip.compress(b"\0" * 1024))  # An empty tar stream.
+    with pytest.raises(DataError, match=rf"{path}: the archive holds no fer2013/fer2013.csv"):
+        fer2013_csv.read_fer2013(path)
+
+
+# --- The TFDS builder. -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> pathlib.Path:
+    """A data_dir with fer2013 built from the synthetic tar.gz."""
+    manual = tmp_path_factory.mktemp("manual")
+    synthetic.write_fer2013(manual, _text(), "tar.gz")
+    data_dir = tmp_path_factory.mktemp("tfds")
+    data_pipelines.build("fer2013", data_dir=data_dir, manual_dir=manual)
+    return data_dir
+
+
+def test_builder_is_registered_with_the_conventions():
+    builder_cls = tfds.builder_cls("fer2013")
+    assert builder_cls.__module__ == "data_pipelines.fer2013"
+    assert str(builder_cls.VERSION) == "1.0.0"
+    assert "fer2013.tar.gz" in builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS
+
+
+def test_built_splits_features_and_order(built):
+    builder = tfds.builder("fer2013", data_dir=built)
+    info = builder.info
+    assert info.features["label"].names == list(data_pipelines.CLASS_NAMES)
+    assert info.features["image"].shape == (48, 48, 1)
+    assert {s: info.splits[s].num_examples for s in info.splits} == {
+        "train": 12,
+        "public_test": 5,
+        "private_test": 4,
+    }
+    for usage, split in SPLIT_OF_USAGE.items():
+        arrays = data_pipelines.load_split("fer2013", split, built)
+        rows = np.flatnonzero(ROWS["usages"] == usage)
+        np.testing.assert_array_equal(arrays["index"], rows)  # CSV order, original row index.
+        np.testing.assert_array_equal(arrays["image"][..., 0], ROWS["images"][rows])
+        np.testing.assert_array_equal(arrays["label"], ROWS["labels"][rows])
+        assert arrays["image"].dtype == np.uint8
+
+
+def test_tfds_load_reads_the_built_dataset(built):
+    ds = tfds.load("fer2013", split="public_test", data_dir=built, download=False)
+    images = np.stack([ex["image"] for ex in tfds.as_numpy(ds)])
+    assert images.shape == (5, 48, 48, 1)
+
+
+@pytest.mark.parametrize("layout", ["csv", "icml"])
+def test_other_layouts_build_the_same_dataset(tmp_path, built, layout):
+    synthetic.write_fer2013(tmp_path / "manual", _text(icml=layout == "icml"), layout)
+    data_pipelines.build("fer2013", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "manual")
+    for split in SPLIT_OF_USAGE.values():
+        a = data_pipelines.load_split("fer2013", split, tmp_path / "tfds")
+        b = data_pipelines.load_split("fer2013", split, built)
+        for key in ("image", "label", "index"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_failed_build_leaves_nothing_loadable(tmp_path):
+    text = _replace_line(_text(), 20, _set_pixel(3, "999"))
+    path = synthetic.write_fer2013(tmp_path / "manual", text, "csv")
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(DataError, match=rf"{path}, line 20: pixel 3 is 999"):
+        data_pipelines.build("fer2013", data_dir=data_dir, manual_dir=tmp_path / "manual")
+    assert not tfds.builder("fer2013", data_dir=data_dir).is_prepared()
+    with pytest.raises(Exception, match="fer2013"):
+        tfds.load("fer2013", split="train", data_dir=data_dir, download=False)
+    with pytest.raises(FileNotFoundError, match="is not built"):
+        data_pipelines.load_arrays("fer2013", "train", data_dir)
+
+
+def test_missing_manual_file_gives_instructions_and_expected_paths(tmp_path):
+    (tmp_path / "manual").mkdir()
+    (tmp_path / "manual" / "README").write_text("not the data")
+    with pytest.raises(FileNotFoundError) as e:
+        data_pipelines.build("fer2013", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "manual")
+    assert str(tmp_path / "manual" / "fer2013.csv") in str(e.value)
+    assert "kaggle.com" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="kaggle.com"):
+        data_pipelines.build("fer2013", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "none")
+
+
+def test_load_arrays_of_unbuilt_dataset_gives_instructions(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        data_pipelines.load_arrays("fer2013", "train", tmp_path)
+    message = str(e.value)
+    assert str(tmp_path / "fer2013" / "1.0.0") in message
+    assert "tfds build fer2013 --imports=data_pipelines" in message
+    assert "kaggle.com" in message
+
+
+def test_pipelines_on_a_built_split_with_indices(built):
+    indices = np.array([7, 2, 9, 0])
+    images, labels = data_pipelines.load_arrays("fer2013", "train", built)
+    assert labels.dtype == np.int32
+    ds = data_pipelines.eval_dataset(built, "train", batch_size=3, indices=indices)
+    batches = list(ds.as_numpy_iterator())
+    got = np.concatenate([b["label"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(got, labels[indices])
+    first = next(
+        data_pipelines.train_dataset(
+            built, batch_size=4, seed=0, indices=indices, return_index=True
+        ).as_numpy_iterator()
+    )
+    np.testing.assert_array_equal(first["label"], labels[indices][first["index"]])

@@ -1,0 +1,229 @@
+"""tf.data pipelines: exact crop positions, flips, ten-crop order, padding, determinism, resume."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import data_pipelines
+from data_pipelines import pipelines
+
+N, B = 40, 8  # 5 steps per epoch.
+
+
+def _coordinate_images(n: int = N, size: int = 48) -> np.ndarray:
+    """(n, size, size, 3) uint8: channel 0 the row, 1 the column, 2 the example index."""
+    r, c = np.mgrid[:size, :size]
+    grid = np.stack([r, c, np.zeros_like(r)], axis=-1)
+    images = np.repeat(grid[None], n, axis=0)
+    images[..., 2] = np.arange(n)[:, None, None]
+    return images.astype(np.uint8)
+
+
+def _as_uint8(x: np.ndarray) -> np.ndarray:
+    """Undoes 'unit' normalisation."""
+    return np.rint(x * 255).astype(np.int64)
+
+
+def _take(ds: tf.data.Dataset, count: int) -> list[dict[str, np.ndarray]]:
+    return list(itertools.islice(ds.as_numpy_iterator(), count))
+
+
+def _assert_batches_equal(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+# --- Ten-crop. --------------------------------------------------------------------------------
+
+
+def test_ten_crop_is_torchvision_tencrop_order():
+    images = _coordinate_images(2)
+    crops = data_pipelines.ten_crop(images)
+    assert crops.shape == (2, 10, 44, 44, 3) and crops.dtype == np.uint8
+    offsets = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)]
+    i, j = np.mgrid[:44, :44]
+    for k, (top, left) in enumerate(offsets):
+        np.testing.assert_array_equal(crops[:, k, :, :, 0], np.broadcast_to(top + i, (2, 44, 44)))
+        np.testing.assert_array_equal(crops[:, k, :, :, 1], np.broadcast_to(left + j, (2, 44, 44)))
+        # Crop k + 5 is crop k of the mirrored image: column c of the mirror is column 47 - c.
+        np.testing.assert_array_equal(crops[:, 5 + k, :, :, 0], crops[:, k, :, :, 0])
+        np.testing.assert_array_equal(
+            crops[:, 5 + k, :, :, 1], np.broadcast_to(47 - (left + j), (2, 44, 44))
+        )
+    np.testing.assert_array_equal(crops[:, 5], crops[:, 1, :, ::-1])  # Mirror TL = flipped TR.
+    np.testing.assert_array_equal(crops[1, :, :, :, 2], 1)
+
+
+def test_centre_offset_rounds_like_torchvision():
+    assert data_pipelines.five_crop_offsets(49, 51, 44)[4] == (2, 4)  # round(2.5)=2, round(3.5)=4
+    with pytest.raises(ValueError, match="does not fit"):
+        data_pipelines.five_crop_offsets(40, 48, 44)
+
+
+# --- Evaluation pipeline. ---------------------------------------------------------------------
+
+
+def test_eval_pipeline_ten_crops_each_example_once_with_padding():
+    images = _coordinate_images(10)
+    labels = np.arange(10) % 7
+    ds = data_pipelines.eval_dataset_from_arrays(images, labels, batch_size=4, return_index=True)
+    batches = list(ds.as_numpy_iterator())
+    assert len(batches) == data_pipelines.eval_steps(10, 4) == 3
+    for batch in batches:
+        assert batch["image"].shape == (4, 10, 44, 44, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].dtype == np.int32 and batch["mask"].dtype == bool
+    mask = np.concatenate([b["mask"] for b in batches])
+    np.testing.assert_array_equal(mask, np.arange(12) < 10)
+    got = np.concatenate([b["image"] for b in batches])
+    expected = data_pipelines.ten_crop(images).astype(np.float32) / 255
+    np.testing.assert_allclose(got[:10], expected, atol=1e-6)
+    assert not got[10:].any()  # Padding is zeros ...
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), [*labels, 0, 0])
+    np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches])[:10], range(10))
+
+
+def test_eval_pipeline_options():
+    images = _coordinate_images(6)
+    labels = np.zeros(6, np.int64)
+    centre = _take(
+        data_pipelines.eval_dataset_from_arrays(
+            images, labels, batch_size=6, crops="centre", normalize="symmetric"
+        ),
+        1,
+    )[0]
+    assert centre["image"].shape == (6, 44, 44, 3)
+    expected = data_pipelines.ten_crop(images)[:, 4].astype(np.float32) / 127.5 - 1
+    np.testing.assert_allclose(centre["image"], expected, atol=1e-6)
+    sharded = _take(
+        data_pipelines.eval_dataset_from_arrays(
+            images, labels, batch_size=4, num_devices=2, normalize=(0.5, 0.25)
+        ),
+        2,
+    )
+    assert sharded[1]["image"].shape == (2, 2, 10, 44, 44, 3)
+    np.testing.assert_array_equal(sharded[1]["mask"], [[True, True], [False, False]])
+    assert sharded[0]["image"].min() >= -2 and sharded[0]["image"].max() <= 2
+    rows = np.broadcast_to((np.arange(44)[:, None] / 255 - 0.5) / 0.25, (44, 44))
+    np.testing.assert_allclose(sharded[0]["image"][0, 0, 0, :, :, 0], rows, atol=1e-5)
+
+
+# --- Training pipeline. -----------------------------------------------------------------------
+
+
+def test_epoch_plan_distribution_and_purity():
+    plan = data_pipelines.epoch_plan(100_000, 100, seed=3, epoch=2)
+    for key in ("top", "left"):
+        freq = np.bincount(plan[key].ravel(), minlength=5) / plan[key].size
+        assert freq.size == 5 and np.all(np.abs(freq - 0.2) < 0.01)  # Uniform 0..4 inclusive.
+    assert abs(plan["flip"].mean() - 0.5) < 0.01
+    np.testing.assert_array_equal(np.sort(plan["index"].ravel()), np.arange(100_000))
+    again = data_pipelines.epoch_plan(100_000, 100, seed=3, epoch=2)
+    for key in plan:
+        np.testing.assert_array_equal(plan[key], again[key])
+    other = data_pipelines.epoch_plan(100_000, 100, seed=3, epoch=3)
+    assert not np.array_equal(plan["index"], other["index"])
+
+
+def test_train_crops_and_flips_are_exactly_the_plan():
+    images = _coordinate_images()
+    labels = (np.arange(N) * 3) % 7
+    ds = data_pipelines.train_dataset_from_arrays(
+        images, labels, batch_size=B, seed=11, return_index=True
+    )
+    steps = data_pipelines.steps_per_epoch(N, B)
+    batches = _take(ds, 2 * steps)
+    i, j = np.mgrid[:44, :44]
+    for epoch in range(2):
+        plan = data_pipelines.epoch_plan(N, B, seed=11, epoch=epoch)
+        for step in range(steps):
+            batch = batches[epoch * steps + step]
+            assert batch["image"].shape == (B, 44, 44, 3) and batch["image"].dtype == np.float32
+            assert batch["label"].dtype == np.int32
+            pixels = _as_uint8(batch["image"])
+            np.testing.assert_array_equal(batch["index"], plan["index"][step])
+            np.testing.assert_array_equal(pixels[:, 0, 0, 2], plan["index"][step])
+            np.testing.assert_array_equal(batch["label"], labels[plan["index"][step]])
+            for b in range(B):
+                top, left, flip = (plan[k][step, b] for k in ("top", "left", "flip"))
+                np.testing.assert_array_equal(pixels[b, :, :, 0], top + i)
+                cols = left + (43 - j if flip else j)
+                np.testing.assert_array_equal(pixels[b, :, :, 1], cols)
+        epoch_indices = np.concatenate([b["index"] for b in batches[epoch * steps :][:steps]])
+        assert np.unique(epoch_indices).size == N  # A permutation (N divisible by B here).
+    assert not np.array_equal(batches[0]["index"], batches[steps]["index"])  # Reshuffled.
+
+
+def test_train_drop_remainder_flip_off_and_device_axis():
+    images, labels = _coordinate_images(21), np.zeros(21, np.int64)
+    ds = data_pipelines.train_dataset_from_arrays(
+        images, labels, batch_size=8, seed=0, flip=False, num_devices=2, return_index=True
+    )
+    batches = _take(ds, 4)  # 2 steps per epoch; 5 examples dropped each epoch.
+    assert batches[0]["image"].shape == (2, 4, 44, 44, 3)
+    assert batches[0]["label"].shape == (2, 4)
+    for batch in batches:
+        pixels = _as_uint8(batch["image"])
+        np.testing.assert_array_equal(np.diff(pixels[..., 1], axis=-1), 1)  # Never flipped.
+    first_epoch = np.concatenate([b["index"].ravel() for b in batches[:2]])
+    assert np.unique(first_epoch).size == 16
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    images, labels = _coordinate_images(), np.arange(N) % 7
+    make = lambda seed: data_pipelines.train_dataset_from_arrays(
+        images, labels, batch_size=B, seed=seed
+    )
+    a, b, c = _take(make(5), 6), _take(make(5), 6), _take(make(6), 6)
+    _assert_batches_equal(a, b)
+    assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+@pytest.mark.parametrize("start_epoch, start_step", [(0, 3), (1, 0), (1, 4), (2, 2)])
+def test_resume_yields_the_uninterrupted_batches(start_epoch, start_step):
+    images, labels = _coordinate_images(), np.arange(N) % 7
+    kwargs = dict(batch_size=B, seed=2, return_index=True)
+    full = _take(data_pipelines.train_dataset_from_arrays(images, labels, **kwargs), 15)
+    resumed = data_pipelines.train_dataset_from_arrays(
+        images, labels, start_epoch=start_epoch, start_step=start_step, **kwargs
+    )
+    start = start_epoch * 5 + start_step
+    _assert_batches_equal(_take(resumed, 15 - start), full[start:])
+
+
+def test_num_epochs_bounds_the_dataset():
+    images, labels = _coordinate_images(), np.arange(N) % 7
+    ds = data_pipelines.train_dataset_from_arrays(
+        images, labels, batch_size=B, seed=0, start_step=2, num_epochs=2
+    )
+    assert len(list(ds.as_numpy_iterator())) == 3 + 5
+
+
+def test_bad_arguments():
+    images, labels = _coordinate_images(), np.arange(N) % 7
+    train = data_pipelines.train_dataset_from_arrays
+    with pytest.raises(ValueError, match=r"start_step 5 outside \[0, 5\)"):
+        train(images, labels, batch_size=B, seed=0, start_step=5)
+    with pytest.raises(ValueError, match="not divisible by num_devices 3"):
+        train(images, labels, batch_size=B, seed=0, num_devices=3)
+    with pytest.raises(ValueError, match="uint8"):
+        train(images.astype(np.float32), labels, batch_size=B, seed=0)
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        train(images, labels, batch_size=64, seed=0)
+    with pytest.raises(ValueError, match="normalize must be"):
+        train(images, labels, batch_size=B, seed=0, normalize="imagenet")
+    with pytest.raises(ValueError, match="seed and epoch must be >= 0"):
+        data_pipelines.epoch_plan(N, B, seed=-1, epoch=0)
+    assert data_pipelines.steps_per_epoch(28_709, 128) == 224
+    assert data_pipelines.eval_steps(3_589, 128) == 29
+
+
+def test_tensorflow_sees_no_gpu():
+    assert tf.config.get_visible_devices("GPU") == []
+    assert pipelines.normalizer("unit")(tf.constant([255], tf.uint8)).numpy()[0] == 1.0

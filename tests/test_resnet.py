@@ -1,0 +1,104 @@
+"""The network's structure: exact parameter counts, shapes, padding, attention maps, options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fer_jax.resnet import ResNet18
+
+
+def _param_count(model: ResNet18) -> int:
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 44, 44, 1)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize(
+    "cbam, head, expected",
+    [
+        (None, "softmax", 11_171_271),
+        ("channel_first", "softmax", 11_261_151),
+        ("channel_first", "a_softmax", 11_261_144),
+        ("spatial_first", "softmax", 11_261_151),
+        ("parallel", "a_softmax", 11_261_144),
+    ],
+)
+def test_full_width_parameter_counts_match_the_paper_network(cbam, head, expected):
+    assert _param_count(ResNet18(width=64, cbam=cbam, head=head)) == expected
+
+
+def test_feature_map_sizes_follow_44_44_22_11_6():
+    model = ResNet18(width=16)
+    x = jnp.zeros((2, 44, 44, 1))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    bs = variables["batch_stats"]
+    # BatchNorm statistics have one entry per channel: widths w, 2w, 4w, 8w.
+    assert [bs[f"layer{i}_0"]["bn1"]["mean"].shape[0] for i in range(1, 5)] == [16, 32, 64, 128]
+    _, state = jax.eval_shape(lambda v: model.apply(v, x, mutable=["intermediates"]), variables)
+    spatial = [
+        state["intermediates"][f"layer{i}_{b}"]["cbam"]["spatial_attention"][0].shape
+        for i in range(1, 5)
+        for b in range(2)
+    ]
+    assert [s[1] for s in spatial] == [44, 44, 22, 22, 11, 11, 6, 6]
+
+
+def test_returns_logits_features_and_attention_maps_in_unit_interval():
+    model = ResNet18(width=16, head="a_softmax")
+    x = jax.random.uniform(jax.random.key(1), (3, 44, 44, 1))
+    variables = model.init(jax.random.key(0), x)
+    (logits, features), state = model.apply(
+        variables, x, return_features=True, mutable=["intermediates"]
+    )
+    assert logits.shape == (3, 7) and features.shape == (3, 128)
+    ms = state["intermediates"]["layer1_0"]["cbam"]["spatial_attention"][0]
+    mc = state["intermediates"]["layer4_1"]["cbam"]["channel_attention"][0]
+    assert ms.shape == (3, 44, 44, 1) and mc.shape == (3, 1, 1, 128)
+    assert bool(jnp.all((ms > 0) & (ms < 1))) and bool(jnp.all((mc > 0) & (mc < 1)))
+    # A-Softmax inference logits are |x| cos(theta): bounded by the feature norm.
+    norms = jnp.linalg.norm(features, axis=-1, keepdims=True)
+    assert bool(jnp.all(jnp.abs(logits) <= norms * (1 + 1e-5)))
+
+
+def test_dropout_is_active_only_in_training():
+    model = ResNet18(width=16, cbam=None, dropout_rate=0.5)
+    x = jax.random.uniform(jax.random.key(1), (4, 44, 44, 1))
+    variables = model.init(jax.random.key(0), x)
+    run = lambda key: model.apply(  # noqa: E731
+        variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+    )[0]
+    assert not np.allclose(run(jax.random.key(1)), run(jax.random.key(2)))
+    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
+    model = ResNet18(width=16, dtype=jnp.bfloat16)
+    x = jax.random.uniform(jax.random.key(1), (2, 44, 44, 1))
+    variables = model.init(jax.random.key(0), x)
+    assert {v.dtype for v in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    logits, state = model.apply(
+        variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}
+    )
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+    assert {v.dtype for v in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
+    ref = ResNet18(width=16).apply(variables, x)
+    np.testing.assert_allclose(model.apply(variables, x), ref, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("kwargs", [{"cbam": "diagonal"}, {"head": "arcface"}])
+def test_unknown_options_are_rejected_by_name(kwargs):
+    model = ResNet18(width=16, **kwargs)
+    with pytest.raises(ValueError, match=str(next(iter(kwargs.values())))):
+        model.init(jax.random.key(0), jnp.zeros((1, 44, 44, 1)))
+
+
+def test_cbam_max_pooling_gradient_reaches_exactly_one_argmax_under_jit():
+    from fer_jax.cbam import max_along
+
+    x = jnp.array([[1.0, 3.0, 3.0, 2.0], [0.5, -1.0, 0.25, 0.0]])
+    for fn in (
+        jax.grad(lambda x: jnp.sum(max_along(x * 1.1, -1))),
+        jax.jit(jax.grad(lambda x: jnp.sum(max_along(x * 1.1, -1)))),
+    ):
+        g = np.asarray(fn(x))
+        np.testing.assert_allclose(g, [[0, 1.1, 0, 0], [1.1, 0, 0, 0]], rtol=1e-6)
