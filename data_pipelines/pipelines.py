@@ -119,7 +119,9 @@ def _split_devices(batch: dict[str, tf.Tensor], num_devices: int | None) -> dict
 
 
 def _check_devices(batch_size: int, num_devices: int | None) -> None:
-    if num_devices is not None and (num_devices <= 0 or batch_size % num_devices):
+    if num_devices is not None and num_devices <= 0:
+        raise ValueError(f"num_devices must be positive, got {num_devices}")
+    if num_devices is not None and batch_size % num_devices:
         raise ValueError(f"batch_size {batch_size} is not divisible by num_devices {num_devices}")
 
 
@@ -169,6 +171,8 @@ def train_dataset_from_arrays(
     steps = steps_per_epoch(n, batch_size)
     if not 0 <= start_step < steps:
         raise ValueError(f"start_step {start_step} outside [0, {steps}) (steps per epoch)")
+    if seed < 0 or start_epoch < 0:
+        raise ValueError(f"seed and start_epoch must be >= 0, got {seed} and {start_epoch}")
     five_crop_offsets(height, width, crop)  # Checks that the crop fits.
     norm = normalizer(normalize)
     flat_images = tf.constant(images.reshape(n * height * width, channels))
@@ -188,13 +192,15 @@ def train_dataset_from_arrays(
         skip = tf.where(epoch == start_epoch, tf.constant(start_step, tf.int64), 0)
         return tf.data.Dataset.from_tensor_slices(tuple(out)).skip(skip)
 
-    span = tf.range(crop)
+    # Flat pixel offsets of a crop from its top-left pixel, plain and mirrored: (2, crop, crop).
+    dtype = tf.int32 if n * height * width < 2**31 else tf.int64
+    i, j = np.mgrid[:crop, :crop]
+    offsets = tf.constant(np.stack([i * width + j, i * width + crop - 1 - j]), dtype)
 
     def make_batch(index, top, left, flipped) -> dict[str, tf.Tensor]:
-        rows = top[:, None] + span  # (B, crop)
-        cols = tf.where(flipped[:, None], left[:, None] + crop - 1 - span, left[:, None] + span)
-        pixel = (index[:, None, None] * height + tf.cast(rows, tf.int64)[:, :, None]) * width
-        pixel += tf.cast(cols, tf.int64)[:, None, :]  # (B, crop, crop) flat pixel indices
+        corner = (tf.cast(index, dtype) * height + tf.cast(top, dtype)) * width
+        corner += tf.cast(left, dtype)  # (B,) flat index of each crop's top-left pixel
+        pixel = corner[:, None, None] + tf.gather(offsets, tf.cast(flipped, tf.int32))
         batch = {
             "image": norm(tf.gather(flat_images, pixel)),
             "label": tf.gather(labels_t, index),

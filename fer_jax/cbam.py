@@ -25,10 +25,12 @@ def max_along(x: jax.Array, axis: int) -> jax.Array:
 
     `jnp.max`'s gradient finds the maximisers by comparing `x == max(x)`; under jit XLA:CPU can
     recompute `x` in a fusion with different rounding, the comparison then misses, and the
-    gradient silently changes. Gathering at the arg-max has no such equality test.
+    gradient silently vanishes. A gather at the arg-max (`take_along_axis`) avoids that but its
+    scatter gradient came out wrong under multi-device `pmap`. Summing `x` times a constant
+    one-hot arg-max mask has neither problem: the value is exact and the gradient is `g * mask`.
     """
-    idx = jnp.expand_dims(jnp.argmax(x, axis=axis), axis)
-    return jnp.squeeze(jnp.take_along_axis(x, idx, axis=axis), axis)
+    mask = jax.nn.one_hot(jnp.argmax(x, axis=axis), x.shape[axis], dtype=x.dtype, axis=axis)
+    return jnp.sum(x * jax.lax.stop_gradient(mask), axis=axis)
 
 
 class ChannelGate(nn.Module):

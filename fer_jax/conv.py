@@ -1,15 +1,20 @@
 """2-D convolution (NHWC / HWIO) with a CPU-friendly weight gradient.
 
-XLA:CPU lowers the weight gradient of a convolution with a large spatial extent (e.g. 44x44x64 ->
-64, 3x3, stride 1) to a "convolution" whose kernel is the whole 44x44 feature map; on CPU that
-costs ~10x the forward pass. :func:`conv2d` with ``impl="matmul_grad"`` keeps XLA's forward and
-input gradient but computes the weight gradient through a ``jax.custom_vjp`` as one im2col
-matmul ``patches(B*Ho*Wo, kh*kw*Cin)^T @ dy(B*Ho*Wo, Cout)``; ``impl="auto"`` uses it only where
-it is faster (CPU, large maps) and the plain XLA convolution everywhere else (GPU/TPU).
+On CPU (jax 0.10, 2-core x86), a CBAM-ResNet18 train step was dominated by convolution weight
+gradients at large maps (44x44x64 -> 64, 3x3): XLA:CPU hands f32 convolutions to YNNPACK, whose
+weight-gradient convolution (a "convolution" whose kernel is the whole 44x44 map) costs 3-4x
+the forward. Two remedies, usable together:
+
+- ``conv2d(impl="matmul_grad")``: XLA forward and input gradient, weight gradient through a
+  ``jax.custom_vjp`` as im2col matmuls ``patches^T (kh*kw*Cin, N) @ dy (N, Cout)``, N = B*Ho*Wo,
+  chunked over a few images at a time. ``impl="auto"`` (:func:`select_impl`) uses it where it
+  measured faster (CPU, large maps and 1x1 kernels) and plain XLA elsewhere and on GPU/TPU.
+- ``jax.jit(step, compiler_options=cpu_compiler_options())``: XLA:CPU convolutions by Eigen
+  instead of YNNPACK (all shapes, forward and both gradients).
 
 All impls agree to float32 rounding. Padding is symmetric and explicit, ``((p, p), (p, p))``,
 matching PyTorch ``F.conv2d(stride=s, padding=p)`` (also at stride 2 on even sizes, where XLA's
-``"SAME"`` would pad asymmetrically). Benchmarks: ``experiments/conv_microbench.py``.
+``"SAME"`` would pad asymmetrically). Measurements: ``experiments/conv_microbench.py``.
 """
 
 from __future__ import annotations
@@ -20,22 +25,34 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("xla", "matmul_grad", "im2col", "auto")
+IMPLS = ("xla", "matmul_grad", "auto")
 """Accepted values of ``conv2d(impl=...)``.
 
 - ``"xla"``: ``lax.conv_general_dilated``; its autodiff rules give both gradients.
-- ``"matmul_grad"``: XLA forward and input gradient, weight gradient as one im2col matmul.
-- ``"im2col"``: forward as im2col matmul too; the patches are kept for the weight gradient
-  (kh*kw x the input's memory); input gradient by XLA's transposed convolution.
+- ``"matmul_grad"``: XLA forward and input gradient; weight gradient by im2col matmuls
+  (:func:`weight_grad_matmul`) through a ``jax.custom_vjp``.
 - ``"auto"``: :func:`select_impl` at trace time.
 """
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
-# "auto" uses the custom weight gradient on CPU only for outputs with at least this many pixels
-# (Ho*Wo). Measured (experiments/conv_microbench.py, 2-core x86): 44x44 and 22x22 maps gain
-# 2-10x on fwd+bwd; at 11x11 and 6x6 XLA's own weight gradient is as fast or faster.
+# "auto" uses the custom weight gradient on CPU for 3x3 (and larger) kernels only when the output
+# map has at least this many pixels (Ho*Wo); see select_impl.
 AUTO_MIN_OUTPUT_PIXELS = 22 * 22
+
+
+def cpu_compiler_options(backend: str | None = None) -> dict[str, str]:
+    """``jax.jit(..., compiler_options=...)`` that route XLA:CPU convolutions to Eigen.
+
+    jax 0.10's XLA:CPU runs f32 convolutions through YNNPACK by default, whose weight-gradient
+    convolution at 44x44 is 3-4x slower than Eigen's (and its forward ~10-40% slower on a 2-core
+    x86). This keeps YNNPACK for dots only; same as ``XLA_FLAGS=
+    --xla_cpu_experimental_ynn_fusion_type=individual_dot``. Empty (no-op) off CPU.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "cpu":
+        return {}
+    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def output_size(size: int, k: int, stride: int, padding: int) -> int:
@@ -62,22 +79,30 @@ def im2col(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> jax.Arr
     """
     b, h, w, c = x.shape
     ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
-    zero = jnp.zeros((), x.dtype)
-    pad_cfg = ((0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0))
-    xp = lax.pad(x, zero, pad_cfg) if padding else x
-    if kh == kw == 1 and stride == 1:
-        return xp
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     cols = [
-        lax.slice(
-            xp,
-            (0, i, j, 0),
-            (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-            (1, stride, stride, 1),
-        )
+        xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
         for i in range(kh)
         for j in range(kw)
     ]
     return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def im2col_t(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> jax.Array:
+    """Transposed patches of x (B, H, W, C) -> (kh*kw*C, B*Ho*Wo), rows ordered (i, j, c).
+
+    Channel-major, so that ``im2col_t(x) @ dy.reshape(-1, Cout)`` is a plain (row-major) matmul;
+    equal to ``im2col(x).reshape(-1, kh*kw*C).T``.
+    """
+    b, h, w, c = x.shape
+    ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
+    xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (padding,) * 2, (padding,) * 2))
+    cols = [
+        xt[:, :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.stack(cols, axis=0).reshape(kh * kw * c, b * ho * wo)
 
 
 def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -85,20 +110,61 @@ def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _patches_t_matmul(patches: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...]) -> jax.Array:
-    """Weight gradient patches(N, K)^T @ dy(N, Cout) -> HWIO kernel_shape, accumulated in f32+."""
+# Rows (output pixels) per weight-gradient matmul chunk: at least this many, and at least 2
+# images. Measured (2-core x86, B=64): 2 images per chunk is best at 44x44..11x11 (patches of
+# 2-9 MB stay in cache; whole-batch patches, 285 MB at 44x44, cost 2x in page faults and memory
+# traffic), 4 at 6x6.
+_MIN_CHUNK_ROWS = 128
+
+
+def _batch_chunk(batch: int, pixels: int) -> int:
+    """Images per weight-gradient chunk: the smallest divisor of batch >= max(2, 128/pixels)."""
+    want = max(2, -(-_MIN_CHUNK_ROWS // pixels))
+    return next((d for d in range(want, batch + 1) if batch % d == 0), batch)
+
+
+def weight_grad_matmul(
+    x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], stride: int, padding: int
+) -> jax.Array:
+    """dL/dkernel (kh, kw, Cin, Cout) of :func:`conv2d` as im2col matmuls, accumulated in f32+.
+
+    x (B, H, W, Cin), dy (B, Ho, Wo, Cout). Sums ``im2col_t(x_c) @ dy_c`` over chunks of a few
+    images (``lax.scan``), so the patches stay small.
+    """
     kh, kw, cin, cout = kernel_shape
-    p2 = patches.reshape(-1, kh * kw * cin)
-    g2 = dy.reshape(-1, cout)
-    dw = lax.dot_general(
-        p2, g2, (((0,), (0,)), ((), ())), preferred_element_type=_acc_dtype(dy.dtype)
-    )
+    b = x.shape[0]
+    ho, wo = dy.shape[1:3]
+    acc_dtype = _acc_dtype(dy.dtype)
+
+    def chunk_dw(xc: jax.Array, dyc: jax.Array) -> jax.Array:
+        patches = im2col_t(xc, kh, kw, stride, padding)
+        return lax.dot_general(
+            patches,
+            dyc.reshape(-1, cout),
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=acc_dtype,
+        )
+
+    c = _batch_chunk(b, ho * wo)
+    if c == b:
+        dw = chunk_dw(x, dy)
+    else:
+        xs = x.reshape(b // c, c, *x.shape[1:])
+        dys = dy.reshape(b // c, c, *dy.shape[1:])
+        dw, _ = lax.scan(
+            lambda acc, xd: (acc + chunk_dw(*xd), None),
+            jnp.zeros((kh * kw * cin, cout), acc_dtype),
+            (xs, dys),
+        )
     return dw.reshape(kernel_shape)
 
 
-def _input_grad(dy: jax.Array, kernel: jax.Array, x_aval, stride: int, padding: int) -> jax.Array:
-    """dL/dx by XLA's transposed convolution (the transpose of :func:`_conv_xla`)."""
-    (dx,) = jax.linear_transpose(lambda x_: _conv_xla(x_, kernel, stride, padding), x_aval)(dy)
+def _input_grad(
+    dy: jax.Array, kernel: jax.Array, x: jax.Array, stride: int, padding: int
+) -> jax.Array:
+    """dL/dx by XLA's transposed convolution (the transpose of :func:`_conv_xla`; x's values
+    are unused, it gives the shape, dtype and, inside shard_map, the varying mesh axes)."""
+    (dx,) = jax.linear_transpose(lambda x_: _conv_xla(x_, kernel, stride, padding), x)(dy)
     return dx
 
 
@@ -116,48 +182,30 @@ def _conv_matmul_grad_fwd(x, kernel, stride, padding):
 
 def _conv_matmul_grad_bwd(stride, padding, res, dy):
     x, kernel = res
-    kh, kw = kernel.shape[:2]
-    dx = _input_grad(dy, kernel, jax.ShapeDtypeStruct(x.shape, x.dtype), stride, padding)
-    dw = _patches_t_matmul(im2col(x, kh, kw, stride, padding), dy, kernel.shape)
+    dx = _input_grad(dy, kernel, x, stride, padding)
+    dw = weight_grad_matmul(x, dy, kernel.shape, stride, padding)
     return dx, dw.astype(kernel.dtype)
 
 
 _conv_matmul_grad.defvjp(_conv_matmul_grad_fwd, _conv_matmul_grad_bwd)
 
 
-# --- "im2col": forward as a matmul as well, patches kept as the residual -------------------------
+def _match_varying_axes(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inside shard_map, mark x and kernel varying over the same mesh axes.
 
-
-def _conv_im2col_fwd_value(x, kernel, stride, padding):
-    kh, kw, cin, cout = kernel.shape
-    patches = im2col(x, kh, kw, stride, padding)
-    y = lax.dot_general(
-        patches,
-        kernel.reshape(kh * kw * cin, cout),
-        (((3,), (0,)), ((), ())),
-        preferred_element_type=_acc_dtype(x.dtype),
-    )
-    return y.astype(x.dtype), patches
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    return _conv_im2col_fwd_value(x, kernel, stride, padding)[0]
-
-
-def _conv_im2col_fwd(x, kernel, stride, padding):
-    y, patches = _conv_im2col_fwd_value(x, kernel, stride, padding)
-    return y, (patches, kernel, jax.ShapeDtypeStruct(x.shape, x.dtype))
-
-
-def _conv_im2col_bwd(stride, padding, res, dy):
-    patches, kernel, x_aval = res
-    dx = _input_grad(dy, kernel, x_aval, stride, padding)
-    dw = _patches_t_matmul(patches, dy, kernel.shape)
-    return dx, dw.astype(kernel.dtype)
-
-
-_conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
+    A replicated kernel times sharded x is an implicit ``pcast(kernel, to="varying")``, whose
+    transpose psums the kernel gradient. A custom_vjp must see it explicitly: its bwd returns a
+    per-shard dw, and JAX then inserts the psum as for the plain XLA convolution.
+    """
+    xt, kt = jax.typeof(x).manual_axis_type, jax.typeof(kernel).manual_axis_type
+    if xt is None or kt is None:  # outside shard_map
+        return x, kernel
+    x_missing, k_missing = kt.varying - xt.varying, xt.varying - kt.varying
+    if x_missing:
+        x = lax.pcast(x, tuple(sorted(x_missing)), to="varying")
+    if k_missing:
+        kernel = lax.pcast(kernel, tuple(sorted(k_missing)), to="varying")
+    return x, kernel
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -172,17 +220,20 @@ def select_impl(
 ) -> str:
     """The impl ``"auto"`` resolves to for this shape on ``backend`` (default: jax's default).
 
-    ``"matmul_grad"`` on CPU when the output map has >= AUTO_MIN_OUTPUT_PIXELS pixels (there
-    XLA:CPU's weight-gradient convolution is several times slower than a matmul); ``"xla"``
-    otherwise and on every other backend (GPU/TPU convolutions are already fast).
+    ``"matmul_grad"`` on CPU for 1x1 kernels (the weight gradient is one plain matmul; 2-3x
+    faster than XLA's at the shortcut shapes) and for output maps of >= AUTO_MIN_OUTPUT_PIXELS
+    pixels (44x44, 22x22: 2-3x faster than XLA:CPU's default YNNPACK weight gradient, on par
+    with its Eigen one), when Cout >= 16 (a thinner matmul, e.g. CBAM's 7x7 2->1, is slower
+    than XLA's). ``"xla"`` otherwise and on every other backend (GPU/TPU convolutions are fast).
     """
     backend = jax.default_backend() if backend is None else backend
-    if backend != "cpu":
+    kh, kw, _, cout = kernel_shape
+    if backend != "cpu" or cout < 16:
         return "xla"
-    kh, kw = kernel_shape[:2]
     ho = output_size(x_shape[-3], kh, stride, padding)
     wo = output_size(x_shape[-2], kw, stride, padding)
-    return "matmul_grad" if ho * wo >= AUTO_MIN_OUTPUT_PIXELS else "xla"
+    big_map = ho * wo >= AUTO_MIN_OUTPUT_PIXELS
+    return "matmul_grad" if kh == kw == 1 or big_map else "xla"
 
 
 def conv2d(
@@ -213,9 +264,10 @@ def conv2d(
     if stride < 1 or padding < 0:
         raise ValueError(f"need stride >= 1 and padding >= 0, got {stride=} {padding=}")
     kh, kw = kernel.shape[:2]
-    if output_size(x.shape[1], kh, stride, padding) < 1 or output_size(
-        x.shape[2], kw, stride, padding
-    ) < 1:
+    if (
+        output_size(x.shape[1], kh, stride, padding) < 1
+        or output_size(x.shape[2], kw, stride, padding) < 1
+    ):
         raise ValueError(f"kernel {kernel.shape[:2]} larger than padded input {x.shape[1:3]}")
     kernel = kernel.astype(x.dtype)
     if impl == "auto":
@@ -223,7 +275,5 @@ def conv2d(
     if impl == "xla":
         return _conv_xla(x, kernel, stride, padding)
     if impl == "matmul_grad":
-        return _conv_matmul_grad(x, kernel, stride, padding)
-    if impl == "im2col":
-        return _conv_im2col(x, kernel, stride, padding)
+        return _conv_matmul_grad(*_match_varying_axes(x, kernel), stride, padding)
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")

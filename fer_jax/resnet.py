@@ -9,6 +9,8 @@ Submodule names mirror the PyTorch reference so that `fer_jax.convert` is a rena
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -123,3 +125,20 @@ class ResNet18(nn.Module):
         else:
             logits = AngleLinear(self.num_classes, name="linear")(features)
         return (logits, features) if return_features else logits
+
+
+def model_from_config(model_config: Mapping[str, Any], **overrides: Any) -> ResNet18:
+    """`ResNet18` from a config's `model` section (`cbam='none'` is the plain baseline).
+
+    `overrides` set fields that are not part of the saved model description, such as
+    `dtype`, `bn_axis_name` or `conv_impl`.
+    """
+    fields = dict(model_config)
+    if fields.get("cbam") == "none":
+        fields["cbam"] = None
+    fields.update(overrides)
+    known = {f.name for f in dataclasses.fields(ResNet18)} - {"parent", "name"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown model fields {unknown}; known: {sorted(known)}")
+    return ResNet18(**fields)

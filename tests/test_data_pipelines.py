@@ -218,6 +218,8 @@ def test_bad_arguments():
         train(images, labels, batch_size=64, seed=0)
     with pytest.raises(ValueError, match="normalize must be"):
         train(images, labels, batch_size=B, seed=0, normalize="imagenet")
+    with pytest.raises(ValueError, match="seed and start_epoch must be >= 0"):
+        train(images, labels, batch_size=B, seed=0, start_epoch=-1)
     with pytest.raises(ValueError, match="seed and epoch must be >= 0"):
         data_pipelines.epoch_plan(N, B, seed=-1, epoch=0)
     assert data_pipelines.steps_per_epoch(28_709, 128) == 224

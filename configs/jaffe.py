@@ -1,0 +1,64 @@
+"""JAFFE 5-fold cross-validation, fine-tuned from a FER2013 run (the paper: 30 epochs per fold).
+
+    python -m fer_jax.main --mode=cross_validate --config=configs/jaffe.py \
+        --workdir=runs/jaffe --config.init_from=runs/fer2013 \
+        --config.data_dir=~/tensorflow_datasets --config.manual_dir=/path/to/jaffedbase
+
+`configs/fer2013.py` runs this automatically after FER2013 training (`cross_validate=True`),
+with `init_from` set to the FER2013 run's best checkpoint. The model fields must match the
+FER2013 run's (override them the same way, e.g. `--config.model.head=softmax`).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    from configs import fer2013
+
+    choice = fer2013.parse_arg(arg)
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.dataset = "jaffe"
+    config.data_dir = ""
+    config.manual_dir = ""
+    config.normalize = "unit"
+    config.model = fer2013.model_config(choice["cbam"], choice["head"])
+    config.loss = ml_collections.ConfigDict(
+        {
+            "margin": 4,
+            "lambda_base": 1500.0,
+            "lambda_gamma": 0.1,
+            "lambda_power": 1.0,
+            "lambda_min": 5.0,
+        }
+    )
+    # Fine-tuning: a small constant learning rate on ~170 training images per fold.
+    config.optimizer = ml_collections.ConfigDict(
+        {
+            "name": "sgd",
+            "learning_rate": 0.001,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "grad_clip": 0.1,
+            "schedule": "constant",
+            "decay_start_epoch": 0,
+            "decay_every_epochs": 1,
+            "decay_rate": 1.0,
+            "warmup_epochs": 0.0,
+        }
+    )
+    config.num_epochs = 30
+    config.batch_size = 16
+    config.eval_batch_size = 64
+    config.half_precision = False
+    config.parallelism = "shard_map"
+    config.cross_device_bn = True
+    config.log_every_steps = 20
+    config.eval_every_epochs = 0  # no per-epoch evaluation: the held-out fold is the test
+    config.checkpoint_every_epochs = 1
+    config.checkpoint_every_steps = 0
+    config.keep_checkpoints = 2
+    config.init_from = ""  # required: the FER2013 run (workdir or checkpoint)
+    config.folds = 5
+    config.fold_protocol = "random"  # the paper's; or 'subject' (subject-independent)
+    return config

@@ -1,0 +1,1 @@
+"""Reproduction scripts: the paper's tables, benchmarks and the prepared GPU run."""

@@ -1,0 +1,96 @@
+"""Tables 3 and 4 of the paper: row-normalised confusion matrices of the best model.
+
+The model is CBAM (channel-first) + ResNet18 + A-Softmax, the last row of Table 1 (the same
+workdir for the same settings, so it is trained once for Tables 1-4). Table 3: FER2013
+PrivateTest, the checkpoint chosen on PublicTest. Table 4: JAFFE, pooled over the 5 CV folds.
+
+Full settings (needs the built FER2013 and JAFFE datasets, see README):
+
+    python -m experiments.confusion_tables --override=--config.data_dir=~/tensorflow_datasets \
+        --override=--config.jaffe.manual_dir=/path/to/jaffedbase
+
+CPU smoke run (generated data; the tables say it is not the paper's data):
+
+    python -m experiments.confusion_tables --dataset=synthetic --width=8 --epochs=2 --cv_epochs=1
+
+Writes experiments/results/confusion_tables_<dataset>/confusion_tables.{md,json},
+table3_confusion.png and table4_confusion.png (heat maps, % per true class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from experiments import paper_tables, provenance
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    paper_tables.add_run_flags(ap)
+    args = ap.parse_args(argv)
+    prov = provenance.provenance()
+    row = paper_tables.BEST
+    runs, records, figures = paper_tables.run_rows([row], args)
+    fig = figures[row.key]
+    results_dir = args.results_dir or os.path.join(
+        paper_tables.REPO, "experiments", "results", f"confusion_tables_{args.dataset}"
+    )
+    os.makedirs(results_dir, exist_ok=True)
+    fer_label, cv_label = paper_tables.column_labels(args.dataset)
+    parts = [
+        "# Tables 3 and 4: confusion matrices of CBAM + ResNet18 + A-Softmax",
+        paper_tables.banner(args.dataset),
+    ]
+    matrices = {}
+    res = fig["fer2013"]
+    if res is None:
+        parts.append(f"Table 3 ({fer_label}): no results.json in {runs[row.key].workdir}.")
+    else:
+        metrics = res[res["report_split"]]
+        matrices["table3"] = metrics
+        title = f"Table 3: {fer_label} (epoch {res.get('selected_epoch')})"
+        png = os.path.join(results_dir, "table3_confusion.png")
+        paper_tables.plot_confusion(
+            metrics, png, f"Table 3: {fer_label.split(',')[0]}\n{100 * metrics['accuracy']:.2f}%"
+        )
+        parts += [
+            paper_tables.confusion_table(metrics, title),
+            f"![table 3]({os.path.basename(png)})",
+        ]
+    cv = fig["cv"]
+    if cv is None:
+        parts.append(
+            f"Table 4 ({cv_label}): no cross_validation/summary.json in {runs[row.key].workdir}"
+            " (JAFFE not available, or --no_cv)."
+        )
+    else:
+        metrics = cv["pooled"]
+        matrices["table4"] = metrics
+        title = (
+            f"Table 4: {cv_label}, pooled over {cv['folds']} folds ({cv['protocol']} protocol; "
+            f"mean fold accuracy {100 * cv['mean_accuracy']:.2f} ± {100 * cv['std_accuracy']:.2f}%)"
+        )
+        png = os.path.join(results_dir, "table4_confusion.png")
+        paper_tables.plot_confusion(
+            metrics, png, f"Table 4: {cv_label}\n{100 * metrics['accuracy']:.2f}% pooled"
+        )
+        parts += [
+            paper_tables.confusion_table(metrics, title),
+            f"![table 4]({os.path.basename(png)})",
+        ]
+    parts.append(paper_tables.runs_section(records))
+    data = {
+        "dataset": args.dataset,
+        "settings": paper_tables.overrides_from_args(args),
+        "runs": records,
+        "matrices": matrices,
+    }
+    body = "\n\n".join(p for p in parts if p)
+    path = paper_tables.write_results(results_dir, "confusion_tables", body, data, prov)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

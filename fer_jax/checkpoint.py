@@ -1,0 +1,271 @@
+"""Orbax checkpoints of training runs: save, resume, pick the best, start from another run.
+
+Layout of a workdir:
+  checkpoints/<step>/{state,meta}  the last `config.keep_checkpoints` saves (every epoch, and
+                                   every `checkpoint_every_steps` if set)
+  best/<step>/{state,meta}         the best so far by `config.select_split` accuracy
+`state` holds the step, params, BatchNorm statistics, optimizer state and dropout key; `meta`
+(JSON) the model description and the data position (epoch, step in epoch). Orbax writes each
+checkpoint to a temporary directory and renames it when complete, so a process killed at any
+moment leaves either a whole checkpoint or none; an unreadable one is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import serialization, traverse_util
+
+from fer_jax.resnet import ResNet18, model_from_config
+
+STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "dropout_key")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (unreadable, or from an incompatible model)."""
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any
+    meta: dict[str, Any]
+
+
+def prepare_workdir(workdir: str) -> str:
+    """Creates `workdir` if needed and checks that it is writable; returns its absolute path."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"workdir {path} is not writable: {e}") from e
+    return path
+
+
+def _to_tree(state: Any) -> dict[str, Any]:
+    return {k: serialization.to_state_dict(getattr(state, k)) for k in STATE_FIELDS}
+
+
+def _check_compatible(template_tree: Any, tree: Any, source: str) -> None:
+    want = traverse_util.flatten_dict(template_tree, sep="/")
+    got = traverse_util.flatten_dict(tree, sep="/")
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise CheckpointError(
+            f"{source} is from an incompatible model or optimizer: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+            f"{'...' if len(extra) > 5 else ''}"
+        )
+    for key, value in want.items():
+        if _shape(value) != _shape(got[key]):
+            raise CheckpointError(
+                f"{source} is from an incompatible model: {key} has shape "
+                f"{_shape(got[key])}, this config expects {_shape(value)}"
+            )
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
+def _from_tree(template: Any, tree: Mapping[str, Any], source: str) -> Any:
+    template_tree = _to_tree(template)
+    _check_compatible(template_tree, dict(tree), source)
+    fields = {
+        k: serialization.from_state_dict(getattr(template, k), jax.device_get(tree[k]))
+        for k in STATE_FIELDS
+    }
+    return template.replace(**fields)
+
+
+def _check_model(meta: Mapping[str, Any], model_config: Mapping[str, Any], source: str) -> None:
+    saved = meta.get("model", {})
+    differ = {
+        k: (saved.get(k), model_config.get(k))
+        for k in ("num_classes", "width", "cbam", "head")
+        if saved.get(k) != model_config.get(k)
+    }
+    if differ:
+        desc = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differ.items())
+        raise CheckpointError(f"{source} is from an incompatible model ({desc})")
+
+
+def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
+    return restored["state"], dict(restored["meta"])
+
+
+def _restore_newest(manager: ocp.CheckpointManager, template: Any, model_config, label: str):
+    """Newest readable checkpoint of `manager`, skipping (and reporting) unreadable ones."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        source = f"{label} checkpoint {os.path.join(str(manager.directory), str(step))}"
+        try:
+            tree, meta = _restore_step(manager, step)
+        except Exception as e:  # noqa: BLE001 - any read failure means: try the previous one
+            logging.error(
+                "%s is unreadable (%s: %s); trying the previous one.", source, type(e).__name__, e
+            )
+            continue
+        _check_model(meta, model_config, source)
+        return Restored(step, _from_tree(template, tree, source), meta)
+    return None
+
+
+class Checkpoints:
+    """The latest-few and best checkpoint managers of one workdir."""
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+        self.model_config = config.model.to_dict()
+        self.latest = _manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+        self.best = _manager(os.path.join(workdir, "best"), 1)
+        self.best_accuracy = -1.0
+        if self.best.latest_step() is not None:
+            try:
+                _, meta = _restore_step(self.best, self.best.latest_step())
+                self.best_accuracy = float(meta.get("select_accuracy", -1.0))
+            except Exception as e:  # noqa: BLE001
+                logging.error("best checkpoint in %s is unreadable: %s", workdir, e)
+
+    def _save(self, manager, step: int, state: Any, meta: dict[str, Any]) -> None:
+        meta = {**meta, "step": step, "model": self.model_config}
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_to_tree(state)), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Saves host `state` at `step` (asynchronously; `close` waits)."""
+        self._save(self.latest, step, state, meta)
+
+    def maybe_save_best(self, step: int, state: Any, meta: dict[str, Any], accuracy: float):
+        """Keeps `state` as the best checkpoint if `accuracy` beats the best so far."""
+        if accuracy > self.best_accuracy:
+            self.best_accuracy = float(accuracy)
+            self._save(self.best, step, state, {**meta, "select_accuracy": float(accuracy)})
+
+    def restore_latest(self, template: Any) -> Restored | None:
+        """The newest readable checkpoint as a host state like `template`, or None."""
+        return _restore_newest(self.latest, template, self.model_config, "latest")
+
+    def close(self) -> None:
+        for manager in (self.latest, self.best):
+            manager.wait_until_finished()
+            manager.close()
+
+
+def restore_best_or_latest(workdir: str, template: Any) -> Restored:
+    """The best checkpoint of a finished run, else its latest one (no selection split)."""
+    for sub in ("best", "checkpoints"):
+        directory = os.path.join(workdir, sub)
+        if not os.path.isdir(directory):
+            continue
+        manager = _manager(directory, 1_000_000)
+        try:
+            model_config = _read_any_meta(manager).get("model", {})
+            restored = _restore_newest(manager, template, model_config, sub)
+        finally:
+            manager.close()
+        if restored is not None:
+            return restored
+    raise CheckpointError(f"no readable checkpoint in {workdir}")
+
+
+def _read_any_meta(manager: ocp.CheckpointManager) -> dict[str, Any]:
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return _restore_step(manager, step)[1]
+        except Exception:  # noqa: BLE001, S112
+            continue
+    return {}
+
+
+def _resolve(path: str) -> tuple[ocp.CheckpointManager, int | None]:
+    """A run directory (best, else latest) or one checkpoint directory `.../<step>`."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    base = os.path.basename(path.rstrip("/"))
+    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return _manager(os.path.dirname(path), 1_000_000), int(base)
+    for sub in ("best", "checkpoints"):
+        directory = os.path.join(path, sub)
+        if os.path.isdir(directory):
+            manager = _manager(directory, 1_000_000)
+            if manager.all_steps():
+                return manager, None
+            manager.close()
+    raise FileNotFoundError(
+        f"{path} is neither a run directory with best/ or checkpoints/ nor a checkpoint "
+        "directory <step>/ holding state/ and meta/"
+    )
+
+
+def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """`(variables {'params', 'batch_stats'} as numpy, meta, source)` from a run or checkpoint."""
+    manager, step = _resolve(path)
+    try:
+        steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+        for s in steps:
+            source = os.path.join(str(manager.directory), str(s))
+            try:
+                tree, meta = _restore_step(manager, s)
+            except Exception as e:  # noqa: BLE001
+                logging.error(
+                    "checkpoint %s is unreadable (%s); trying the previous one.", source, e
+                )
+                continue
+            variables = {k: jax.device_get(tree[k]) for k in ("params", "batch_stats")}
+            return variables, meta, source
+    finally:
+        manager.close()
+    raise CheckpointError(f"no readable checkpoint at {path}")
+
+
+def init_from(path: str, template: Any, config: ml_collections.ConfigDict) -> Any:
+    """`template` with params and BatchNorm statistics from another run; fresh optimizer."""
+    variables, meta, source = load_variables(path)
+    _check_model(meta, config.model.to_dict(), source)
+    params = _from_tree_part(template.params, variables["params"], source)
+    batch_stats = _from_tree_part(template.batch_stats, variables["batch_stats"], source)
+    logging.info("Initialised params and BatchNorm statistics from %s", source)
+    return template.replace(params=params, batch_stats=batch_stats)
+
+
+def _from_tree_part(template: Any, tree: Any, source: str) -> Any:
+    want = serialization.to_state_dict(template)
+    _check_compatible(want, tree, source)
+    return serialization.from_state_dict(template, tree)
+
+
+def load_for_inference(path: str, **overrides: Any) -> tuple[ResNet18, dict[str, Any]]:
+    """`(model, variables)` for `model.apply(variables, x, train=False)` from a run directory
+    (its best checkpoint, else its latest) or one checkpoint directory. `overrides` go to the
+    model (e.g. `conv_impl`)."""
+    variables, meta, source = load_variables(path)
+    if "model" not in meta:
+        raise CheckpointError(f"{source} has no model description in its meta")
+    model = model_from_config(meta["model"], dropout_rate=0.0, **overrides)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 44, 44, 1), np.float32))
+    return model, {
+        k: _from_tree_part(shapes[k], variables[k], source) for k in ("params", "batch_stats")
+    }

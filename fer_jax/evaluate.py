@@ -1,0 +1,122 @@
+"""Evaluation metrics from a confusion matrix, and their JSON/PNG reports.
+
+The confusion matrix counts rows = true class, columns = predicted class; the paper's
+Tables 3 and 4 are its row-normalised form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+CLASS_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+
+def metrics_from_confusion(confusion: np.ndarray, *, loss_sum: float | None = None) -> dict:
+    """`(K, K)` counts -> accuracy, per-class accuracy (recall), row-normalised matrix, counts."""
+    confusion = np.asarray(confusion, np.float64)
+    total = confusion.sum()
+    per_class_total = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = np.where(
+            per_class_total[:, None] > 0, confusion / per_class_total[:, None], 0.0
+        )
+        per_class = np.where(per_class_total > 0, np.diag(confusion) / per_class_total, np.nan)
+    names = (
+        CLASS_NAMES
+        if len(confusion) == len(CLASS_NAMES)
+        else tuple(str(i) for i in range(len(confusion)))
+    )
+    out = {
+        "accuracy": float(np.trace(confusion) / total) if total else float("nan"),
+        "num_examples": int(round(total)),
+        "per_class_accuracy": {n: float(a) for n, a in zip(names, per_class, strict=True)},
+        "confusion_counts": np.rint(confusion).astype(int).tolist(),
+        "confusion_normalized": normalised.tolist(),
+        "class_names": list(names),
+    }
+    if loss_sum is not None and total:
+        out["loss"] = float(loss_sum / total)
+    return out
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """The scalars of `metrics_from_confusion`'s output, for TensorBoard."""
+    out = {"accuracy": metrics["accuracy"]}
+    if "loss" in metrics:
+        out["loss"] = metrics["loss"]
+    for name, value in metrics["per_class_accuracy"].items():
+        if np.isfinite(value):
+            out[f"accuracy_{name}"] = value
+    return out
+
+
+def write_json(path: str, data: Any) -> None:
+    """Writes JSON atomically (temp file + rename): a reader never sees half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, allow_nan=True)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot_confusion(normalized: np.ndarray, class_names: list[str], path: str, title: str) -> None:
+    """Row-normalised confusion matrix as a PNG heat map (percentages in the cells)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    normalized = np.asarray(normalized)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=100)
+    im = ax.imshow(normalized, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(normalized.shape[0]):
+        for j in range(normalized.shape[1]):
+            v = normalized[i, j]
+            ax.text(
+                j,
+                i,
+                f"{100 * v:.1f}",
+                ha="center",
+                va="center",
+                color="white" if v > 0.5 else "black",
+                fontsize=8,
+            )
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_report(directory: str, name: str, metrics: dict) -> None:
+    """`directory/name.json` (all metrics) and `directory/name_confusion.png`."""
+    write_json(os.path.join(directory, f"{name}.json"), metrics)
+    plot_confusion(
+        metrics["confusion_normalized"],
+        metrics["class_names"],
+        os.path.join(directory, f"{name}_confusion.png"),
+        f"{name}: accuracy {100 * metrics['accuracy']:.2f}%",
+    )

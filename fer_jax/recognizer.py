@@ -1,0 +1,431 @@
+"""Expression recognition on photos: find faces, crop them, classify with ten-crop averaging.
+
+Pipeline of `Recognizer.predict(image)`:
+  1. Read the image (a path, a PIL image or a numpy array; EXIF orientation honoured) and convert
+     it to 8-bit (`to_uint8`) and then to gray.
+  2. Detect faces with OpenCV's Haar cascade (`data_pipelines.faces.detect_faces`) on a copy
+     downscaled to at most `max_side` pixels; boxes are mapped back to the full image. Or take
+     the caller's boxes.
+  3. Crop each face from the full-resolution gray image with the JAFFE preprocessing's margin rule
+     (`data_pipelines.faces.crop_face`) to 48x48.
+  4. Classify (`ten_crop_probabilities`): the ten 44x44 crops of each face (TenCrop order, as the
+     evaluation pipeline), the model's logits averaged over the ten, softmax.
+
+Attention (`centre_crop_attention`): the CBAM spatial-attention map of the last block of each of
+the four stages (resolutions 44, 22, 11, 6), computed on the centre 44x44 crop and bilinearly
+resized to 44x44: `(B, 4, 44, 44)` in (0, 1). Pixel (r, c) of a map covers pixel (r + 2, c + 2)
+of the 48x48 face (exactly for stage 1; the coarser maps are aligned up to their stride). The
+last block of each stage is the one whose output feeds the next stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from data_pipelines.crops import CROP_SIZE, NUM_CROPS, five_crop_offsets
+from data_pipelines.faces import DEFAULT_MARGIN, crop_face, detect_faces
+from data_pipelines.labels import CLASS_NAMES
+from fer_jax.resnet import BLOCKS_PER_STAGE, STAGE_STRIDES, ResNet18
+
+FACE_SIZE = 48
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_SIDE = 1024
+DEFAULT_MIN_FACE = 40
+NUM_STAGES = len(STAGE_STRIDES)
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+class ImageError(ValueError):
+    """An input image cannot be read or used; the message names the image and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Face:
+    """One recognised face.
+
+    Attributes:
+      box: `(x, y, w, h)` in pixels of the (EXIF-rotated) image.
+      probabilities: `(num_classes,)` float32 softmax probabilities, summing to 1.
+      label: the most probable class name.
+      attention: `(4, 44, 44)` float32 spatial-attention maps in (0, 1) (module docstring), or
+        None when not requested.
+    """
+
+    box: tuple[int, int, int, int]
+    probabilities: np.ndarray
+    label: str
+    attention: np.ndarray | None = None
+
+
+# ----------------------------------------------------------------------------- image input
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return f"<{type(source).__module__}.{type(source).__name__}>"
+
+
+def to_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
+    """Converts an image array to 8 bits: `(H, W)` gray or `(H, W, 3)` RGB uint8.
+
+    Accepts `(H, W)`, `(H, W, 1)` gray, `(H, W, 2)` gray + alpha, `(H, W, 3)` RGB and
+    `(H, W, 4)` RGBA. Integer images are scaled by their dtype's range (uint16: `v * 255 / 65535`),
+    bool to {0, 255}, float images must lie in [0, 1]. Alpha is composited onto white.
+    """
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)):
+        raise ImageError(
+            f"{name}: expected an (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA image, "
+            f"got shape {array.shape}"
+        )
+    if min(array.shape[:2]) == 0:
+        raise ImageError(f"{name}: the image is empty (shape {array.shape})")
+    has_alpha = array.ndim == 3 and array.shape[-1] in (2, 4)
+    if array.dtype == np.uint8 and not has_alpha:
+        return np.ascontiguousarray(array)
+    if array.dtype == np.uint8:
+        unit = array.astype(np.float64) / 255
+    elif array.dtype == np.bool_:
+        unit = array.astype(np.float64)
+    elif np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)
+        unit = (array.astype(np.float64) - info.min) / (float(info.max) - info.min)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise ImageError(f"{name}: the float image has NaN or infinite values")
+        if array.min() < 0 or array.max() > 1:
+            raise ImageError(
+                f"{name}: float images must be in [0, 1], got values in "
+                f"[{array.min():g}, {array.max():g}]"
+            )
+        unit = array.astype(np.float64)
+    else:
+        raise ImageError(f"{name}: unsupported pixel type {array.dtype}")
+    if has_alpha:
+        colour, alpha = unit[..., :-1], unit[..., -1:]
+        unit = colour * alpha + (1 - alpha)
+        if unit.shape[-1] == 1:
+            unit = unit[..., 0]
+    return np.clip(np.round(unit * 255), 0, 255).astype(np.uint8)
+
+
+def _pil_to_array(image: Image.Image) -> np.ndarray:
+    """The pixels of a PIL image, in a layout `to_uint8` accepts."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("1", "L", "LA", "RGB", "RGBA") or image.mode.startswith("I;16"):
+        return np.asarray(image)
+    if image.mode == "I":  # 32-bit integers; older Pillows read 16-bit PNGs this way.
+        array = np.asarray(image)
+        if array.size and array.min() >= 0 and array.max() <= np.iinfo(np.uint16).max:
+            return array.astype(np.uint16)
+        return array
+    if image.mode == "F":
+        return np.asarray(image)
+    has_alpha = "A" in image.mode or "transparency" in image.info
+    return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+
+
+def read_image(source: ImageLike) -> np.ndarray:
+    """Reads an image to `(H, W)` gray or `(H, W, 3)` RGB uint8 (see `to_uint8`).
+
+    Args:
+      source: a file path (any format Pillow reads; the first frame of animations), a PIL image
+        or a numpy array. EXIF orientation of files and PIL images is applied.
+
+    Raises:
+      ImageError: naming the file when it is missing, not an image, truncated or unusable.
+    """
+    name = _describe(source)
+    if isinstance(source, np.ndarray):
+        return to_uint8(source, name)
+    if isinstance(source, Image.Image):
+        return to_uint8(_pil_to_array(source), name)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageError(f"{name}: expected a path, a PIL image or a numpy array")
+    if not os.path.exists(source):
+        raise ImageError(f"{name}: no such file")
+    if os.path.isdir(source):
+        raise ImageError(f"{name}: is a directory, not an image")
+    try:
+        with Image.open(source) as image:
+            image.load()
+            array = _pil_to_array(image)
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: cannot read the image: {e}") from e
+    return to_uint8(array, name)
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """`(H, W)` or `(H, W, 3)` RGB uint8 -> `(H, W)` uint8 (ITU-R 601 luma, as OpenCV)."""
+    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+# ----------------------------------------------------------------------------- faces
+
+
+def find_faces(
+    gray: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE, min_face: int = DEFAULT_MIN_FACE
+) -> np.ndarray:
+    """Face boxes `(N, 4)` int64 `[x, y, w, h]` in `gray`'s pixels, largest first.
+
+    Detection runs on a copy downscaled (area interpolation) so that its longer side is at most
+    `max_side`; `min_face` is the smallest face side in full-image pixels (at least 24 pixels of
+    the downscaled copy: the cascade's window).
+    """
+    if max_side < 24 or min_face < 1:
+        raise ValueError(f"need max_side >= 24 and min_face >= 1, got {max_side}, {min_face}")
+    scale = min(1.0, max_side / max(gray.shape))
+    small = gray
+    if scale < 1:
+        size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+        small = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+    side = max(24, round(min_face * scale))
+    boxes = detect_faces(small, min_size=(side, side))
+    return np.round(boxes / scale).astype(np.int64).reshape(-1, 4)
+
+
+def check_boxes(boxes: Any, shape: tuple[int, ...], name: str = "<array>") -> np.ndarray:
+    """Validates caller-given boxes `[[x, y, w, h], ...]` against an image of `shape`."""
+    try:
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    except (TypeError, ValueError):
+        raise ImageError(f"{name}: face boxes must be [x, y, w, h] rows, got {boxes!r}") from None
+    height, width = shape[:2]
+    for x, y, w, h in boxes:
+        if w <= 0 or h <= 0 or x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            raise ImageError(
+                f"{name}: face box {[x, y, w, h]} is empty or outside the {width}x{height} image"
+            )
+    return np.round(boxes).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- model functions
+
+
+def ten_crop(faces: jax.Array) -> jax.Array:
+    """`(B, 48, 48, C)` -> `(B, 10, 44, 44, C)`, as `data_pipelines.ten_crop` (TenCrop order)."""
+    height, width = faces.shape[1], faces.shape[2]
+    mirror = jax.lax.rev(faces, (2,))
+    crop = lambda image, top, left: jax.lax.slice_in_dim(  # noqa: E731
+        jax.lax.slice_in_dim(image, top, top + CROP_SIZE, axis=1), left, left + CROP_SIZE, axis=2
+    )
+    offsets = five_crop_offsets(height, width, CROP_SIZE)
+    crops = [crop(image, top, left) for image in (faces, mirror) for top, left in offsets]
+    return jnp.stack(crops, axis=1)
+
+
+def ten_crop_probabilities(model: ResNet18, variables: Any, faces: jax.Array) -> jax.Array:
+    """Class probabilities of `(B, 48, 48, 1)` float32 faces in [0, 1]: `(B, num_classes)`.
+
+    The model's logits of the ten crops are averaged, then softmaxed.
+    """
+    crops = ten_crop(faces)
+    batch = crops.shape[0]
+    flat = crops.reshape((batch * NUM_CROPS, CROP_SIZE, CROP_SIZE, crops.shape[-1]))
+    logits = model.apply(variables, flat, train=False)
+    logits = logits.reshape((batch, NUM_CROPS, logits.shape[-1])).mean(axis=1)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def centre_crop_attention(model: ResNet18, variables: Any, faces: jax.Array) -> jax.Array:
+    """Spatial attention of the last CBAM of each stage, on the centre crop: `(B, 4, 44, 44)`.
+
+    Args:
+      faces: `(B, 48, 48, 1)` float32 in [0, 1].
+    """
+    if model.cbam is None:
+        raise ValueError("the model has no CBAM modules, hence no attention maps")
+    top, left = five_crop_offsets(faces.shape[1], faces.shape[2], CROP_SIZE)[4]
+    centre = faces[:, top : top + CROP_SIZE, left : left + CROP_SIZE]
+    _, state = model.apply(variables, centre, train=False, mutable=["intermediates"])
+    blocks = state["intermediates"]
+    maps = []
+    for stage in range(1, NUM_STAGES + 1):
+        gate = blocks[f"layer{stage}_{BLOCKS_PER_STAGE - 1}"]["cbam"]["spatial_attention"][0]
+        resized = jax.image.resize(
+            gate[..., 0].astype(jnp.float32), (gate.shape[0], CROP_SIZE, CROP_SIZE), "linear"
+        )
+        maps.append(resized)
+    return jnp.stack(maps, axis=1)
+
+
+def faces_to_input(faces: np.ndarray) -> np.ndarray:
+    """`(N, 48, 48)` or `(N, 48, 48, 1)` uint8, or float in [0, 1] -> `(N, 48, 48, 1)` float32."""
+    faces = np.asarray(faces)
+    if faces.ndim == 3:
+        faces = faces[..., None]
+    if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 1):
+        raise ValueError(f"expected (N, 48, 48) or (N, 48, 48, 1) faces, got shape {faces.shape}")
+    if faces.dtype == np.uint8:
+        return faces.astype(np.float32) / 255
+    if not np.issubdtype(faces.dtype, np.floating):
+        raise ValueError(f"faces must be uint8 or float in [0, 1], got {faces.dtype}")
+    if faces.size and (faces.min() < 0 or faces.max() > 1):
+        raise ValueError("float faces must be in [0, 1]")
+    return faces.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- the recogniser
+
+
+class Recognizer:
+    """Facial expression recogniser around a trained `ResNet18` (module docstring).
+
+    Faces go through the model in chunks of at most `batch_size`, each zero-padded to the next
+    power of two (capped at `batch_size`), so the jit-compiled functions compile at most
+    `log2(batch_size) + 1` times per instance (once per size bucket, when first needed) while a
+    photo with one face costs one face of compute, not `batch_size`.
+    """
+
+    def __init__(
+        self,
+        model: ResNet18,
+        variables: Any,
+        *,
+        class_names: Sequence[str] = CLASS_NAMES,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        margin: float = DEFAULT_MARGIN,
+        max_side: int = DEFAULT_MAX_SIDE,
+        min_face: int = DEFAULT_MIN_FACE,
+    ):
+        """Wraps a model and its weights; compiles nothing until the first call.
+
+        Args:
+          model: the network; `variables`: its `{'params', 'batch_stats'}`.
+          class_names: one name per model output.
+          batch_size: faces per compiled model call.
+          margin: face-crop margin, as `data_pipelines.faces.crop_face`.
+          max_side: longer side in pixels of the copy that face detection runs on.
+          min_face: smallest detected face side in image pixels.
+        """
+        if len(class_names) != model.num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for a model with {model.num_classes} outputs"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        missing = {"params", "batch_stats"} - set(variables)
+        if missing:
+            raise ValueError(f"variables lack the collections {sorted(missing)}")
+        self.model = model
+        self.variables = jax.device_put(  # Once, not at every call.
+            {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        )
+        self.class_names = tuple(class_names)
+        self.batch_size = batch_size
+        self.margin = margin
+        self.max_side = max_side
+        self.min_face = min_face
+        self._probabilities = jax.jit(functools.partial(ten_crop_probabilities, model))
+        self._attention = jax.jit(functools.partial(centre_crop_attention, model))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> Recognizer:
+        """Loads a run directory (best, else latest checkpoint) or one checkpoint directory."""
+        from fer_jax.checkpoint import load_for_inference  # Orbax etc. only when needed.
+
+        model, variables = load_for_inference(os.fspath(path))
+        return cls(model, variables, **kwargs)
+
+    def bucket(self, n: int) -> int:
+        """The padded batch size of a chunk of `1 <= n <= batch_size` faces."""
+        return min(self.batch_size, 1 << (n - 1).bit_length())
+
+    def _batched(self, fn: Any, faces: np.ndarray) -> np.ndarray:
+        inputs = faces_to_input(faces)
+        outputs = []
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start : start + self.batch_size]
+            padded = np.zeros((self.bucket(len(chunk)), *chunk.shape[1:]), np.float32)
+            padded[: len(chunk)] = chunk
+            outputs.append(np.asarray(fn(self.variables, padded))[: len(chunk)])
+        if not outputs:
+            shape = jax.eval_shape(fn, self.variables, np.zeros((1, *inputs.shape[1:]), np.float32))
+            return np.zeros((0, *shape.shape[1:]), np.float32)
+        return np.concatenate(outputs)
+
+    def predict_faces(self, faces: np.ndarray) -> np.ndarray:
+        """Probabilities `(N, num_classes)` float32 of cropped faces (`faces_to_input` layouts)."""
+        return self._batched(self._probabilities, faces)
+
+    def attention_maps(self, faces: np.ndarray) -> np.ndarray:
+        """Spatial-attention maps `(N, 4, 44, 44)` float32 of cropped faces (module docstring)."""
+        return self._batched(self._attention, faces)
+
+    def crop_faces(self, gray: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """`(N, 48, 48)` uint8 face crops of `gray` around `boxes` (JAFFE margin rule)."""
+        crops = [crop_face(gray, box, margin=self.margin, size=FACE_SIZE) for box in boxes]
+        return np.stack(crops) if crops else np.zeros((0, FACE_SIZE, FACE_SIZE), np.uint8)
+
+    def predict(
+        self, image: ImageLike, *, boxes: Any | None = None, attention: bool = False
+    ) -> list[Face]:
+        """Recognises every face in `image`.
+
+        Args:
+          image: a path, a PIL image or a numpy array (gray, RGB, RGBA; 8-bit, 16-bit, float in
+            [0, 1]).
+          boxes: optional `[[x, y, w, h], ...]` face boxes to use instead of detection.
+          attention: also compute each face's attention maps.
+
+        Returns:
+          The faces, largest detected first (or in `boxes` order); empty when there is none.
+
+        Raises:
+          ImageError: naming the image when it cannot be read or a box is invalid.
+        """
+        name = _describe(image)
+        faces = self.recognize(
+            to_gray(read_image(image)), boxes=boxes, attention=attention, name=name
+        )
+        if not faces:
+            logging.getLogger(__name__).warning("%s: no face found", name)
+        return faces
+
+    def recognize(
+        self,
+        gray: np.ndarray,
+        *,
+        boxes: Any | None = None,
+        attention: bool = False,
+        name: str = "<array>",
+    ) -> list[Face]:
+        """`predict` on a `(H, W)` uint8 gray image, silent when there is no face.
+
+        `name` names the image in errors about `boxes`.
+        """
+        if boxes is None:
+            boxes = find_faces(gray, max_side=self.max_side, min_face=self.min_face)
+        else:
+            boxes = check_boxes(boxes, gray.shape, name)
+        if not len(boxes):
+            return []
+        crops = self.crop_faces(gray, boxes)
+        probabilities = self.predict_faces(crops)
+        maps = self.attention_maps(crops) if attention else [None] * len(crops)
+        return [
+            Face(
+                box=tuple(int(v) for v in box),
+                probabilities=p,
+                label=self.class_names[int(np.argmax(p))],
+                attention=m,
+            )
+            for box, p, m in zip(boxes, probabilities, maps, strict=True)
+        ]

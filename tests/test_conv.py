@@ -1,0 +1,218 @@
+"""fer_jax.conv: every impl equals the plain XLA convolution (values and both gradients)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+from fer_jax import conv
+
+# (batch, H=W, Cin, Cout, k, stride, padding); batch 4 runs the chunked (lax.scan) weight
+# gradient, batch 3 and 1 the single-chunk path.
+CASES = [
+    (4, 44, 3, 4, 3, 1, 1),  # network's 44x44 stride-1 3x3 (narrow)
+    (4, 22, 4, 5, 3, 2, 1),  # stride 2 on an even size (PyTorch's symmetric padding)
+    (3, 11, 4, 6, 3, 2, 1),  # stride 2 on an odd size
+    (4, 6, 8, 8, 3, 1, 1),
+    (3, 7, 3, 2, 7, 1, 3),  # 7x7 on 7x7
+    (2, 44, 2, 1, 7, 1, 3),  # CBAM spatial attention, 2 -> 1
+    (4, 22, 4, 6, 1, 2, 0),  # shortcut 1x1 stride 2, even
+    (1, 7, 4, 6, 1, 2, 0),  # 1x1 stride 2, odd
+    (4, 7, 3, 4, 1, 1, 0),  # 1x1 stride 1
+    (4, 7, 3, 4, 3, 1, 0),  # no padding
+    (4, 6, 3, 4, 3, 2, 2),  # padding 2, stride 2
+]
+CUSTOM_IMPLS = ["matmul_grad", "auto"]
+
+
+def _inputs(case, dtype=jnp.float32, seed=0):
+    b, h, cin, cout, k, s, p = case
+    ho = conv.output_size(h, k, s, p)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, h, h, cin)).astype(np.float32)
+    kern = (rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
+    dy = rng.standard_normal((b, ho, ho, cout)).astype(np.float32)
+    return tuple(jnp.asarray(a, dtype) for a in (x, kern, dy))
+
+
+def _fwd_bwd(impl: str, stride: int, padding: int):
+    """jit(x, k, dy) -> (y, dx, dk) for conv2d(impl)."""
+
+    def f(x, k, dy):
+        y, vjp = jax.vjp(
+            lambda a, b: conv.conv2d(a, b, stride=stride, padding=padding, impl=impl), x, k
+        )
+        return (y, *vjp(dy))
+
+    return jax.jit(f)
+
+
+def _assert_close(actual, expected, rtol=1e-4, atol_rel=1e-5):
+    """allclose with an absolute tolerance relative to the expected magnitude."""
+    expected = np.asarray(expected, np.float32)
+    scale = float(np.max(np.abs(expected))) or 1.0
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32), expected, rtol=rtol, atol=atol_rel * scale
+    )
+
+
+@pytest.mark.parametrize("impl", CUSTOM_IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_h{}_{}to{}_k{}_s{}_p{}".format(*c))
+def test_matches_xla(case, impl):
+    x, kern, dy = _inputs(case)
+    s, p = case[5], case[6]
+    ref = _fwd_bwd("xla", s, p)(x, kern, dy)
+    out = _fwd_bwd(impl, s, p)(x, kern, dy)
+    for name, a, r in zip(("y", "dx", "dk"), out, ref, strict=True):
+        assert a.shape == r.shape and a.dtype == r.dtype, name
+        _assert_close(a, r)
+
+
+def test_xla_impl_is_lax_conv_with_symmetric_padding():
+    """At stride 2 on an even size the padding is (1, 1), not XLA 'SAME''s (0, 1)."""
+    x, kern, _ = _inputs((2, 22, 3, 4, 3, 2, 1))
+    y = conv.conv2d(x, kern, stride=2, padding=1)
+    ref = jax.lax.conv_general_dilated(
+        x, kern, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    same = jax.lax.conv_general_dilated(
+        x, kern, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    assert y.shape == (2, 11, 11, 4)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+    assert not np.allclose(np.asarray(y), np.asarray(same), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "case", [(2, 11, 3, 4, 3, 2, 1), (2, 8, 3, 4, 1, 2, 0), (2, 9, 2, 3, 7, 1, 3)]
+)
+def test_im2col_layouts(case):
+    """im2col_t is im2col transposed, and im2col @ kernel is the convolution."""
+    b, h, cin, cout, k, s, p = case
+    x, kern, _ = _inputs(case)
+    cols = conv.im2col(x, k, k, s, p)
+    ho = conv.output_size(h, k, s, p)
+    assert cols.shape == (b, ho, ho, k * k * cin)
+    np.testing.assert_array_equal(
+        np.asarray(conv.im2col_t(x, k, k, s, p)), np.asarray(cols.reshape(-1, k * k * cin).T)
+    )
+    _assert_close(cols @ kern.reshape(-1, cout), conv.conv2d(x, kern, stride=s, padding=p))
+
+
+@pytest.mark.parametrize("impl", ["xla", "matmul_grad"])
+def test_against_torch(impl):
+    torch = pytest.importorskip("torch")
+    case = (3, 22, 4, 5, 3, 2, 1)  # stride 2 on an even size
+    x, kern, dy = _inputs(case, seed=1)
+    y, dx, dk = _fwd_bwd(impl, 2, 1)(x, kern, dy)
+
+    tx = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
+    tk = torch.tensor(
+        np.asarray(kern).transpose(3, 2, 0, 1), dtype=torch.float64, requires_grad=True
+    )
+    ty = torch.nn.functional.conv2d(tx, tk, stride=2, padding=1)
+    ty.backward(torch.tensor(np.asarray(dy).transpose(0, 3, 1, 2), dtype=torch.float64))
+    _assert_close(y, ty.detach().numpy().transpose(0, 2, 3, 1))
+    _assert_close(dx, tx.grad.numpy().transpose(0, 2, 3, 1))
+    _assert_close(dk, tk.grad.numpy().transpose(2, 3, 1, 0))
+
+
+def test_vmap_and_per_example_grads():
+    """vmap over an extra leading axis, and per-example kernel gradients via vmap(grad)."""
+    x, kern, _ = _inputs((4, 12, 3, 4, 3, 1, 1))
+    xv = x.reshape(2, 2, *x.shape[1:])
+    for impl in ("matmul_grad", "auto"):
+        f = lambda a, impl=impl: conv.conv2d(a, kern, impl=impl)
+        _assert_close(jax.vmap(f)(xv), jax.vmap(lambda a: conv.conv2d(a, kern))(xv))
+
+    def loss(k, a, impl):
+        return jnp.sum(jnp.sin(conv.conv2d(a[None], k, stride=2, padding=1, impl=impl)))
+
+    per_ex = {
+        impl: jax.jit(jax.vmap(jax.grad(loss), (None, 0, None)), static_argnums=2)(kern, x, impl)
+        for impl in ("xla", "matmul_grad")
+    }
+    assert per_ex["matmul_grad"].shape == (4, *kern.shape)
+    _assert_close(per_ex["matmul_grad"], per_ex["xla"])
+
+
+def test_shard_map_and_pmap():
+    """Works inside shard_map (grads psum'ed over the batch axis) and pmap."""
+    n = jax.device_count()
+    x, kern, _ = _inputs((2 * n, 12, 3, 4, 3, 1, 1))
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+
+    def grads(impl):
+        def local(k, a):  # JAX psums the replicated kernel's gradient over "batch" itself
+            return jax.grad(lambda k_: jnp.sum(conv.conv2d(a, k_, impl=impl) ** 2))(k)
+
+        specs = (PartitionSpec(), PartitionSpec("batch"))
+        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec()))(
+            kern, x
+        )
+
+    _assert_close(grads("matmul_grad"), grads("xla"))
+    full = jax.grad(lambda k_: jnp.sum(conv.conv2d(x, k_) ** 2))(kern)
+    _assert_close(grads("matmul_grad"), full)
+
+    xp = x.reshape(n, 2, *x.shape[1:])
+    pm = jax.pmap(lambda a: conv.conv2d(a, kern, impl="matmul_grad"))(xp)
+    _assert_close(pm.reshape(-1, *pm.shape[2:]), conv.conv2d(x, kern))
+
+
+@pytest.mark.parametrize("impl", ["xla", "matmul_grad"])
+def test_bfloat16(impl):
+    """bf16 activations (kernel cast by the caller or by conv2d) run and are close to f32."""
+    case = (4, 22, 8, 8, 3, 1, 1)
+    x, kern, dy = _inputs(case)
+    y32, dx32, dk32 = _fwd_bwd("xla", 1, 1)(x, kern, dy)
+    xb, kb, dyb = (a.astype(jnp.bfloat16) for a in (x, kern, dy))
+    y, dx, dk = _fwd_bwd(impl, 1, 1)(xb, kb, dyb)
+    assert y.dtype == dx.dtype == dk.dtype == jnp.bfloat16
+    for a, r in ((y, y32), (dx, dx32), (dk, dk32)):
+        _assert_close(a, r, rtol=5e-2, atol_rel=2e-2)
+
+    # f32 master kernel: conv2d casts it to x.dtype; its gradient comes back in float32.
+    dk_master = jax.jit(
+        jax.grad(lambda k: jnp.vdot(conv.conv2d(xb, k, impl=impl).astype(jnp.float32), dy))
+    )(kern)
+    assert dk_master.dtype == jnp.float32
+    _assert_close(dk_master, dk32, rtol=5e-2, atol_rel=2e-2)
+
+
+def test_select_impl():
+    assert conv.select_impl((64, 44, 44, 64), (3, 3, 64, 64), 1, 1, backend="cpu") == "matmul_grad"
+    assert conv.select_impl((64, 44, 44, 64), (3, 3, 64, 128), 2, 1, backend="cpu") == "matmul_grad"
+    assert conv.select_impl((64, 11, 11, 256), (3, 3, 256, 256), 1, 1, backend="cpu") == "xla"
+    assert conv.select_impl((64, 6, 6, 512), (3, 3, 512, 512), 1, 1, backend="cpu") == "xla"
+    assert (
+        conv.select_impl((64, 11, 11, 256), (1, 1, 256, 512), 2, 0, backend="cpu") == "matmul_grad"
+    )
+    assert conv.select_impl((64, 44, 44, 2), (7, 7, 2, 1), 1, 3, backend="cpu") == "xla"
+    for backend in ("gpu", "tpu"):
+        assert conv.select_impl((64, 44, 44, 64), (3, 3, 64, 64), 1, 1, backend=backend) == "xla"
+
+
+def test_cpu_compiler_options():
+    assert conv.cpu_compiler_options("gpu") == {}
+    opts = conv.cpu_compiler_options()
+    x, kern, dy = _inputs((2, 12, 20, 20, 3, 1, 1))
+    f = lambda a, k: conv.conv2d(a, k)
+    if jax.default_backend() == "cpu":
+        assert opts
+        text = jax.jit(f, compiler_options=opts).lower(x, kern).compile().as_text()
+        assert "__ynn_fusion" not in text  # the convolution stays with XLA's Eigen runtime
+    _assert_close(jax.jit(f, compiler_options=opts)(x, kern), f(x, kern))
+
+
+def test_bad_arguments():
+    x, kern, _ = _inputs((1, 6, 3, 4, 3, 1, 1))
+    with pytest.raises(ValueError, match="unknown impl"):
+        conv.conv2d(x, kern, impl="cudnn")
+    with pytest.raises(ValueError, match="channels"):
+        conv.conv2d(x, kern[:, :, :2])
+    with pytest.raises(ValueError, match="larger than"):
+        conv.conv2d(x[:, :2, :2], kern, padding=0)

@@ -1,0 +1,325 @@
+"""experiments/: table, curve, benchmark and GPU-run helpers on fabricated inputs (no training)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import benchmark, flops, gpu_run, paper_tables, provenance, tb_curves
+from fer_jax import evaluate
+
+RNG = np.random.default_rng(0)
+
+
+def _metrics(n: int = 70) -> dict:
+    truth = RNG.integers(0, 7, n)
+    pred = np.where(RNG.random(n) < 0.7, truth, RNG.integers(0, 7, n))
+    confusion = np.zeros((7, 7))
+    np.add.at(confusion, (truth, pred), 1)
+    return evaluate.metrics_from_confusion(confusion, loss_sum=1.5 * n)
+
+
+def _write_run(workdir: str, *, cv: bool = True, events: bool = True) -> dict:
+    """A finished fer_jax.main workdir: results.json, CV summary, TensorBoard scalars."""
+    report = _metrics()
+    results = {
+        "report_split": "private_test",
+        "selected_on": "public_test",
+        "selected_step": 56,
+        "selected_epoch": 4,
+        "select_accuracy": 0.7,
+        "private_test": report,
+    }
+    evaluate.write_json(os.path.join(workdir, "results.json"), results)
+    if cv:
+        folds = [0.9, 0.95, 1.0, 0.85, 0.9]
+        pooled = _metrics(213)
+        evaluate.write_json(
+            os.path.join(workdir, "cross_validation", "summary.json"),
+            {
+                "protocol": "random",
+                "folds": 5,
+                "fold_accuracy": folds,
+                "mean_accuracy": float(np.mean(folds)),
+                "std_accuracy": float(np.std(folds, ddof=1)),
+                "pooled": pooled,
+                "init_from": workdir,
+            },
+        )
+    if events:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.util import tensor_util
+
+        writer = EventFileWriter(workdir)
+        for step in range(1, 9):
+            values = [
+                summary_pb2.Summary.Value(tag="train_loss", simple_value=2.0 / step),
+                summary_pb2.Summary.Value(tag="train_learning_rate", simple_value=0.01),
+                # clu/TF2 style: a scalar tensor
+                summary_pb2.Summary.Value(
+                    tag="train_accuracy",
+                    tensor=tensor_util.make_tensor_proto(np.float32(step / 10)),
+                ),
+            ]
+            writer.add_event(event_pb2.Event(step=step, summary=summary_pb2.Summary(value=values)))
+        writer.close()
+    return results
+
+
+def _args(tmp_path, **kw) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    paper_tables.add_run_flags(ap)
+    argv = [
+        "--dataset=synthetic",
+        "--width=8",
+        "--epochs=2",
+        "--cv_epochs=1",
+        "--collect_only",
+        f"--runs_dir={tmp_path / 'runs'}",
+        f"--results_dir={tmp_path / 'results'}",
+    ]
+    return ap.parse_args(argv + [f"--{k}={v}" for k, v in kw.items()])
+
+
+def test_run_workdir_and_command_follow_the_settings(tmp_path):
+    args = _args(tmp_path)
+    overrides = paper_tables.overrides_from_args(args)
+    assert overrides == [
+        "--config.num_epochs=2",
+        "--config.jaffe.num_epochs=1",
+        "--config.model.width=8",
+    ]
+    run = paper_tables.Run(paper_tables.TABLE1[0], "synthetic", overrides, args.runs_dir)
+    same = paper_tables.Run(paper_tables.TABLE2[0], "synthetic", overrides, args.runs_dir)
+    other = paper_tables.Run(paper_tables.TABLE1[0], "synthetic", overrides[:1], args.runs_dir)
+    assert (
+        paper_tables.Run(paper_tables.TABLE1[2], "synthetic", overrides, args.runs_dir).workdir
+        == same.workdir
+    )  # Table 1 row 3 = Table 2 row 1
+    assert run.workdir != other.workdir
+    cmd = run.command()
+    assert cmd[1:4] == [
+        "-m",
+        "fer_jax.main",
+        "--config=configs/synthetic.py:cbam=none,head=softmax",
+    ]
+    assert f"--workdir={run.workdir}" in cmd and cmd[-3:] == overrides
+    assert not run.finished()
+    _write_run(run.workdir, events=False)
+    assert run.finished()
+
+
+def test_table_scripts_collect_a_fabricated_results_folder(tmp_path):
+    from experiments import confusion_tables, table1
+
+    args = _args(tmp_path)
+    overrides = paper_tables.overrides_from_args(args)
+    written = {}
+    for row in paper_tables.TABLE1 + paper_tables.TABLE2[1:2]:  # parallel: left missing
+        wd = paper_tables.Run(row, "synthetic", overrides, args.runs_dir).workdir
+        written[row.key] = _write_run(wd, cv=row.key != "resnet18_softmax")
+    argv = [
+        "--dataset=synthetic",
+        "--width=8",
+        "--epochs=2",
+        "--cv_epochs=1",
+        "--collect_only",
+        f"--runs_dir={args.runs_dir}",
+    ]
+    md1 = open(table1.main(argv + [f"--results_dir={tmp_path / 't1'}"])).read()
+    runs2 = {
+        r.key: paper_tables.Run(r, "synthetic", overrides, args.runs_dir)
+        for r in paper_tables.TABLE2
+    }
+    md2 = paper_tables.accuracy_table(
+        paper_tables.TABLE2,
+        {k: paper_tables.collect(r.workdir) for k, r in runs2.items()},
+        "synthetic",
+    )
+    md3 = open(confusion_tables.main(argv + [f"--results_dir={tmp_path / 'cm'}"])).read()
+
+    acc = written["cbam_asoftmax"]["private_test"]["accuracy"]
+    assert "NOT FER2013" in md1 and "NOT JAFFE" in md1 and "Smoke run on generated data" in md1
+    assert (
+        f"| CBAM + ResNet18 + A-Softmax | {100 * acc:.1f} | 73.5 | {100 * acc - 73.5:+.1f} |" in md1
+    )
+    assert "| ResNet18 + softmax |" in md1 and "| 97.6 | - |" in md1  # no CV for that row
+    assert "| parallel | - | 73.2 | - | - | 98.6 | - | - |" in md2
+    assert "git commit" in md1 and "python -m fer_jax.main" in md1
+    for name in ("table1_accuracy.png", "curves_resnet18_softmax.png", "table1.json"):
+        assert os.path.getsize(tmp_path / "t1" / name) > 1000
+    data = json.load(open(tmp_path / "t1" / "table1.json"))
+    assert data["paper"]["cbam_softmax"] == {"fer2013": 73.1, "jaffe": 98.4}
+    assert data["provenance"]["git"]["commit"]
+    assert "Table 3" in md3 and "Table 4" in md3 and "pooled over 5 folds" in md3
+    for name in ("table3_confusion.png", "table4_confusion.png"):
+        assert os.path.getsize(tmp_path / "cm" / name) > 1000
+
+
+def test_confusion_table_is_row_normalised_with_bold_diagonal():
+    metrics = evaluate.metrics_from_confusion(np.diag([1, 2, 3, 4, 5, 6, 7]) + 1)
+    md = paper_tables.confusion_table(metrics, "T")
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "predicted" not in line]
+    assert len(rows) == 7
+    cells = rows[0].split("|")[2:-2]
+    assert cells[0].strip() == "**25.0**"  # angry: 2 of 8 correct
+    assert sum(float(c.strip(" *")) for c in cells) == pytest.approx(100, abs=0.2)
+    assert rows[0].split("|")[-2].strip() == "8"
+
+
+def test_tb_curves_reads_simple_and_tensor_scalars(tmp_path):
+    _write_run(str(tmp_path), cv=False)
+    scalars = tb_curves.read_scalars(str(tmp_path))
+    assert scalars["train_loss"][0] == list(range(1, 9))
+    assert scalars["train_accuracy"][1] == pytest.approx([s / 10 for s in range(1, 9)])
+    drawn = tb_curves.plot_curves(str(tmp_path), str(tmp_path / "c.png"))
+    assert drawn == {"train_loss": 8, "train_accuracy": 8, "train_learning_rate": 8}
+    assert os.path.getsize(tmp_path / "c.png") > 1000
+
+
+def test_flop_count_of_a_conv_and_a_dense_layer():
+    import jax
+    import jax.numpy as jnp
+
+    def f(x, k, w):
+        y = jax.lax.conv_general_dilated(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return y.reshape(2, -1) @ w
+
+    x, k, w = jnp.zeros((2, 8, 8, 3)), jnp.zeros((3, 3, 3, 4)), jnp.zeros((8 * 8 * 4, 5))
+    expected = 2 * (2 * 8 * 8 * 4) * (3 * 3 * 3) + 2 * 2 * 5 * 256
+    assert flops.jaxpr_flops(jax.make_jaxpr(f)(x, k, w).jaxpr) == expected
+
+
+def test_model_flops_match_the_papers_network():
+    from configs import fer2013
+
+    counts = flops.model_flops_per_image(fer2013.get_config().model)
+    assert counts["train"] == pytest.approx(6.6e9, rel=0.02)  # the issue's ~6.6 GFLOP
+    assert counts["train"] == 3 * counts["forward"]
+
+
+def test_gpu_run_batches_equal_the_tf_data_pipeline():
+    import jax.numpy as jnp
+
+    import data_pipelines
+
+    images = RNG.integers(0, 256, (150, 48, 48, 1), dtype=np.uint8)
+    labels = RNG.integers(0, 7, 150).astype(np.int32)
+    ref = list(
+        data_pipelines.train_dataset_from_arrays(
+            images, labels, batch_size=32, seed=3, num_epochs=2
+        ).as_numpy_iterator()
+    )
+    for epoch in range(2):
+        plan = gpu_run.epoch_plan(150, 32, 3, epoch)
+        theirs = data_pipelines.epoch_plan(150, 32, seed=3, epoch=epoch)
+        assert all(np.array_equal(plan[k], theirs[k]) for k in theirs)
+        for step in range(150 // 32):
+            row = {k: jnp.asarray(v[step]) for k, v in plan.items()}
+            batch = gpu_run.gather_batch(jnp.asarray(images.reshape(-1)), jnp.asarray(labels), row)
+            expected = ref[epoch * (150 // 32) + step]
+            np.testing.assert_array_equal(np.asarray(batch["image"]), expected["image"])
+            np.testing.assert_array_equal(np.asarray(batch["label"]), expected["label"])
+
+
+def test_gpu_run_config_overrides_and_summary_markdown():
+    from configs import fer2013
+
+    mods = {"config": fer2013}
+    args = gpu_run.parse_args(
+        [
+            "--width=8",
+            "--epochs=3",
+            "--dtype=float32",
+            "--set",
+            "optimizer.learning_rate=0.05",
+            "--set",
+            "model.dropout_rate=0.1",
+        ]
+    )
+    config = gpu_run.build_config(mods, args)
+    assert (config.model.width, config.num_epochs, config.half_precision) == (8, 3, False)
+    assert config.optimizer.learning_rate == 0.05 and config.model.dropout_rate == 0.1
+    with pytest.raises(KeyError):
+        gpu_run.build_config(mods, gpu_run.parse_args(["--set", "optimizer.nope=1"]))
+    assert gpu_run.largest_divisor_at_most(448, 64) == 64
+    assert gpu_run.largest_divisor_at_most(448, 60) == 56
+
+    prov = provenance.provenance()
+    prov["hardware"]["jax_devices"] = ["cuda:0"]
+    summary = {
+        "provenance": prov,
+        "args": vars(args),
+        "config": json.loads(config.to_json()),
+        "steps_per_call": 64,
+        "epochs_done": 2.5,
+        "stop_reason": "wall-clock budget (600 s)",
+        "phases_s": {
+            "restore_csv_s": 14.0,
+            "parse_csv_s": 4.0,
+            "compile_train_s": 25.0,
+            "compile_eval_s": 20.0,
+        },
+        "train_images_per_s": 14000.0,
+        "images_per_s_including_eval": 11000.0,
+        "flops": {"analytic_train_per_image": 6.58e9, "xla_train_per_image": None},
+        "peak_tflops": 989.0,
+        "mfu_train": 0.093,
+        "mfu_including_eval": 0.073,
+        "tencrop_eval": {"crops_per_s": 130000.0, "eval_batch_size": 600, "seconds_median": 0.3},
+        "selected": {"epoch": 2, "public_test_accuracy": 0.5, "private_test_accuracy": 0.51},
+        "evaluated_examples": {"public_test": 3589, "private_test": 3589},
+        "projected_full_recipe_s": 821.0,
+        "memory": {"device_peak_gib": 9.9},
+        "wall_s": 470.0,
+    }
+    md = gpu_run.markdown(summary, provenance)
+    assert "| training images/s | 14,000 |" in md
+    assert "| **PrivateTest acc. (chosen on PublicTest)** | **51.00%** |" in md
+    assert "9.3%, 7.3%" in md and "6.58 G, n/a" in md
+
+
+def test_benchmark_markdown_puts_the_contestants_side_by_side():
+    args = benchmark.parse_args(["--batches", "64", "--conv_impls", "xla", "auto"])
+    res = {
+        "batches": {
+            "64": {
+                "jax:xla": {
+                    "train_images_per_s": 5.0,
+                    "eval_crops_per_s": 30.0,
+                    "compile_train_s": 45.0,
+                    "compile_eval_s": 10.0,
+                    "peak_rss_gib": 3.0,
+                    "first_loss": 2.0,
+                },
+                "jax:auto": {
+                    "train_images_per_s": 20.0,
+                    "eval_crops_per_s": 33.0,
+                    "compile_train_s": 50.0,
+                    "compile_eval_s": 10.0,
+                    "peak_rss_gib": 3.5,
+                    "first_loss": 2.0000001,
+                },
+                "torch": {
+                    "train_images_per_s": 16.0,
+                    "eval_crops_per_s": 33.0,
+                    "first_step_s": 5.0,
+                    "first_eval_s": 5.0,
+                    "peak_rss_gib": 2.0,
+                    "first_loss": 2.1,
+                },
+            }
+        },
+        "pipeline": {"train_images_per_s": 25000.0, "eval_crops_per_s": 90000.0, "source": "x"},
+    }
+    md = benchmark.markdown(res, args)
+    assert "| metric | fer_jax xla | fer_jax auto | torch | xla / torch | auto / torch |" in md
+    assert "| train images/s, batch 64 | 5.00 | 20.00 | 16.00 | **0.31x** | **1.25x** |" in md
+    assert "ten-crop eval crops/s" in md and "25,000 images/s" in md

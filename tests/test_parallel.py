@@ -1,0 +1,103 @@
+"""pmap, shard_map and single-device training agree (cross-device BatchNorm, same global batch).
+
+Runs in a subprocess with 4 simulated CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=4`), which must be set before JAX starts.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from fer_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    import data_pipelines
+    from configs import synthetic
+    from fer_jax import synthetic_data, train
+    from fer_jax.parallel import DataParallel
+
+    # Random pixels, not the synthetic bands: CBAM's max pooling routes its gradient to one
+    # arg-max, and the bands' many near-equal pixels would let float32 rounding differences
+    # between device counts flip it (a discrete change, as in PyTorch), not a parallelism bug.
+    data = synthetic_data.make_split(64, seed=0)
+    data["image"] = np.random.default_rng(0).integers(0, 256, data["image"].shape, np.uint8)
+    results = {}
+    for mode, n in [("shard_map", 1), ("pmap", 2), ("pmap", 4), ("shard_map", 2),
+                    ("shard_map", 4)]:
+        config = synthetic.get_config()
+        config.parallelism = mode
+        config.batch_size = 16
+        config.model.conv_impl = "xla"
+        config.model.dropout_rate = 0.0
+        parallel = DataParallel(mode, jax.devices()[:n])
+        model = train.create_model(config, axis_name=parallel.axis_name)
+        init = train.create_train_state(config, model, steps_per_epoch=4)
+        results["init"] = [np.asarray(x).tolist() for x in jax.tree.leaves(
+            (init.params, init.batch_stats))]
+        state = parallel.replicate(init)
+        step = parallel.compile(lambda s, b, axis_name: train.train_step(
+            s, b, config=config, axis_name=axis_name))
+        ds = data_pipelines.train_dataset_from_arrays(
+            data["image"], data["label"], batch_size=16, seed=0, num_epochs=1,
+            num_devices=parallel.batch_shape_devices)
+        for batch in ds.take(3).as_numpy_iterator():
+            state, metrics = step(state, parallel.shard_batch(batch))
+        host = parallel.unreplicate(state)
+        leaves = jax.tree.leaves((host.params, host.batch_stats))
+        results[f"{mode}{n}"] = [np.asarray(x).tolist() for x in leaves]
+    json.dump(results, sys.stdout)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    return {k: [np.asarray(x) for x in v] for k, v in json.loads(proc.stdout).items()}
+
+
+@pytest.mark.parametrize("run", ["pmap2", "pmap4", "shard_map2", "shard_map4"])
+def test_data_parallel_training_matches_one_device(runs, run):
+    reference = runs["shard_map1"]
+    worst = 0.0
+    for got, want in zip(runs[run], reference, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        worst = max(worst, float(np.max(np.abs(got - want))))
+    # Three SGD steps moved the parameters, so the agreement is not vacuous.
+    assert max(np.max(np.abs(a - b)) for a, b in zip(runs["init"], reference, strict=True)) > 1e-3
+    print(run, "max abs diff vs one device", worst)
+
+
+def test_non_finite_loss_stops_with_the_step_number():
+    history = [
+        {"loss": np.float32(1.0), "accuracy": np.float32(0.5)},
+        {"loss": np.float32(np.nan), "accuracy": np.float32(0.5)},
+        {"loss": np.float32(np.inf), "accuracy": np.float32(0.5)},
+    ]
+
+    class Writer:
+        def write_scalars(self, step, scalars):
+            raise AssertionError("non-finite metrics must not be written")
+
+    with pytest.raises(FloatingPointError, match="at step 9"):
+        train._log_train_metrics(Writer(), history, step=10, images_per_s=1.0)

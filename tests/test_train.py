@@ -1,0 +1,184 @@
+"""The training loop: learning, checkpoints, resume after kill -9, the CLI end to end.
+
+The runs use `configs/synthetic.py` (a width-8 model on generated data) through the real CLI,
+in subprocesses that share the session's persistent compilation cache.
+"""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fer_jax import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_FLAGS = [
+    "--config=configs/synthetic.py",
+    "--config.num_epochs=3",
+    "--config.checkpoint_every_steps=4",
+]
+
+
+def _cli(workdir, *flags, wait=True):
+    cmd = [sys.executable, "-m", "fer_jax.main", f"--workdir={workdir}", *RUN_FLAGS, *flags]
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def _final_state(workdir):
+    manager = checkpoint._manager(os.path.join(workdir, "checkpoints"), 100)
+    try:
+        step = manager.latest_step()
+        tree, meta = checkpoint._restore_step(manager, step)
+    finally:
+        manager.close()
+    return step, jax.tree.map(np.asarray, tree), meta
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The whole main job on synthetic data: train, select, report, 5-fold CV."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    proc = _cli(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_synthetic_run_learns_and_reports_the_selected_model(finished_run):
+    with open(os.path.join(finished_run, "results.json")) as f:
+        results = json.load(f)
+    report = results["private_test"]
+    assert results["selected_on"] == "public_test"
+    assert report["num_examples"] == 70  # every test image exactly once
+    assert report["accuracy"] > 0.6  # chance is 1/7
+    assert np.allclose(np.sum(report["confusion_normalized"], axis=1), 1.0)
+    assert sum(map(sum, report["confusion_counts"])) == 70
+
+
+def test_cli_writes_checkpoints_events_metrics_and_plots(finished_run):
+    steps = sorted(
+        int(os.path.basename(p))
+        for p in glob.glob(os.path.join(finished_run, "checkpoints", "*"))
+        if os.path.basename(p).isdigit()
+    )
+    assert steps[-1] == 42 and len(steps) == 2  # 3 epochs x 14 steps; keep_checkpoints=2
+    assert len(os.listdir(os.path.join(finished_run, "best"))) >= 1
+    assert glob.glob(os.path.join(finished_run, "events.out.tfevents.*"))
+    for epoch in (1, 2, 3):
+        base = os.path.join(finished_run, "eval", f"public_test_epoch{epoch:03d}")
+        assert os.path.getsize(base + ".json") > 0 and os.path.getsize(base + "_confusion.png") > 0
+    assert os.path.exists(os.path.join(finished_run, "eval", "private_test_selected.json"))
+
+
+def test_main_job_cross_validates_every_fold(finished_run):
+    with open(os.path.join(finished_run, "cross_validation", "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["folds"] == 5 and len(summary["fold_accuracy"]) == 5
+    assert summary["pooled"]["num_examples"] == 70  # each image tested in exactly one fold
+    assert summary["mean_accuracy"] > 0.6
+    tested = sorted(
+        i
+        for k in range(5)
+        for i in json.load(
+            open(os.path.join(finished_run, "cross_validation", f"fold_{k}", "result.json"))
+        )["test_indices"]
+    )
+    assert tested == list(range(70))
+
+
+def test_resume_after_kill_9_ends_bit_identical(finished_run, tmp_path):
+    workdir = str(tmp_path / "killed")
+    proc = _cli(workdir, "--config.cross_validate=False", wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        done = [
+            p
+            for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
+            if os.path.basename(p).isdigit()
+        ]
+        if done:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run ended before it could be killed: " + proc.stderr.read()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step_at_kill, _, _ = _final_state(workdir)
+    assert step_at_kill < 42
+
+    resumed = _cli(workdir, "--config.cross_validate=False")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from step" in resumed.stderr
+    step, tree, meta = _final_state(workdir)
+    ref_step, ref_tree, _ = _final_state(finished_run)
+    assert step == ref_step == 42 and meta["epoch"] == 3 and meta["step_in_epoch"] == 0
+    jax.tree.map(np.testing.assert_array_equal, tree, ref_tree)
+
+
+def test_corrupt_latest_checkpoint_is_reported_and_the_previous_used(finished_run, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(finished_run, workdir)
+    latest = os.path.join(workdir, "checkpoints", "42")
+    for path in glob.glob(os.path.join(latest, "state", "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "wb") as f:
+                f.write(b"garbage")
+    from configs import synthetic
+    from fer_jax import train
+
+    config = synthetic.get_config()
+    model = train.create_model(config)
+    template = train.create_train_state(config, model, 14)
+    restored = checkpoint.Checkpoints(workdir, config).restore_latest(template)
+    assert restored is not None and restored.step == 40
+
+
+def test_unknown_config_field_is_rejected_by_name(tmp_path):
+    proc = _cli(str(tmp_path), "--config.no_such_field=3")
+    assert proc.returncode != 0
+    assert "no_such_field" in proc.stderr
+
+
+def test_missing_dataset_error_gives_instructions(tmp_path):
+    proc = _cli(
+        str(tmp_path / "w"), "--config.dataset=fer2013", f"--config.data_dir={tmp_path / 'empty'}"
+    )
+    assert proc.returncode != 0
+    assert "not built" in proc.stderr and "fer2013.csv" in proc.stderr
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = _cli(str(blocker / "sub"))
+    assert proc.returncode != 0 and "not writable" in proc.stderr
+
+
+def test_checkpoint_from_an_incompatible_model_is_refused(finished_run, tmp_path):
+    proc = _cli(
+        str(tmp_path), "--mode=evaluate", f"--checkpoint={finished_run}", "--config.model.width=16"
+    )
+    assert proc.returncode != 0
+    assert "incompatible model" in proc.stderr and "width" in proc.stderr
+
+
+def test_evaluate_mode_reports_a_checkpoint_on_a_split(finished_run, tmp_path):
+    proc = _cli(
+        str(tmp_path), "--mode=evaluate", f"--checkpoint={finished_run}", "--split=private_test"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "eval" / "private_test_evaluate.json") as f:
+        metrics = json.load(f)
+    with open(os.path.join(finished_run, "results.json")) as f:
+        assert metrics["accuracy"] == json.load(f)["private_test"]["accuracy"]
