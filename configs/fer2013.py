@@ -42,6 +42,37 @@ def model_config(cbam: str | None, head: str) -> ml_collections.ConfigDict:
     )
 
 
+def loss_config() -> ml_collections.ConfigDict:
+    """A-Softmax margin m and lambda annealing (SphereFace's defaults)."""
+    return ml_collections.ConfigDict(
+        {
+            "margin": 4,
+            "lambda_base": 1500.0,
+            "lambda_gamma": 0.1,
+            "lambda_power": 1.0,
+            "lambda_min": 5.0,
+        }
+    )
+
+
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+    """Reference recipe: SGD 0.9, wd 5e-4, clip 0.1, lr 0.01 x0.9 every 5 epochs after 80."""
+    fields = {
+        "name": "sgd",  # or 'adamw'
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "grad_clip": 0.1,  # element-wise; <= 0 disables
+        "schedule": "step",  # 'step', 'cosine' or 'constant'
+        "decay_start_epoch": 80,
+        "decay_every_epochs": 5,
+        "decay_rate": 0.9,
+        "warmup_epochs": 0.0,
+    }
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     choice = parse_arg(arg)
     config = ml_collections.ConfigDict()
@@ -51,30 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.manual_dir = ""  # where the downloaded files are; if set, build the dataset first
     config.normalize = "unit"  # pixels / 255
     config.model = model_config(choice["cbam"], choice["head"])
-    config.loss = ml_collections.ConfigDict(
-        {
-            "margin": 4,
-            "lambda_base": 1500.0,
-            "lambda_gamma": 0.1,
-            "lambda_power": 1.0,
-            "lambda_min": 5.0,
-        }
-    )
+    config.loss = loss_config()
     # Reference recipe: SGD 0.9, wd 5e-4, clip 0.1, lr 0.01 x0.9 every 5 epochs after 80.
-    config.optimizer = ml_collections.ConfigDict(
-        {
-            "name": "sgd",  # or 'adamw'
-            "learning_rate": 0.01,
-            "momentum": 0.9,
-            "weight_decay": 5e-4,
-            "grad_clip": 0.1,  # element-wise; <= 0 disables
-            "schedule": "step",  # 'step', 'cosine' or 'constant'
-            "decay_start_epoch": 80,
-            "decay_every_epochs": 5,
-            "decay_rate": 0.9,
-            "warmup_epochs": 0.0,
-        }
-    )
+    config.optimizer = optimizer_config()
     config.num_epochs = 300
     config.batch_size = 64  # global, over all devices
     config.eval_batch_size = 128

@@ -23,30 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.manual_dir = ""
     config.normalize = "unit"
     config.model = fer2013.model_config(choice["cbam"], choice["head"])
-    config.loss = ml_collections.ConfigDict(
-        {
-            "margin": 4,
-            "lambda_base": 1500.0,
-            "lambda_gamma": 0.1,
-            "lambda_power": 1.0,
-            "lambda_min": 5.0,
-        }
-    )
+    config.loss = fer2013.loss_config()
     # Fine-tuning: a small constant learning rate on ~170 training images per fold.
-    config.optimizer = ml_collections.ConfigDict(
-        {
-            "name": "sgd",
-            "learning_rate": 0.001,
-            "momentum": 0.9,
-            "weight_decay": 5e-4,
-            "grad_clip": 0.1,
-            "schedule": "constant",
-            "decay_start_epoch": 0,
-            "decay_every_epochs": 1,
-            "decay_rate": 1.0,
-            "warmup_epochs": 0.0,
-        }
-    )
+    config.optimizer = fer2013.optimizer_config(learning_rate=0.001, schedule="constant")
     config.num_epochs = 30
     config.batch_size = 16
     config.eval_batch_size = 64

@@ -213,7 +213,9 @@ def worker(args: argparse.Namespace) -> None:
     """Builds one contestant, then serves `train N` / `eval N` / `quit` lines on stdin."""
     t = time.perf_counter()
     contestant = (
-        TorchContestant(args) if args.worker == "torch" else JaxContestant(args.worker, args)
+        TorchContestant(args)
+        if args.worker == "torch"
+        else JaxContestant(args.worker.removeprefix("jax:"), args)
     )
     _send(
         {
@@ -294,10 +296,12 @@ class Worker:
                 self.proc.kill()
 
 
-def bench_batch(batch: int, args: argparse.Namespace, with_eval: bool) -> dict[str, Any]:
-    """All contestants at one training batch size: setup, then alternate timed rounds."""
+def bench_batch(
+    batch: int, args: argparse.Namespace, with_eval: bool, impls: list[str]
+) -> dict[str, Any]:
+    """Contestants `impls` (+ torch) at one training batch size: setup, then alternate rounds."""
     env = dict(os.environ)
-    names = [*(f"jax:{c}" for c in args.conv_impls), *(["torch"] if args.torch else [])]
+    names = [*(f"jax:{c}" for c in impls), *(["torch"] if args.torch else [])]
     results: dict[str, Any] = {}
     workers = []
     # Build one at a time: compiles and the warm-up step do not overlap (2 cores).
@@ -421,20 +425,31 @@ def _pipeline_in_process(data_dir: str, seconds: float) -> dict[str, Any]:
     }
 
 
+def _fastest(batch_results: dict[str, Any]) -> str:
+    """The conv impl spec of the fastest fer_jax contestant in one batch's results."""
+    jax_names = [n for n in batch_results if n.startswith("jax:")]
+    best = max(jax_names, key=lambda n: batch_results[n]["train_images_per_s"])
+    return best.removeprefix("jax:")
+
+
 def _f(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
 def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
-    names = [*(f"jax:{c}" for c in args.conv_impls), *(["torch"] if args.torch else [])]
-    jax_names = [n for n in names if n.startswith("jax")]
+    """The side-by-side table: one column per contestant, then each fer_jax / torch ratio."""
+    jax_names: list[str] = []
+    for r in res["batches"].values():
+        jax_names += [n for n in r if n.startswith("jax:") and n not in jax_names]
+    names = jax_names + (["torch"] if args.torch else [])
     gflop = TRAIN_GFLOP_PER_IMAGE * (args.width / 64) ** 2
     cols = [n.replace("jax:", "fer_jax ") for n in names]
     ratio_cols = [f"{n.replace('jax:', '')} / torch" for n in jax_names] if args.torch else []
     head = ["metric", *cols, *ratio_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def row(label: str, values: dict[str, float | None], spec: str, ratio: bool) -> None:
+    def row(label: str, r: dict[str, Any], get, spec: str, ratio: bool) -> None:
+        values = {n: get(r[n]) for n in names if n in r}
         cells = [_f(values.get(n), spec) for n in names]
         if args.torch:
             t = values.get("torch")
@@ -445,45 +460,45 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
 
     for i, batch in enumerate(args.batches):
         r = res["batches"][str(batch)]
+        row(f"train images/s, batch {batch}", r, lambda x: x["train_images_per_s"], ".2f", True)
         row(
-            f"train images/s, batch {batch}",
-            {n: r[n]["train_images_per_s"] for n in names},
-            ".2f",
-            True,
-        )
-        row(
-            f"  = GFLOP/s (x {gflop:.2f} GFLOP/image)",
-            {n: r[n]["train_images_per_s"] * gflop for n in names},
+            f"= GFLOP/s (x {gflop:.2f} GFLOP/image), batch {batch}",
+            r,
+            lambda x: x["train_images_per_s"] * gflop,
             ".0f",
             False,
         )
-        if i == 0 and "eval_crops_per_s" in r[names[0]]:
+        if any("eval_crops_per_s" in x for x in r.values()):
             row(
                 f"ten-crop eval crops/s ({args.eval_batch} images x 10 per batch)",
-                {n: r[n]["eval_crops_per_s"] for n in names},
+                r,
+                lambda x: x.get("eval_crops_per_s"),
                 ".1f",
                 True,
             )
         row(
             f"compile train step / torch first step (s), batch {batch}",
-            {n: r[n].get("compile_train_s", r[n].get("first_step_s")) for n in names},
+            r,
+            lambda x: x.get("compile_train_s", x.get("first_step_s")),
             ".1f",
             False,
         )
         if i == 0:
             row(
                 "compile eval step / torch first eval batch (s)",
-                {n: r[n].get("compile_eval_s", r[n].get("first_eval_s")) for n in names},
+                r,
+                lambda x: x.get("compile_eval_s", x.get("first_eval_s")),
                 ".1f",
                 False,
             )
         row(
             f"peak RSS of the worker (GiB), batch {batch}",
-            {n: r[n]["peak_rss_gib"] for n in names},
+            r,
+            lambda x: x["peak_rss_gib"],
             ".2f",
             False,
         )
-        row(f"first-step loss, batch {batch}", {n: r[n]["first_loss"] for n in names}, ".6f", False)
+        row(f"first-step loss, batch {batch}", r, lambda x: x["first_loss"], ".6f", False)
     p = res.get("pipeline") or {}
     if "train_images_per_s" in p:
         lines += [
@@ -499,7 +514,7 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--steps", type=int, default=2, help="train steps per timed round")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds (median)")
     ap.add_argument("--eval_batch", type=int, default=16, help="images (x10 crops) per batch")
@@ -509,6 +524,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["xla", "auto", "auto+eigen"],
         help="fer_jax contestants: IMPL or IMPL+eigen",
+    )
+    ap.add_argument(
+        "--large_batch_impls",
+        nargs="+",
+        help="fer_jax contestants at the batches after the first (default: the fastest at the "
+        "first batch; every contestant's worker is alive at once, so memory adds up)",
     )
     ap.add_argument("--no_torch", dest="torch", action="store_false")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -536,8 +557,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["pipeline"] = pipeline_throughput(args)
         print(f"pipeline: {res['pipeline']}", flush=True)
     for i, batch in enumerate(args.batches):
-        print(f"batch {batch}:", flush=True)
-        res["batches"][str(batch)] = bench_batch(batch, args, with_eval=i == 0)
+        impls = args.conv_impls
+        if i > 0:  # larger batches: fewer contestants (memory, time)
+            impls = args.large_batch_impls or [_fastest(res["batches"][str(args.batches[0])])]
+        print(f"batch {batch}: {impls}", flush=True)
+        res["batches"][str(batch)] = bench_batch(batch, args, with_eval=i == 0, impls=impls)
     res["loadavg_after"] = os.getloadavg()
     table = markdown(res, args)
     print("\n" + table)

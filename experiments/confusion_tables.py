@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> str:
             f"![table 4]({os.path.basename(png)})",
         ]
     parts.append(paper_tables.runs_section(records))
+    records[row.key]["config"] = paper_tables.resolved_config(
+        args.dataset, row.config_arg, paper_tables.overrides_from_args(args)
+    )
     data = {
         "dataset": args.dataset,
         "settings": paper_tables.overrides_from_args(args),

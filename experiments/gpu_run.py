@@ -311,30 +311,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _override(config, assignment: str) -> None:
-    key, sep, raw = assignment.partition("=")
-    if not sep:
-        raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE")
-    node, *path = key.split(".")
-    parent = config
-    for part in [node, *path][:-1]:
-        parent = parent[part]
-    last = [node, *path][-1]
-    if last not in parent:
-        raise KeyError(f"--set {assignment!r}: no config field {key}")
-    old = parent[last]
-    if isinstance(old, bool):
-        value: Any = raw.lower() in ("1", "true", "yes")
-    elif isinstance(old, int):
-        value = int(raw)
-    elif isinstance(old, float):
-        value = float(raw)
-    else:
-        value = raw
-    parent[last] = value
-
-
 def build_config(mods, args):
+    from experiments.paper_tables import set_config_field
+
     config = mods["config"].get_config(args.config_arg or None)
     config.num_epochs = args.epochs
     config.batch_size = args.batch_size
@@ -344,7 +323,7 @@ def build_config(mods, args):
     config.seed = args.seed
     config.cross_validate = False
     for assignment in args.set:
-        _override(config, assignment)
+        set_config_field(config, assignment)
     if config.normalize != "unit":
         raise ValueError("this script gathers crops as x / 255: config.normalize must be 'unit'")
     return config

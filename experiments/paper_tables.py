@@ -110,6 +110,48 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return out + list(args.override)
 
 
+# --- configs -------------------------------------------------------------------------------------
+
+
+def set_config_field(config, assignment: str) -> None:
+    """`config.a.b = value` from `'a.b=value'`, the value parsed as the field's current type.
+
+    KeyError for a field the config does not have (as `--config.a.b=...` of fer_jax.main).
+    """
+    key, sep, raw = assignment.partition("=")
+    if not sep:
+        raise ValueError(f"{assignment!r}: expected FIELD=VALUE")
+    *parents, last = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    if last not in node:
+        raise KeyError(f"{assignment!r}: no config field {key}")
+    old = node[last]
+    if isinstance(old, bool):
+        value: Any = raw.lower() in ("1", "true", "yes")
+    elif isinstance(old, int):
+        value = int(raw)
+    elif isinstance(old, float):
+        value = float(raw)
+    else:
+        value = raw
+    node[last] = value
+
+
+def resolved_config(dataset: str, config_arg: str, overrides: Sequence[str]) -> dict[str, Any]:
+    """The config a run trains with: the config file's `get_config(arg)` plus the `--config.*`
+    overrides (other flags are not config fields)."""
+    import importlib
+
+    module = importlib.import_module(CONFIG_FILES[dataset].removesuffix(".py").replace("/", "."))
+    config = module.get_config(config_arg)
+    for flag in overrides:
+        if flag.startswith("--config."):
+            set_config_field(config, flag[len("--config.") :])
+    return config.to_dict()
+
+
 # --- runs ----------------------------------------------------------------------------------------
 
 
@@ -409,7 +451,8 @@ def accuracy_report(name: str, title: str, rows: Sequence[Row], args: argparse.N
             "Accuracy (%). FER2013: PrivateTest accuracy of the checkpoint with the best "
             "PublicTest accuracy (`results.json`). JAFFE: mean ± std over the 5 folds of the "
             "model fine-tuned from that FER2013 model (`cross_validation/summary.json`). "
-            f"Settings: {'`' + ' '.join(settings) + '`' if settings else 'the full defaults'}.",
+            f"Settings: {'`' + ' '.join(settings) + '`' if settings else 'the full defaults'} "
+            f"(each run's whole config: `{name}.json`, runs.<row>.config).",
             accuracy_table(rows, figures, args.dataset),
             f"![accuracy]({os.path.basename(bars)})",
             "## Training curves (FER2013 run; from TensorBoard)\n\n"
@@ -418,6 +461,8 @@ def accuracy_report(name: str, title: str, rows: Sequence[Row], args: argparse.N
         )
         if part
     )
+    for key, run in runs.items():
+        records[key]["config"] = resolved_config(args.dataset, run.row.config_arg, settings)
     data = {
         "table": name,
         "dataset": args.dataset,

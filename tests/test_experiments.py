@@ -156,6 +156,13 @@ def test_table_scripts_collect_a_fabricated_results_folder(tmp_path):
     data = json.load(open(tmp_path / "t1" / "table1.json"))
     assert data["paper"]["cbam_softmax"] == {"fer2013": 73.1, "jaffe": 98.4}
     assert data["provenance"]["git"]["commit"]
+    config = data["runs"]["cbam_softmax"]["config"]
+    assert (config["model"]["width"], config["num_epochs"], config["jaffe"]["num_epochs"]) == (
+        8,
+        2,
+        1,
+    )
+    assert (config["model"]["cbam"], config["model"]["head"]) == ("channel_first", "softmax")
     assert "Table 3" in md3 and "Table 4" in md3 and "pooled over 5 folds" in md3
     for name in ("table3_confusion.png", "table4_confusion.png"):
         assert os.path.getsize(tmp_path / "cm" / name) > 1000
@@ -287,7 +294,7 @@ def test_gpu_run_config_overrides_and_summary_markdown():
 
 
 def test_benchmark_markdown_puts_the_contestants_side_by_side():
-    args = benchmark.parse_args(["--batches", "64", "--conv_impls", "xla", "auto"])
+    args = benchmark.parse_args(["--batches", "64", "128", "--conv_impls", "xla", "auto"])
     res = {
         "batches": {
             "64": {
@@ -315,11 +322,27 @@ def test_benchmark_markdown_puts_the_contestants_side_by_side():
                     "peak_rss_gib": 2.0,
                     "first_loss": 2.1,
                 },
-            }
+            },
+            "128": {  # larger batch: only the fastest fer_jax impl and torch
+                "jax:auto": {
+                    "train_images_per_s": 24.0,
+                    "compile_train_s": 60.0,
+                    "peak_rss_gib": 6.0,
+                    "first_loss": 2.0,
+                },
+                "torch": {
+                    "train_images_per_s": 16.0,
+                    "first_step_s": 9.0,
+                    "peak_rss_gib": 3.0,
+                    "first_loss": 2.1,
+                },
+            },
         },
         "pipeline": {"train_images_per_s": 25000.0, "eval_crops_per_s": 90000.0, "source": "x"},
     }
     md = benchmark.markdown(res, args)
     assert "| metric | fer_jax xla | fer_jax auto | torch | xla / torch | auto / torch |" in md
     assert "| train images/s, batch 64 | 5.00 | 20.00 | 16.00 | **0.31x** | **1.25x** |" in md
+    assert "| train images/s, batch 128 | - | 24.00 | 16.00 |  | **1.50x** |" in md
     assert "ten-crop eval crops/s" in md and "25,000 images/s" in md
+    assert benchmark._fastest(res["batches"]["64"]) == "auto"
