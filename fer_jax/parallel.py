@@ -58,7 +58,12 @@ class DataParallel:
         if self.mode == "pmap":
             return jax.pmap(fn, axis_name=AXIS, devices=self.devices, donate_argnums=donate)
         out_specs = tuple(P() for _ in range(replicated_out)) if replicated_out > 1 else P()
-        mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs)
+        # check_vma=False: gradients of the replicated parameters come out per device, as under
+        # pmap, and the step averages them with pmean. (With varying-axis checking, shard_map's
+        # autodiff would already psum them, and the explicit pmean would then leave the sum.)
+        mapped = jax.shard_map(
+            fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs, check_vma=False
+        )
         return jax.jit(mapped, donate_argnums=donate)
 
     def replicate(self, tree: Any) -> Any:
