@@ -1,6 +1,6 @@
 """fer_jax vs the PyTorch reference, side by side on this machine: training and ten-crop eval.
 
-    python -m experiments.benchmark                       # full width (64), batches 64 and 256
+    python -m experiments.benchmark                       # full width (64), batches 64 and 128
     python -m experiments.benchmark --width 16 --batches 64 --steps 2 --reps 2   # quick look
 
 Each contestant runs in its own worker process (so that its peak memory, `ru_maxrss`, is its
@@ -13,10 +13,10 @@ evaluation batches. Contestants:
   its `a_softmax_loss`, `torch.optim.SGD(0.01, momentum 0.9, weight decay 5e-4)` after
   element-wise gradient clipping to 0.1 (the reference recipe), eager, NCHW,
   `torch.set_num_threads(--threads)`.
-- `jax:IMPL`: `fer_jax.train.train_step` / `eval_step` of `configs/fer2013.py`, jitted as the
-  Trainer does (one device), with `config.model.conv_impl=IMPL` (`xla`, `matmul_grad`, `auto`).
+- `jax:IMPL`: `fer_jax.train.train_step` / `eval_step` of `configs/fer2013.py`, jitted with
+  `config.model.conv_impl=IMPL` (`xla`, `matmul_grad`, `auto`) and no compiler options.
   `jax:IMPL+eigen` also passes `compiler_options=fer_jax.conv.cpu_compiler_options()` (XLA:CPU
-  convolutions by Eigen instead of YNNPACK), which the Trainer does not do (yet).
+  convolutions by Eigen instead of YNNPACK): `auto+eigen` is what the Trainer runs on CPU.
 
 Also: compile time (JAX: lower + compile of each step; PyTorch: its first, warm-up step), the
 first step's loss of every JAX contestant from the same initial state and batch (the impls must

@@ -25,6 +25,18 @@ import os
 from experiments import paper_tables, provenance
 
 
+def _matrix_part(
+    results_dir: str, number: int, metrics: dict, title: str, plot_title: str
+) -> list[str]:
+    """Markdown of one confusion table plus its heat map, written as table<N>_confusion.png."""
+    png = os.path.join(results_dir, f"table{number}_confusion.png")
+    paper_tables.plot_confusion(metrics, png, plot_title)
+    return [
+        paper_tables.confusion_table(metrics, title),
+        f"![table {number}]({os.path.basename(png)})",
+    ]
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     paper_tables.add_run_flags(ap)
@@ -48,16 +60,14 @@ def main(argv: list[str] | None = None) -> str:
         parts.append(f"Table 3 ({fer_label}): no results.json in {runs[row.key].workdir}.")
     else:
         metrics = res[res["report_split"]]
-        matrices["table3"] = metrics
-        title = f"Table 3: {fer_label} (epoch {res.get('selected_epoch')})"
-        png = os.path.join(results_dir, "table3_confusion.png")
-        paper_tables.plot_confusion(
-            metrics, png, f"Table 3: {fer_label.split(',')[0]}\n{100 * metrics['accuracy']:.2f}%"
+        parts += _matrix_part(
+            results_dir,
+            3,
+            metrics,
+            f"Table 3: {fer_label} (epoch {res.get('selected_epoch')})",
+            f"Table 3: {fer_label.split(',')[0]}\n{100 * metrics['accuracy']:.2f}%",
         )
-        parts += [
-            paper_tables.confusion_table(metrics, title),
-            f"![table 3]({os.path.basename(png)})",
-        ]
+        matrices["table3"] = metrics
     cv = fig["cv"]
     if cv is None:
         parts.append(
@@ -66,19 +76,16 @@ def main(argv: list[str] | None = None) -> str:
         )
     else:
         metrics = cv["pooled"]
-        matrices["table4"] = metrics
-        title = (
+        parts += _matrix_part(
+            results_dir,
+            4,
+            metrics,
             f"Table 4: {cv_label}, pooled over {cv['folds']} folds ({cv['protocol']} protocol; "
-            f"mean fold accuracy {100 * cv['mean_accuracy']:.2f} ± {100 * cv['std_accuracy']:.2f}%)"
+            f"mean fold accuracy {100 * cv['mean_accuracy']:.2f} "
+            f"± {100 * cv['std_accuracy']:.2f}%)",
+            f"Table 4: {cv_label}\n{100 * metrics['accuracy']:.2f}% pooled",
         )
-        png = os.path.join(results_dir, "table4_confusion.png")
-        paper_tables.plot_confusion(
-            metrics, png, f"Table 4: {cv_label}\n{100 * metrics['accuracy']:.2f}% pooled"
-        )
-        parts += [
-            paper_tables.confusion_table(metrics, title),
-            f"![table 4]({os.path.basename(png)})",
-        ]
+        matrices["table4"] = metrics
     parts.append(paper_tables.runs_section(records))
     records[row.key]["config"] = paper_tables.resolved_config(
         args.dataset, row.config_arg, paper_tables.overrides_from_args(args)

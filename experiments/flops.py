@@ -94,10 +94,10 @@ def model_flops_per_image(model_config, crop: int = 44) -> dict[str, float]:
     return {"forward": fwd, "train": TRAIN_FACTOR * fwd}
 
 
-def compiled_flops(compiled) -> float | None:
-    """`flops` of XLA's cost analysis of a `jax.stages.Compiled` (None if unavailable)."""
+def _analysis_flops(stage) -> float | None:
+    """`flops` of `stage.cost_analysis()` (a Lowered or Compiled), None where unavailable."""
     try:
-        analysis = compiled.cost_analysis()
+        analysis = stage.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement it
         return None
     if isinstance(analysis, list | tuple):
@@ -107,17 +107,18 @@ def compiled_flops(compiled) -> float | None:
     return float(analysis["flops"])
 
 
+def compiled_flops(compiled) -> float | None:
+    """`flops` of XLA's cost analysis of a `jax.stages.Compiled` (None if unavailable)."""
+    return _analysis_flops(compiled)
+
+
 def lowered_flops(fn: Callable, *args) -> float | None:
     """XLA's cost-analysis FLOPs of `jax.jit(fn)` on `args` without a backend compile."""
     try:
-        analysis = jax.jit(fn).lower(*args).cost_analysis()
+        lowered = jax.jit(fn).lower(*args)
     except Exception:  # noqa: BLE001
         return None
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0] if analysis else None
-    if not analysis or "flops" not in analysis:
-        return None
-    return float(analysis["flops"])
+    return _analysis_flops(lowered)
 
 
 def main() -> None:

@@ -543,6 +543,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "train_accuracy": float(np.mean(cat["accuracy"])),
                 "learning_rate": float(cat["learning_rate"][-1]),
                 "lambda": float(cat["lambda"][-1]),
+                "feature_norm": float(np.mean(cat["feature_norm"])),
                 "train_s": epoch_train_s,
             }
             if (not stopped and (epoch + 1) % args.eval_every == 0) or (stopped and epoch_metrics):
@@ -558,7 +559,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"epoch {epoch + 1}/{config.num_epochs} steps {steps_done} loss "
                 f"{row['train_loss']:.4f} acc {row['train_accuracy']:.4f} lr "
-                f"{row['learning_rate']:.5f} lambda {row['lambda']:.1f}"
+                f"{row['learning_rate']:.5f} lambda {row['lambda']:.1f} |x| "
+                f"{row['feature_norm']:.3g}"
                 + (
                     f" | public {row['public_accuracy']:.4f} private "
                     + (f"{row['private_accuracy']:.4f}" if "private_accuracy" in row else "-")

@@ -59,6 +59,10 @@ TABLE2 = (
 # Tables 3 and 4 are the confusion matrices of the paper's best model (CBAM channel-first +
 # A-Softmax) on FER2013 PrivateTest and on JAFFE (5-fold CV).
 BEST = TABLE1[2]
+TABLES = {  # script name -> (title, rows)
+    "table1": ("Table 1: CBAM and A-Softmax ablation", TABLE1),
+    "table2": ("Table 2: CBAM ordering (A-Softmax head)", TABLE2),
+}
 
 CONFIG_FILES = {"fer2013": "configs/fer2013.py", "synthetic": "configs/synthetic.py"}
 
@@ -430,6 +434,14 @@ def curves_section(runs: dict[str, Run], results_dir: str, prefix: str = "curves
             continue
         lines.append(f"- {run.row.label}: ![{key}]({os.path.basename(path)})")
     return "\n".join(lines)
+
+
+def table_main(name: str, doc: str, argv: list[str] | None = None) -> str:
+    """Command line of an accuracy table script (`TABLES[name]`); returns the .md path."""
+    title, rows = TABLES[name]
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    add_run_flags(ap)
+    return accuracy_report(name, title, rows, ap.parse_args(argv))
 
 
 def accuracy_report(name: str, title: str, rows: Sequence[Row], args: argparse.Namespace) -> str:

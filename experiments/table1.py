@@ -17,18 +17,11 @@ table1_<dataset>/table1.{md,json}, table1_accuracy.png and the training curves o
 
 from __future__ import annotations
 
-import argparse
-
 from experiments import paper_tables
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    paper_tables.add_run_flags(ap)
-    args = ap.parse_args(argv)
-    return paper_tables.accuracy_report(
-        "table1", "Table 1: CBAM and A-Softmax ablation", paper_tables.TABLE1, args
-    )
+    return paper_tables.table_main("table1", __doc__, argv)
 
 
 if __name__ == "__main__":

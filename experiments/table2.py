@@ -17,18 +17,11 @@ experiments/results/table2_<dataset>/.
 
 from __future__ import annotations
 
-import argparse
-
 from experiments import paper_tables
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    paper_tables.add_run_flags(ap)
-    args = ap.parse_args(argv)
-    return paper_tables.accuracy_report(
-        "table2", "Table 2: CBAM ordering (A-Softmax head)", paper_tables.TABLE2, args
-    )
+    return paper_tables.table_main("table2", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ PANELS = (
     ("accuracy", ("train_accuracy", "public_test_accuracy")),
     ("learning rate", ("train_learning_rate",)),
     ("A-Softmax lambda (a_softmax head only)", ("train_lambda",)),
+    ("feature norm |x| (classifier input)", ("train_feature_norm",)),
 )
 
 

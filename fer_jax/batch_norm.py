@@ -3,15 +3,68 @@
 Flax's `nn.BatchNorm` folds the *biased* batch variance into `batch_stats.var`; PyTorch folds
 the *unbiased* one (n / (n - 1)). Converted checkpoints and side-by-side training only agree
 with the PyTorch reference if we do the same, so this module reimplements the layer.
+
+Speed on CPU: XLA:CPU rewrites a large reduction (here over B*H*W = 123,904 rows) into a tree of
+`reduce-window` ops that it runs slowly: they were ~1/3 of a CBAM-ResNet18 train step's time.
+With `reduce_impl="matmul"` (what "auto" picks on CPU) the per-channel sums are matrix-vector
+products `ones (N,) @ x (N, C)`, and the broadcasts of per-channel vectors, whose gradients are
+such sums, have custom VJPs that use them too; train step 9.7 -> 12.8 images/s (2-core x86,
+batch 64). Elsewhere ("xla") XLA's own reductions are fast and fuse with their producers.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+REDUCE_IMPLS = ("xla", "matmul", "auto")
+
+
+def select_reduce_impl(impl: str, backend: str | None = None) -> str:
+    """'auto' -> 'matmul' on CPU, 'xla' elsewhere; other values are checked and returned."""
+    if impl not in REDUCE_IMPLS:
+        raise ValueError(f"BatchNorm reduce_impl must be one of {REDUCE_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    return "matmul" if (backend or jax.default_backend()) == "cpu" else "xla"
+
+
+@jax.custom_vjp
+def sum_rows(x: jax.Array) -> jax.Array:
+    """`(N, C)` -> `(C,)` column sums as a matrix-vector product (gradient: a broadcast)."""
+    return jnp.ones((x.shape[0],), x.dtype) @ x
+
+
+def _sum_rows_fwd(x):
+    return sum_rows(x), x.shape[0]
+
+
+def _sum_rows_bwd(rows, g):
+    return (jnp.broadcast_to(g[None, :], (rows, g.shape[0])),)
+
+
+sum_rows.defvjp(_sum_rows_fwd, _sum_rows_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def broadcast_rows(v: jax.Array, rows: int) -> jax.Array:
+    """`(C,)` -> `(rows, C)`, whose gradient is `sum_rows` (not an XLA reduction)."""
+    return jnp.broadcast_to(v[None, :], (rows, v.shape[0]))
+
+
+def _broadcast_rows_fwd(v, rows):
+    return broadcast_rows(v, rows), None
+
+
+def _broadcast_rows_bwd(rows, _, g):
+    return (sum_rows(g),)
+
+
+broadcast_rows.defvjp(_broadcast_rows_fwd, _broadcast_rows_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -25,6 +78,8 @@ class BatchNorm(nn.Module):
       axis_name: if set, batch statistics are averaged over this mapped axis
         (cross-device BatchNorm under pmap / shard_map).
       dtype: output dtype; statistics are always computed in float32.
+      reduce_impl: 'xla' (jnp reductions), 'matmul' (`sum_rows` / `broadcast_rows`) or 'auto'
+        (matmul on CPU); equal to float32 rounding.
     """
 
     use_running_average: bool
@@ -32,6 +87,7 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-5
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    reduce_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -41,18 +97,24 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
 
-        xf = x.astype(jnp.float32)
+        if select_reduce_impl(self.reduce_impl) == "matmul":
+            rows = x.size // features
+            col_mean = lambda v: sum_rows(v) / rows  # noqa: E731
+            expand = lambda v: broadcast_rows(v, rows)  # noqa: E731
+            xf = x.astype(jnp.float32).reshape(rows, features)
+        else:
+            axes = tuple(range(x.ndim - 1))
+            col_mean = lambda v: jnp.mean(v, axes)  # noqa: E731
+            expand = lambda v: v  # noqa: E731  (numpy broadcasting)
+            xf = x.astype(jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            axes = tuple(range(x.ndim - 1))
-            count = 1
-            for d in x.shape[:-1]:
-                count *= d
-            mean = jnp.mean(xf, axes)
+            count = x.size // features
+            mean = col_mean(xf)
             if self.axis_name is not None:
                 mean = jax.lax.pmean(mean, self.axis_name)
-            var = jnp.mean(jnp.square(xf - mean), axes)
+            var = col_mean(jnp.square(xf - expand(mean)))
             if self.axis_name is not None:
                 var = jax.lax.pmean(var, self.axis_name)
                 count = count * jax.lax.psum(1, self.axis_name)
@@ -62,5 +124,6 @@ class BatchNorm(nn.Module):
                 ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
                 ra_var.value = m * ra_var.value + (1.0 - m) * unbiased
 
-        y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-        return y.astype(self.dtype)
+        a = jax.lax.rsqrt(var + self.epsilon) * scale
+        y = (xf - expand(mean)) * expand(a) + expand(bias)
+        return y.reshape(x.shape).astype(self.dtype)

@@ -10,7 +10,8 @@ the forward. Two remedies, usable together:
   chunked over a few images at a time. ``impl="auto"`` (:func:`select_impl`) uses it where it
   measured faster (CPU, large maps and 1x1 kernels) and plain XLA elsewhere and on GPU/TPU.
 - ``jax.jit(step, compiler_options=cpu_compiler_options())``: XLA:CPU convolutions by Eigen
-  instead of YNNPACK (all shapes, forward and both gradients).
+  instead of YNNPACK (all shapes, forward and both gradients); the Trainer's steps and the
+  recognizer compile with it.
 
 All impls agree to float32 rounding. Padding is symmetric and explicit, ``((p, p), (p, p))``,
 matching PyTorch ``F.conv2d(stride=s, padding=p)`` (also at stride 2 on even sizes, where XLA's
@@ -19,6 +20,8 @@ matching PyTorch ``F.conv2d(stride=s, padding=p)`` (also at stride 2 on even siz
 
 from __future__ import annotations
 
+import functools
+import logging
 from functools import partial
 
 import jax
@@ -41,18 +44,40 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 AUTO_MIN_OUTPUT_PIXELS = 22 * 22
 
 
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+}
+
+
 def cpu_compiler_options(backend: str | None = None) -> dict[str, str]:
     """``jax.jit(..., compiler_options=...)`` that route XLA:CPU convolutions to Eigen.
 
     jax 0.10's XLA:CPU runs f32 convolutions through YNNPACK by default, whose weight-gradient
     convolution at 44x44 is 3-4x slower than Eigen's (and its forward ~10-40% slower on a 2-core
     x86). This keeps YNNPACK for dots only; same as ``XLA_FLAGS=
-    --xla_cpu_experimental_ynn_fusion_type=individual_dot``. Empty (no-op) off CPU.
+    --xla_cpu_experimental_ynn_fusion_type=individual_dot``. The training and evaluation steps
+    (``fer_jax.parallel``) and the recognizer compile with it. Empty (no-op) off CPU, and where
+    this XLA does not know the (experimental) option: it is probed once with a tiny compile.
     """
     backend = jax.default_backend() if backend is None else backend
-    if backend != "cpu":
+    if backend != "cpu" or not _cpu_options_supported():
         return {}
-    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+@functools.cache
+def _cpu_options_supported() -> bool:
+    try:
+        x = jax.device_put(jnp.zeros(()), jax.local_devices(backend="cpu")[0])
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(x).compile()
+    except Exception as e:  # noqa: BLE001 - any rejection means: compile without it
+        logging.getLogger(__name__).warning(
+            "XLA:CPU does not accept %s (%s); convolutions stay with its default library",
+            CPU_COMPILER_OPTIONS,
+            e,
+        )
+        return False
+    return True
 
 
 def output_size(size: int, k: int, stride: int, padding: int) -> int:

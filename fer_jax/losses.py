@@ -128,12 +128,15 @@ def a_softmax_loss(
 
 
 def sphereface_lambda(
-    step: jax.Array | int,
+    t: jax.Array | float,
     base: float = 1500.0,
     gamma: float = 0.1,
     power: float = 1.0,
     lam_min: float = 5.0,
 ) -> jax.Array:
-    """Annealed A-Softmax weight `max(lam_min, base * (1 + gamma * step) ** -power)`."""
-    step = jnp.asarray(step, jnp.float32)
-    return jnp.maximum(lam_min, base * (1.0 + gamma * step) ** (-power))
+    """Annealed A-Softmax weight `max(lam_min, base * (1 + gamma * t) ** -power)`.
+
+    `t` is the annealing clock: optimizer steps in SphereFace (see `train.lambda_schedule`).
+    """
+    t = jnp.asarray(t, jnp.float32)
+    return jnp.maximum(lam_min, base * (1.0 + gamma * t) ** (-power))

@@ -23,6 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fer_jax import conv
+
 AXIS = "data"
 MODES = ("shard_map", "pmap")
 
@@ -53,8 +55,10 @@ class DataParallel:
         """
         donate = (0,) if donate_state else ()
         fn = functools.partial(step, axis_name=self.axis_name)
+        # On CPU: Eigen convolutions (fer_jax.conv.cpu_compiler_options); jax.pmap takes none.
+        options = conv.cpu_compiler_options(self.devices[0].platform)
         if self.num_devices == 1:
-            return jax.jit(fn, donate_argnums=donate)
+            return jax.jit(fn, donate_argnums=donate, compiler_options=options)
         if self.mode == "pmap":
             return jax.pmap(fn, axis_name=AXIS, devices=self.devices, donate_argnums=donate)
         out_specs = tuple(P() for _ in range(replicated_out)) if replicated_out > 1 else P()
@@ -64,7 +68,7 @@ class DataParallel:
         mapped = jax.shard_map(
             fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs, check_vma=False
         )
-        return jax.jit(mapped, donate_argnums=donate)
+        return jax.jit(mapped, donate_argnums=donate, compiler_options=options)
 
     def replicate(self, tree: Any) -> Any:
         """Host or device pytree -> a fresh copy in the layout compiled steps take.

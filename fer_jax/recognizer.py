@@ -36,6 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from data_pipelines.crops import CROP_SIZE, NUM_CROPS, five_crop_offsets
 from data_pipelines.faces import DEFAULT_MARGIN, crop_face, detect_faces
 from data_pipelines.labels import CLASS_NAMES
+from fer_jax import conv
 from fer_jax.resnet import BLOCKS_PER_STAGE, STAGE_STRIDES, ResNet18
 
 FACE_SIZE = 48
@@ -333,8 +334,13 @@ class Recognizer:
         self.margin = margin
         self.max_side = max_side
         self.min_face = min_face
-        self._probabilities = jax.jit(functools.partial(ten_crop_probabilities, model))
-        self._attention = jax.jit(functools.partial(centre_crop_attention, model))
+        options = conv.cpu_compiler_options()  # Eigen convolutions on CPU
+        self._probabilities = jax.jit(
+            functools.partial(ten_crop_probabilities, model), compiler_options=options
+        )
+        self._attention = jax.jit(
+            functools.partial(centre_crop_attention, model), compiler_options=options
+        )
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> Recognizer:

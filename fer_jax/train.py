@@ -46,6 +46,8 @@ class TrainState:
     apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     schedule: Callable[[jax.Array], jax.Array] = flax.struct.field(pytree_node=False)
+    # A-Softmax's lambda as a function of `step` (`lambda_schedule`).
+    lambda_schedule: Callable[[jax.Array], jax.Array] = flax.struct.field(pytree_node=False)
 
 
 def create_model(config: ml_collections.ConfigDict, *, axis_name: str | None = None) -> ResNet18:
@@ -79,14 +81,36 @@ def create_train_state(
         apply_fn=model.apply,
         tx=tx,
         schedule=schedule,
+        lambda_schedule=lambda_schedule(config.loss, steps_per_epoch),
     )
 
 
-def _lambda(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
-    c = config.loss
-    return losses.sphereface_lambda(
-        step, c.lambda_base, c.lambda_gamma, c.lambda_power, c.lambda_min
-    )
+LAMBDA_UNITS = ("step", "epoch")
+
+
+def lambda_schedule(
+    loss_config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> Callable[[jax.Array], jax.Array]:
+    """A-Softmax's annealed lambda as a function of the global step (config: `loss` section).
+
+    `max(lambda_min, lambda_base * (1 + lambda_gamma * t) ** -lambda_power)` (SphereFace), with
+    t counted in optimizer steps (`lambda_per='step'`, as SphereFace and its PyTorch port) or in
+    epochs (`'epoch'`, t = step / steps_per_epoch, fractional).
+    """
+    c = loss_config
+    if c.lambda_per not in LAMBDA_UNITS:
+        raise ValueError(
+            f"config.loss.lambda_per must be one of {LAMBDA_UNITS}, got {c.lambda_per!r}"
+        )
+    per = 1.0 if c.lambda_per == "step" else 1.0 / steps_per_epoch
+
+    def schedule(step: jax.Array) -> jax.Array:
+        t = jnp.asarray(step, jnp.float32) * per
+        return losses.sphereface_lambda(
+            t, c.lambda_base, c.lambda_gamma, c.lambda_power, c.lambda_min
+        )
+
+    return schedule
 
 
 def train_step(
@@ -105,7 +129,7 @@ def train_step(
     if axis_name is not None:
         dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
     labels = batch["label"]
-    lam = _lambda(config, state.step)
+    lam = state.lambda_schedule(state.step)
 
     def loss_fn(params):
         (logits, features), mutated = state.apply_fn(
@@ -122,12 +146,17 @@ def train_step(
             )
         else:
             loss = losses.softmax_cross_entropy(logits, labels)
-        return loss, (logits, mutated["batch_stats"])
+        return loss, (logits, features, mutated["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, features, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        # Mean |x| of the classifier's input: A-Softmax's failure mode is driving it to 0
+        # (logits -> 0, loss -> log K, the final ReLUs dead), which this makes visible.
+        "feature_norm": jnp.mean(losses.feature_norm(features.astype(jnp.float32))),
     }
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)

@@ -216,3 +216,14 @@ def test_bad_arguments():
         conv.conv2d(x, kern[:, :, :2])
     with pytest.raises(ValueError, match="larger than"):
         conv.conv2d(x[:, :2, :2], kern, padding=0)
+
+
+def test_unknown_cpu_compiler_option_falls_back_to_none(monkeypatch, caplog):
+    # A later XLA may drop the experimental option: compile without it, and say so.
+    monkeypatch.setattr(conv, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    conv._cpu_options_supported.cache_clear()
+    try:
+        assert conv.cpu_compiler_options("cpu") == {}
+        assert "xla_cpu_no_such_option" in caplog.text
+    finally:
+        conv._cpu_options_supported.cache_clear()

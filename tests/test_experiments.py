@@ -1,4 +1,4 @@
-"""experiments/: table, curve, benchmark and GPU-run helpers on fabricated inputs (no training)."""
+"""experiments/: tables, curves, benchmark and GPU-run helpers on fabricated inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import os
 import numpy as np
 import pytest
 
-from experiments import benchmark, flops, gpu_run, paper_tables, provenance, tb_curves
+from experiments import (
+    asoftmax_collapse,
+    benchmark,
+    flops,
+    gpu_run,
+    paper_tables,
+    provenance,
+    tb_curves,
+)
 from fer_jax import evaluate
 
 RNG = np.random.default_rng(0)
@@ -346,3 +354,37 @@ def test_benchmark_markdown_puts_the_contestants_side_by_side():
     assert "| train images/s, batch 128 | - | 24.00 | 16.00 |  | **1.50x** |" in md
     assert "ten-crop eval crops/s" in md and "25,000 images/s" in md
     assert benchmark._fastest(res["batches"]["64"]) == "auto"
+
+
+def test_asoftmax_collapse_runs_variants_from_a_fer2013_csv(tmp_path):
+    from data_pipelines import synthetic
+
+    rows = synthetic.fer2013_rows((40, 2, 2), seed=1)
+    csv = synthetic.write_fer2013(
+        tmp_path, synthetic.fer2013_csv_text(rows["images"], rows["labels"], rows["usages"])
+    )
+    md = asoftmax_collapse.main(
+        [
+            f"--csv={csv}",
+            "--width=8",
+            "--batch_size=16",
+            "--steps=2",
+            "--log_every=1",
+            "--variant=soft=model.head=softmax,model.dropout_rate=0.0",
+            "--variant=l5=loss.lambda_base=5,loss.lambda_gamma=0",
+            f"--out={tmp_path}",
+        ]
+    )
+    data = json.load(open(os.path.join(os.path.dirname(md), "asoftmax_collapse.json")))
+    assert list(data["variants"]) == ["soft", "l5"]
+    for res in data["variants"].values():
+        assert [r["step"] for r in res["log"]] == [1, 2]
+        assert all(r["feature_norm"] > 0 and np.isfinite(r["loss"]) for r in res["log"])
+    assert data["variants"]["l5"]["log"][0]["lambda"] == 5.0
+    assert "| l5 | `loss.lambda_base=5,loss.lambda_gamma=0` |" in open(md).read()
+
+
+def test_asoftmax_collapse_variant_spec_errors_name_the_spec():
+    assert asoftmax_collapse.parse_variant("a=x.y=1,z=2") == ("a", ["x.y=1", "z=2"])
+    with pytest.raises(ValueError, match="'nospec'"):
+        asoftmax_collapse.parse_variant("nospec")

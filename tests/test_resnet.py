@@ -102,3 +102,14 @@ def test_cbam_max_pooling_gradient_reaches_exactly_one_argmax_under_jit():
     ):
         g = np.asarray(fn(x))
         np.testing.assert_allclose(g, [[0, 1.1, 0, 0], [1.1, 0, 0, 0]], rtol=1e-6)
+
+
+def test_angle_linear_kernel_starts_with_unit_columns_like_the_reference():
+    # The raw kernel's scale sets the classifier's effective learning rate (lr / |w|^2), so it
+    # must start at the reference's unit columns, not at uniform(-1, 1)'s |w| ~ sqrt(D / 3).
+    model = ResNet18(width=8, head="a_softmax")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 44, 44, 1)), train=False)
+    kernel = np.asarray(variables["params"]["linear"]["kernel"])
+    assert kernel.shape == (64, 7)
+    np.testing.assert_allclose(np.linalg.norm(kernel, axis=0), 1.0, rtol=1e-6)
+    assert (kernel > 0).any() and (kernel < 0).any()

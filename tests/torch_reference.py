@@ -130,7 +130,8 @@ def a_softmax_loss(x, w, labels, m: int, lam: float):
 class AngleLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features).uniform_(-1, 1))
+        w = torch.empty(in_features, out_features).uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+        self.weight = nn.Parameter(w)
 
     def forward(self, x):
         cos, xlen = cosine(x, self.weight)
