@@ -94,8 +94,9 @@ def model_flops_per_image(model_config, crop: int = 44) -> dict[str, float]:
     return {"forward": fwd, "train": TRAIN_FACTOR * fwd}
 
 
-def _analysis_flops(stage) -> float | None:
-    """`flops` of `stage.cost_analysis()` (a Lowered or Compiled), None where unavailable."""
+def compiled_flops(stage) -> float | None:
+    """`flops` of XLA's cost analysis of a `jax.stages.Compiled` or `Lowered` (None if
+    unavailable)."""
     try:
         analysis = stage.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement it
@@ -107,18 +108,13 @@ def _analysis_flops(stage) -> float | None:
     return float(analysis["flops"])
 
 
-def compiled_flops(compiled) -> float | None:
-    """`flops` of XLA's cost analysis of a `jax.stages.Compiled` (None if unavailable)."""
-    return _analysis_flops(compiled)
-
-
 def lowered_flops(fn: Callable, *args) -> float | None:
     """XLA's cost-analysis FLOPs of `jax.jit(fn)` on `args` without a backend compile."""
     try:
         lowered = jax.jit(fn).lower(*args)
     except Exception:  # noqa: BLE001
         return None
-    return _analysis_flops(lowered)
+    return compiled_flops(lowered)
 
 
 def main() -> None:

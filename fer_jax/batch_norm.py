@@ -108,8 +108,9 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
 
         xf = x.astype(jnp.float32)
+        count = x.size // features  # rows per channel on this device
         if select_reduce_impl(self.reduce_impl) == "matmul":
-            col_mean = lambda v: sum_leading(v) / (x.size // features)  # noqa: E731
+            col_mean = lambda v: sum_leading(v) / count  # noqa: E731
             expand = lambda v: broadcast_leading(v, x.shape)  # noqa: E731
         else:
             axes = tuple(range(x.ndim - 1))
@@ -118,7 +119,6 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            count = x.size // features
             mean = col_mean(xf)
             if self.axis_name is not None:
                 mean = jax.lax.pmean(mean, self.axis_name)
