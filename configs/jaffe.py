@@ -11,27 +11,21 @@ FER2013 run's (override them the same way, e.g. `--config.model.head=softmax`).
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    from configs import fer2013
-
-    choice = fer2013.parse_arg(arg)
+    choice = common.parse_arg(arg)
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    common.run_fields(config)
     config.dataset = "jaffe"
-    config.data_dir = ""
-    config.manual_dir = ""
-    config.normalize = "unit"
-    config.model = fer2013.model_config(choice["cbam"], choice["head"])
-    config.loss = fer2013.loss_config()
+    config.model = common.model_config(choice["cbam"], choice["head"])
+    config.loss = common.loss_config()
     # Fine-tuning: a small constant learning rate on ~170 training images per fold.
-    config.optimizer = fer2013.optimizer_config(learning_rate=0.001, schedule="constant")
+    config.optimizer = common.optimizer_config(learning_rate=0.001, schedule="constant")
     config.num_epochs = 30
     config.batch_size = 16
     config.eval_batch_size = 64
-    config.half_precision = False
-    config.parallelism = "shard_map"
-    config.cross_device_bn = True
     config.log_every_steps = 20
     config.eval_every_epochs = 0  # no per-epoch evaluation: the held-out fold is the test
     config.checkpoint_every_epochs = 1

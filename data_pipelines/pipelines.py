@@ -33,83 +33,22 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipelines.crops import CROP_SIZE, five_crop_offsets, ten_crop_pixel_indices
+from data_pipelines.plan import (
+    Normalize,
+    check_arrays,
+    epoch_plan,
+    eval_steps,
+    normalize_affine,
+    steps_per_epoch,
+)
 
-Normalize = str | tuple[float, float]
 _MAX_EPOCHS = 2**62
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Training steps per epoch: full batches only (`drop_remainder`)."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    steps = num_examples // batch_size
-    if steps == 0:
-        raise ValueError(f"{num_examples} examples do not fill one batch of {batch_size}")
-    return steps
-
-
-def eval_steps(num_examples: int, batch_size: int) -> int:
-    """Evaluation batches for a split: ceil(num_examples / batch_size), the last one padded."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    return -(-num_examples // batch_size)
-
-
-def epoch_plan(
-    num_examples: int,
-    batch_size: int,
-    *,
-    seed: int,
-    epoch: int,
-    image_shape: tuple[int, int] = (48, 48),
-    crop: int = CROP_SIZE,
-) -> dict[str, np.ndarray]:
-    """The random choices of one training epoch, a pure function of its arguments.
-
-    Returns:
-      'index' (S, B) int64 example indices (a permutation prefix), 'top' and 'left' (S, B) int32
-      crop offsets in 0..H-crop and 0..W-crop inclusive, 'flip' (S, B) bool; S = steps per epoch.
-    """
-    if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    steps = steps_per_epoch(num_examples, batch_size)
-    height, width = image_shape
-    rng = np.random.default_rng([seed, epoch])
-    shape = (steps, batch_size)
-    index = rng.permutation(num_examples)[: steps * batch_size].reshape(shape)
-    return {
-        "index": index.astype(np.int64),
-        "top": rng.integers(0, height - crop, size=shape, endpoint=True).astype(np.int32),
-        "left": rng.integers(0, width - crop, size=shape, endpoint=True).astype(np.int32),
-        "flip": rng.random(shape) < 0.5,
-    }
-
-
 def normalizer(normalize: Normalize) -> Callable[[tf.Tensor], tf.Tensor]:
-    """uint8 tensor -> float32 tensor, per the `normalize` option (module docstring)."""
-    if normalize == "unit":
-        return lambda x: tf.cast(x, tf.float32) * (1 / 255)
-    if normalize == "symmetric":
-        return lambda x: tf.cast(x, tf.float32) * (1 / 127.5) - 1
-    if isinstance(normalize, tuple | list) and len(normalize) == 2:
-        mean, std = (float(v) for v in normalize)
-        if std <= 0:
-            raise ValueError(f"normalize std must be positive, got {std}")
-        return lambda x: (tf.cast(x, tf.float32) * (1 / 255) - mean) * (1 / std)
-    raise ValueError(f"normalize must be 'unit', 'symmetric' or (mean, std), got {normalize!r}")
-
-
-def _check_arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = np.asarray(images), np.asarray(labels)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(
-            f"images must be (N, H, W, C) uint8, got {images.dtype} of shape {images.shape}"
-        )
-    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"labels must be ({images.shape[0]},) integers, got {labels.dtype} {labels.shape}"
-        )
-    return images, labels
+    """uint8 tensor -> float32 tensor, per the `normalize` option (`plan.normalize_affine`)."""
+    scale, offset = normalize_affine(normalize)
+    return lambda x: tf.cast(x, tf.float32) * scale + offset
 
 
 def _split_devices(batch: dict[str, tf.Tensor], num_devices: int | None) -> dict[str, tf.Tensor]:
@@ -165,7 +104,7 @@ def train_dataset_from_arrays(
       tf.data.Dataset of {'image': (B, crop, crop, C) float32, 'label': (B,) int32}; iterate
       with `.as_numpy_iterator()` for numpy.
     """
-    images, labels = _check_arrays(images, labels)
+    images, labels = check_arrays(images, labels)
     _check_devices(batch_size, num_devices)
     n, height, width, channels = images.shape
     steps = steps_per_epoch(n, batch_size)
@@ -242,7 +181,7 @@ def eval_dataset_from_arrays(
       tf.data.Dataset of eval_steps(N, B) batches {'image': (B, 10, crop, crop, C) float32
       (or (B, crop, crop, C) for 'centre'), 'label': (B,) int32, 'mask': (B,) bool}.
     """
-    images, labels = _check_arrays(images, labels)
+    images, labels = check_arrays(images, labels)
     _check_devices(batch_size, num_devices)
     n, height, width, channels = images.shape
     if crops not in ("ten", "centre"):
