@@ -61,6 +61,21 @@ def evaluate_checkpoint(config, workdir: str, path: str, split: str) -> dict:
     return metrics
 
 
+def train_then_cross_validate(config, workdir: str) -> dict:
+    """The main job: train on `config.dataset`, then (`config.cross_validate`) fine-tune the
+    selected model on JAFFE's folds in `workdir/cross_validation`; returns `results.json`."""
+    from fer_jax import cross_validate, evaluate, train
+
+    results = train.train_and_evaluate(config, workdir)
+    if config.get("cross_validate"):
+        cv_config = cross_validate.config_from_parent(config, workdir)
+        results["cross_validation"] = cross_validate.run(
+            cv_config, os.path.join(workdir, "cross_validation")
+        )
+        evaluate.write_json(os.path.join(workdir, "results.json"), results)
+    return results
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -69,7 +84,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.multihost:
         jax.distributed.initialize()
     import data_pipelines  # noqa: F401  (hides GPUs from TensorFlow before it starts)
-    from fer_jax import checkpoint, cross_validate, train
+    from fer_jax import checkpoint, cross_validate
 
     config = FLAGS.config
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -82,7 +97,7 @@ def main(argv: list[str]) -> None:
     )
     workdir = checkpoint.prepare_workdir(FLAGS.workdir)
     if FLAGS.mode == "train":
-        train.train_and_evaluate(config, workdir)
+        train_then_cross_validate(config, workdir)
     elif FLAGS.mode == "evaluate":
         evaluate_checkpoint(config, workdir, FLAGS.checkpoint or workdir, FLAGS.split)
     else:

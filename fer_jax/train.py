@@ -276,8 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Writes TensorBoard events, per-evaluation JSON metrics and confusion-matrix PNGs, and
     Orbax checkpoints (latest few + best by `config.select_split` accuracy). Returns the
     final summary (also `workdir/results.json`): the selected model's `config.report_split`
-    metrics, and where it came from. If `config.cross_validate`, then runs the JAFFE
-    cross-validation in `workdir/cross_validation`.
+    metrics, and where it came from. (The JAFFE cross-validation that may follow is run by
+    `fer_jax.main`, above both this module and `cross_validate`.)
     """
     workdir = checkpoint.prepare_workdir(workdir)
     splits = input_data.load_splits(
@@ -313,13 +313,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         best.step,
         report["accuracy"],
     )
-    if config.get("cross_validate"):
-        from fer_jax import cross_validate
-
-        cv_config = cross_validate.config_from_parent(config, workdir)
-        results["cross_validation"] = cross_validate.run(
-            cv_config, os.path.join(workdir, "cross_validation")
-        )
     return results
 
 
