@@ -1,9 +1,23 @@
-"""FER2013 and JAFFE as TFDS datasets, and the tf.data pipelines that feed training/evaluation.
+"""FER2013 and JAFFE: reading the publishers' files, TFDS builders, and the input pipelines.
 
-Importing this package registers the TFDS builders `fer2013` and `jaffe` and hides every GPU
-from TensorFlow (JAX owns the accelerator; tf.data runs on the CPU).
+`import data_pipelines` imports no TensorFlow: the numpy side (file parsing and
+`load_split_from_files`, face crops, ten crops, folds, epoch plans) is imported with it. The
+TensorFlow side (`build`, `load_split`, `load_arrays`, `train_dataset`, `eval_dataset` from
+`loading`; `train_dataset_from_arrays`, `eval_dataset_from_arrays` from `pipelines`) is imported
+on first use of those names. Whichever of them imports TensorFlow first hides every GPU from it
+(`tf_cpu`: JAX owns the accelerator, tf.data runs on the CPU).
 
-Typical use:
+The TFDS builders `fer2013` and `jaffe` are registered by `loading` (so by `build` and
+`load_split`), by importing `data_pipelines.fer2013` / `data_pipelines.jaffe`, and by importing
+this package once `tensorflow_datasets` is imported, as `tfds build fer2013
+--imports=data_pipelines` does.
+
+Typical use, without TensorFlow:
+
+    arrays = data_pipelines.load_split_from_files('fer2013', 'train', manual_dir)
+    images, labels = arrays['image'], arrays['label']  # (N, 48, 48, 1) uint8, (N,) int64
+
+or with it:
 
     images, labels = data_pipelines.load_arrays('fer2013', 'train', data_dir)
     ds = data_pipelines.train_dataset_from_arrays(images, labels, batch_size=128, seed=0)
@@ -13,34 +27,56 @@ Typical use:
 
 from __future__ import annotations
 
-import logging
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
 
-import tensorflow as tf
-
-from data_pipelines import fer2013, jaffe  # noqa: F401  (registers the TFDS builders)
 from data_pipelines.crops import CROP_SIZE, five_crop_offsets, ten_crop
 from data_pipelines.errors import DataError
 from data_pipelines.faces import centre_crop_face, crop_face, detect_faces, face_or_centre_crop
+from data_pipelines.files import load_split_from_files
 from data_pipelines.folds import jaffe_folds
 from data_pipelines.labels import CLASS_NAMES, NUM_CLASSES
-from data_pipelines.loading import build, eval_dataset, load_arrays, load_split, train_dataset
-from data_pipelines.pipelines import (
-    epoch_plan,
-    eval_dataset_from_arrays,
-    eval_steps,
-    steps_per_epoch,
-    train_dataset_from_arrays,
-)
+from data_pipelines.plan import epoch_plan, eval_steps, steps_per_epoch
+
+if TYPE_CHECKING:
+    from data_pipelines.loading import (
+        build,
+        eval_dataset,
+        load_arrays,
+        load_split,
+        train_dataset,
+    )
+    from data_pipelines.pipelines import eval_dataset_from_arrays, train_dataset_from_arrays
+
+# Name -> the submodule (which imports TensorFlow) that defines it; imported on first access.
+_LAZY = {
+    "build": "loading",
+    "eval_dataset": "loading",
+    "load_arrays": "loading",
+    "load_split": "loading",
+    "train_dataset": "loading",
+    "eval_dataset_from_arrays": "pipelines",
+    "train_dataset_from_arrays": "pipelines",
+}
 
 
-def _hide_gpus_from_tensorflow() -> None:
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except (RuntimeError, ValueError) as e:  # Devices already initialised.
-        logging.getLogger(__name__).warning("Could not hide GPUs from TensorFlow: %s", e)
+def __getattr__(name: str) -> Any:
+    """PEP 562: the TensorFlow-dependent names, imported on first access."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
 
 
-_hide_gpus_from_tensorflow()
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+# e.g. `tfds build fer2013 --imports=data_pipelines` (None: a blocked import).
+if sys.modules.get("tensorflow_datasets") is not None:
+    from data_pipelines import fer2013, jaffe  # noqa: F401  (registers the TFDS builders)
 
 
 __all__ = [
@@ -61,6 +97,7 @@ __all__ = [
     "jaffe_folds",
     "load_arrays",
     "load_split",
+    "load_split_from_files",
     "steps_per_epoch",
     "ten_crop",
     "train_dataset",

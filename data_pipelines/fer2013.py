@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import fer2013_csv
+from data_pipelines import fer2013_csv, files, tf_cpu  # noqa: F401  (tf_cpu hides the GPUs)
 from data_pipelines.labels import CLASS_NAMES
 
 _DESCRIPTION = """\
@@ -33,17 +33,7 @@ _CITATION = """\
 }
 """
 
-MANUAL_DOWNLOAD_INSTRUCTIONS = """\
-FER2013 cannot be downloaded automatically. Get it from Kaggle's "Challenges in Representation
-Learning: Facial Expression Recognition Challenge"
-(https://www.kaggle.com/c/challenges-in-representation-learning-facial-expression-recognition-challenge/data)
-and put ONE of these files directly in the manual directory (`--manual_dir`, default
-<data_dir>/downloads/manual/):
-  fer2013.tar.gz          the original archive (holds fer2013/fer2013.csv; read in place)
-  fer2013.csv             the original CSV (columns emotion,pixels,Usage), or
-  fer2013/fer2013.csv     the same, from unpacking fer2013.tar.gz there
-  icml_face_data.csv      the later CSV (columns emotion, Usage, pixels)
-"""
+MANUAL_DOWNLOAD_INSTRUCTIONS = fer2013_csv.MANUAL_DOWNLOAD_INSTRUCTIONS
 
 
 class Fer2013(tfds.core.GeneratorBasedBuilder):
@@ -76,18 +66,11 @@ class Fer2013(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         try:
             manual_dir = dl_manager.manual_dir
-            source = fer2013_csv.find_source(manual_dir)
-        except (AssertionError, FileNotFoundError) as e:
-            raise FileNotFoundError(f"{e}\n\n{MANUAL_DOWNLOAD_INSTRUCTIONS}") from e
-        rows = fer2013_csv.read_fer2013(source)
-        return {
-            split: self._generate_examples(rows, split)
-            for split in fer2013_csv.USAGE_SPLITS.values()
-        }
+        except AssertionError as e:  # TFDS: missing or empty; the message has the instructions.
+            raise FileNotFoundError(str(e)) from e
+        splits = files.SPLITS["fer2013"]
+        arrays = {s: files.load_split_from_files("fer2013", s, manual_dir) for s in splits}
+        return {split: self._generate_examples(arrays[split]) for split in splits}
 
-    def _generate_examples(self, rows: fer2013_csv.Fer2013Rows, split: str):
-        for i in np.flatnonzero(rows.splits == split):
-            yield (
-                int(i),
-                {"image": rows.images[i, :, :, None], "label": int(rows.labels[i]), "index": i},
-            )
+    def _generate_examples(self, arrays: dict[str, np.ndarray]):
+        yield from files.examples(arrays, key="index")

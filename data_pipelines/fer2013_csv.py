@@ -45,6 +45,17 @@ USAGE_SPLITS: dict[str, str] = {
     "PrivateTest": "private_test",
 }
 _USAGES = tuple(USAGE_SPLITS)
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+FER2013 cannot be downloaded automatically. Get it from Kaggle's "Challenges in Representation
+Learning: Facial Expression Recognition Challenge"
+(https://www.kaggle.com/c/challenges-in-representation-learning-facial-expression-recognition-challenge/data)
+and put ONE of these files directly in the manual directory (`--config.manual_dir`; for
+`tfds build`, `--manual_dir`, default <data_dir>/downloads/manual/):
+  fer2013.tar.gz          the original archive (holds fer2013/fer2013.csv; read in place)
+  fer2013.csv             the original CSV (columns emotion,pixels,Usage), or
+  fer2013/fer2013.csv     the same, from unpacking fer2013.tar.gz there
+  icml_face_data.csv      the later CSV (columns emotion, Usage, pixels)
+"""
 _REQUIRED_COLUMNS = ("emotion", "pixels", "Usage")
 _PIXEL_CHARS = re.compile(r"[0-9 ]*")
 _INTEGER = re.compile(r"[0-9]+")

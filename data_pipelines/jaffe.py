@@ -9,12 +9,10 @@ One split, train (213); cross-validation folds come from `folds.jaffe_folds`.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import jaffe_files
+from data_pipelines import files, jaffe_files, tf_cpu  # noqa: F401  (tf_cpu hides the GPUs)
 from data_pipelines.labels import CLASS_NAMES
 
 _DESCRIPTION = """\
@@ -34,15 +32,7 @@ _CITATION = """\
 }
 """
 
-MANUAL_DOWNLOAD_INSTRUCTIONS = """\
-JAFFE cannot be downloaded automatically and may not be redistributed. Request it from its
-authors (https://zenodo.org/record/3451524, formerly http://www.kasrl.org/jaffe.html) and unpack
-it in the manual directory (`--manual_dir`, default <data_dir>/downloads/manual/) so that the 213
-TIFF files named like KA.AN1.39.tiff lie there, directly or in a subfolder (the distribution
-unpacks to jaffedbase/). Other files (README, rating tables, .DS_Store) are ignored.
-"""
-
-_log = logging.getLogger(__name__)
+MANUAL_DOWNLOAD_INSTRUCTIONS = jaffe_files.MANUAL_DOWNLOAD_INSTRUCTIONS
 
 
 class Jaffe(tfds.core.GeneratorBasedBuilder):
@@ -75,33 +65,11 @@ class Jaffe(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         try:
-            items = jaffe_files.list_images(dl_manager.manual_dir)
-        except (AssertionError, FileNotFoundError) as e:
-            raise FileNotFoundError(f"{e}\n\n{MANUAL_DOWNLOAD_INSTRUCTIONS}") from e
-        return {"train": self._generate_examples(items)}
+            manual_dir = dl_manager.manual_dir
+        except AssertionError as e:  # TFDS: missing or empty; the message has the instructions.
+            raise FileNotFoundError(str(e)) from e
+        arrays = files.load_split_from_files("jaffe", "train", manual_dir)
+        return {"train": self._generate_examples(arrays)}
 
-    def _generate_examples(self, items: list[jaffe_files.JaffeFile]):
-        fallbacks = []
-        for item in items:
-            face, found = jaffe_files.preprocess(jaffe_files.read_gray(item.path))
-            if not found:
-                fallbacks.append(item.path.name)
-            yield (
-                item.path.name,
-                {
-                    "image": face[:, :, None],
-                    "label": item.label,
-                    "subject": item.subject,
-                    "filename": item.path.name,
-                    "face_detected": found,
-                },
-            )
-        if fallbacks:
-            _log.warning(
-                "JAFFE: no face detected in %d of %d images, used the centre crop: %s",
-                len(fallbacks),
-                len(items),
-                ", ".join(fallbacks),
-            )
-        else:
-            _log.info("JAFFE: a face was detected in each of the %d images", len(items))
+    def _generate_examples(self, arrays: dict[str, np.ndarray]):
+        yield from files.examples(arrays, key="filename")

@@ -31,6 +31,14 @@ _NAME = re.compile(
 # Haar-cascade settings that find exactly one face in each real JAFFE photo.
 DETECT_KWARGS = {"scale_factor": 1.1, "min_neighbors": 5, "min_size": (60, 60)}
 _READABLE_MODES = ("L", "P", "1", "LA", "RGB", "RGBA")
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+JAFFE cannot be downloaded automatically and may not be redistributed. Request it from its
+authors (https://zenodo.org/record/3451524, formerly http://www.kasrl.org/jaffe.html) and unpack
+it in the manual directory (`--config.manual_dir`; for `tfds build`, `--manual_dir`, default
+<data_dir>/downloads/manual/) so that the 213 TIFF files named like KA.AN1.39.tiff lie there,
+directly or in a subfolder (the distribution unpacks to jaffedbase/). Other files (README,
+rating tables, .DS_Store) are ignored.
+"""
 
 
 @dataclasses.dataclass(frozen=True)

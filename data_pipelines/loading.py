@@ -1,18 +1,23 @@
-"""Building the TFDS datasets, loading whole splits into memory, pipelines over built splits."""
+"""Building the TFDS datasets, loading whole splits into memory, pipelines over built splits.
+
+Importing this module registers the TFDS builders `fer2013` and `jaffe` and hides the GPUs from
+TensorFlow (`tf_cpu`).
+"""
 
 from __future__ import annotations
 
 import os
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from data_pipelines import fer2013, jaffe  # noqa: F401  (registers the TFDS builders)
 from data_pipelines.pipelines import (
     Normalize,
     eval_dataset_from_arrays,
     train_dataset_from_arrays,
 )
+from data_pipelines.tf_cpu import tf
 
 
 def build(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.PathLike) -> None:
@@ -28,6 +33,8 @@ def build(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.PathLi
 
 def load_split(name: str, split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """Loads a built split into memory, in source order (CSV rows; JAFFE file names).
+
+    The same arrays as `files.load_split_from_files` on the files the dataset was built from.
 
     Args:
       name: 'fer2013' or 'jaffe'.

@@ -30,7 +30,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import tensorflow as tf
 
 from data_pipelines.crops import CROP_SIZE, five_crop_offsets, ten_crop_pixel_indices
 from data_pipelines.plan import (
@@ -41,6 +40,7 @@ from data_pipelines.plan import (
     normalize_affine,
     steps_per_epoch,
 )
+from data_pipelines.tf_cpu import tf
 
 _MAX_EPOCHS = 2**62
 

@@ -1,54 +1,74 @@
 #!/usr/bin/env bash
 # A-Softmax lambda schedules vs the softmax head on one GPU: the runs that settle the default.
 #
-#   experiments/asoftmax_sweep.sh COMPACT OUT [EPOCHS] [BUDGET_S_PER_RUN]
+#   experiments/asoftmax_sweep.sh DATA OUT [EPOCHS]
 #
-# COMPACT: fer2013-compact.bin.xz (see ../shared/data/README.md; restore_csv.py next to it).
-# Each run is experiments/gpu_run.py (bf16, batch 64, the paper recipe otherwise) for EPOCHS
-# (default 30), evaluated every 5 epochs, inside BUDGET_S_PER_RUN (default 150 s), written to
-# OUT/<name>/. About 2 s per epoch on an H200 plus ~60 s of start-up and compiles per run.
+# DATA: fer2013-compact.bin.xz (../shared/data/README.md), restored once with the restore_csv.py
+# next to it into $DATA_DIR (default ${TMPDIR:-/tmp}/fer2013_asoftmax_sweep) and reused; or a
+# directory that already holds fer2013.csv. Each variant is one `python -m fer_jax.main` run
+# (configs/fer2013.py: the paper recipe, batch 64; data read from the CSV, the training set on
+# the device, bf16) for EPOCHS (default 30), PublicTest evaluated every 5 epochs, no JAFFE
+# cross-validation, in OUT/<name>/, then `python -m experiments.run_summary OUT/<name>`
+# (summary.md: images/s, MFU, PrivateTest of the epoch chosen on PublicTest). Runs resume from
+# their checkpoints: the same command again finishes an interrupted sweep.
 #   softmax           head=softmax: the control (64.98% PrivateTest after ~21 epochs, H200)
 #   per_step          SphereFace's per-step lambda (floor 5 after ~7 epochs): the collapse
 #   per_epoch         the default: lambda 1500 / (1 + 0.1 epoch), 375 at epoch 30
 #   per_epoch_fast    the default's whole 300-epoch lambda range compressed into EPOCHS
 #                     (gamma 10 / EPOCHS: lambda 48 at the end), to see the late phase early
-# The CSV is restored once and reused. Extra gpu_run flags for every run go in $GPU_RUN_ARGS,
-# e.g. a CPU smoke test:
-#   GPU_RUN_ARGS="--width=8 --dtype=float32 --max_train_steps=4 --steps_per_call=2
-#     --max_eval_examples=64" experiments/asoftmax_sweep.sh COMPACT /tmp/sweep 1 300
+# Extra fer_jax.main flags for every run go in $MAIN_ARGS (they come last, so they win), e.g. a
+# CPU smoke test (width 8, float32, a tiny generated CSV):
+#   python3 -c "from data_pipelines import synthetic as s; r = s.fer2013_rows((64, 16, 16));
+#     s.write_fer2013('/tmp/fer_tiny', s.fer2013_csv_text(r['images'], r['labels'], r['usages']))"
+#   MAIN_ARGS="--config.model.width=8 --config.half_precision=False --config.batch_size=16
+#     --config.eval_batch_size=16 --config.steps_per_dispatch=2" \
+#     experiments/asoftmax_sweep.sh /tmp/fer_tiny /tmp/sweep 1
 set -euo pipefail
 
-compact=${1:?usage: $0 COMPACT OUT [EPOCHS] [BUDGET_S_PER_RUN]}
-out=${2:?usage: $0 COMPACT OUT [EPOCHS] [BUDGET_S_PER_RUN]}
+usage="usage: $0 DATA OUT [EPOCHS]"
+data=${1:?$usage}
+out=${2:?$usage}
 epochs=${3:-30}
-budget=${4:-150}
-data_dir=${TMPDIR:-/tmp}/fer2013_asoftmax_sweep
 fast_gamma=$(python3 -c "print(10.0 / $epochs)")
 
-run() {
-  local name=$1
-  shift
-  local source=(--compact="$compact" --data_dir="$data_dir")
-  if [[ -f $data_dir/fer2013.csv ]]; then
-    source=(--csv="$data_dir/fer2013.csv")
+if [[ -d $data ]]; then
+  data_dir=$data
+else
+  data_dir=${DATA_DIR:-${TMPDIR:-/tmp}/fer2013_asoftmax_sweep}
+  if [[ ! -f $data_dir/fer2013.csv ]]; then
+    python3 "$(dirname "$data")/restore_csv.py" "$data" "$data_dir"
   fi
-  echo "=== $name: $*"
-  python3 -m experiments.gpu_run "${source[@]}" --epochs="$epochs" --budget_s="$budget" \
-    --eval_every=5 --eval_private=on_improvement --tencrop_reps=1 --out="$out/$name" \
-    ${GPU_RUN_ARGS:-} "$@"
+fi
+
+run() {
+  local name=$1 config=$2
+  shift 2
+  echo "=== $name: $config $*"
+  # shellcheck disable=SC2086  # MAIN_ARGS is a list of flags
+  python3 -m fer_jax.main --config="$config" --workdir="$out/$name" \
+    --config.data_source=files --config.manual_dir="$data_dir" \
+    --config.input_pipeline=device --config.half_precision=True \
+    --config.num_epochs="$epochs" --config.cross_validate=False --config.eval_every_epochs=5 \
+    "$@" ${MAIN_ARGS:-}
+  python3 -m experiments.run_summary "$out/$name" >/dev/null
 }
 
-run softmax --config_arg=head=softmax
-run per_step --set loss.lambda_per=step
-run per_epoch
-run per_epoch_fast --set loss.lambda_gamma="$fast_gamma"
-for name in softmax per_step per_epoch per_epoch_fast; do
-  python3 - "$out/$name/summary.json" "$name" <<'EOF'
+names=(softmax per_step per_epoch per_epoch_fast)
+run softmax configs/fer2013.py:head=softmax
+run per_step configs/fer2013.py --config.loss.lambda_per=step
+run per_epoch configs/fer2013.py
+run per_epoch_fast configs/fer2013.py --config.loss.lambda_gamma="$fast_gamma"
+
+python3 - "$out" "${names[@]}" <<'EOF'
 import json, sys
-s = json.load(open(sys.argv[1]))
-last, sel = s["history"][-1], s["selected"] or {}
-print(f"{sys.argv[2]:>15}: PrivateTest {sel.get('private_test_accuracy')} at epoch "
-      f"{sel.get('epoch')} (chosen on PublicTest); last epoch {last['epoch']}: train loss "
-      f"{last['train_loss']:.4f}, acc {last['train_accuracy']:.4f}, |x| {last['feature_norm']:.3g}")
+out, names = sys.argv[1], sys.argv[2:]
+print("| variant | PrivateTest (chosen on PublicTest) | epoch | last train loss | acc | |x| |")
+print("|---|---|---|---|---|---|")
+for name in names:
+    s = json.load(open(f"{out}/{name}/summary.json"))
+    last = s["final_train"]
+    cells = [last.get(k) for k in ("train_loss", "train_accuracy", "train_feature_norm")]
+    acc = s["report_accuracy"]
+    print(f"| {name} | {'n/a' if acc is None else f'{100 * acc:.2f}%'} | {s['selected_epoch']} | "
+          + " | ".join("n/a" if c is None else f"{c:.4g}" for c in cells) + " |")
 EOF
-done

@@ -41,7 +41,6 @@ from typing import Any
 from experiments import provenance
 
 REPO = provenance.REPO
-TRAIN_GFLOP_PER_IMAGE = 6.58  # experiments.flops, width 64 (scaled by width^2 below)
 
 
 # --- workers -------------------------------------------------------------------------------------
@@ -436,13 +435,23 @@ def _f(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def train_gflop_per_image(args: argparse.Namespace) -> float:
+    """GFLOP per training image of the benchmarked model (`fer_jax.flops`, 3 x forward)."""
+    from configs import fer2013
+    from fer_jax.flops import model_flops_per_image
+
+    config = fer2013.get_config(f"cbam={args.cbam},head={args.head}")
+    config.model.width = args.width
+    return model_flops_per_image(config.model)["train"] / 1e9
+
+
 def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
     """The side-by-side table: one column per contestant, then each fer_jax / torch ratio."""
     jax_names: list[str] = []
     for r in res["batches"].values():
         jax_names += [n for n in r if n.startswith("jax:") and n not in jax_names]
     names = jax_names + (["torch"] if args.torch else [])
-    gflop = TRAIN_GFLOP_PER_IMAGE * (args.width / 64) ** 2
+    gflop = train_gflop_per_image(args)
     cols = [n.replace("jax:", "fer_jax ") for n in names]
     ratio_cols = [f"{n.replace('jax:', '')} / torch" for n in jax_names] if args.torch else []
     head = ["metric", *cols, *ratio_cols]

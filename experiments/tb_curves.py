@@ -4,8 +4,8 @@
 
 Reads the scalars that `fer_jax.train` writes with clu (TF2 summaries: stored as tensors;
 plain `simple_value` scalars are read too) with TensorBoard's `EventAccumulator`, and draws
-four panels: train loss (and PublicTest loss), train and PublicTest accuracy, learning rate,
-A-Softmax lambda (logged for every run; only an a_softmax head uses it).
+five panels: train loss (and PublicTest loss), train and PublicTest accuracy, learning rate,
+A-Softmax lambda (logged for every run; only an a_softmax head uses it), feature norm |x|.
 """
 
 from __future__ import annotations
@@ -52,14 +52,23 @@ def read_scalars(logdir: str) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
-def plot_curves(logdir: str, path: str, title: str | None = None) -> dict[str, int]:
-    """Writes the four-panel PNG; returns `{tag: points}` of what was drawn."""
+def plot_curves(
+    logdir: str,
+    path: str,
+    title: str | None = None,
+    scalars: dict[str, tuple[list[int], list[float]]] | None = None,
+) -> dict[str, int]:
+    """Writes the panels' PNG; returns `{tag: points}` of what was drawn.
+
+    `scalars`: `read_scalars(logdir)` if the caller already has it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scalars = read_scalars(logdir)
+    if scalars is None:
+        scalars = read_scalars(logdir)
     if not scalars:
         raise FileNotFoundError(f"no TensorBoard scalars in {logdir}")
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.3), dpi=80)

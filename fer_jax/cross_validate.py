@@ -27,6 +27,9 @@ def config_from_parent(
     cv.model = ml_collections.ConfigDict(config.model.to_dict())
     cv.init_from = cv.init_from or workdir
     cv.data_dir = cv.data_dir or config.data_dir
+    cv.data_source = config.data_source
+    cv.input_pipeline = config.input_pipeline
+    cv.steps_per_dispatch = config.steps_per_dispatch
     cv.half_precision = config.half_precision
     cv.parallelism = config.parallelism
     return cv

@@ -1,4 +1,11 @@
-"""The arrays a run trains and evaluates on: built TFDS splits, or generated synthetic data."""
+"""The arrays a run trains and evaluates on: TFDS splits, the downloaded files, or synthetic data.
+
+`config.data_source` picks where FER2013/JAFFE come from: 'tfds' (the default) builds the TFDS
+dataset into `config.data_dir` from `config.manual_dir` if needed and loads it (TensorFlow and
+TFDS); 'files' reads the publisher's files in `config.manual_dir` directly (no TensorFlow;
+`data_pipelines.files`). Both give the same arrays. `config.dataset == 'synthetic'` generates
+the data instead.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,10 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from data_pipelines import files
 from fer_jax import synthetic_data
+
+DATA_SOURCES = ("tfds", "files")  # values of config.data_source
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
@@ -16,12 +26,26 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(config.data_dir or "~/tensorflow_datasets")
 
 
+def data_source(config: ml_collections.ConfigDict) -> str:
+    """`config.data_source` ('tfds' if the config predates the field), checked."""
+    source = config.get("data_source", "tfds")
+    if source not in DATA_SOURCES:
+        raise ValueError(
+            f"config.data_source is {source!r}; expected one of "
+            + ", ".join(map(repr, DATA_SOURCES))
+        )
+    return source
+
+
 def load_split_arrays(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
     """All features of one split: 'image' (N, 48, 48, 1) uint8, 'label' (N,) int32, ...
 
-    With `config.manual_dir` set, builds the dataset from those files first if needed.
-    Raises FileNotFoundError (with the manual-download instructions) if it is not built.
+    With data_source 'tfds' and `config.manual_dir` set, builds the dataset from those files
+    first if needed; with 'files', reads them. Raises ValueError for a bad `config.data_source`
+    or a missing `config.manual_dir` ('files'), FileNotFoundError (with the manual-download
+    instructions) if the dataset is neither built nor in `config.manual_dir`.
     """
+    source = data_source(config)
     if config.dataset == "synthetic":
         sizes = config.synthetic
         if split not in synthetic_data.SPLIT_SEEDS or split not in sizes:
@@ -31,15 +55,25 @@ def load_split_arrays(config: ml_collections.ConfigDict, split: str) -> dict[str
             seed=1000 * config.seed + synthetic_data.SPLIT_SEEDS[split],
             noise=sizes.noise,
         )
-    import data_pipelines
-
-    if config.manual_dir:
-        data_pipelines.build(
-            config.dataset,
-            data_dir=data_dir(config),
-            manual_dir=os.path.expanduser(config.manual_dir),
+    if source == "files":
+        if not config.manual_dir:
+            raise ValueError(
+                "config.manual_dir is empty; config.data_source='files' reads the downloaded "
+                f"{config.dataset} files from that directory"
+            )
+        arrays = files.load_split_from_files(
+            config.dataset, split, os.path.expanduser(config.manual_dir)
         )
-    arrays = data_pipelines.load_split(config.dataset, split, data_dir(config))
+    else:
+        from data_pipelines import loading  # TensorFlow and TFDS only here.
+
+        if config.manual_dir:
+            loading.build(
+                config.dataset,
+                data_dir=data_dir(config),
+                manual_dir=os.path.expanduser(config.manual_dir),
+            )
+        arrays = loading.load_split(config.dataset, split, data_dir(config))
     arrays["label"] = arrays["label"].astype(np.int32)
     return arrays
 

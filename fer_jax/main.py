@@ -83,7 +83,6 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
     if FLAGS.multihost:
         jax.distributed.initialize()
-    import data_pipelines  # noqa: F401  (hides GPUs from TensorFlow before it starts)
     from fer_jax import checkpoint, cross_validate
 
     config = FLAGS.config

@@ -15,6 +15,7 @@ cross-device BatchNorm).
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,6 +28,34 @@ from fer_jax import conv
 
 AXIS = "data"
 MODES = ("shard_map", "pmap")
+
+
+def _spec(split_axis: int | None) -> P:
+    return P() if split_axis is None else P(*([None] * split_axis), AXIS)
+
+
+class Compiled:
+    """A jitted (or pmapped) function compiled ahead of time once per argument shape.
+
+    Calls compile explicitly (`lower(...).compile()`), so `compile_seconds` is the time spent
+    compiling (all shapes so far), kept apart from the time spent running.
+    """
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.compile_seconds = 0.0
+        self._compiled: dict[Any, Any] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        leaves, treedef = jax.tree.flatten(args)
+        key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            start = time.perf_counter()
+            compiled = self.fn.lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - start
+            self._compiled[key] = compiled
+        return compiled(*args)
 
 
 class DataParallel:
@@ -47,28 +76,39 @@ class DataParallel:
         return self.num_devices if self.mode == "pmap" and self.num_devices > 1 else None
 
     def compile(
-        self, step: Callable[..., Any], *, donate_state: bool = True, replicated_out: int = 2
-    ) -> Callable[..., Any]:
-        """`step(state, batch, *, axis_name)` -> compiled `fn(state, batch)`.
+        self,
+        step: Callable[..., Any],
+        *,
+        split_axes: tuple[int | None, ...] = (0,),
+        donate_state: bool = True,
+        replicated_out: int = 2,
+    ) -> Compiled:
+        """`step(state, *data, *, axis_name)` -> compiled `fn(state, *data)`.
 
-        Outputs must be replicated across devices (averaged or summed with collectives).
+        `split_axes[i]` is the axis along which data argument i is split over the devices
+        (None: replicated); place data with `place(x, split_axes[i])` (or `shard_batch` for a
+        pipeline batch, split along 0). Outputs must be replicated across devices (averaged or
+        summed with collectives).
         """
         donate = (0,) if donate_state else ()
         fn = functools.partial(step, axis_name=self.axis_name)
         # On CPU: Eigen convolutions (fer_jax.conv.cpu_compiler_options); jax.pmap takes none.
         options = conv.cpu_compiler_options(self.devices[0].platform)
         if self.num_devices == 1:
-            return jax.jit(fn, donate_argnums=donate, compiler_options=options)
+            return Compiled(jax.jit(fn, donate_argnums=donate, compiler_options=options))
         if self.mode == "pmap":
-            return jax.pmap(fn, axis_name=AXIS, devices=self.devices, donate_argnums=donate)
+            return Compiled(
+                jax.pmap(fn, axis_name=AXIS, devices=self.devices, donate_argnums=donate)
+            )
         out_specs = tuple(P() for _ in range(replicated_out)) if replicated_out > 1 else P()
+        in_specs = (P(),) + tuple(_spec(axis) for axis in split_axes)
         # check_vma=False: gradients of the replicated parameters come out per device, as under
         # pmap, and the step averages them with pmean. (With varying-axis checking, shard_map's
         # autodiff would already psum them, and the explicit pmean would then leave the sum.)
         mapped = jax.shard_map(
-            fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs, check_vma=False
+            fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
         )
-        return jax.jit(mapped, donate_argnums=donate, compiler_options=options)
+        return Compiled(jax.jit(mapped, donate_argnums=donate, compiler_options=options))
 
     def replicate(self, tree: Any) -> Any:
         """Host or device pytree -> a fresh copy in the layout compiled steps take.
@@ -95,23 +135,45 @@ class DataParallel:
             tree = jax.tree.map(lambda x: x[0], tree)
         return jax.device_get(tree)
 
+    def place(self, tree: Any, split_axis: int | None) -> Any:
+        """Host numpy pytree -> device arrays, split over the devices along `split_axis`
+        (None: a replicated copy on each), in the layout `compile`'s functions take.
+
+        Under pmap the split axis becomes a leading device axis. With several processes every
+        process passes the same global arrays and contributes the slice of its own devices.
+        """
+        if split_axis is None:
+            return self.replicate(tree)
+        if self.num_devices == 1:
+            return jax.device_put(tree, self.devices[0])
+        if self.mode == "pmap":
+            sharding = NamedSharding(self.mesh, P(AXIS))
+
+            def to_device_major(x: np.ndarray) -> np.ndarray:
+                x = np.asarray(x)
+                shape = x.shape[:split_axis] + (self.num_devices, -1) + x.shape[split_axis + 1 :]
+                return np.moveaxis(x.reshape(shape), split_axis, 0)
+
+            return jax.tree.map(lambda x: self._put(to_device_major(x), sharding, 0), tree)
+        sharding = NamedSharding(self.mesh, _spec(split_axis))
+        return jax.tree.map(lambda x: self._put(np.asarray(x), sharding, split_axis), tree)
+
+    def _put(self, x: np.ndarray, sharding: NamedSharding, axis: int) -> jax.Array:
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        # Every process holds the same global array and contributes its contiguous slice.
+        count, index = jax.process_count(), jax.process_index()
+        size = x.shape[axis] // count
+        part = np.take(x, np.arange(index * size, (index + 1) * size), axis=axis)
+        return jax.make_array_from_process_local_data(sharding, part, x.shape)
+
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host batch from the pipeline -> device arrays split over the devices."""
+        """Host batch from a pipeline -> device arrays split over the devices (axis 0; under
+        pmap the pipeline already made it device-major)."""
         if self.num_devices == 1:
             return jax.device_put(batch, self.devices[0])
         sharding = NamedSharding(self.mesh, P(AXIS))
-        if jax.process_count() > 1:
-            # Every process builds the same global batch (same seed and epoch plan) and
-            # contributes its own contiguous slice of it.
-            count, index = jax.process_count(), jax.process_index()
-
-            def local(x: np.ndarray) -> jax.Array:
-                size = x.shape[0] // count
-                part = x[index * size : (index + 1) * size]
-                return jax.make_array_from_process_local_data(sharding, part, x.shape)
-
-            return jax.tree.map(local, batch)
-        return jax.device_put(batch, sharding)
+        return jax.tree.map(lambda x: self._put(np.asarray(x), sharding, 0), batch)
 
     def prefetch(self, batches: Iterator[dict[str, np.ndarray]], size: int = 2) -> Iterator[Any]:
         """Puts the next `size` batches on the devices ahead of use (transfers overlap compute)."""

@@ -12,8 +12,9 @@ import dataclasses
 import functools
 import json
 import os
+import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -23,11 +24,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
 
-from fer_jax import checkpoint, evaluate, input_data, losses, optim
-from fer_jax.parallel import DataParallel
+from data_pipelines.plan import epoch_plan
+from data_pipelines.plan import steps_per_epoch as plan_steps_per_epoch
+from fer_jax import checkpoint, device_input, evaluate, flops, input_data, losses, optim
+from fer_jax.device_input import plan_chunk
+from fer_jax.parallel import Compiled, DataParallel
 from fer_jax.resnet import ResNet18, model_from_config
+from fer_jax.summary_writer import SummaryWriter
 
 
 @flax.struct.dataclass
@@ -207,15 +211,37 @@ def eval_step(
     return out
 
 
+INPUT_PIPELINES = ("device", "tf_data")
+
+
+def input_pipeline(config: ml_collections.ConfigDict) -> str:
+    """`config.input_pipeline`, '' meaning the faster one: 'device' on every platform measured
+    (H200; CPU: experiments/results/input_pipeline_cpu/)."""
+    mode = config.get("input_pipeline", "") or "device"
+    if mode not in INPUT_PIPELINES:
+        raise ValueError(
+            f"config.input_pipeline must be one of {INPUT_PIPELINES} (or '' for the default), "
+            f"got {mode!r}"
+        )
+    return mode
+
+
 @dataclasses.dataclass
 class Trainer:
-    """The compiled steps and data of one training job, shared by training and CV folds."""
+    """The compiled steps of one training job, shared by training and CV folds.
+
+    With `input_pipeline == 'device'` the data live on the devices (`fer_jax.device_input`):
+    a training call runs a chunk of steps and an evaluation call a whole split; with
+    'tf_data' the tf.data pipelines feed one batch per call.
+    """
 
     config: ml_collections.ConfigDict
     parallel: DataParallel
     model: ResNet18
-    p_train_step: Callable[..., Any]
-    p_eval_step: Callable[..., Any]
+    input_pipeline: str
+    _train_fns: dict[Any, Compiled] = dataclasses.field(default_factory=dict)
+    _eval_fns: dict[Any, Compiled] = dataclasses.field(default_factory=dict)
+    _eval_arrays: list[tuple[np.ndarray, np.ndarray, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict) -> Trainer:
@@ -227,26 +253,98 @@ class Trainer:
                 f"({config.eval_batch_size}) must be divisible by the {parallel.num_devices} "
                 "devices"
             )
+        mode = input_pipeline(config)
+        if config.steps_per_dispatch < 0:
+            raise ValueError(
+                f"config.steps_per_dispatch must be >= 0 (0: per platform), got "
+                f"{config.steps_per_dispatch}"
+            )
         model = create_model(config, axis_name=parallel.axis_name)
-        p_train = parallel.compile(functools.partial(train_step, config=config))
-        p_eval = parallel.compile(eval_step, donate_state=False, replicated_out=1)
-        return cls(config, parallel, model, p_train, p_eval)
+        return cls(config, parallel, model, mode)
+
+    @property
+    def steps_per_dispatch(self) -> int:
+        """Training steps per call: 1 with tf.data; `config.steps_per_dispatch` on the device,
+        0 meaning 64 on accelerators and 1 on CPU (`configs/common.py`)."""
+        if self.input_pipeline == "tf_data":
+            return 1
+        if self.config.steps_per_dispatch:
+            return self.config.steps_per_dispatch
+        return 1 if self.parallel.devices[0].platform == "cpu" else 64
+
+    def train_fn(self, layout: device_input.Layout | None = None) -> Compiled:
+        """tf_data: `fn(state, batch)`; device: `fn(state, images, labels, plan)` for data of
+        `layout`. Both return `(state, metrics)`."""
+        fn = self._train_fns.get(layout)
+        if fn is None:
+            step = functools.partial(train_step, config=self.config)
+            if layout is None:
+                fn = self.parallel.compile(step)
+            else:
+                chunk = device_input.train_chunk_fn(step, layout)
+                fn = self.parallel.compile(chunk, split_axes=(0, None, None))
+            self._train_fns[layout] = fn
+        return fn
+
+    def _eval_fn(self, layout: device_input.Layout | None) -> Compiled:
+        fn = self._eval_fns.get(layout)
+        if fn is None:
+            if layout is None:
+                fn = self.parallel.compile(eval_step, donate_state=False, replicated_out=1)
+            else:
+                evaluate_split = device_input.eval_split_fn(
+                    eval_step, layout, self.config.model.num_classes
+                )
+                fn = self.parallel.compile(
+                    evaluate_split, split_axes=(1, 1, 1), donate_state=False, replicated_out=1
+                )
+            self._eval_fns[layout] = fn
+        return fn
+
+    @property
+    def compile_seconds(self) -> dict[str, float]:
+        """Seconds spent compiling so far: {'train': ..., 'eval': ...}."""
+        return {
+            "train": sum(f.compile_seconds for f in self._train_fns.values()),
+            "eval": sum(f.compile_seconds for f in self._eval_fns.values()),
+        }
+
+    def _device_eval_arrays(self, images: np.ndarray, labels: np.ndarray):
+        for held_images, held_labels, arrays in self._eval_arrays:
+            if held_images is images and held_labels is labels:
+                return arrays
+        arrays = device_input.put_eval_arrays(
+            self.parallel,
+            images,
+            labels,
+            self.config.eval_batch_size,
+            normalize=self.config.normalize,
+        )
+        # Keep the few splits in use (select, report, a CV fold) on the devices.
+        self._eval_arrays = [*self._eval_arrays[-2:], (images, labels, arrays)]
+        return arrays
 
     def evaluate(self, state: TrainState, images: np.ndarray, labels: np.ndarray) -> dict:
         """Ten-crop metrics (`evaluate.metrics_from_confusion`) of replicated `state`."""
-        import data_pipelines
+        if self.input_pipeline == "device":
+            arrays = self._device_eval_arrays(images, labels)
+            fn = self._eval_fn(arrays.layout)
+            totals = fn(state, arrays.images, arrays.labels, arrays.mask)
+        else:
+            import data_pipelines
 
-        ds = data_pipelines.eval_dataset_from_arrays(
-            images,
-            labels,
-            batch_size=self.config.eval_batch_size,
-            num_devices=self.parallel.batch_shape_devices,
-            normalize=self.config.normalize,
-        )
-        totals = None
-        for batch in self.parallel.prefetch(ds.as_numpy_iterator()):
-            out = self.p_eval_step(state, batch)
-            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+            ds = data_pipelines.eval_dataset_from_arrays(
+                images,
+                labels,
+                batch_size=self.config.eval_batch_size,
+                num_devices=self.parallel.batch_shape_devices,
+                normalize=self.config.normalize,
+            )
+            fn = self._eval_fn(None)
+            totals = None
+            for batch in self.parallel.prefetch(ds.as_numpy_iterator()):
+                out = fn(state, batch)
+                totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         totals = self.parallel.unreplicate(totals)
         if int(round(float(totals["count"]))) != len(labels):
             raise RuntimeError(f"evaluated {totals['count']} examples, expected {len(labels)}")
@@ -256,16 +354,21 @@ class Trainer:
 
 
 def _log_train_metrics(writer, history: list[dict], step: int, images_per_s: float) -> None:
+    """Writes the mean of each metric over `history` (one dict per dispatch: scalars, or
+    arrays with a leading step axis); a non-finite loss stops the run, naming its step."""
     stacked = jax.device_get(history)
-    losses_seen = np.array([float(np.mean(h["loss"])) for h in stacked])
-    bad = np.flatnonzero(~np.isfinite(losses_seen))
+    per_step = {
+        k: np.concatenate([np.atleast_1d(np.asarray(h[k], np.float64)) for h in stacked])
+        for k in stacked[0]
+    }
+    bad = np.flatnonzero(~np.isfinite(per_step["loss"]))
     if bad.size:
-        first = step - len(stacked) + int(bad[0]) + 1
+        first = step - len(per_step["loss"]) + int(bad[0]) + 1
         raise FloatingPointError(
-            f"non-finite training loss ({losses_seen[bad[0]]}) at step {first}; stopping. "
+            f"non-finite training loss ({per_step['loss'][bad[0]]}) at step {first}; stopping. "
             "The last good checkpoint is kept in the workdir."
         )
-    summary = {f"train_{k}": float(np.mean([np.mean(h[k]) for h in stacked])) for k in stacked[0]}
+    summary = {f"train_{k}": float(np.mean(v)) for k, v in per_step.items()}
     summary["train_images_per_second"] = images_per_s
     writer.write_scalars(step, summary)
 
@@ -280,6 +383,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     `fer_jax.main`, above both this module and `cross_validate`.)
     """
     workdir = checkpoint.prepare_workdir(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1, sort_keys=True))
     splits = input_data.load_splits(
         config, [config.train_split, config.select_split, config.report_split]
     )
@@ -296,7 +403,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best = checkpoint.restore_best_or_latest(workdir, summary["template"])
     state = trainer.parallel.replicate(best.state)
     report = trainer.evaluate(state, *splits[config.report_split])
-    evaluate.write_report(os.path.join(workdir, "eval"), f"{config.report_split}_selected", report)
     results = {
         "report_split": config.report_split,
         "selected_on": config.select_split,
@@ -304,8 +410,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "selected_epoch": best.meta.get("epoch"),
         "select_accuracy": best.meta.get("select_accuracy"),
         config.report_split: report,
+        "performance": summary["performance"],
     }
-    evaluate.write_json(os.path.join(workdir, "results.json"), results)
+    if is_main:
+        evaluate.write_report(
+            os.path.join(workdir, "eval"), f"{config.report_split}_selected", report
+        )
+        evaluate.write_json(os.path.join(workdir, "results.json"), results)
     logging.info(
         "%s accuracy of the model chosen on %s (step %d): %.4f",
         config.report_split,
@@ -314,6 +425,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         report["accuracy"],
     )
     return results
+
+
+def _dispatches(
+    start_step: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    steps_per_dispatch: int,
+    checkpoint_every_steps: int,
+) -> Iterator[tuple[int, int]]:
+    """`(first global step, steps)` of each device-mode call: at most `steps_per_dispatch`
+    steps, ending at every epoch end and every multiple of `checkpoint_every_steps` (if > 0).
+    A function of the step alone: a resumed run makes the same calls as an uninterrupted one
+    from there on (so it ends bit-identical)."""
+    step = start_step
+    every = checkpoint_every_steps
+    while step < total_steps:
+        end = min(step + steps_per_dispatch, (step // steps_per_epoch + 1) * steps_per_epoch)
+        if every > 0:
+            end = min(end, (step // every + 1) * every)
+        yield step, end - step
+        step = end
+
+
+def _train_feed(
+    trainer: Trainer,
+    images: np.ndarray,
+    labels: np.ndarray,
+    start_step: int,
+    total_steps: int,
+    steps_per_epoch: int,
+) -> Iterator[tuple[int, Callable[[TrainState], tuple[TrainState, dict]]]]:
+    """`(steps, run)` per call of the compiled training function from `start_step` on, where
+    `run(state) -> (state, metrics)` does `steps` optimizer steps; both input modes feed the
+    same batches (`data_pipelines.plan.epoch_plan`)."""
+    config, parallel = trainer.config, trainer.parallel
+    if trainer.input_pipeline == "tf_data":
+        import data_pipelines
+
+        ds = data_pipelines.train_dataset_from_arrays(
+            images,
+            labels,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            start_epoch=start_step // steps_per_epoch,
+            start_step=start_step % steps_per_epoch,
+            num_epochs=config.num_epochs - start_step // steps_per_epoch,
+            num_devices=parallel.batch_shape_devices,
+            normalize=config.normalize,
+        )
+        fn = trainer.train_fn()
+        for batch in parallel.prefetch(ds.as_numpy_iterator()):
+            yield 1, lambda s, b=batch: fn(s, b)
+        return
+    data = device_input.put_train_arrays(parallel, images, labels, normalize=config.normalize)
+    fn = trainer.train_fn(data.layout)
+    epoch, plan = -1, None
+    calls = _dispatches(
+        start_step,
+        total_steps,
+        steps_per_epoch,
+        trainer.steps_per_dispatch,
+        config.checkpoint_every_steps,
+    )
+    for first, steps in calls:
+        if first // steps_per_epoch != epoch:
+            epoch = first // steps_per_epoch
+            plan = epoch_plan(
+                len(labels),
+                config.batch_size,
+                seed=config.seed,
+                epoch=epoch,
+                image_shape=images.shape[1:3],
+            )
+        rows = parallel.place(plan_chunk(plan, first % steps_per_epoch, steps), None)
+        yield steps, lambda s, rows=rows: fn(s, data.images, data.labels, rows)
 
 
 def fit(
@@ -327,13 +513,13 @@ def fit(
 ) -> dict[str, Any]:
     """The training loop: resume, train `config.num_epochs`, evaluate, checkpoint.
 
-    Returns `{'state': final host state, 'template': host template for restores}`.
+    Returns `{'state': final host state, 'template': host template for restores,
+    'performance': speed figures of this process's training (`performance` keys)}`.
     """
-    import data_pipelines
-
     config = trainer.config
     parallel = trainer.parallel
-    steps_per_epoch = data_pipelines.steps_per_epoch(len(train_labels), config.batch_size)
+    wall_start = time.perf_counter()
+    steps_per_epoch = plan_steps_per_epoch(len(train_labels), config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
     template = create_train_state(config, trainer.model, steps_per_epoch)
     manager = checkpoint.Checkpoints(workdir, config)
@@ -355,40 +541,33 @@ def fit(
     start_step = int(host_state.step)
     if start_step >= total_steps:
         logging.info("Training already finished (%d steps).", start_step)
-        return {"state": host_state, "template": template}
+        manager.close()
+        return {"state": host_state, "template": template, "performance": None}
 
     is_main = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    writer = SummaryWriter(workdir, enabled=is_main)
     if start_step == 0:
-        parameter_overview.log_parameter_overview(host_state.params)
+        _log_parameter_count(host_state.params)
         writer.write_hparams(_flat_hparams(config))
     state = parallel.replicate(host_state)
-    ds = data_pipelines.train_dataset_from_arrays(
-        train_images,
-        train_labels,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        start_epoch=start_step // steps_per_epoch,
-        start_step=start_step % steps_per_epoch,
-        num_epochs=config.num_epochs - start_step // steps_per_epoch,
-        num_devices=parallel.batch_shape_devices,
-        normalize=config.normalize,
-    )
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_secs=30.0
-    )
+    timer = _Timer(trainer)
     history: list[dict] = []
     t_log, step = time.perf_counter(), start_step
-    for batch in parallel.prefetch(ds.as_numpy_iterator()):
-        state, metrics = trainer.p_train_step(state, batch)
+    feed = _train_feed(
+        trainer, train_images, train_labels, start_step, total_steps, steps_per_epoch
+    )
+    for steps, run in feed:
+        state, metrics = run(state)
         history.append(metrics)
-        step += 1
-        report_progress(step)
+        step += steps
+        timer.steps += steps
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         end_of_epoch = step_in_epoch == 0
-        if step % config.log_every_steps == 0 or end_of_epoch:
+        crossed_log = step // config.log_every_steps > (step - steps) // config.log_every_steps
+        if crossed_log or end_of_epoch:
             dt = time.perf_counter() - t_log
-            _log_train_metrics(writer, history, step, len(history) * config.batch_size / dt)
+            images = sum(np.size(h["loss"]) for h in history) * config.batch_size
+            _log_train_metrics(writer, history, step, images / dt)
             logging.info(
                 "epoch %d/%d, step %d/%d (global %d/%d)",
                 epoch + (not end_of_epoch),
@@ -406,14 +585,24 @@ def fit(
             and config.eval_every_epochs > 0
             and (completed_epochs % config.eval_every_epochs == 0 or step == total_steps)
         )
+        save_now = (
+            (end_of_epoch and completed_epochs % config.checkpoint_every_epochs == 0)
+            or (config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0)
+            or step == total_steps
+        )
+        if not (eval_now or save_now):
+            continue
+        timer.pause(state)
         select_metrics = None
         if eval_now:
             select_metrics = trainer.evaluate(state, *select)
-            evaluate.write_report(
-                os.path.join(workdir, "eval"),
-                f"{select_name}_epoch{completed_epochs:03d}",
-                select_metrics,
-            )
+            timer.evaluated(len(select[1]))
+            if is_main:
+                evaluate.write_report(
+                    os.path.join(workdir, "eval"),
+                    f"{select_name}_epoch{completed_epochs:03d}",
+                    select_metrics,
+                )
             writer.write_scalars(
                 step,
                 {
@@ -421,29 +610,161 @@ def fit(
                     for k, v in evaluate.scalar_metrics(select_metrics).items()
                 },
             )
-        save_now = (
-            (end_of_epoch and completed_epochs % config.checkpoint_every_epochs == 0)
-            or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-            or step == total_steps
-        )
-        if save_now or select_metrics is not None:
-            if history:  # check the steps since the last log before saving anything
-                _log_train_metrics(writer, history, step, float("nan"))
-                history = []
-            host_state = parallel.unreplicate(state)
-            meta = {
-                "epoch": epoch,
-                "step_in_epoch": step_in_epoch,
-                "steps_per_epoch": steps_per_epoch,
-            }
-            if save_now:
-                manager.save(step, host_state, meta)
-            if select_metrics is not None:
-                manager.maybe_save_best(step, host_state, meta, select_metrics["accuracy"])
+        if history:  # check the steps since the last log before saving anything
+            _log_train_metrics(writer, history, step, float("nan"))
+            history = []
+        host_state = parallel.unreplicate(state)
+        meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch}
+        if save_now:
+            manager.save(step, host_state, meta)
+        if select_metrics is not None:
+            manager.maybe_save_best(step, host_state, meta, select_metrics["accuracy"])
         writer.flush()
+        timer.resume()
+        t_log = time.perf_counter()
+    timer.pause(state)
     manager.close()
+    performance = timer.performance(config, steps_per_epoch, time.perf_counter() - wall_start)
+    writer.write_scalars(step, _performance_scalars(performance))
     writer.close()
-    return {"state": parallel.unreplicate(state), "template": template}
+    return {"state": parallel.unreplicate(state), "template": template, "performance": performance}
+
+
+class _Timer:
+    """Splits the loop's wall clock into training, evaluation and the rest (compiles, saves).
+
+    Training time runs from `resume` to `pause` (which waits for the dispatched steps), less
+    the compiles inside; evaluation time is that of `Trainer.evaluate`, less its compiles.
+    """
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.steps = 0
+        self.train_seconds = 0.0
+        self.eval_seconds = 0.0
+        self.evaluations = 0
+        self.evaluated_images = 0
+        self._compiles = trainer.compile_seconds
+        self._start: float | None = time.perf_counter()
+
+    def _compiled_since(self, kind: str) -> float:
+        now = self.trainer.compile_seconds[kind]
+        spent, self._compiles[kind] = now - self._compiles[kind], now
+        return spent
+
+    def pause(self, state: Any) -> None:
+        if self._start is not None:
+            jax.block_until_ready(state)
+            self.train_seconds += time.perf_counter() - self._start
+            self.train_seconds -= self._compiled_since("train")
+            self._start = None
+        self._eval_start = time.perf_counter()
+
+    def evaluated(self, num_images: int) -> None:
+        self.eval_seconds += time.perf_counter() - self._eval_start - self._compiled_since("eval")
+        self.evaluations += 1
+        self.evaluated_images += num_images
+
+    def resume(self) -> None:
+        self._start = time.perf_counter()
+
+    def performance(
+        self, config: ml_collections.ConfigDict, steps_per_epoch: int, wall_seconds: float
+    ) -> dict[str, Any]:
+        """The speed figures of `results.json`'s 'performance' (README: Speed)."""
+        images = self.steps * config.batch_size
+        train_ips = images / self.train_seconds if self.train_seconds > 0 else None
+        busy = self.train_seconds + self.eval_seconds
+        total_ips = images / busy if busy > 0 else None
+        device = self.trainer.parallel.devices[0]
+        compile_s = self.trainer.compile_seconds
+        peak = config.get("peak_tflops", 0.0) or flops.peak_tflops(device.device_kind)
+        per_image = _model_flops(config)
+        num_devices = self.trainer.parallel.num_devices
+
+        def mfu(ips):
+            if ips is None or not peak or per_image is None:
+                return None
+            return ips * per_image["train"] / (peak * 1e12 * num_devices)
+
+        epochs = self.steps / steps_per_epoch
+        projected = None
+        if epochs > 0:
+            projected = self.train_seconds / epochs * config.num_epochs
+            if self.evaluations and config.eval_every_epochs > 0:
+                evals = -(-config.num_epochs // config.eval_every_epochs)
+                projected += self.eval_seconds / self.evaluations * evals
+            projected += compile_s["train"] + compile_s["eval"]
+        return {
+            "platform": device.platform,
+            "device_kind": device.device_kind,
+            "num_devices": num_devices,
+            "input_pipeline": self.trainer.input_pipeline,
+            "steps_per_dispatch": self.trainer.steps_per_dispatch,
+            "half_precision": bool(config.half_precision),
+            "batch_size": config.batch_size,
+            "steps_per_epoch": steps_per_epoch,
+            "num_epochs": config.num_epochs,
+            "eval_every_epochs": config.eval_every_epochs,
+            "steps_timed": self.steps,
+            "epochs_timed": epochs,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+            "evaluations": self.evaluations,
+            "train_images_per_s": train_ips,
+            "images_per_s_including_eval": total_ips,
+            "tencrop_crops_per_s": (
+                10 * self.evaluated_images / self.eval_seconds if self.eval_seconds > 0 else None
+            ),
+            "compile_seconds": compile_s,
+            "peak_device_memory_gib": _peak_device_memory_gib(device),
+            "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "flops_per_image": per_image,
+            "peak_tflops": peak or None,
+            "mfu_train": mfu(train_ips),
+            "mfu_including_eval": mfu(total_ips),
+            "projected_full_recipe_s": projected,
+            "wall_seconds": wall_seconds,
+        }
+
+
+def _model_flops(config: ml_collections.ConfigDict) -> dict[str, float] | None:
+    try:
+        return flops.model_flops_per_image(config.model)
+    except Exception as e:  # noqa: BLE001 - a failed count must not lose a finished run
+        logging.error("Could not count the model's FLOPs: %s: %s", type(e).__name__, e)
+        return None
+
+
+def _peak_device_memory_gib(device: jax.Device) -> float | None:
+    try:
+        stats = device.memory_stats() or {}
+    except (NotImplementedError, RuntimeError):  # not every backend reports memory
+        return None
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def _performance_scalars(performance: dict[str, Any]) -> dict[str, float]:
+    keys = (
+        "train_images_per_s",
+        "images_per_s_including_eval",
+        "tencrop_crops_per_s",
+        "mfu_train",
+        "mfu_including_eval",
+        "peak_device_memory_gib",
+        "projected_full_recipe_s",
+    )
+    out = {f"perf_{k}": performance[k] for k in keys if performance[k] is not None}
+    out.update({f"perf_compile_{k}_s": v for k, v in performance["compile_seconds"].items()})
+    return out
+
+
+def _log_parameter_count(params: Any) -> None:
+    sizes = {k: sum(np.size(x) for x in jax.tree.leaves(v)) for k, v in params.items()}
+    logging.info(
+        "%d parameters: %s", sum(sizes.values()), ", ".join(f"{k} {v}" for k, v in sizes.items())
+    )
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -1,16 +1,19 @@
-"""FER2013: parsing every distributed layout, bad input, and the TFDS builder (synthetic data)."""
+"""FER2013: parsing every layout, bad input, the TFDS builder and the files source (synthetic)."""
 
 from __future__ import annotations
 
 import gzip
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 import data_pipelines
-from data_pipelines import fer2013_csv, synthetic
+from data_pipelines import fer2013, fer2013_csv, files, synthetic
 from data_pipelines.errors import DataError
 
 ROWS = synthetic.fer2013_rows((12, 5, 4), seed=1)
@@ -153,7 +156,7 @@ def built(tmp_path_factory) -> pathlib.Path:
 
 def test_builder_is_registered_with_the_conventions():
     builder_cls = tfds.builder_cls("fer2013")
-    assert builder_cls.__module__ == "data_pipelines.fer2013"
+    assert builder_cls is fer2013.Fer2013
     assert str(builder_cls.VERSION) == "1.0.0"
     assert "fer2013.tar.gz" in builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS
 
@@ -183,23 +186,35 @@ def test_tfds_load_reads_the_built_dataset(built):
     assert images.shape == (5, 48, 48, 1)
 
 
-@pytest.mark.parametrize("layout", ["csv", "icml"])
-def test_other_layouts_build_the_same_dataset(tmp_path, built, layout):
-    synthetic.write_fer2013(tmp_path / "manual", _text(icml=layout == "icml"), layout)
-    data_pipelines.build("fer2013", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "manual")
-    for split in SPLIT_OF_USAGE.values():
-        a = data_pipelines.load_split("fer2013", split, tmp_path / "tfds")
-        b = data_pipelines.load_split("fer2013", split, built)
-        for key in ("image", "label", "index"):
-            np.testing.assert_array_equal(a[key], b[key])
+def _assert_same_arrays(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
-def test_failed_build_leaves_nothing_loadable(tmp_path):
+@pytest.mark.parametrize("layout", synthetic.LAYOUTS)
+def test_files_source_gives_the_arrays_of_the_built_dataset(tmp_path, layout):
+    manual = tmp_path / "manual"
+    synthetic.write_fer2013(manual, _text(icml=layout == "icml"), layout)
+    data_pipelines.build("fer2013", data_dir=tmp_path / "tfds", manual_dir=manual)
+    for usage, split in SPLIT_OF_USAGE.items():
+        built = data_pipelines.load_split("fer2013", split, tmp_path / "tfds")
+        _assert_same_arrays(files.load_split_from_files("fer2013", split, manual), built)
+        rows = np.flatnonzero(ROWS["usages"] == usage)
+        np.testing.assert_array_equal(built["index"], rows)
+        np.testing.assert_array_equal(built["image"][..., 0], ROWS["images"][rows])
+
+
+def test_bad_row_fails_build_and_files_source_alike_leaving_nothing_loadable(tmp_path):
     text = _replace_line(_text(), 20, _set_pixel(3, "999"))
     path = synthetic.write_fer2013(tmp_path / "manual", text, "csv")
     data_dir = tmp_path / "tfds"
-    with pytest.raises(DataError, match=rf"{path}, line 20: pixel 3 is 999"):
+    with pytest.raises(DataError, match=rf"{path}, line 20: pixel 3 is 999") as from_builder:
         data_pipelines.build("fer2013", data_dir=data_dir, manual_dir=tmp_path / "manual")
+    with pytest.raises(DataError) as from_files:
+        files.load_split_from_files("fer2013", "private_test", tmp_path / "manual")
+    assert str(from_files.value) == str(from_builder.value)
     assert not tfds.builder("fer2013", data_dir=data_dir).is_prepared()
     with pytest.raises(Exception, match="fer2013"):
         tfds.load("fer2013", split="train", data_dir=data_dir, download=False)
@@ -207,7 +222,7 @@ def test_failed_build_leaves_nothing_loadable(tmp_path):
         data_pipelines.load_arrays("fer2013", "train", data_dir)
 
 
-def test_missing_manual_file_gives_instructions_and_expected_paths(tmp_path):
+def test_missing_manual_file_gives_instructions_and_expected_paths_in_both_sources(tmp_path):
     (tmp_path / "manual").mkdir()
     (tmp_path / "manual" / "README").write_text("not the data")
     with pytest.raises(FileNotFoundError) as e:
@@ -216,6 +231,13 @@ def test_missing_manual_file_gives_instructions_and_expected_paths(tmp_path):
     assert "kaggle.com" in str(e.value)
     with pytest.raises(FileNotFoundError, match="kaggle.com"):
         data_pipelines.build("fer2013", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "none")
+    for manual in (tmp_path / "manual", tmp_path / "none"):
+        with pytest.raises(FileNotFoundError) as e:
+            files.load_split_from_files("fer2013", "train", manual)
+        assert f"No FER2013 file in {manual}: expected one of {manual / 'fer2013.csv'}" in str(
+            e.value
+        )
+        assert "kaggle.com" in str(e.value) and "--config.manual_dir" in str(e.value)
 
 
 def test_load_arrays_of_unbuilt_dataset_gives_instructions(tmp_path):
@@ -241,3 +263,58 @@ def test_pipelines_on_a_built_split_with_indices(built):
         ).as_numpy_iterator()
     )
     np.testing.assert_array_equal(first["label"], labels[indices][first["index"]])
+
+
+# --- The files source. -----------------------------------------------------------------------
+
+
+def test_files_source_parses_the_file_once_for_all_splits_and_again_when_it_changes(
+    tmp_path, monkeypatch
+):
+    path = synthetic.write_fer2013(tmp_path, _text(), "csv")
+    parsed = []
+    read = fer2013_csv.read_fer2013
+    monkeypatch.setattr(fer2013_csv, "read_fer2013", lambda p: parsed.append(p) or read(p))
+    for split in SPLIT_OF_USAGE.values():
+        files.load_split_from_files("fer2013", split, tmp_path)
+    first = files.load_split_from_files("fer2013", "train", tmp_path)
+    assert parsed == [path]
+    first["label"][:] = 6  # The caller's own arrays: the cache is untouched.
+    np.testing.assert_array_equal(
+        files.load_split_from_files("fer2013", "train", tmp_path)["label"],
+        ROWS["labels"][ROWS["usages"] == "Training"],
+    )
+    other = synthetic.fer2013_rows((3, 1, 1), seed=5)
+    path.write_text(synthetic.fer2013_csv_text(other["images"], other["labels"], other["usages"]))
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))  # Even on coarse mtime clocks.
+    again = files.load_split_from_files("fer2013", "public_test", tmp_path)
+    assert len(parsed) == 2
+    np.testing.assert_array_equal(again["label"], other["labels"][other["usages"] == "PublicTest"])
+
+
+def test_files_source_rejects_unknown_splits_and_datasets(tmp_path):
+    synthetic.write_fer2013(tmp_path, _text(), "csv")
+    with pytest.raises(ValueError, match="fer2013 has no split 'test'; its splits are train, "):
+        files.load_split_from_files("fer2013", "test", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'fer2014', expected one of fer2013, "):
+        files.load_split_from_files("fer2014", "train", tmp_path)
+
+
+def test_tfds_then_package_import_registers_the_builders_and_hides_gpus():
+    """As `tfds build fer2013 --imports=data_pipelines` does: TFDS first, then the package."""
+    code = (
+        "import importlib, tensorflow as tf, tensorflow_datasets as tfds\n"
+        "hidden = []\n"
+        "tf.config.set_visible_devices = lambda devices, kind: hidden.append((devices, kind))\n"
+        "importlib.import_module('data_pipelines')\n"
+        "print(tfds.builder_cls('fer2013').__module__, tfds.builder_cls('jaffe').__module__)\n"
+        "print(hidden)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "data_pipelines.fer2013 data_pipelines.jaffe",
+        "[([], 'GPU')]",
+    ]

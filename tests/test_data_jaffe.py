@@ -1,9 +1,10 @@
-"""JAFFE: file names, directory walking, TIFF reading, face crops and the TFDS builder."""
+"""JAFFE: file names, directory walking, TIFF reading, face crops, TFDS builder, files source."""
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import shutil
 
 import cv2
 import numpy as np
@@ -12,7 +13,7 @@ import tensorflow_datasets as tfds
 from skimage import data as skimage_data
 
 import data_pipelines
-from data_pipelines import faces, jaffe_files, synthetic
+from data_pipelines import faces, files, jaffe, jaffe_files, synthetic
 from data_pipelines.errors import DataError
 
 
@@ -139,11 +140,16 @@ def jaffe_manual(tmp_path_factory, face_photo) -> pathlib.Path:
     return root
 
 
+FALLBACK_WARNING = "JAFFE: no face detected in 1 of 5 images, used the centre crop: YM.NE3.51.tiff"
+
+
 def test_builder_builds_faces_labels_subjects(tmp_path, jaffe_manual, face_photo, caplog):
-    with caplog.at_level(logging.INFO, logger="data_pipelines.jaffe"):
-        data_pipelines.build("jaffe", data_dir=tmp_path, manual_dir=jaffe_manual)
-    assert "no face detected in 1 of 5 images" in caplog.text
-    assert "YM.NE3.51.tiff" in caplog.text
+    manual = tmp_path / "manual"  # Not yet read in this process: the build logs the fallback.
+    shutil.copytree(jaffe_manual, manual)
+    with caplog.at_level(logging.INFO, logger="data_pipelines.files"):
+        data_pipelines.build("jaffe", data_dir=tmp_path, manual_dir=manual)
+    assert FALLBACK_WARNING in caplog.messages
+    assert tfds.builder_cls("jaffe") is jaffe.Jaffe
     info = tfds.builder("jaffe", data_dir=tmp_path).info
     assert list(info.splits) == ["train"]
     assert info.features["label"].names == list(data_pipelines.CLASS_NAMES)
@@ -165,6 +171,27 @@ def test_builder_builds_faces_labels_subjects(tmp_path, jaffe_manual, face_photo
     np.testing.assert_array_equal(ex["image"][4, ..., 0], faces.centre_crop_face(_blank(40)))
     images, labels = data_pipelines.load_arrays("jaffe", "train", tmp_path)
     np.testing.assert_array_equal(labels, [0, 3, 5, 1, 6])
+    from_files = files.load_split_from_files("jaffe", "train", manual)
+    assert sorted(from_files) == sorted(ex)
+    for key, value in ex.items():
+        assert from_files[key].dtype == value.dtype and from_files[key].shape == value.shape
+        np.testing.assert_array_equal(from_files[key], value, err_msg=key)
+
+
+def test_files_source_logs_the_fallback_once_and_returns_the_callers_own_arrays(
+    tmp_path, jaffe_manual, caplog
+):
+    manual = tmp_path / "manual"
+    shutil.copytree(jaffe_manual, manual)
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.files"):
+        first = files.load_split_from_files("jaffe", "train", manual)
+        first["image"][:] = 0
+        second = files.load_split_from_files("jaffe", "train", manual)  # Cached.
+    assert caplog.messages == [FALLBACK_WARNING]
+    assert second["image"].any()
+    np.testing.assert_array_equal(second["face_detected"], [True, True, True, True, False])
+    with pytest.raises(ValueError, match="jaffe has no split 'test'; its splits are train"):
+        files.load_split_from_files("jaffe", "test", manual)
 
 
 def test_failed_build_names_the_bad_tiff_and_leaves_nothing(tmp_path, jaffe_manual):
@@ -173,15 +200,24 @@ def test_failed_build_names_the_bad_tiff_and_leaves_nothing(tmp_path, jaffe_manu
         _touch(manual / path.name, path.read_bytes())
     bad = manual / "KL.SU1.164.tiff"
     bad.write_bytes(bad.read_bytes()[:5000])
-    with pytest.raises(DataError, match=r"KL.SU1.164.tiff: unreadable or truncated image"):
+    with pytest.raises(DataError, match=r"KL.SU1.164.tiff: unreadable or truncated image") as e:
         data_pipelines.build("jaffe", data_dir=tmp_path / "tfds", manual_dir=manual)
+    with pytest.raises(DataError) as from_files:
+        files.load_split_from_files("jaffe", "train", manual)
+    assert str(from_files.value) == str(e.value)
     assert not tfds.builder("jaffe", data_dir=tmp_path / "tfds").is_prepared()
     with pytest.raises(FileNotFoundError, match="zenodo"):
         data_pipelines.load_split("jaffe", "train", tmp_path / "tfds")
 
 
-def test_missing_jaffe_gives_instructions(tmp_path):
-    (tmp_path / "manual").mkdir()
-    (tmp_path / "manual" / "notes.txt").write_text("x")
+def test_missing_jaffe_gives_instructions_in_both_sources(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "notes.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match=r"(?s)No JAFFE images.*jaffedbase/"):
-        data_pipelines.build("jaffe", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "manual")
+        data_pipelines.build("jaffe", data_dir=tmp_path / "tfds", manual_dir=manual)
+    for directory in (manual, tmp_path / "none"):
+        with pytest.raises(FileNotFoundError) as e:
+            files.load_split_from_files("jaffe", "train", directory)
+        assert f"No JAFFE images (*.tiff) under {directory}" in str(e.value)
+        assert "zenodo" in str(e.value) and "--config.manual_dir" in str(e.value)

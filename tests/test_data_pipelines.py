@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -229,3 +231,35 @@ def test_bad_arguments():
 def test_tensorflow_sees_no_gpu():
     assert tf.config.get_visible_devices("GPU") == []
     assert pipelines.normalizer("unit")(tf.constant([255], tf.uint8)).numpy()[0] == 1.0
+
+
+# --- The package's TensorFlow names. -----------------------------------------------------------
+
+
+def test_tensorflow_names_import_on_first_use_and_hide_the_gpus_first():
+    code = (
+        "import sys, data_pipelines\n"
+        "assert 'tensorflow' not in sys.modules\n"
+        "import tensorflow as tf\n"
+        "hidden = []\n"
+        "tf.config.set_visible_devices = lambda devices, kind: hidden.append((devices, kind))\n"
+        "from data_pipelines import train_dataset_from_arrays\n"
+        "print(train_dataset_from_arrays.__module__, data_pipelines.load_split.__module__)\n"
+        "print(hidden)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "data_pipelines.pipelines data_pipelines.loading",
+        "[([], 'GPU')]",
+    ]
+
+
+def test_package_attributes():
+    assert data_pipelines.eval_dataset_from_arrays is pipelines.eval_dataset_from_arrays
+    assert {"build", "load_split", "load_split_from_files"} <= set(dir(data_pipelines))
+    assert set(data_pipelines.__all__) <= set(dir(data_pipelines))
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        data_pipelines.no_such_name  # noqa: B018

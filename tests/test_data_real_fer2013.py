@@ -1,4 +1,5 @@
-"""The real FER2013 builds with the exact per-split, per-class counts (not in the default run).
+"""The real FER2013 builds with the exact per-split, per-class counts, and the files source gives
+the same arrays (not in the default run).
 
 Run with `python3 -m pytest -m real_data tests/test_data_real_fer2013.py -s`. The data comes from
 $FER2013_DIR (a directory holding fer2013.csv, fer2013.tar.gz or icml_face_data.csv, or the
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import data_pipelines
-from data_pipelines import fer2013_csv
+from data_pipelines import fer2013_csv, files
 
 COMPACT = "fer2013-compact.bin.xz"
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013"
@@ -61,3 +62,7 @@ def test_real_fer2013_builds_with_the_documented_counts(tmp_path):
         black = int((arrays["image"].reshape(len(arrays["image"]), -1).max(axis=1) == 0).sum())
         assert black == BLACK_IMAGES[split]
         assert np.all(np.diff(arrays["index"]) > 0)  # CSV row order.
+        from_files = files.load_split_from_files("fer2013", split, manual_dir)
+        for key, value in arrays.items():
+            assert from_files[key].dtype == value.dtype
+            np.testing.assert_array_equal(from_files[key], value)

@@ -1,4 +1,4 @@
-"""experiments/: tables, curves, benchmark and GPU-run helpers on fabricated inputs."""
+"""experiments/: tables, curves, benchmark, FLOPs and run summaries on fabricated inputs."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ import pytest
 from experiments import (
     asoftmax_collapse,
     benchmark,
-    flops,
-    gpu_run,
     paper_tables,
-    provenance,
     tb_curves,
 )
-from fer_jax import evaluate
+from fer_jax import evaluate, flops
 
 RNG = np.random.default_rng(0)
 
@@ -220,85 +217,106 @@ def test_model_flops_match_the_papers_network():
     assert counts["train"] == 3 * counts["forward"]
 
 
-def test_gpu_run_batches_equal_the_tf_data_pipeline():
-    import jax.numpy as jnp
-
-    import data_pipelines
-
-    images = RNG.integers(0, 256, (150, 48, 48, 1), dtype=np.uint8)
-    labels = RNG.integers(0, 7, 150).astype(np.int32)
-    ref = list(
-        data_pipelines.train_dataset_from_arrays(
-            images, labels, batch_size=32, seed=3, num_epochs=2
-        ).as_numpy_iterator()
-    )
-    for epoch in range(2):
-        plan = gpu_run.epoch_plan(150, 32, 3, epoch)
-        theirs = data_pipelines.epoch_plan(150, 32, seed=3, epoch=epoch)
-        assert all(np.array_equal(plan[k], theirs[k]) for k in theirs)
-        for step in range(150 // 32):
-            row = {k: jnp.asarray(v[step]) for k, v in plan.items()}
-            batch = gpu_run.gather_batch(jnp.asarray(images.reshape(-1)), jnp.asarray(labels), row)
-            expected = ref[epoch * (150 // 32) + step]
-            np.testing.assert_array_equal(np.asarray(batch["image"]), expected["image"])
-            np.testing.assert_array_equal(np.asarray(batch["label"]), expected["label"])
+def test_peak_tflops_matches_the_most_specific_device_kind():
+    assert flops.peak_tflops("NVIDIA H200") == 989.0
+    assert flops.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert flops.peak_tflops("nvidia h100 pcie") == 756.0  # not the SXM part's 989
+    assert flops.peak_tflops("NVIDIA L40S") == 362.0  # not the L4's 121
+    assert flops.peak_tflops("TPU v5 lite") == 197.0  # not v5p's 459
+    assert flops.peak_tflops("cpu") is None
+    assert flops.peak_tflops("Some Future Accelerator") is None
 
 
-def test_gpu_run_config_overrides_and_summary_markdown():
-    from configs import fer2013
+PERFORMANCE = {
+    "platform": "gpu",
+    "device_kind": "NVIDIA H200",
+    "num_devices": 1,
+    "input_pipeline": "device",
+    "steps_per_dispatch": 64,
+    "half_precision": True,
+    "batch_size": 64,
+    "steps_per_epoch": 448,
+    "num_epochs": 300,
+    "eval_every_epochs": 1,
+    "steps_timed": 1792,
+    "epochs_timed": 4.0,
+    "train_seconds": 8.2,
+    "eval_seconds": 2.4,
+    "evaluations": 4,
+    "train_images_per_s": 14000.0,
+    "images_per_s_including_eval": 11000.0,
+    "tencrop_crops_per_s": 130000.0,
+    "compile_seconds": {"train": 25.0, "eval": None},
+    "peak_device_memory_gib": 9.9,
+    "host_peak_rss_gib": 3.1,
+    "flops_per_image": {"forward": 2.19e9, "train": 6.58e9},
+    "peak_tflops": 989.0,
+    "mfu_train": 0.093,
+    "mfu_including_eval": 0.073,
+    "projected_full_recipe_s": 821.0,
+    "wall_seconds": 60.0,
+}
 
-    mods = {"config": fer2013}
-    args = gpu_run.parse_args(
-        [
-            "--width=8",
-            "--epochs=3",
-            "--dtype=float32",
-            "--set",
-            "optimizer.learning_rate=0.05",
-            "--set",
-            "model.dropout_rate=0.1",
-        ]
-    )
-    config = gpu_run.build_config(mods, args)
-    assert (config.model.width, config.num_epochs, config.half_precision) == (8, 3, False)
-    assert config.optimizer.learning_rate == 0.05 and config.model.dropout_rate == 0.1
-    with pytest.raises(KeyError):
-        gpu_run.build_config(mods, gpu_run.parse_args(["--set", "optimizer.nope=1"]))
-    assert gpu_run.largest_divisor_at_most(448, 64) == 64
-    assert gpu_run.largest_divisor_at_most(448, 60) == 56
 
-    prov = provenance.provenance()
-    prov["hardware"]["jax_devices"] = ["cuda:0"]
-    summary = {
-        "provenance": prov,
-        "args": vars(args),
-        "config": json.loads(config.to_json()),
-        "steps_per_call": 64,
-        "epochs_done": 2.5,
-        "stop_reason": "wall-clock budget (600 s)",
-        "phases_s": {
-            "restore_csv_s": 14.0,
-            "parse_csv_s": 4.0,
-            "compile_train_s": 25.0,
-            "compile_eval_s": 20.0,
+def _write_device_run(workdir: str) -> dict:
+    """A fer_jax.main workdir with a performance block, config.json and per-epoch evals."""
+    results = _write_run(workdir, cv=False)
+    results["performance"] = PERFORMANCE
+    evaluate.write_json(os.path.join(workdir, "results.json"), results)
+    evaluate.write_json(
+        os.path.join(workdir, "config.json"),
+        {
+            "model": {"width": 64, "cbam": "channel_first", "head": "a_softmax"},
+            "half_precision": True,
+            "select_split": "public_test",
+            "report_split": "private_test",
         },
-        "train_images_per_s": 14000.0,
-        "images_per_s_including_eval": 11000.0,
-        "flops": {"analytic_train_per_image": 6.58e9, "xla_train_per_image": None},
-        "peak_tflops": 989.0,
-        "mfu_train": 0.093,
-        "mfu_including_eval": 0.073,
-        "tencrop_eval": {"crops_per_s": 130000.0, "eval_batch_size": 600, "seconds_median": 0.3},
-        "selected": {"epoch": 2, "public_test_accuracy": 0.5, "private_test_accuracy": 0.51},
-        "evaluated_examples": {"public_test": 3589, "private_test": 3589},
-        "projected_full_recipe_s": 821.0,
-        "memory": {"device_peak_gib": 9.9},
-        "wall_s": 470.0,
-    }
-    md = gpu_run.markdown(summary, provenance)
-    assert "| training images/s | 14,000 |" in md
-    assert "| **PrivateTest acc. (chosen on PublicTest)** | **51.00%** |" in md
-    assert "9.3%, 7.3%" in md and "6.58 G, n/a" in md
+    )
+    for epoch, acc in enumerate([0.4, 0.6, 0.7, 0.7], start=1):  # epoch 3 is the first best
+        evaluate.write_json(
+            os.path.join(workdir, "eval", f"public_test_epoch{epoch:03d}.json"),
+            {"accuracy": acc, "loss": 2.0 - acc},
+        )
+    return results
+
+
+def test_run_summary_reports_speed_mfu_and_the_private_accuracy_chosen_on_public(tmp_path):
+    from experiments import run_summary
+
+    results = _write_device_run(str(tmp_path / "run"))
+    out = tmp_path / "summary"
+    summary = run_summary.main([str(tmp_path / "run"), f"--out={out}"])
+    md = (out / "summary.md").read_text()
+    acc = results["private_test"]["accuracy"]
+    assert f"| **PrivateTest acc. (chosen on PublicTest)** | **{100 * acc:.2f}%** |" in md
+    assert "| PublicTest acc. of selected epoch | 70.00% (epoch 4, step 56) |" in md
+    assert "| device | 1 x NVIDIA H200 (gpu) |" in md
+    assert "| model | width 64, cbam channel_first, head a_softmax, bf16 |" in md
+    assert "| input pipeline / steps per dispatch | device / 64 |" in md
+    assert (
+        "| training images/s | 14,000 |" in md and "| compile (train, eval) | 25.0 s, n/a |" in md
+    )
+    assert "| MFU vs 989 TFLOP/s peak (train, incl. eval) | 9.3%, 7.3% |" in md
+    assert "821 s (13.7 min)" in md and "Interrupted" not in md and "git commit" in md
+    saved = json.load(open(out / "summary.json"))
+    assert saved["performance"] == PERFORMANCE and saved["report_accuracy"] == acc
+    assert [r["epoch"] for r in saved["evaluations"]] == [1, 2, 3, 4]
+    assert summary["final_train"]["train_loss"] == pytest.approx(2.0 / 8)
+    assert os.path.getsize(out / "curves.png") > 1000
+
+
+def test_run_summary_of_an_interrupted_run_uses_the_eval_jsons(tmp_path):
+    from experiments import run_summary
+
+    _write_device_run(str(tmp_path))
+    os.remove(tmp_path / "results.json")
+    summary = run_summary.write_summary(str(tmp_path))
+    md = (tmp_path / "summary.md").read_text()
+    assert not summary["complete"] and "Interrupted run" in md
+    assert (summary["selected_epoch"], summary["select_accuracy"]) == (3, 0.7)  # first best
+    assert "| PublicTest acc. of selected epoch | 70.00% (epoch 3) |" in md
+    assert "| **PrivateTest acc. (chosen on PublicTest)** | n/a |" in md
+    assert "| training images/s | n/a |" in md
 
 
 def test_benchmark_markdown_puts_the_contestants_side_by_side():

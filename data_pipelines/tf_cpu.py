@@ -1,0 +1,24 @@
+"""TensorFlow for this package's tf.data pipelines and TFDS builders, with every GPU hidden.
+
+JAX owns the accelerator; tf.data runs on the CPU. Every module of this package that uses
+TensorFlow (`pipelines`, `loading`, the builders `fer2013` and `jaffe`) imports it through this
+module, so the GPUs are hidden from TensorFlow before it can touch them, whichever is first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tensorflow as tf
+
+
+def _hide_gpus_from_tensorflow() -> None:
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError) as e:  # TensorFlow had already initialised its devices.
+        logging.getLogger(__name__).warning("Could not hide GPUs from TensorFlow: %s", e)
+
+
+_hide_gpus_from_tensorflow()
+
+__all__ = ["tf"]

@@ -1,0 +1,231 @@
+"""Training and evaluation input that lives on the accelerator(s): no host pipeline per step.
+
+The uint8 training set goes to the devices once, split over them along the example axis. Each
+epoch's plan (`data_pipelines.plan.epoch_plan`: permutation, crop offsets, flips; the same
+function of (seed, epoch) that the tf.data pipeline uses) is sent per dispatch as small int32
+arrays, and the compiled step gathers the crops on the device and runs `len(plan)` training
+steps in one call (`lax.scan`). Under data parallelism every device gathers the crops of the
+global batch whose images it holds, and one `psum_scatter` hands each device its contiguous
+slice of the batch (the rows the tf.data pipeline would have given it), so both input modes
+train on exactly the same batches.
+
+Evaluation splits go to the devices once too, padded to whole batches of `eval_batch_size`
+(split over the devices along the batch axis), and a whole split is evaluated in one call,
+ten crops gathered per image on the device (`data_pipelines.crops` order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines.crops import CROP_SIZE, ten_crop_pixel_indices
+from data_pipelines.plan import check_arrays, normalize_affine
+from fer_jax.parallel import DataParallel
+
+PLAN_KEYS = ("index", "top", "left", "flip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static facts the compiled functions need: image shape, crop, normalisation."""
+
+    height: int
+    width: int
+    channels: int
+    crop: int
+    scale: float
+    offset: float
+    rows_per_device: int  # training examples held by each device (the last padded)
+
+
+def layout_of(images_shape: tuple[int, ...], normalize: Any, crop: int, num_devices: int) -> Layout:
+    """The `Layout` of `(N, H, W, C)` images split over `num_devices`."""
+    n, height, width, channels = images_shape
+    scale, offset = normalize_affine(normalize)
+    rows = -(-n // num_devices)
+    return Layout(height, width, channels, crop, scale, offset, rows)
+
+
+@dataclasses.dataclass
+class TrainArrays:
+    """The training set on the devices: 'images' (N', H * W, C) uint8 split over the devices
+    along N' (N padded to a multiple of the device count), 'labels' (N',) int32 replicated."""
+
+    images: Any
+    labels: Any
+    num_examples: int
+    layout: Layout
+
+
+def put_train_arrays(
+    parallel: DataParallel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    normalize: Any = "unit",
+    crop: int = CROP_SIZE,
+) -> TrainArrays:
+    """Sends `images (N, H, W, C) uint8` and `labels (N,)` to the devices, once."""
+    images, labels = check_arrays(images, labels)
+    n, height, width, channels = images.shape
+    devices = parallel.num_devices
+    padded = -(-n // devices) * devices
+    flat = np.zeros((padded, height * width, channels), np.uint8)
+    flat[:n] = images.reshape(n, height * width, channels)
+    padded_labels = np.zeros(padded, np.int32)
+    padded_labels[:n] = labels
+    layout = layout_of(images.shape, normalize, crop, devices)
+    return TrainArrays(
+        images=parallel.place(flat, 0),
+        labels=parallel.place(padded_labels, None),
+        num_examples=n,
+        layout=layout,
+    )
+
+
+def plan_chunk(plan: dict[str, np.ndarray], start: int, length: int) -> dict[str, np.ndarray]:
+    """Steps [start, start + length) of an epoch plan as int32 arrays `(length, B)`."""
+    return {k: plan[k][start : start + length].astype(np.int32) for k in PLAN_KEYS}
+
+
+def _crop_offsets(layout: Layout) -> np.ndarray:
+    """(2, c, c) flat pixel offsets of a crop from its top-left pixel: plain, then mirrored."""
+    c, w = layout.crop, layout.width
+    i, j = np.mgrid[:c, :c]
+    return np.stack([i * w + j, i * w + c - 1 - j]).astype(np.int32)
+
+
+def gather_train_batch(
+    images: jax.Array,
+    labels: jax.Array,
+    row: dict[str, jax.Array],
+    layout: Layout,
+    axis_name: str | None,
+) -> dict[str, jax.Array]:
+    """One step's batch on this device from its shard of the training set.
+
+    Args:
+      images: (rows_per_device, H * W, C) uint8, this device's examples.
+      labels: (N',) int32, all labels.
+      row: one plan step, each (B,) int32 over the global batch ('flip' 0/1).
+      layout: shapes and normalisation.
+      axis_name: the data-parallel axis, or None on one device.
+
+    Returns:
+      {'image': (B / D, c, c, C) float32, 'label': (B / D,) int32}: this device's slice of
+      the global batch (rows d * B / D ... in device order), normalised.
+    """
+    offsets = jnp.asarray(_crop_offsets(layout))
+    index = row["index"]
+    corner = row["top"] * layout.width + row["left"]
+    pixels = corner[:, None, None] + offsets[row["flip"]]  # (B, c, c)
+    if axis_name is None:
+        crops = images[index[:, None, None], pixels].astype(jnp.float32)
+        batch_labels = labels[index]
+    else:
+        device = jax.lax.axis_index(axis_name)
+        local = index - device * layout.rows_per_device
+        mine = (local >= 0) & (local < layout.rows_per_device)
+        local = jnp.clip(local, 0, layout.rows_per_device - 1)
+        crops = images[local[:, None, None], pixels].astype(jnp.float32)
+        crops = jnp.where(mine[:, None, None, None], crops, 0.0)
+        # Exactly one device holds each image: the sum is that device's crop, exactly.
+        crops = jax.lax.psum_scatter(crops, axis_name, scatter_dimension=0, tiled=True)
+        per_device = index.shape[0] // jax.lax.psum(1, axis_name)
+        my_rows = jax.lax.dynamic_slice_in_dim(index, device * per_device, per_device)
+        batch_labels = labels[my_rows]
+    return {"image": crops * layout.scale + layout.offset, "label": batch_labels}
+
+
+def train_chunk_fn(
+    train_step: Callable[..., tuple[Any, dict[str, jax.Array]]], layout: Layout
+) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
+    """`chunk(state, images, labels, plan, *, axis_name) -> (state, metrics (L,) each)`:
+    `train_step(state, batch, axis_name=...)` once per plan row, batches gathered on the
+    device; for `DataParallel.compile(..., split_axes=(0, None, None))`."""
+
+    def chunk(state, images, labels, plan, *, axis_name):
+        def body(state, row):
+            batch = gather_train_batch(images, labels, row, layout, axis_name)
+            return train_step(state, batch, axis_name=axis_name)
+
+        if plan["index"].shape[0] == 1:  # no loop: XLA:CPU runs loop bodies more slowly
+            state, metrics = body(state, jax.tree.map(lambda x: x[0], plan))
+            return state, jax.tree.map(lambda x: x[None], metrics)
+        return jax.lax.scan(body, state, plan)
+
+    return chunk
+
+
+@dataclasses.dataclass
+class EvalArrays:
+    """A split on the devices: 'images' (S, EB, H * W, C) uint8, 'labels' (S, EB) int32 and
+    'mask' (S, EB) bool (False on padding), split over the devices along EB."""
+
+    images: Any
+    labels: Any
+    mask: Any
+    num_examples: int
+    layout: Layout
+
+
+def put_eval_arrays(
+    parallel: DataParallel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    normalize: Any = "unit",
+    crop: int = CROP_SIZE,
+) -> EvalArrays:
+    """Sends a split to the devices as whole padded batches of `batch_size`, once."""
+    images, labels = check_arrays(images, labels)
+    n, height, width, channels = images.shape
+    steps = -(-n // batch_size)
+    flat = np.zeros((steps * batch_size, height * width, channels), np.uint8)
+    flat[:n] = images.reshape(n, height * width, channels)
+    padded = np.zeros(steps * batch_size, np.int32)
+    padded[:n] = labels
+    mask = np.arange(steps * batch_size) < n
+    shape = (steps, batch_size)
+    return EvalArrays(
+        images=parallel.place(flat.reshape(shape + flat.shape[1:]), 1),
+        labels=parallel.place(padded.reshape(shape), 1),
+        mask=parallel.place(mask.reshape(shape), 1),
+        num_examples=n,
+        layout=layout_of(images.shape, normalize, crop, parallel.num_devices),
+    )
+
+
+def eval_split_fn(
+    eval_step: Callable[..., dict[str, jax.Array]],
+    layout: Layout,
+    num_classes: int,
+) -> Callable[..., dict[str, jax.Array]]:
+    """`evaluate(state, images, labels, mask, *, axis_name)` -> `eval_step`'s sums over the
+    whole split (confusion, loss, count), ten crops gathered on the device."""
+    pixels = ten_crop_pixel_indices(layout.height, layout.width, layout.crop).astype(np.int32)
+
+    def evaluate(state, images, labels, mask, *, axis_name):
+        def body(total, xs):
+            x, y, m = xs
+            crops = x[:, jnp.asarray(pixels)].astype(jnp.float32)  # (b, 10, c, c, C)
+            batch = {"image": crops * layout.scale + layout.offset, "label": y, "mask": m}
+            out = eval_step(state, batch, axis_name=axis_name)
+            return jax.tree.map(jnp.add, total, out), None
+
+        zero = {
+            "confusion": jnp.zeros((num_classes, num_classes), jnp.float32),
+            "loss": jnp.zeros((), jnp.float32),
+            "count": jnp.zeros((), jnp.float32),
+        }
+        total, _ = jax.lax.scan(body, zero, (images, labels, mask))
+        return total
+
+    return evaluate
