@@ -8,12 +8,18 @@ Layout of a workdir:
 (JSON) the model description and the data position (epoch, step in epoch). Orbax writes each
 checkpoint to a temporary directory and renames it when complete, so a process killed at any
 moment leaves either a whole checkpoint or none; an unreadable one is reported and skipped.
+
+Multi-process runs (`jax.distributed`): every process calls the same saves and restores with
+the same host state; Orbax writes each checkpoint once, from process 0, into the workdir that
+all processes share (`prepare_workdir` checks that they do), and every restore checks that
+all processes got the same checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -42,7 +48,8 @@ class Restored:
 
 
 def prepare_workdir(workdir: str) -> str:
-    """Creates `workdir` if needed and checks that it is writable; returns its absolute path."""
+    """Creates `workdir` if needed and checks that it is writable (and, with several processes,
+    shared by all of them); returns its absolute path."""
     path = os.path.abspath(os.path.expanduser(workdir))
     try:
         os.makedirs(path, exist_ok=True)
@@ -50,7 +57,51 @@ def prepare_workdir(workdir: str) -> str:
             pass
     except OSError as e:
         raise PermissionError(f"workdir {path} is not writable: {e}") from e
+    if jax.process_count() > 1:
+        _check_shared(path)
     return path
+
+
+def _check_shared(path: str) -> None:
+    """Raises unless every process sees a file that process 0 creates in `path`.
+
+    Orbax writes checkpoints from process 0 alone and every process reads them back: on
+    per-host directories the other processes would silently start over instead of resuming.
+    """
+    from jax.experimental import multihost_utils
+
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    probe = os.path.join(path, f".shared_probe_{token}")
+    if jax.process_index() == 0:
+        with open(probe, "w"):
+            pass
+    multihost_utils.sync_global_devices(f"fer_jax.checkpoint shared workdir {token}")
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(os.path.exists(probe))))
+    if jax.process_index() == 0:
+        os.remove(probe)
+    blind = np.flatnonzero(seen == 0).tolist()
+    if blind:
+        raise PermissionError(
+            f"workdir {path} is not shared by all processes: process(es) {blind} do not see "
+            "the files of process 0 there. Use a directory on a filesystem that all hosts mount."
+        )
+
+
+def _check_same_checkpoint(kind: int, step: int | None, what: str) -> None:
+    """With several processes, raises unless all restored the same checkpoint (`kind`: which
+    directory, `step`: which step; None: none) of `what`, instead of training apart."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.array([kind, -1 if step is None else step], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    if not (every == every[0]).all():
+        found = {p: (None if s < 0 else int(s)) for p, (_, s) in enumerate(every)}
+        raise CheckpointError(
+            f"processes restored different checkpoints of {what} (process: step {found}); "
+            "is the directory shared, and the same, on every host?"
+        )
 
 
 def _to_tree(state: Any) -> dict[str, Any]:
@@ -102,7 +153,16 @@ def _check_model(meta: Mapping[str, Any], model_config: Mapping[str, Any], sourc
 
 
 def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    # With several processes Orbax synchronises each save through barriers named after the
+    # step ('_async_write_complete.<step>'): the latest and best managers, both saving step N
+    # at once, would wait at the same barriers and fail. A prefix per directory name
+    # ('checkpoints', 'best') keeps them apart (the same on every host, whatever its mounts).
+    prefix = os.path.basename(os.path.normpath(directory))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix),
+    )
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
@@ -165,7 +225,10 @@ class Checkpoints:
 
     def restore_latest(self, template: Any) -> Restored | None:
         """The newest readable checkpoint as a host state like `template`, or None."""
-        return _restore_newest(self.latest, template, self.model_config, "latest")
+        restored = _restore_newest(self.latest, template, self.model_config, "latest")
+        step = None if restored is None else restored.step
+        _check_same_checkpoint(0, step, f"{self.latest.directory} (resuming)")
+        return restored
 
     def close(self) -> None:
         for manager in (self.latest, self.best):
@@ -175,7 +238,8 @@ class Checkpoints:
 
 def restore_best_or_latest(workdir: str, template: Any) -> Restored:
     """The best checkpoint of a finished run, else its latest one (no selection split)."""
-    for sub in ("best", "checkpoints"):
+    restored, kind = None, -1
+    for i, sub in enumerate(("best", "checkpoints")):
         directory = os.path.join(workdir, sub)
         if not os.path.isdir(directory):
             continue
@@ -186,8 +250,12 @@ def restore_best_or_latest(workdir: str, template: Any) -> Restored:
         finally:
             manager.close()
         if restored is not None:
-            return restored
-    raise CheckpointError(f"no readable checkpoint in {workdir}")
+            kind = i
+            break
+    _check_same_checkpoint(kind, None if restored is None else restored.step, workdir)
+    if restored is None:
+        raise CheckpointError(f"no readable checkpoint in {workdir}")
+    return restored
 
 
 def _read_any_meta(manager: ocp.CheckpointManager) -> dict[str, Any]:
@@ -223,6 +291,7 @@ def _resolve(path: str) -> tuple[ocp.CheckpointManager, int | None]:
 def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     """`(variables {'params', 'batch_stats'} as numpy, meta, source)` from a run or checkpoint."""
     manager, step = _resolve(path)
+    found = None
     try:
         steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
         for s in steps:
@@ -235,10 +304,15 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
                 )
                 continue
             variables = {k: jax.device_get(tree[k]) for k in ("params", "batch_stats")}
-            return variables, meta, source
+            found = (s, (variables, meta, source))
+            break
     finally:
         manager.close()
-    raise CheckpointError(f"no readable checkpoint at {path}")
+    kind = int(os.path.basename(os.path.normpath(str(manager.directory))) == "best")
+    _check_same_checkpoint(kind, None if found is None else found[0], path)
+    if found is None:
+        raise CheckpointError(f"no readable checkpoint at {path}")
+    return found[1]
 
 
 def init_from(path: str, template: Any, config: ml_collections.ConfigDict) -> Any:

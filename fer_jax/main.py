@@ -33,10 +33,37 @@ flags.DEFINE_string(
 flags.DEFINE_bool(
     "multihost",
     False,
-    "Call jax.distributed.initialize() first (multi-process runs; see README).",
+    "Call jax.distributed.initialize() first (multi-process runs; see README). Every process "
+    "runs the same command (same config and workdir, on a filesystem all of them share).",
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "--multihost: host:port of process 0's coordinator service, e.g. 10.0.0.1:1234 (default: "
+    "detected on Slurm, Open MPI, Cloud TPU, ...).",
+)
+flags.DEFINE_integer("num_processes", None, "--multihost: number of processes (default: detected).")
+flags.DEFINE_integer(
+    "process_id", None, "--multihost: this process's index, 0..num_processes-1 (default: detected)."
 )
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize` from the --multihost flags, before JAX starts its backends.
+
+    On CPU, cross-process collectives need an implementation: 'gloo' (TCP) unless one was
+    chosen ($JAX_CPU_COLLECTIVES_IMPLEMENTATION, e.g. 'mpi'). It is JAX's default in recent
+    releases; older ones had none. It only concerns the CPU backend: harmless on accelerators.
+    """
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -72,7 +99,8 @@ def train_then_cross_validate(config, workdir: str) -> dict:
         results["cross_validation"] = cross_validate.run(
             cv_config, os.path.join(workdir, "cross_validation")
         )
-        evaluate.write_json(os.path.join(workdir, "results.json"), results)
+        if jax.process_index() == 0:
+            evaluate.write_json(os.path.join(workdir, "results.json"), results)
     return results
 
 
@@ -82,7 +110,11 @@ def main(argv: list[str]) -> None:
     if FLAGS.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
     if FLAGS.multihost:
-        jax.distributed.initialize()
+        initialize_distributed()
+    elif FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+        raise app.UsageError(
+            "--coordinator_address, --num_processes and --process_id need --multihost"
+        )
     from fer_jax import checkpoint, cross_validate
 
     config = FLAGS.config

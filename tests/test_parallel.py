@@ -1,4 +1,5 @@
-"""pmap, shard_map and single-device training agree (cross-device BatchNorm, same global batch).
+"""pmap, shard_map and single-device training agree (cross-device BatchNorm, same global batch),
+with the tf.data input and with the device input (`fer_jax.device_input`).
 
 Runs in a subprocess with 4 simulated CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=4`), which must be set before JAX starts.
@@ -22,7 +23,8 @@ SCRIPT = textwrap.dedent(
     import jax, numpy as np
     import data_pipelines
     from configs import synthetic
-    from fer_jax import synthetic_data, train
+    from data_pipelines.plan import epoch_plan
+    from fer_jax import device_input, synthetic_data, train
     from fer_jax.parallel import DataParallel
 
     # Random pixels and one step: CBAM's max pooling routes its gradient to one arg-max, a
@@ -55,6 +57,22 @@ SCRIPT = textwrap.dedent(
         host = parallel.unreplicate(state)
         leaves = jax.tree.leaves((host.params, host.batch_stats))
         results[f"{mode}{n}"] = [np.asarray(x).tolist() for x in leaves]
+
+        # The same step with the device input mode: data on the devices, batch gathered there.
+        arrays = device_input.put_train_arrays(parallel, data["image"],
+                                               data["label"].astype(np.int32))
+        chunk = parallel.compile(
+            device_input.train_chunk_fn(
+                lambda s, b, axis_name: train.train_step(s, b, config=config,
+                                                         axis_name=axis_name),
+                arrays.layout),
+            split_axes=(0, None, None))
+        plan = epoch_plan(64, 16, seed=0, epoch=0)
+        rows = parallel.place(device_input.plan_chunk(plan, 0, 1), None)
+        state, metrics = chunk(parallel.replicate(init), arrays.images, arrays.labels, rows)
+        host = parallel.unreplicate(state)
+        leaves = jax.tree.leaves((host.params, host.batch_stats))
+        results[f"{mode}{n}_device"] = [np.asarray(x).tolist() for x in leaves]
     json.dump(results, sys.stdout)
     """
 )
@@ -77,8 +95,12 @@ def runs():
     return {k: [np.asarray(x) for x in v] for k, v in json.loads(proc.stdout).items()}
 
 
-@pytest.mark.parametrize("run", ["pmap2", "pmap4", "shard_map2", "shard_map4"])
-def test_data_parallel_training_matches_one_device(runs, run):
+@pytest.mark.parametrize(
+    "run",
+    ["pmap2", "pmap4", "shard_map2", "shard_map4"]
+    + [f"{m}_device" for m in ("shard_map1", "pmap2", "pmap4", "shard_map2", "shard_map4")],
+)
+def test_data_parallel_training_matches_one_device_in_both_input_modes(runs, run):
     reference = runs["shard_map1"]
     worst = 0.0
     for got, want in zip(runs[run], reference, strict=True):

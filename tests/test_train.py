@@ -19,10 +19,13 @@ import pytest
 from fer_jax import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Device input (the default), 3 steps per call: calls of 3 and fewer steps end at every
+# checkpoint (4 steps) and epoch end (14 steps), and a resumed run must make the same calls.
 RUN_FLAGS = [
     "--config=configs/synthetic.py",
     "--config.num_epochs=3",
     "--config.checkpoint_every_steps=4",
+    "--config.steps_per_dispatch=3",
 ]
 
 
@@ -57,6 +60,14 @@ def finished_run(tmp_path_factory):
 def test_synthetic_run_learns_and_reports_the_selected_model(finished_run):
     with open(os.path.join(finished_run, "results.json")) as f:
         results = json.load(f)
+    perf = results["performance"]
+    assert perf["input_pipeline"] == "device" and perf["steps_per_dispatch"] == 3
+    assert perf["steps_timed"] == 42 and perf["evaluations"] == 3
+    assert perf["train_images_per_s"] > 0 and perf["tencrop_crops_per_s"] > 0
+    assert perf["compile_seconds"]["train"] > 0 and perf["flops_per_image"]["train"] > 0
+    assert perf["projected_full_recipe_s"] > 0
+    with open(os.path.join(finished_run, "config.json")) as f:
+        assert json.load(f)["model"]["width"] == 8
     report = results["private_test"]
     assert results["selected_on"] == "public_test"
     assert report["num_examples"] == 70  # every test image exactly once
@@ -173,9 +184,14 @@ def test_checkpoint_from_an_incompatible_model_is_refused(finished_run, tmp_path
     assert "incompatible model" in proc.stderr and "width" in proc.stderr
 
 
-def test_evaluate_mode_reports_a_checkpoint_on_a_split(finished_run, tmp_path):
+def test_evaluate_mode_with_tf_data_reproduces_the_device_evaluation(finished_run, tmp_path):
+    # The run evaluated on the device; the tf.data ten crops must give the same accuracy.
     proc = _cli(
-        str(tmp_path), "--mode=evaluate", f"--checkpoint={finished_run}", "--split=private_test"
+        str(tmp_path),
+        "--mode=evaluate",
+        f"--checkpoint={finished_run}",
+        "--split=private_test",
+        "--config.input_pipeline=tf_data",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(tmp_path / "eval" / "private_test_evaluate.json") as f:

@@ -1,0 +1,159 @@
+"""Device input mode: the same batches as the tf.data pipeline, call boundaries, scan = steps.
+
+Batches are compared under 1, 2 and 4 simulated CPU devices (shard_map and pmap) in a
+subprocess (`XLA_FLAGS=--xla_force_host_platform_device_count=4` must be set before JAX
+starts); training with both input modes is compared in tests/test_parallel.py.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from configs import synthetic
+from data_pipelines.plan import epoch_plan
+from fer_jax import device_input, synthetic_data, train
+from fer_jax.parallel import DataParallel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BATCHES_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from jax.sharding import PartitionSpec as P
+    import data_pipelines
+    from data_pipelines.plan import epoch_plan
+    from fer_jax import device_input, synthetic_data
+    from fer_jax.parallel import AXIS, DataParallel
+
+    N, B, SEED = 150, 32, 3  # 150 is not a multiple of 4: the last device's shard is padded
+    data = synthetic_data.make_split(N, seed=0)
+    data["image"] = np.random.default_rng(0).integers(0, 256, data["image"].shape, np.uint8)
+    labels = data["label"].astype(np.int32)
+    failures = []
+    for mode, n in [("shard_map", 1), ("shard_map", 2), ("shard_map", 4), ("pmap", 2),
+                    ("pmap", 4)]:
+        parallel = DataParallel(mode, jax.devices()[:n])
+        # 'unit' (x / 255): both pipelines compute the same float32 product, so the pixels
+        # must be equal bit for bit (with an offset, XLA may fuse a multiply-add: 1 ulp).
+        arrays = device_input.put_train_arrays(parallel, data["image"], labels,
+                                               normalize="unit")
+
+        def gather(images, labels, row, axis_name=None):
+            return device_input.gather_train_batch(images, labels, row, arrays.layout, axis_name)
+
+        if n == 1:
+            fn = jax.jit(gather)
+        elif mode == "pmap":
+            fn = jax.pmap(functools.partial(gather, axis_name=AXIS), axis_name=AXIS,
+                          devices=parallel.devices)
+        else:
+            fn = jax.jit(jax.shard_map(functools.partial(gather, axis_name=AXIS),
+                                       mesh=parallel.mesh, in_specs=(P(AXIS), P(), P()),
+                                       out_specs=P(AXIS), check_vma=False))
+        for epoch in (0, 5):
+            plan = epoch_plan(N, B, seed=SEED, epoch=epoch)
+            ds = data_pipelines.train_dataset_from_arrays(
+                data["image"], labels, batch_size=B, seed=SEED, start_epoch=epoch,
+                num_epochs=1, normalize="unit")
+            for step, want in enumerate(ds.as_numpy_iterator()):
+                row = parallel.place(device_input.plan_chunk(plan, step, 1), None)
+                row = jax.tree.map(lambda x: x[:, 0] if mode == "pmap" and n > 1 else x[0],
+                                   row)
+                got = jax.device_get(fn(arrays.images, arrays.labels, row))
+                got = {k: np.asarray(v).reshape(want[k].shape) for k, v in got.items()}
+                for key in ("image", "label"):
+                    if not np.array_equal(got[key], want[key]):
+                        failures.append(f"{mode}{n} epoch {epoch} step {step} {key}")
+    json.dump(failures, sys.stdout)
+    """
+).replace("import json, sys", "import functools, json, sys")
+
+
+def test_device_batches_equal_the_tf_data_batches_on_1_2_and_4_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run(
+        [sys.executable, "-c", BATCHES_SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    assert json.loads(proc.stdout) == []
+
+
+def test_calls_end_at_epochs_and_checkpoints_and_resume_on_the_same_boundaries():
+    calls = list(train._dispatches(0, 42, 14, 3, 4))
+    assert sum(n for _, n in calls) == 42 and all(1 <= n <= 3 for _, n in calls)
+    ends = {first + n for first, n in calls}
+    assert {14, 28, 42} <= ends and {4, 8, 12, 16, 20, 24, 28, 32, 36, 40} <= ends
+    starts = [first for first, _ in calls]
+    assert starts == sorted(starts) and starts[0] == 0
+    # A run resumed at any checkpoint makes exactly the calls the uninterrupted run made.
+    for resume in (4, 14, 16, 28):
+        assert list(train._dispatches(resume, 42, 14, 3, 4)) == [c for c in calls if c[0] >= resume]
+    assert list(train._dispatches(0, 28, 14, 64, 0)) == [(0, 14), (14, 14)]
+
+
+@pytest.mark.parametrize("bad", [-1])
+def test_negative_steps_per_dispatch_is_refused_by_name(bad):
+    config = synthetic.get_config()
+    config.steps_per_dispatch = bad
+    with pytest.raises(ValueError, match="config.steps_per_dispatch"):
+        train.Trainer.create(config)
+
+
+def test_unknown_input_pipeline_is_refused_by_name():
+    config = synthetic.get_config()
+    config.input_pipeline = "disk"
+    with pytest.raises(ValueError, match="config.input_pipeline.*'disk'"):
+        train.Trainer.create(config)
+
+
+def test_a_scanned_chunk_equals_the_same_steps_one_call_each():
+    # cbam='none', softmax head, two steps: CBAM's max pooling (one arg-max) and A-Softmax's
+    # k = floor(m theta / pi) are discontinuous, and the loop body is fused differently from
+    # the single step, so rounding differences (~1e-7 after two steps, measured) grow by
+    # orders of magnitude per step from the third step on. Two steps still check that every
+    # step inside the loop gets its own batch and dropout key.
+    config = synthetic.get_config("cbam=none,head=softmax")
+    config.model.dropout_rate = 0.1  # the per-step dropout keys must match too
+    config.batch_size = 16
+    parallel = DataParallel("shard_map", jax.devices()[:1])
+    model = train.create_model(config)
+    data = synthetic_data.make_split(64, seed=1)
+    arrays = device_input.put_train_arrays(parallel, data["image"], data["label"].astype(np.int32))
+    step = functools.partial(train.train_step, config=config)
+    chunk = parallel.compile(
+        device_input.train_chunk_fn(step, arrays.layout), split_axes=(0, None, None)
+    )
+    plan = epoch_plan(64, 16, seed=0, epoch=0)
+    init = train.create_train_state(config, model, steps_per_epoch=4)
+
+    scanned, metrics = chunk(
+        parallel.replicate(init), arrays.images, arrays.labels, device_input.plan_chunk(plan, 0, 2)
+    )
+    assert metrics["loss"].shape == (2,)
+    one_by_one = parallel.replicate(init)
+    losses = []
+    for i in range(2):
+        rows = device_input.plan_chunk(plan, i, 1)
+        one_by_one, m = chunk(one_by_one, arrays.images, arrays.labels, rows)
+        losses.append(float(m["loss"][0]))
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), losses, rtol=1e-5)
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5),
+        jax.device_get(scanned.params),
+        jax.device_get(one_by_one.params),
+    )
+    assert int(scanned.step) == int(one_by_one.step) == 2
