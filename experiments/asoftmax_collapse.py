@@ -8,8 +8,21 @@ softmax head learned normally. The A-Softmax target logit `|x| (lam cos + psi) /
 below the others until the features are discriminative, and this network's classifier input
 (post-ReLU, average-pooled) can lower the loss to log K by shrinking |x| to 0, which kills the
 final ReLUs for good. This script shows where that happens: every variant starts from the same
-seed and sees the same batches (the real input pipeline, on the first `--examples` Training
-rows); it logs loss, training accuracy and mean |x| every `--log_every` steps.
+seed and sees the same batches, and trains `--steps` steps through the repository's training
+loop, `fer_jax.train.fit` (no evaluation, no JAFFE cross-validation), in its own workdir (under
+`--workdir_root`, else a temporary directory). The table is read back from the TensorBoard
+scalars `fit` logs every `--log_every` steps (`experiments.tb_curves.read_scalars`): loss,
+training accuracy and mean |x| at each logged step, each the mean over the steps since the
+previous logged step (as the earlier, hand-written loop of this script logged them).
+
+`fit` trains whole epochs, so the epoch is shortened until it divides `--steps`: of the first
+`--examples` FER2013 Training rows, the first `steps_per_epoch * batch_size` are trained on, with
+`steps_per_epoch` the largest divisor of `--steps` that fits in them and is a multiple of
+`--log_every` (or is `--steps` itself), so that every window but the last is `--log_every` steps
+(`epoch_steps`). Defaults: 8000 rows, batch 64 -> 100 steps (the first 6400 rows) per epoch,
+4 epochs for the 400 steps. The earlier loop went on through the 8000 rows (125 steps per epoch),
+so its batches (epoch permutations of 8000 rows, not 6400) differ from these. Epoch-based
+schedules (learning rate, `loss.lambda_per='epoch'`) count these shorter epochs.
 
 Variants `NAME=FIELD=VALUE,...` (config overrides of configs/fer2013.py, `--variant` repeatable).
 Default: softmax, and A-Softmax (m=4) at lambda fixed to 48 (the end value of the default per-
@@ -20,14 +33,16 @@ experiments/results/asoftmax_collapse/asoftmax_collapse.{md,json}.
 from __future__ import annotations
 
 import argparse
-import functools
+import json
+import math
 import os
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
-from experiments import paper_tables, provenance
+from experiments import paper_tables, provenance, tb_curves
 
 DEFAULT_VARIANTS = (
     "softmax=model.head=softmax",
@@ -35,6 +50,9 @@ DEFAULT_VARIANTS = (
     "lambda15=loss.lambda_base=15,loss.lambda_gamma=0",
     "lambda5=loss.lambda_base=5,loss.lambda_gamma=0",
 )
+# The metrics of `train.train_step` that `fit` logs as `train_<key>` scalars, kept per log row.
+LOGGED = ("loss", "accuracy", "feature_norm", "lambda", "learning_rate")
+SETTINGS_FILE = "asoftmax_collapse_run.json"
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
@@ -42,10 +60,13 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     name, sep, overrides = spec.partition("=")
     if not sep or not name:
         raise ValueError(f"--variant {spec!r}: expected NAME=FIELD=VALUE[,FIELD=VALUE...]")
+    if "/" in name or name in (".", ".."):
+        raise ValueError(f"--variant {spec!r}: NAME names the variant's workdir, no '/'")
     return name, [o for o in overrides.split(",") if o]
 
 
 def variant_config(overrides: list[str], args: argparse.Namespace):
+    """configs/fer2013.py at the script's width, batch and seed, then the variant's overrides."""
     from configs import fer2013
 
     config = fer2013.get_config()
@@ -57,49 +78,122 @@ def variant_config(overrides: list[str], args: argparse.Namespace):
     return config
 
 
-def train_variant(config, images: np.ndarray, labels: np.ndarray, args) -> list[dict[str, Any]]:
-    """`args.steps` training steps; one log row per `args.log_every` steps (means over them)."""
-    import jax
+def epoch_steps(steps: int, full_batches: int, log_every: int) -> int:
+    """Steps per epoch for `fit` to train exactly `steps` steps on at most `full_batches` batches.
 
-    import data_pipelines
+    The largest divisor of `steps` up to `full_batches` that is a multiple of `log_every` or is
+    `steps` itself (whole log windows); else the largest divisor up to `full_batches`. Raises
+    ValueError when that would train on under half of the batches there are room for.
+    """
+    if steps < 1 or log_every < 1 or full_batches < 1:
+        raise ValueError(
+            f"steps ({steps}), log_every ({log_every}) and the full batches of the examples "
+            f"({full_batches}) must be >= 1"
+        )
+    divisors = [d for d in range(1, min(steps, full_batches) + 1) if steps % d == 0]
+    whole = [d for d in divisors if d == steps or d % log_every == 0]
+    best = max(whole or divisors)
+    if 2 * best < min(steps, full_batches):
+        raise ValueError(
+            f"--steps={steps}: fit trains whole epochs, and the largest divisor of {steps} up to "
+            f"{full_batches} (full batches in the examples) is {best}; choose a step count with "
+            f"a divisor near {full_batches}"
+        )
+    return best
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, max(cap, 1)) + 1) if n % d == 0)
+
+
+def _claim_workdir(workdir: str, settings: dict[str, Any]) -> None:
+    """Records `settings` in `workdir`; refuses one that holds a run of other settings (so that
+    `fit` resumes only the same run)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, SETTINGS_FILE)
+    text = json.dumps(settings, sort_keys=True, indent=1, default=str)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() != text:
+                raise ValueError(f"{workdir} holds a run with other settings ({path}); move it")
+        return
+    if os.listdir(workdir):
+        raise ValueError(f"{workdir} is not empty and holds no {SETTINGS_FILE}; choose another")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def logged_rows(workdir: str) -> list[dict[str, float]]:
+    """One row per logged step: `{'step', *LOGGED}` from the `train_*` scalars in `workdir`
+    (the last value of a step logged twice, as after a resume)."""
+    scalars = tb_curves.read_scalars(workdir)
+    missing = [f"train_{k}" for k in LOGGED if f"train_{k}" not in scalars]
+    if missing:
+        raise RuntimeError(f"{workdir}: no {', '.join(missing)} scalars")
+    per_key = {k: dict(zip(*scalars[f"train_{k}"], strict=True)) for k in LOGGED}
+    steps = sorted(per_key["loss"])
+    return [{"step": int(s), **{k: float(per_key[k][s]) for k in LOGGED}} for s in steps]
+
+
+def train_variant(
+    config, workdir: str, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace
+) -> dict[str, Any]:
+    """`args.steps` steps of `train.fit` in `workdir`; its logged rows and the epoch shape."""
+    from data_pipelines.plan import steps_per_epoch
     from fer_jax import train
 
-    model = train.create_model(config)
-    steps_per_epoch = data_pipelines.steps_per_epoch(len(labels), config.batch_size)
-    state = train.create_train_state(config, model, steps_per_epoch)
-    step = jax.jit(
-        functools.partial(train.train_step, config=config, axis_name=None), donate_argnums=0
+    full_batches = steps_per_epoch(len(labels), config.batch_size)
+    per_epoch = epoch_steps(args.steps, full_batches, args.log_every)
+    used = per_epoch * config.batch_size
+    config.num_epochs = args.steps // per_epoch
+    config.log_every_steps = args.log_every
+    config.cross_validate = False
+    trainer = train.Trainer.create(config)
+    # Dispatches of several steps (accelerators) end on the log steps.
+    config.steps_per_dispatch = _largest_divisor_at_most(
+        math.gcd(args.log_every, per_epoch), trainer.steps_per_dispatch
     )
-    batches = data_pipelines.train_dataset_from_arrays(
-        images, labels, batch_size=config.batch_size, seed=config.seed
-    ).as_numpy_iterator()
-    rows, window, start = [], [], time.perf_counter()
-    for i in range(args.steps):
-        state, metrics = step(state, next(batches))
-        window.append(metrics)
-        if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
-            got = jax.device_get(window)
-            row = {"step": i + 1, "seconds": round(time.perf_counter() - start, 1)}
-            for key in ("loss", "accuracy", "feature_norm", "lambda"):
-                row[key] = float(np.mean([m[key] for m in got]))
-            rows.append(row)
-            window = []
-            print(
-                f"  step {row['step']}: loss {row['loss']:.4f} acc {row['accuracy']:.3f} "
-                f"|x| {row['feature_norm']:.4g} lambda {row['lambda']:.1f} ({row['seconds']} s)",
-                flush=True,
-            )
-    return rows
+    _claim_workdir(
+        workdir,
+        {"csv": os.path.abspath(args.csv), "train_examples": used, "config": config.to_dict()},
+    )
+    start = time.perf_counter()
+    train.fit(trainer, workdir, images[:used], labels[:used])
+    seconds = time.perf_counter() - start
+    log = logged_rows(workdir)
+    for row in log:
+        print(
+            f"  step {row['step']}: loss {row['loss']:.4f} acc {row['accuracy']:.3f} "
+            f"|x| {row['feature_norm']:.4g} lambda {row['lambda']:.1f}",
+            flush=True,
+        )
+    return {
+        "log": log,
+        "train_examples": used,
+        "steps_per_epoch": per_epoch,
+        "num_epochs": config.num_epochs,
+        "seconds": round(seconds, 1),
+    }
 
 
 def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    """The loss / mean |x| table, a column per logged step of the first variant."""
     steps = [r["step"] for r in next(iter(results.values()))["log"]]
     head = "| variant | overrides | " + " | ".join(f"step {s}" for s in steps) + " |"
+    shapes = sorted(
+        {
+            f"first {r['train_examples']} rows, {r['steps_per_epoch']} steps x "
+            f"{r['num_epochs']} epochs"
+            for r in results.values()
+        }
+    )
     lines = [
         "# A-Softmax feature-norm collapse: loss / mean |x| of the classifier input",
-        f"Width {args.width}, batch {args.batch_size}, first {args.examples} FER2013 Training "
-        f"rows, seed {args.seed}; each cell: training loss (mean over the last {args.log_every} "
-        "steps) / mean |x|. log 7 = 1.946 is the loss of all-zero logits.",
+        f"Width {args.width}, batch {args.batch_size}, {args.steps} steps of fer_jax.train.fit "
+        f"on FER2013 Training rows ({'; '.join(shapes)}; of the first {args.examples}), seed "
+        f"{args.seed}; each cell: training loss (mean over the steps since the previous column, "
+        f"at most {args.log_every}) / mean |x|. log 7 = 1.946 is the loss of "
+        "all-zero logits.",
         "",
         head,
         "|" + "---|" * (len(steps) + 2),
@@ -123,7 +217,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--log_every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(paper_tables.REPO, "experiments", "results"))
+    ap.add_argument(
+        "--workdir_root",
+        default="",
+        help="keep each variant's fit workdir (events, checkpoints) in ROOT/NAME; resumes there. "
+        "Default: a temporary directory, removed at the end",
+    )
     return ap.parse_args(argv)
+
+
+def _train_all(
+    variants: list[tuple[str, list[str]]],
+    configs: dict[str, Any],
+    root: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    args: argparse.Namespace,
+) -> dict[str, dict[str, Any]]:
+    results = {}
+    for name, overrides in variants:
+        print(f"{name}: {','.join(overrides)}", flush=True)
+        res = train_variant(configs[name], os.path.join(root, name), images, labels, args)
+        results[name] = {"overrides": overrides, **res}
+    return results
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -131,17 +247,20 @@ def main(argv: list[str] | None = None) -> str:
 
     args = parse_args(argv)
     variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+    names = [name for name, _ in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--variant names must differ, got {names}")
     configs = {name: variant_config(overrides, args) for name, overrides in variants}
     prov = provenance.provenance()
     rows = fer2013_csv.read_fer2013(args.csv)
     train_rows = np.flatnonzero(rows.splits == "train")[: args.examples]
     images = rows.images[train_rows][..., None]
     labels = rows.labels[train_rows].astype(np.int32)
-    results = {}
-    for name, overrides in variants:
-        print(f"{name}: {','.join(overrides)}", flush=True)
-        log = train_variant(configs[name], images, labels, args)
-        results[name] = {"overrides": overrides, "log": log}
+    if args.workdir_root:
+        results = _train_all(variants, configs, args.workdir_root, images, labels, args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="asoftmax_collapse_") as root:
+            results = _train_all(variants, configs, root, images, labels, args)
     path = paper_tables.write_results(
         os.path.join(args.out, "asoftmax_collapse"),
         "asoftmax_collapse",

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -51,6 +52,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "config.init_from must name the FER2013 run (workdir or checkpoint) to fine-tune"
         )
     workdir = checkpoint.prepare_workdir(workdir)
+    is_main = jax.process_index() == 0  # every process trains; process 0 writes the reports
     arrays = input_data.load_split_arrays(config, "train")
     images, labels = arrays["image"], arrays["label"]
     folds = data_pipelines.jaffe_folds(
@@ -73,9 +75,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             out = train.fit(trainer, fold_dir, images[train_idx], labels[train_idx])
             state = trainer.parallel.replicate(out["state"])
             metrics = trainer.evaluate(state, images[test_idx], labels[test_idx])
-            evaluate.write_report(os.path.join(fold_dir, "eval"), "test_fold", metrics)
             result = {"fold": k, "test_indices": np.asarray(test_idx).tolist(), **metrics}
-            evaluate.write_json(result_path, result)
+            if is_main:
+                evaluate.write_report(os.path.join(fold_dir, "eval"), "test_fold", metrics)
+                evaluate.write_json(result_path, result)
         logging.info("Fold %d accuracy: %.4f", k, result["accuracy"])
         fold_results.append(result)
 
@@ -91,14 +94,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "pooled": pooled_metrics,
         "init_from": config.init_from,
     }
-    evaluate.write_json(os.path.join(workdir, "summary.json"), summary)
-    evaluate.plot_confusion(
-        pooled_metrics["confusion_normalized"],
-        pooled_metrics["class_names"],
-        os.path.join(workdir, "confusion.png"),
-        f"{config.folds}-fold CV ({config.fold_protocol}): "
-        f"{100 * summary['mean_accuracy']:.2f} ± {100 * summary['std_accuracy']:.2f}%",
-    )
+    if is_main:
+        evaluate.write_json(os.path.join(workdir, "summary.json"), summary)
+        evaluate.plot_confusion(
+            pooled_metrics["confusion_normalized"],
+            pooled_metrics["class_names"],
+            os.path.join(workdir, "confusion.png"),
+            f"{config.folds}-fold CV ({config.fold_protocol}): "
+            f"{100 * summary['mean_accuracy']:.2f} ± {100 * summary['std_accuracy']:.2f}%",
+        )
     logging.info(
         "Cross-validation: %.4f ± %.4f over %d folds",
         summary["mean_accuracy"],

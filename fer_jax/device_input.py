@@ -157,7 +157,7 @@ def train_chunk_fn(
 
         if plan["index"].shape[0] == 1:  # no loop: XLA:CPU runs loop bodies more slowly
             state, metrics = body(state, jax.tree.map(lambda x: x[0], plan))
-            return state, jax.tree.map(lambda x: x[None], metrics)
+            return state, jax.tree.map(lambda x: jnp.asarray(x)[None], metrics)
         return jax.lax.scan(body, state, plan)
 
     return chunk

@@ -82,7 +82,8 @@ def evaluate_checkpoint(config, workdir: str, path: str, split: str) -> dict:
     state = trainer.parallel.replicate(checkpoint.init_from(path, template, config))
     images, labels = input_data.load_splits(config, [split])[split]
     metrics = trainer.evaluate(state, images, labels)
-    evaluate.write_report(os.path.join(workdir, "eval"), f"{split}_evaluate", metrics)
+    if jax.process_index() == 0:
+        evaluate.write_report(os.path.join(workdir, "eval"), f"{split}_evaluate", metrics)
     logging.info("%s accuracy of %s: %.4f", split, path, metrics["accuracy"])
     print(f"{split} accuracy: {100 * metrics['accuracy']:.2f}% ({metrics['num_examples']} images)")
     return metrics

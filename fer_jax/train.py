@@ -566,6 +566,7 @@ def fit(
         crossed_log = step // config.log_every_steps > (step - steps) // config.log_every_steps
         if crossed_log or end_of_epoch:
             dt = time.perf_counter() - t_log
+            history = parallel.unreplicate(history)  # pmap: drop the device axis
             images = sum(np.size(h["loss"]) for h in history) * config.batch_size
             _log_train_metrics(writer, history, step, images / dt)
             logging.info(
@@ -611,7 +612,7 @@ def fit(
                 },
             )
         if history:  # check the steps since the last log before saving anything
-            _log_train_metrics(writer, history, step, float("nan"))
+            _log_train_metrics(writer, parallel.unreplicate(history), step, float("nan"))
             history = []
         host_state = parallel.unreplicate(state)
         meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch}

@@ -121,6 +121,7 @@ def test_unknown_input_pipeline_is_refused_by_name():
 
 
 def test_a_scanned_chunk_equals_the_same_steps_one_call_each():
+    """Also runs one-step calls (no loop) with a constant learning rate, as JAFFE's CV does."""
     # cbam='none', softmax head, two steps: CBAM's max pooling (one arg-max) and A-Softmax's
     # k = floor(m theta / pi) are discontinuous, and the loop body is fused differently from
     # the single step, so rounding differences (~1e-7 after two steps, measured) grow by
@@ -128,6 +129,7 @@ def test_a_scanned_chunk_equals_the_same_steps_one_call_each():
     # step inside the loop gets its own batch and dropout key.
     config = synthetic.get_config("cbam=none,head=softmax")
     config.model.dropout_rate = 0.1  # the per-step dropout keys must match too
+    config.optimizer.schedule = "constant"  # a Python-float learning rate in the metrics
     config.batch_size = 16
     parallel = DataParallel("shard_map", jax.devices()[:1])
     model = train.create_model(config)

@@ -381,28 +381,51 @@ def test_asoftmax_collapse_runs_variants_from_a_fer2013_csv(tmp_path):
     csv = synthetic.write_fer2013(
         tmp_path, synthetic.fer2013_csv_text(rows["images"], rows["labels"], rows["usages"])
     )
-    md = asoftmax_collapse.main(
-        [
-            f"--csv={csv}",
-            "--width=8",
-            "--batch_size=16",
-            "--steps=2",
-            "--log_every=1",
-            "--variant=soft=model.head=softmax,model.dropout_rate=0.0",
-            "--variant=l5=loss.lambda_base=5,loss.lambda_gamma=0",
-            f"--out={tmp_path}",
-        ]
-    )
+    workdirs = tmp_path / "runs"
+    argv = [
+        f"--csv={csv}",
+        "--width=8",
+        "--batch_size=16",
+        "--steps=4",
+        "--log_every=2",
+        "--variant=soft=model.head=softmax,model.dropout_rate=0.0",
+        "--variant=l5=loss.lambda_base=5,loss.lambda_gamma=0",
+        f"--out={tmp_path}",
+        f"--workdir_root={workdirs}",
+    ]
+    md = asoftmax_collapse.main(argv)
     data = json.load(open(os.path.join(os.path.dirname(md), "asoftmax_collapse.json")))
     assert list(data["variants"]) == ["soft", "l5"]
-    for res in data["variants"].values():
-        assert [r["step"] for r in res["log"]] == [1, 2]
+    for name, res in data["variants"].items():
+        # 40 rows, batch 16: 2 full batches; fit trains 2 epochs of 2 steps (rows 0-31).
+        assert (res["train_examples"], res["steps_per_epoch"], res["num_epochs"]) == (32, 2, 2)
+        assert [r["step"] for r in res["log"]] == [2, 4]
         assert all(r["feature_norm"] > 0 and np.isfinite(r["loss"]) for r in res["log"])
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdirs / name))
     assert data["variants"]["l5"]["log"][0]["lambda"] == 5.0
     assert "| l5 | `loss.lambda_base=5,loss.lambda_gamma=0` |" in open(md).read()
+    # Finished workdirs are read back, not retrained; other settings there are refused.
+    first = data["variants"]["l5"]["log"]
+    asoftmax_collapse.main(argv)
+    again = json.load(open(os.path.join(os.path.dirname(md), "asoftmax_collapse.json")))
+    assert again["variants"]["l5"]["log"] == first
+    with pytest.raises(ValueError, match="other settings"):
+        asoftmax_collapse.main([*argv[:2], "--batch_size=8", *argv[3:]])
+
+
+def test_asoftmax_collapse_epoch_divides_the_steps():
+    # Defaults: 8000 rows / 64 = 125 full batches; 400 steps = 4 epochs of 100.
+    assert asoftmax_collapse.epoch_steps(400, 125, 100) == 100
+    assert asoftmax_collapse.epoch_steps(50, 125, 100) == 50  # one epoch
+    assert asoftmax_collapse.epoch_steps(2, 2, 1) == 2
+    assert asoftmax_collapse.epoch_steps(300, 125, 7) == 100  # no multiple of 7 divides 300
+    with pytest.raises(ValueError, match="--steps=401"):
+        asoftmax_collapse.epoch_steps(401, 125, 100)
 
 
 def test_asoftmax_collapse_variant_spec_errors_name_the_spec():
     assert asoftmax_collapse.parse_variant("a=x.y=1,z=2") == ("a", ["x.y=1", "z=2"])
     with pytest.raises(ValueError, match="'nospec'"):
         asoftmax_collapse.parse_variant("nospec")
+    with pytest.raises(ValueError, match="'a/b=x.y=1'"):
+        asoftmax_collapse.parse_variant("a/b=x.y=1")

@@ -99,8 +99,12 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _run(commands: list[tuple[list[str], dict[str, str], str]]) -> None:
-    """Runs the processes together; the first to fail, or the time limit, stops them all."""
+def _run(
+    commands: list[tuple[list[str], dict[str, str], str]], *, expect_failure: bool = False
+) -> None:
+    """Runs the processes together and fails the test unless all succeed (or, with
+    `expect_failure`, all fail by themselves). The first to fail, unless failures are
+    expected, or the time limit stops them all."""
     procs = []
     try:
         for argv, env, log in commands:
@@ -117,7 +121,8 @@ def _run(commands: list[tuple[list[str], dict[str, str], str]]) -> None:
                 )
         deadline = time.monotonic() + TIMEOUT_S
         while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+            failed = not expect_failure and any(p.poll() not in (None, 0) for p in procs)
+            if failed or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     finally:
@@ -129,11 +134,23 @@ def _run(commands: list[tuple[list[str], dict[str, str], str]]) -> None:
     for p, (_, _, log) in zip(procs, commands, strict=True):
         if p.returncode == -signal.SIGKILL:
             failures.append(f"{log}: stopped (time limit {TIMEOUT_S} s, or another failed)")
-        elif p.returncode != 0:
+        elif expect_failure and p.returncode == 0:
+            failures.append(f"{log}: succeeded, expected to fail")
+        elif p.returncode != 0 and not expect_failure:
             with open(log) as f:
                 failures.insert(0, f"{log}: exit code {p.returncode}:\n{f.read()[-4000:]}")
     if failures:
         pytest.fail("\n\n".join(failures))
+
+
+def _multihost(i: int, address: str, workdir: str) -> list[str]:
+    return [
+        "--multihost",
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        f"--workdir={workdir}",
+    ]
 
 
 @pytest.fixture(scope="module", params=["tf_data", "device"])
@@ -156,11 +173,7 @@ def runs(request, tmp_path_factory) -> dict[str, str]:
                 sys.executable,
                 "-c",
                 AUDITED_MAIN,
-                "--multihost",
-                f"--coordinator_address={address}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                f"--workdir={multi}",
+                *_multihost(i, address, multi),
                 *args,
             ],
             _env(FER_AUDIT_ROOT=multi, FER_AUDIT_LOG=audits[i]),
@@ -260,3 +273,30 @@ def test_two_processes_write_summaries_once_from_process_0(runs):
     # Process 1 only probed that the workdir is writable (tempfile, created and deleted).
     written1 = [(event, path) for event, path in _audit(runs["audit1"])]
     assert all(path.startswith(".write_probe") for _, path in written1), written1
+
+
+def test_two_processes_refuse_a_workdir_they_do_not_share(tmp_path):
+    """Checkpoints are written by process 0 alone: a process that cannot see them would
+    silently start over on resume. (Simulated: each process gets its own directory.)"""
+    address = f"127.0.0.1:{_free_port()}"
+    logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
+    _run(
+        [
+            (
+                [
+                    sys.executable,
+                    "-m",
+                    "fer_jax.main",
+                    *_multihost(i, address, str(tmp_path / f"workdir_{i}")),
+                    *ARGS,
+                ],
+                _env(),
+                logs[i],
+            )
+            for i in range(2)
+        ],
+        expect_failure=True,
+    )
+    for log in logs:
+        with open(log) as f:
+            assert "is not shared by all processes: process(es) [1]" in f.read()

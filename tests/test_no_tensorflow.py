@@ -1,7 +1,8 @@
 """Training, evaluation and prediction work where TensorFlow and TFDS cannot be imported.
 
 Each test runs a command line in a subprocess where `tensorflow` and `tensorflow_datasets` cannot
-be imported, as if they were not installed (like on a bare CUDA image).
+be imported, as if they were not installed (like on a bare CUDA image). The synthetic main job
+(train, select, report, cross-validate) runs that way in tests/test_train.py's fixture.
 """
 
 from __future__ import annotations
@@ -71,17 +72,6 @@ def test_blocked_tensorflow_looks_uninstalled():
             timeout=300,
         )
         assert f"ModuleNotFoundError: import of {name} halted" in result.stderr
-
-
-def test_synthetic_main_job_without_tensorflow(tmp_path):
-    _run_without_tensorflow(
-        "fer_jax.main",
-        "--config=configs/synthetic.py",
-        f"--workdir={tmp_path / 'run'}",
-        "--config.num_epochs=1",
-        "--config.cross_validate=False",
-    )
-    assert (tmp_path / "run" / "results.json").is_file()
 
 
 def test_fer2013_from_files_without_tensorflow(tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fer_jax import checkpoint
+from tests.test_no_tensorflow import _RUN_WITHOUT_TENSORFLOW
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Device input (the default), 3 steps per call: calls of 3 and fewer steps end at every
@@ -29,8 +30,11 @@ RUN_FLAGS = [
 ]
 
 
-def _cli(workdir, *flags, wait=True):
-    cmd = [sys.executable, "-m", "fer_jax.main", f"--workdir={workdir}", *RUN_FLAGS, *flags]
+def _cli(workdir, *flags, wait=True, without_tensorflow=False):
+    python = [sys.executable, "-m"]
+    if without_tensorflow:  # importing tensorflow / tensorflow_datasets fails, as if absent
+        python = [sys.executable, "-c", _RUN_WITHOUT_TENSORFLOW]
+    cmd = [*python, "fer_jax.main", f"--workdir={workdir}", *RUN_FLAGS, *flags]
     if not wait:
         return subprocess.Popen(
             cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -50,9 +54,10 @@ def _final_state(workdir):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """The whole main job on synthetic data: train, select, report, 5-fold CV."""
+    """The whole main job on synthetic data: train, select, report, 5-fold CV; with
+    TensorFlow and TFDS unimportable (the device input and the TF-free writer need neither)."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    proc = _cli(workdir)
+    proc = _cli(workdir, without_tensorflow=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 
