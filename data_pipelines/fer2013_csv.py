@@ -7,7 +7,9 @@ Accepted files, looked for in this order in a directory (see `find_source`):
 - `fer2013.tar.gz`: the original archive holding `fer2013/fer2013.csv`; streamed, never unpacked.
 - `icml_face_data.csv`: the later Kaggle layout, header `emotion, Usage, pixels`.
 
-Columns are found by name (surrounding spaces ignored), so their order does not matter. `emotion`
+Columns are found by name (surrounding spaces ignored), so their order does not matter and extra
+columns are ignored. Files as spreadsheet programs re-save them are accepted too: a UTF-8
+byte-order mark, CRLF line ends, quoted fields, spaces around names and values. `emotion`
 is an integer 0-6 (order of `labels.CLASS_NAMES`), `pixels` 2,304 space-separated integers 0-255
 (48x48, row-major), `Usage` one of Training, PublicTest, PrivateTest. Any violation raises
 `DataError` naming the file, the line and the problem.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import pathlib
 import re
 import tarfile
@@ -59,6 +62,7 @@ and put ONE of these files directly in the manual directory (`--config.manual_di
 _REQUIRED_COLUMNS = ("emotion", "pixels", "Usage")
 _PIXEL_CHARS = re.compile(r"[0-9 ]*")
 _INTEGER = re.compile(r"[0-9]+")
+_BOM = "\ufeff"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,26 +126,37 @@ def _read_archive(path: pathlib.Path) -> Fer2013Rows:
 
 
 def parse_csv(lines: Iterable[str], *, source: str) -> Fer2013Rows:
-    """Parses FER2013 CSV text (header line first); `source` names the file in errors."""
-    reader = csv.reader(lines)
-    header = next(reader, None)
-    if header is None:
+    """Parses FER2013 CSV text (header line first); `source` names the file in errors.
+
+    A byte-order mark before the header is dropped; quotes and spaces after commas are read as
+    the csv module does (`skipinitialspace`), other spaces around fields are stripped.
+    """
+    rest = iter(lines)
+    first = next(rest, None)
+    if first is None:
         expected = ",".join(_REQUIRED_COLUMNS)
         raise DataError(f"{source}, line 1: empty file, expected the header {expected}")
+    reader = csv.reader(itertools.chain([first.removeprefix(_BOM)], rest), skipinitialspace=True)
+    header = next(reader)
     names = [h.strip() for h in header]
     missing = [c for c in _REQUIRED_COLUMNS if c not in names]
     if missing:
+        shown = [h if len(h) <= 40 else h[:37] + "..." for h in header]  # Not a whole data row.
         raise DataError(
-            f"{source}, line 1: missing column(s) {', '.join(missing)}; header is {header!r}, "
+            f"{source}, line 1: missing column(s) {', '.join(missing)}; header is {shown!r}, "
             f"expected the columns {', '.join(_REQUIRED_COLUMNS)}"
         )
     col_label, col_pixels, col_usage = (names.index(c) for c in _REQUIRED_COLUMNS)
 
     images, labels, splits = [], [], []
+    start = reader.line_num + 1  # The line the next row starts on.
     for row in reader:
-        if not row:  # A blank line.
+        where = f"{source}, line {start}"
+        if reader.line_num > start:  # A quote left open swallows the lines up to the next one.
+            where += f" (a quoted field runs on to line {reader.line_num})"
+        start = reader.line_num + 1
+        if not any(field.strip() for field in row):  # A blank line, or only commas.
             continue
-        where = f"{source}, line {reader.line_num}"
         if len(row) != len(names):
             raise DataError(f"{where}: expected {len(names)} fields, found {len(row)}")
         labels.append(_parse_label(row[col_label], where))

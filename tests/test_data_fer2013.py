@@ -141,6 +141,142 @@ def test_archive_without_the_csv_is_an_error(tmp_path):
         fer2013_csv.read_fer2013(path)
 
 
+# --- Files as people have them (re-saved by a spreadsheet program, hand-edited). -------------
+
+
+def _fields(text: str) -> list[list[str]]:
+    """The plain synthetic text as fields per line (it has no quotes, so split on commas)."""
+    return [line.split(",") for line in text.splitlines()]
+
+
+def _join(rows: list[list[str]], newline: str = "\n") -> str:
+    return newline.join(",".join(row) for row in rows) + newline
+
+
+def _bom(rows: list[list[str]]) -> str:
+    return "\ufeff" + _join(rows, "\r\n")
+
+
+def _quoted(rows: list[list[str]]) -> str:
+    return _join([[f'"{f.strip()}"' for f in row] for row in rows])
+
+
+def _pixels_quoted(rows: list[list[str]]) -> str:
+    col = [f.strip() for f in rows[0]].index("pixels")
+    return _join([[f'"{f}"' if i == col else f for i, f in enumerate(row)] for row in rows])
+
+
+def _trailing_spaces(rows: list[list[str]]) -> str:
+    return _join([[f + "  " for f in row] for row in rows])
+
+
+def _extra_columns(rows: list[list[str]]) -> str:
+    extra = [["id", *rows[0], "note"]] + [[str(i), *row, '"a, b"'] for i, row in enumerate(rows)]
+    return _join(extra[:1] + extra[2:])
+
+
+def _reordered(rows: list[list[str]]) -> str:
+    names = [f.strip() for f in rows[0]]
+    order = [names.index(c) for c in ("pixels", "Usage", "emotion")]
+    return _join([[row[i] for i in order] for row in rows])
+
+
+def _blank_rows(rows: list[list[str]]) -> str:
+    return _join(rows[:3] + [[""], ["", "", ""], [" ", " ", " "]] + rows[3:] + [["", "", ""]])
+
+
+def _spreadsheet(rows: list[list[str]]) -> str:
+    """Everything at once: BOM, CRLF, all quoted, spaces, an extra column, another order."""
+    names = [f.strip() for f in rows[0]]
+    order = [names.index(c) for c in ("Usage", "emotion", "pixels")]
+    out = [[f' "{row[i].strip()} "' for i in order] + [' "x"'] for row in rows]
+    return "\ufeff" + _join(out, "\r\n")
+
+
+VARIANTS = {
+    "bom_crlf": _bom,
+    "quoted": _quoted,
+    "pixels_quoted": _pixels_quoted,
+    "trailing_spaces": _trailing_spaces,
+    "extra_columns": _extra_columns,
+    "reordered": _reordered,
+    "blank_rows": _blank_rows,
+    "spreadsheet": _spreadsheet,
+}
+
+
+@pytest.mark.parametrize("layout", synthetic.LAYOUTS)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_gives_exactly_the_rows_of_the_plain_file(tmp_path, variant, layout):
+    text = VARIANTS[variant](_fields(_text(icml=layout == "icml")))
+    path = synthetic.write_fer2013(tmp_path, text, layout)
+    assert fer2013_csv.find_source(tmp_path) == path
+    plain = fer2013_csv.read_fer2013(synthetic.write_fer2013(tmp_path / "plain", _text(), "csv"))
+    parsed = fer2013_csv.read_fer2013(path)
+    for got, expected in ((parsed.images, plain.images), (parsed.labels, plain.labels)):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(parsed.splits, plain.splits)
+    _check_rows(parsed)
+
+
+def test_bom_and_crlf_reach_the_file_as_bytes(tmp_path):
+    path = synthetic.write_fer2013(tmp_path, _bom(_fields(_text())), "csv")
+    data = path.read_bytes()
+    assert data.startswith(b"\xef\xbb\xbfemotion,pixels,Usage\r\n") and data.endswith(b"\r\n")
+
+
+BAD_VARIANT_ROWS = {  # kind: (change to line 4's fields, text added to line 4, message).
+    "short": (lambda row: [row[0], row[1].rsplit(" ", 1)[0], row[2]], "", "2303 pixels"),
+    "label_word": (lambda row: ["x", *row[1:]], "", "emotion 'x' is not an integer"),
+    "fields": (lambda row: row, ',"extra"', r"expected (\d) fields, found (?!\1)\d"),
+}
+
+
+@pytest.mark.parametrize("variant", ["bom_crlf", "quoted", "pixels_quoted", "spreadsheet"])
+@pytest.mark.parametrize("kind", sorted(BAD_VARIANT_ROWS))
+def test_bad_row_in_a_variant_names_file_and_line(tmp_path, variant, kind):
+    fn, suffix, message = BAD_VARIANT_ROWS[kind]
+    rows = _fields(_text())
+    rows[3] = fn(rows[3])
+    lines = VARIANTS[variant](rows).split("\n")
+    lines[3] = lines[3].removesuffix("\r") + suffix + ("\r" if lines[3].endswith("\r") else "")
+    path = synthetic.write_fer2013(tmp_path, "\n".join(lines), "csv")
+    with pytest.raises(DataError, match=f"^{path}, line 4: {message}"):
+        fer2013_csv.read_fer2013(path)
+
+
+def test_bad_row_in_a_quoted_archive_names_archive_member_and_line(tmp_path):
+    rows = _fields(_text())
+    rows[6][1] = rows[6][1].replace(" ", " 1.5 ", 1)
+    path = synthetic.write_fer2013(tmp_path, _spreadsheet(rows), "tar.gz")
+    with pytest.raises(DataError, match=rf"{path}:fer2013/fer2013.csv, line 7: pixel 1 is '1.5'"):
+        fer2013_csv.read_fer2013(path)
+
+
+def test_unclosed_quote_names_the_line_it_starts_on_and_where_it_runs_to(tmp_path):
+    lines = _quoted(_fields(_text())).splitlines()
+    lines[4] = lines[4][:-1]  # Line 5 loses its closing quote: line 6's first quote closes it.
+    path = synthetic.write_fer2013(tmp_path, "\n".join(lines) + "\n", "csv")
+    message = r"line 5 \(a quoted field runs on to line 6\): expected 3 fields, found 5"
+    with pytest.raises(DataError, match=rf"^{path}, {message}$"):
+        fer2013_csv.read_fer2013(path)
+
+
+def test_missing_column_in_a_bom_file_is_named(tmp_path):
+    text = _bom([row[:2] for row in _fields(_text())])
+    path = synthetic.write_fer2013(tmp_path, text, "csv")
+    with pytest.raises(
+        DataError, match=rf"{path}, line 1: missing column\(s\) Usage; header is \['emotion', "
+    ):
+        fer2013_csv.read_fer2013(path)
+
+
+def test_parse_csv_drops_a_bom_from_lines_given_directly():
+    lines = ("\ufeff" + _text()).splitlines(keepends=True)
+    _check_rows(fer2013_csv.parse_csv(lines, source="given"))
+
+
 # --- The TFDS builder. -----------------------------------------------------------------------
 
 
