@@ -45,6 +45,14 @@ def ten_crop(images: np.ndarray, crop: int = CROP_SIZE) -> np.ndarray:
     return np.stack(crops, axis=1)
 
 
+def crop_pixel_offsets(width: int, crop: int = CROP_SIZE) -> np.ndarray:
+    """(2, crop, crop) int64 flat pixel offsets (row * width + col) of a crop's pixels from its
+    top-left pixel: [0] plain, [1] mirrored horizontally. The training crops of both input
+    pipelines (tf.data and on-device) are gathered with these."""
+    i, j = np.mgrid[:crop, :crop]
+    return np.stack([i * width + j, i * width + crop - 1 - j])
+
+
 def ten_crop_pixel_indices(height: int, width: int, crop: int = CROP_SIZE) -> np.ndarray:
     """Flat pixel indices (row * width + col) of `ten_crop`'s outputs: (10, crop, crop) int64.
 

@@ -31,7 +31,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from data_pipelines.crops import CROP_SIZE, five_crop_offsets, ten_crop_pixel_indices
+from data_pipelines.crops import (
+    CROP_SIZE,
+    crop_pixel_offsets,
+    five_crop_offsets,
+    ten_crop_pixel_indices,
+)
 from data_pipelines.plan import (
     Normalize,
     check_arrays,
@@ -133,8 +138,7 @@ def train_dataset_from_arrays(
 
     # Flat pixel offsets of a crop from its top-left pixel, plain and mirrored: (2, crop, crop).
     dtype = tf.int32 if n * height * width < 2**31 else tf.int64
-    i, j = np.mgrid[:crop, :crop]
-    offsets = tf.constant(np.stack([i * width + j, i * width + crop - 1 - j]), dtype)
+    offsets = tf.constant(crop_pixel_offsets(width, crop), dtype)
 
     def make_batch(index, top, left, flipped) -> dict[str, tf.Tensor]:
         corner = (tf.cast(index, dtype) * height + tf.cast(top, dtype)) * width

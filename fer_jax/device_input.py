@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines.crops import CROP_SIZE, ten_crop_pixel_indices
+from data_pipelines.crops import CROP_SIZE, crop_pixel_offsets, ten_crop_pixel_indices
 from data_pipelines.plan import check_arrays, normalize_affine
 from fer_jax.parallel import DataParallel
 
@@ -52,6 +52,21 @@ def layout_of(images_shape: tuple[int, ...], normalize: Any, crop: int, num_devi
     return Layout(height, width, channels, crop, scale, offset, rows)
 
 
+def _padded(
+    images: np.ndarray, labels: np.ndarray, multiple: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`images (N, H, W, C) uint8`, `labels (N,)` padded with zeros to N' (a multiple of
+    `multiple`): `(N', H * W, C)` uint8, `(N',)` int32, and the `(N',)` bool mask of real rows."""
+    images, labels = check_arrays(images, labels)
+    n, height, width, channels = images.shape
+    size = -(-n // multiple) * multiple
+    flat = np.zeros((size, height * width, channels), np.uint8)
+    flat[:n] = images.reshape(n, height * width, channels)
+    padded = np.zeros(size, np.int32)
+    padded[:n] = labels
+    return flat, padded, np.arange(size) < n
+
+
 @dataclasses.dataclass
 class TrainArrays:
     """The training set on the devices: 'images' (N', H * W, C) uint8 split over the devices
@@ -59,7 +74,6 @@ class TrainArrays:
 
     images: Any
     labels: Any
-    num_examples: int
     layout: Layout
 
 
@@ -72,33 +86,17 @@ def put_train_arrays(
     crop: int = CROP_SIZE,
 ) -> TrainArrays:
     """Sends `images (N, H, W, C) uint8` and `labels (N,)` to the devices, once."""
-    images, labels = check_arrays(images, labels)
-    n, height, width, channels = images.shape
-    devices = parallel.num_devices
-    padded = -(-n // devices) * devices
-    flat = np.zeros((padded, height * width, channels), np.uint8)
-    flat[:n] = images.reshape(n, height * width, channels)
-    padded_labels = np.zeros(padded, np.int32)
-    padded_labels[:n] = labels
-    layout = layout_of(images.shape, normalize, crop, devices)
+    flat, padded_labels, _ = _padded(images, labels, parallel.num_devices)
     return TrainArrays(
         images=parallel.place(flat, 0),
         labels=parallel.place(padded_labels, None),
-        num_examples=n,
-        layout=layout,
+        layout=layout_of(images.shape, normalize, crop, parallel.num_devices),
     )
 
 
 def plan_chunk(plan: dict[str, np.ndarray], start: int, length: int) -> dict[str, np.ndarray]:
     """Steps [start, start + length) of an epoch plan as int32 arrays `(length, B)`."""
     return {k: plan[k][start : start + length].astype(np.int32) for k in PLAN_KEYS}
-
-
-def _crop_offsets(layout: Layout) -> np.ndarray:
-    """(2, c, c) flat pixel offsets of a crop from its top-left pixel: plain, then mirrored."""
-    c, w = layout.crop, layout.width
-    i, j = np.mgrid[:c, :c]
-    return np.stack([i * w + j, i * w + c - 1 - j]).astype(np.int32)
 
 
 def gather_train_batch(
@@ -121,7 +119,7 @@ def gather_train_batch(
       {'image': (B / D, c, c, C) float32, 'label': (B / D,) int32}: this device's slice of
       the global batch (rows d * B / D ... in device order), normalised.
     """
-    offsets = jnp.asarray(_crop_offsets(layout))
+    offsets = jnp.asarray(crop_pixel_offsets(layout.width, layout.crop), jnp.int32)
     index = row["index"]
     corner = row["top"] * layout.width + row["left"]
     pixels = corner[:, None, None] + offsets[row["flip"]]  # (B, c, c)
@@ -171,7 +169,6 @@ class EvalArrays:
     images: Any
     labels: Any
     mask: Any
-    num_examples: int
     layout: Layout
 
 
@@ -185,20 +182,12 @@ def put_eval_arrays(
     crop: int = CROP_SIZE,
 ) -> EvalArrays:
     """Sends a split to the devices as whole padded batches of `batch_size`, once."""
-    images, labels = check_arrays(images, labels)
-    n, height, width, channels = images.shape
-    steps = -(-n // batch_size)
-    flat = np.zeros((steps * batch_size, height * width, channels), np.uint8)
-    flat[:n] = images.reshape(n, height * width, channels)
-    padded = np.zeros(steps * batch_size, np.int32)
-    padded[:n] = labels
-    mask = np.arange(steps * batch_size) < n
-    shape = (steps, batch_size)
+    flat, padded, mask = _padded(images, labels, batch_size)
+    shape = (-1, batch_size)
     return EvalArrays(
         images=parallel.place(flat.reshape(shape + flat.shape[1:]), 1),
         labels=parallel.place(padded.reshape(shape), 1),
         mask=parallel.place(mask.reshape(shape), 1),
-        num_examples=n,
         layout=layout_of(images.shape, normalize, crop, parallel.num_devices),
     )
 
