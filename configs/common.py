@@ -79,6 +79,13 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
 def run_fields(config: ml_collections.ConfigDict) -> None:
     """Fields every training config has: data source, input pipeline, parallelism, precision."""
     config.seed = 0
+    # Replicas: K independent runs of the same network in one compiled program (vmapped over a
+    # leading replica axis of the train state). Replica k uses seed `seed + k` unless
+    # `replica_seeds` lists K seeds; `replica_overrides` may list K dicts of scalar fields
+    # (`fer_jax.replicas.OVERRIDABLE`, e.g. {'optimizer.learning_rate': 0.02}) per replica.
+    config.replicas = 1
+    config.replica_seeds = ()
+    config.replica_overrides = ()
     # 'tfds': the TFDS builders (needs tensorflow-datasets; data_dir, and manual_dir to build);
     # 'files': the publisher's files in manual_dir read directly (no TensorFlow needed).
     config.data_source = "tfds"

@@ -19,6 +19,13 @@ from data_pipelines.pipelines import (
 )
 from data_pipelines.tf_cpu import tf
 
+# Dataset -> the fer_jax.main flags that read its downloaded files without building anything.
+FILES_SOURCE_FLAGS = {
+    "fer2013": "--config.data_source=files --config.manual_dir=/path/to/dir_with_fer2013.csv",
+    "jaffe": "--config.data_source=files --config.jaffe.manual_dir=/path/to/jaffedbase "
+    "(with configs/jaffe.py: --config.manual_dir)",
+}
+
 
 def build(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.PathLike) -> None:
     """Builds dataset `name` ('fer2013' or 'jaffe') into data_dir from the files in manual_dir.
@@ -54,10 +61,11 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike) -> dict[str, 
     builder = tfds.builder(name, data_dir=os.fspath(data_dir))
     if not builder.is_prepared():
         raise FileNotFoundError(
-            f"Dataset {name!r} is not built in {data_dir} (expected {builder.data_path}). "
-            f"Build it with:\n  tfds build {name} --imports=data_pipelines "
-            f"--manual_dir=<MANUAL_DIR> --data_dir={data_dir}\n"
-            f"or data_pipelines.build({name!r}, data_dir=..., manual_dir=...).\n\n"
+            f"dataset {name!r} is not built in {data_dir} (expected {builder.data_path}); read "
+            f"the downloaded files directly: {FILES_SOURCE_FLAGS.get(name, '')} (or keep "
+            "data_source 'tfds' and pass the same manual_dir: it is built on first use; "
+            f"the tfds command line also needs apache-beam: tfds build {name} "
+            f"--imports=data_pipelines --manual_dir=<MANUAL_DIR> --data_dir={data_dir})\n\n"
             f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
         )
     ds = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False)

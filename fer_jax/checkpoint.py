@@ -5,9 +5,16 @@ Layout of a workdir:
                                    every `checkpoint_every_steps` if set)
   best/<step>/{state,meta}         the best so far by `config.select_split` accuracy
 `state` holds the step, params, BatchNorm statistics, optimizer state and dropout key; `meta`
-(JSON) the model description and the data position (epoch, step in epoch). Orbax writes each
-checkpoint to a temporary directory and renames it when complete, so a process killed at any
-moment leaves either a whole checkpoint or none; an unreadable one is reported and skipped.
+(JSON) the model description and the data position (epoch, step in epoch).
+
+Replica runs (`config.replicas = K > 1`, `fer_jax.replicas`) save the stacked state (a leading
+axis K on every leaf) with `meta['replicas'] = K`. Their best checkpoint holds each replica as
+it was at its own best select-split accuracy (`meta['select_accuracy']`, `['replica_steps']`,
+`['replica_epochs']`: lists of K); `chosen_replica` is the one that scored best there.
+
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
+process killed at any moment leaves either a whole checkpoint or none; an unreadable one is
+reported and skipped.
 
 Multi-process runs (`jax.distributed`): every process calls the same saves and restores with
 the same host state; Orbax writes each checkpoint once, from process 0, into the workdir that
@@ -31,6 +38,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization, traverse_util
 
+from fer_jax import replicas
 from fer_jax.resnet import ResNet18, model_from_config
 
 STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "dropout_key")
@@ -140,6 +148,43 @@ def _from_tree(template: Any, tree: Mapping[str, Any], source: str) -> Any:
     return template.replace(**fields)
 
 
+def replica_count(meta: Mapping[str, Any]) -> int:
+    """K of a checkpoint's meta (1: a plain run)."""
+    return int(meta.get("replicas", 1))
+
+
+def chosen_replica(meta: Mapping[str, Any]) -> int:
+    """The replica with the best select-split accuracy in `meta` (0 without selection)."""
+    accuracy = meta.get("select_accuracy")
+    if replica_count(meta) == 1 or accuracy is None:
+        return 0
+    return int(np.argmax(accuracy))
+
+
+def replica_selections(restored: Restored) -> list[dict[str, Any]]:
+    """Per replica of a (best) checkpoint: `selected_step`, `selected_epoch`, `select_accuracy`
+    (None where it was not selected on an evaluation)."""
+    meta, k = restored.meta, replica_count(restored.meta)
+    if k == 1:
+        return [
+            {
+                "selected_step": restored.step,
+                "selected_epoch": meta.get("epoch"),
+                "select_accuracy": meta.get("select_accuracy"),
+            }
+        ]
+    none = [None] * k
+    return [
+        {"selected_step": step, "selected_epoch": epoch, "select_accuracy": accuracy}
+        for step, epoch, accuracy in zip(
+            meta.get("replica_steps", [restored.step] * k),
+            meta.get("replica_epochs", [meta.get("epoch")] * k),
+            meta.get("select_accuracy") or none,
+            strict=True,
+        )
+    ]
+
+
 def _check_model(meta: Mapping[str, Any], model_config: Mapping[str, Any], source: str) -> None:
     saved = meta.get("model", {})
     differ = {
@@ -173,8 +218,11 @@ def _restore_step(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict
     return restored["state"], dict(restored["meta"])
 
 
-def _restore_newest(manager: ocp.CheckpointManager, template: Any, model_config, label: str):
-    """Newest readable checkpoint of `manager`, skipping (and reporting) unreadable ones."""
+def _restore_newest(
+    manager: ocp.CheckpointManager, template: Any, model_config, label: str, replicas: int = 0
+):
+    """Newest readable checkpoint of `manager`, skipping (and reporting) unreadable ones;
+    `replicas` > 0: it must hold that many replicas."""
     for step in sorted(manager.all_steps(), reverse=True):
         source = f"{label} checkpoint {os.path.join(str(manager.directory), str(step))}"
         try:
@@ -185,6 +233,11 @@ def _restore_newest(manager: ocp.CheckpointManager, template: Any, model_config,
             )
             continue
         _check_model(meta, model_config, source)
+        if replicas and replica_count(meta) != replicas:
+            raise CheckpointError(
+                f"{source} holds {replica_count(meta)} replica(s) and config.replicas is "
+                f"{replicas}: resume with the run's config.replicas, or use another workdir"
+            )
         return Restored(step, _from_tree(template, tree, source), meta)
     return None
 
@@ -194,18 +247,25 @@ class Checkpoints:
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
         self.model_config = config.model.to_dict()
+        self.replicas = int(config.get("replicas", 1))
         self.latest = _manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
         self.best = _manager(os.path.join(workdir, "best"), 1)
-        self.best_accuracy = -1.0
+        self.best_accuracy = np.full(self.replicas, -1.0)
+        self.best_meta: dict[str, Any] = {}
+        self._best_state: Any = None  # replicas: the best state, read back when first needed
         if self.best.latest_step() is not None:
             try:
                 _, meta = _restore_step(self.best, self.best.latest_step())
-                self.best_accuracy = float(meta.get("select_accuracy", -1.0))
+                if replica_count(meta) == self.replicas:
+                    self.best_accuracy = np.resize(meta.get("select_accuracy", -1.0), self.replicas)
+                    self.best_meta = meta
             except Exception as e:  # noqa: BLE001
                 logging.error("best checkpoint in %s is unreadable: %s", workdir, e)
 
     def _save(self, manager, step: int, state: Any, meta: dict[str, Any]) -> None:
         meta = {**meta, "step": step, "model": self.model_config}
+        if self.replicas > 1:
+            meta["replicas"] = self.replicas
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -217,15 +277,51 @@ class Checkpoints:
         """Saves host `state` at `step` (asynchronously; `close` waits)."""
         self._save(self.latest, step, state, meta)
 
-    def maybe_save_best(self, step: int, state: Any, meta: dict[str, Any], accuracy: float):
-        """Keeps `state` as the best checkpoint if `accuracy` beats the best so far."""
-        if accuracy > self.best_accuracy:
-            self.best_accuracy = float(accuracy)
-            self._save(self.best, step, state, {**meta, "select_accuracy": float(accuracy)})
+    def maybe_save_best(
+        self, step: int, state: Any, meta: dict[str, Any], accuracy: float | list[float]
+    ) -> None:
+        """Keeps `state` as the best checkpoint if `accuracy` beats the best so far; with
+        replicas (one accuracy each), each replica that improved replaces its slice."""
+        accuracy = np.resize(np.asarray(accuracy, np.float64), self.replicas)
+        improved = accuracy > self.best_accuracy
+        if not improved.any():
+            return
+        self.best_accuracy = np.where(improved, accuracy, self.best_accuracy)
+        if self.replicas == 1:
+            self._save(self.best, step, state, {**meta, "select_accuracy": float(accuracy[0])})
+            return
+        if not improved.all():
+            previous = self._previous_best(state)
+
+            def merge(new, old):
+                return np.where(improved.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, old)
+
+            state = jax.tree.map(merge, state, previous)
+        old, k, epoch = self.best_meta, self.replicas, meta["epoch"]
+        meta = {
+            **meta,
+            "select_accuracy": self.best_accuracy.tolist(),
+            "replica_steps": np.where(improved, step, old.get("replica_steps", [step] * k)),
+            "replica_epochs": np.where(improved, epoch, old.get("replica_epochs", [epoch] * k)),
+        }
+        meta["replica_steps"] = meta["replica_steps"].tolist()
+        meta["replica_epochs"] = meta["replica_epochs"].tolist()
+        self._best_state, self.best_meta = state, meta
+        self._save(self.best, step, state, meta)
+
+    def _previous_best(self, template: Any) -> Any:
+        """The best state saved so far (replicas), read back once after a resume."""
+        if self._best_state is None and self.best_meta:
+            step = self.best.latest_step()
+            tree, _ = _restore_step(self.best, step)
+            self._best_state = _from_tree(template, tree, f"best checkpoint {step}")
+        return self._best_state
 
     def restore_latest(self, template: Any) -> Restored | None:
         """The newest readable checkpoint as a host state like `template`, or None."""
-        restored = _restore_newest(self.latest, template, self.model_config, "latest")
+        restored = _restore_newest(
+            self.latest, template, self.model_config, "latest", self.replicas
+        )
         step = None if restored is None else restored.step
         _check_same_checkpoint(0, step, f"{self.latest.directory} (resuming)")
         return restored
@@ -315,10 +411,37 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     return found[1]
 
 
+def take_replica(
+    variables: dict[str, Any], meta: Mapping[str, Any], replica: int | None, source: str
+) -> tuple[dict[str, Any], int]:
+    """`(variables of one replica, its index)` of a replica run's stacked `variables`:
+    `replica`, or (None) the one chosen on the select split. A plain run's are returned as is."""
+    k = replica_count(meta)
+    if k == 1:
+        if replica not in (None, 0):
+            raise CheckpointError(f"{source} holds one model, not replicas: replica {replica}")
+        return variables, 0
+    index = chosen_replica(meta) if replica is None else replica
+    if not 0 <= index < k:
+        raise CheckpointError(f"{source} holds replicas 0..{k - 1}, not {index}")
+    return replicas.take(variables, index), index
+
+
 def init_from(path: str, template: Any, config: ml_collections.ConfigDict) -> Any:
-    """`template` with params and BatchNorm statistics from another run; fresh optimizer."""
+    """`template` with params and BatchNorm statistics from another run; fresh optimizer.
+
+    Replicas: a run with as many replicas starts each from its namesake; otherwise from the
+    source's replica chosen on its select split (or its only model), copied to every replica.
+    """
     variables, meta, source = load_variables(path)
     _check_model(meta, config.model.to_dict(), source)
+    k = replicas.count(config)
+    if replica_count(meta) != k:
+        variables, index = take_replica(variables, meta, None, source)
+        if replica_count(meta) > 1:
+            logging.info("%s: replica %d (chosen on its select split)", source, index)
+        if k > 1:
+            variables = replicas.stack([variables] * k)
     params = _from_tree_part(template.params, variables["params"], source)
     batch_stats = _from_tree_part(template.batch_stats, variables["batch_stats"], source)
     logging.info("Initialised params and BatchNorm statistics from %s", source)
@@ -331,15 +454,30 @@ def _from_tree_part(template: Any, tree: Any, source: str) -> Any:
     return serialization.from_state_dict(template, tree)
 
 
-def load_for_inference(path: str, **overrides: Any) -> tuple[ResNet18, dict[str, Any]]:
+def load_for_inference(
+    path: str, replica: int | str | None = None, **overrides: Any
+) -> tuple[ResNet18, dict[str, Any]]:
     """`(model, variables)` for `model.apply(variables, x, train=False)` from a run directory
     (its best checkpoint, else its latest) or one checkpoint directory. `overrides` go to the
-    model (e.g. `conv_impl`)."""
+    model (e.g. `conv_impl`).
+
+    From a replica run: the replica chosen on the select split (`replica=None`), replica k
+    (`replica=k`), or all of them (`replica='all'`: every leaf stacked `(K, ...)`, for an
+    ensemble).
+    """
     variables, meta, source = load_variables(path)
     if "model" not in meta:
         raise CheckpointError(f"{source} has no model description in its meta")
     model = model_from_config(meta["model"], dropout_rate=0.0, **overrides)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 44, 44, 1), np.float32))
+    if replica == "all":
+        k = replica_count(meta)
+        if k > 1:
+            shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), shapes)
+        else:
+            variables = replicas.stack([variables])
+    else:
+        variables, _ = take_replica(variables, meta, replica, source)
     return model, {
         k: _from_tree_part(shapes[k], variables[k], source) for k in ("params", "batch_stats")
     }

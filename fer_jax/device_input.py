@@ -146,11 +146,15 @@ def train_chunk_fn(
 ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
     """`chunk(state, images, labels, plan, *, axis_name) -> (state, metrics (L,) each)`:
     `train_step(state, batch, axis_name=...)` once per plan row, batches gathered on the
-    device; for `DataParallel.compile(..., split_axes=(0, None, None))`."""
+    device; for `DataParallel.compile(..., split_axes=(0, None, None))`. A plan of replicas
+    (`(L, K, B)` arrays) gathers one batch per replica: `(K, B / D, ...)`."""
 
     def chunk(state, images, labels, plan, *, axis_name):
+        def gather(row):
+            return gather_train_batch(images, labels, row, layout, axis_name)
+
         def body(state, row):
-            batch = gather_train_batch(images, labels, row, layout, axis_name)
+            batch = gather(row) if row["index"].ndim == 1 else jax.vmap(gather)(row)
             return train_step(state, batch, axis_name=axis_name)
 
         if plan["index"].shape[0] == 1:  # no loop: XLA:CPU runs loop bodies more slowly
@@ -193,27 +197,23 @@ def put_eval_arrays(
 
 
 def eval_split_fn(
-    eval_step: Callable[..., dict[str, jax.Array]],
-    layout: Layout,
-    num_classes: int,
+    eval_step: Callable[..., dict[str, jax.Array]], layout: Layout
 ) -> Callable[..., dict[str, jax.Array]]:
     """`evaluate(state, images, labels, mask, *, axis_name)` -> `eval_step`'s sums over the
-    whole split (confusion, loss, count), ten crops gathered on the device."""
+    whole split (e.g. confusion, loss, count), ten crops gathered on the device."""
     pixels = ten_crop_pixel_indices(layout.height, layout.width, layout.crop).astype(np.int32)
 
     def evaluate(state, images, labels, mask, *, axis_name):
-        def body(total, xs):
-            x, y, m = xs
+        def sums(x, y, m):
             crops = x[:, jnp.asarray(pixels)].astype(jnp.float32)  # (b, 10, c, c, C)
             batch = {"image": crops * layout.scale + layout.offset, "label": y, "mask": m}
-            out = eval_step(state, batch, axis_name=axis_name)
-            return jax.tree.map(jnp.add, total, out), None
+            return eval_step(state, batch, axis_name=axis_name)
 
-        zero = {
-            "confusion": jnp.zeros((num_classes, num_classes), jnp.float32),
-            "loss": jnp.zeros((), jnp.float32),
-            "count": jnp.zeros((), jnp.float32),
-        }
+        def body(total, xs):
+            return jax.tree.map(jnp.add, total, sums(*xs)), None
+
+        shapes = jax.eval_shape(sums, images[0], labels[0], mask[0])
+        zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
         total, _ = jax.lax.scan(body, zero, (images, labels, mask))
         return total
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from data_pipelines.labels import CLASS_NAMES
 from fer_jax.recognizer import FACE_SIZE, ten_crop_probabilities
 from fer_jax.resnet import ResNet18
+from fer_jax.user_errors import UserError, run_cli
 
 STABLEHLO_FILE = "model.stablehlo"
 SAVED_MODEL_DIR = "saved_model"
@@ -217,15 +218,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--saved_model", action="store_true", help="also a TF SavedModel")
     parser.add_argument("--tflite", action="store_true", help="also a TFLite file")
     parser.add_argument("--tflite_batch_size", type=int, default=1)
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the traceback of an error in the input"
+    )
     args = parser.parse_args(argv)
+    return run_cli(lambda: _export(args), sys.argv[1:] if argv is None else argv)
 
+
+def _export(args: argparse.Namespace) -> int:
     from fer_jax.checkpoint import load_for_inference
 
     try:
         model, variables = load_for_inference(args.checkpoint)
     except (OSError, ValueError, RuntimeError) as e:
-        sys.stderr.write(f"error: cannot load the checkpoint {args.checkpoint}: {e}\n")
-        return 2
+        raise UserError(f"cannot load the checkpoint {args.checkpoint}: {e}") from e
     written = export_all(
         model,
         variables,

@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # |x| = sqrt(sum x^2 + eps): keeps the norm's gradient finite at x = 0.
@@ -62,19 +63,28 @@ def angular_logits(features: jax.Array, kernel: jax.Array) -> jax.Array:
     return cos * norm[:, None]
 
 
-def chebyshev(cos: jax.Array, m: int) -> jax.Array:
-    """`cos(m theta)` as the Chebyshev polynomial `T_m(cos theta)`, m in 0..5."""
-    polys = {
-        0: lambda c: jnp.ones_like(c),
-        1: lambda c: c,
-        2: lambda c: 2 * c**2 - 1,
-        3: lambda c: 4 * c**3 - 3 * c,
-        4: lambda c: 8 * c**4 - 8 * c**2 + 1,
-        5: lambda c: 16 * c**5 - 20 * c**3 + 5 * c,
-    }
-    if m not in polys:
+_CHEBYSHEV = {
+    0: lambda c: jnp.ones_like(c),
+    1: lambda c: c,
+    2: lambda c: 2 * c**2 - 1,
+    3: lambda c: 4 * c**3 - 3 * c,
+    4: lambda c: 8 * c**4 - 8 * c**2 + 1,
+    5: lambda c: 16 * c**5 - 20 * c**3 + 5 * c,
+}
+
+
+def chebyshev(cos: jax.Array, m: int | jax.Array) -> jax.Array:
+    """`cos(m theta)` as the Chebyshev polynomial `T_m(cos theta)`, m in 0..5.
+
+    `m` may be a traced array (a replica's margin): every polynomial is then computed and the
+    one of degree m selected.
+    """
+    if isinstance(m, jax.Array | np.ndarray | np.number):
+        m = jnp.asarray(m)
+        return jnp.select([m == d for d in _CHEBYSHEV], [p(cos) for p in _CHEBYSHEV.values()])
+    if m not in _CHEBYSHEV:
         raise ValueError(f"A-Softmax margin m must be an integer in 1..5, got {m!r}")
-    return polys[m](cos)
+    return _CHEBYSHEV[m](cos)
 
 
 def psi(cos: jax.Array, m: int) -> jax.Array:
@@ -93,11 +103,15 @@ def a_softmax_logits(
     kernel: jax.Array,
     labels: jax.Array,
     *,
-    margin: int,
+    margin: int | jax.Array,
     lam: jax.Array | float,
 ) -> jax.Array:
-    """Training logits of A-Softmax, `(B, K)` float32: margin applied to the target column."""
-    if not isinstance(margin, int) or not 1 <= margin <= 5:
+    """Training logits of A-Softmax, `(B, K)` float32: margin applied to the target column.
+
+    `margin` is an int in 1..5, or an array holding one (a replica's, checked by its config).
+    """
+    traced = isinstance(margin, jax.Array | np.ndarray | np.number)
+    if not traced and (not isinstance(margin, int) or not 1 <= margin <= 5):
         raise ValueError(f"A-Softmax margin must be an integer in 1..5, got {margin!r}")
     cos, norm = cosine(features, kernel)
     onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=cos.dtype)
@@ -111,7 +125,7 @@ def a_softmax_loss(
     kernel: jax.Array,
     labels: jax.Array,
     *,
-    margin: int,
+    margin: int | jax.Array,
     lam: jax.Array | float,
 ) -> jax.Array:
     """Mean A-Softmax loss, float32 scalar.

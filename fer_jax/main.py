@@ -7,17 +7,28 @@
         --config.init_from=runs/fer2013
 
 `--config.FIELD=VALUE` overrides a config field; an unknown field is an error. Running the
-same command again resumes from the latest checkpoint in the workdir.
+same command again resumes from the latest checkpoint in the workdir, with the same recipe
+(`fer_jax.run_config`; `--allow_config_changes` lets it change).
+
+Before any work the config is validated (`fer_jax.config_schema`), then the run takes the
+workdir's lock (`fer_jax.workdir_lock`) for its whole length. A mistake in the input (flags,
+config, paths, data, checkpoint, a busy workdir) prints one `error: ...` line and exits with
+status 2 (`--verbose` or FER_JAX_VERBOSE=1: with the traceback); a bug exits with status 1
+and its traceback (`fer_jax.user_errors`).
 """
 
 from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from fer_jax import config_schema, user_errors, workdir_lock
+from fer_jax.user_errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -46,6 +57,13 @@ flags.DEFINE_integer("num_processes", None, "--multihost: number of processes (d
 flags.DEFINE_integer(
     "process_id", None, "--multihost: this process's index, 0..num_processes-1 (default: detected)."
 )
+flags.DEFINE_bool(
+    "allow_config_changes",
+    False,
+    "Resume even if fields that change the trained result (model, loss, optimizer, data, seed, "
+    "epochs, ...) differ from the run's config.json; the new values are used and recorded.",
+)
+flags.DEFINE_bool("verbose", False, "Show the traceback of a user error (also: FER_JAX_VERBOSE=1).")
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -89,12 +107,12 @@ def evaluate_checkpoint(config, workdir: str, path: str, split: str) -> dict:
     return metrics
 
 
-def train_then_cross_validate(config, workdir: str) -> dict:
+def train_then_cross_validate(config, workdir: str, *, allow_config_changes: bool = False) -> dict:
     """The main job: train on `config.dataset`, then (`config.cross_validate`) fine-tune the
     selected model on JAFFE's folds in `workdir/cross_validation`; returns `results.json`."""
     from fer_jax import cross_validate, evaluate, train
 
-    results = train.train_and_evaluate(config, workdir)
+    results = train.train_and_evaluate(config, workdir, allow_config_changes=allow_config_changes)
     if config.get("cross_validate"):
         cv_config = cross_validate.config_from_parent(config, workdir)
         results["cross_validation"] = cross_validate.run(
@@ -105,20 +123,52 @@ def train_then_cross_validate(config, workdir: str) -> dict:
     return results
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """`FLAGS(argv)` for `app.run`, with a mistake in a flag or in a `--config.FIELD=VALUE`
+    override raised as `UserError` (ml_collections reports a field that does not exist with a
+    bare AttributeError or KeyError, a field that is not a section with a TypeError)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        raise UserError(config_schema.bad_override_value(str(e)) or str(e)) from e
+    except (AttributeError, KeyError, TypeError) as e:
+        message = _unknown_override(argv)
+        if message is None:
+            raise
+        raise UserError(message) from e
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """`config_schema.unknown_override` on the config file named in `argv` (loaded again)."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config=", "-config=")):
+            path = arg.split("=", 1)[1]
+        elif arg in ("--config", "-config") and i + 1 < len(argv):
+            path = argv[i + 1]
+    if path is None:
+        return None
+    config = FLAGS["config"].parser.parse(path)
+    return config_schema.unknown_override(argv, config)
+
+
 def main(argv: list[str]) -> None:
+    """Validates the config, then runs `--mode` in the locked workdir."""
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        raise UserError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
+    config = FLAGS.config
+    config_schema.validate(config)
+    config_schema.check_mode(config, FLAGS.mode, FLAGS.split)
+    if not FLAGS.multihost and (
+        FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
+    ):
+        raise UserError("--coordinator_address, --num_processes and --process_id need --multihost")
     if FLAGS.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
     if FLAGS.multihost:
         initialize_distributed()
-    elif FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
-        raise app.UsageError(
-            "--coordinator_address, --num_processes and --process_id need --multihost"
-        )
     from fer_jax import checkpoint, cross_validate
 
-    config = FLAGS.config
     logging.get_absl_handler().addFilter(_QuietLibraries())
     logging.info(
         "JAX %s, process %d/%d, devices: %s",
@@ -128,13 +178,16 @@ def main(argv: list[str]) -> None:
         jax.devices(),
     )
     workdir = checkpoint.prepare_workdir(FLAGS.workdir)
-    if FLAGS.mode == "train":
-        train_then_cross_validate(config, workdir)
-    elif FLAGS.mode == "evaluate":
-        evaluate_checkpoint(config, workdir, FLAGS.checkpoint or workdir, FLAGS.split)
-    else:
-        cross_validate.run(config, workdir)
+    with workdir_lock.hold(workdir):
+        if FLAGS.mode == "train":
+            train_then_cross_validate(
+                config, workdir, allow_config_changes=FLAGS.allow_config_changes
+            )
+        elif FLAGS.mode == "evaluate":
+            evaluate_checkpoint(config, workdir, FLAGS.checkpoint or workdir, FLAGS.split)
+        else:
+            cross_validate.run(config, workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(user_errors.run_cli(lambda: app.run(main, flags_parser=parse_flags)))

@@ -175,11 +175,20 @@ class DataParallel:
         sharding = NamedSharding(self.mesh, P(AXIS))
         return jax.tree.map(lambda x: self._put(np.asarray(x), sharding, 0), batch)
 
-    def prefetch(self, batches: Iterator[dict[str, np.ndarray]], size: int = 2) -> Iterator[Any]:
-        """Puts the next `size` batches on the devices ahead of use (transfers overlap compute)."""
+    def prefetch(
+        self, batches: Iterator[dict[str, np.ndarray]], size: int = 2, split_axis: int = 0
+    ) -> Iterator[Any]:
+        """Puts the next `size` batches on the devices ahead of use (transfers overlap compute).
+
+        `split_axis` 0: pipeline batches (`shard_batch`); else host arrays split along that
+        axis (`place`), e.g. 1 for replicas' batches `(K, B, ...)`.
+        """
         queue: list[Any] = []
         for batch in batches:
-            queue.append(self.shard_batch(batch))
+            if split_axis == 0:
+                queue.append(self.shard_batch(batch))
+            else:
+                queue.append(self.place(batch, split_axis))
             if len(queue) > size:
                 yield queue.pop(0)
         yield from queue

@@ -20,6 +20,11 @@ maps (`<name>_face<k>_stages.png`). Heat maps are min-max normalised per map for
 low, red high).
 
 `--boxes FILE` is JSON mapping an input path (or its file name) to `[[x, y, w, h], ...]`.
+
+Compiled programs are kept in a persistent XLA cache (`--compilation_cache`, shared with
+`fer_jax.main`), so a second run starts in about 2 s on a CPU
+(experiments/results/predict_startup/). A checkpoint that cannot be loaded is a user error: one
+`error: ...` line and exit status 2 (`--verbose`: with the traceback; `fer_jax.user_errors`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 import cv2
+import jax
 import numpy as np
 from PIL import Image
 
@@ -50,7 +56,9 @@ from fer_jax.recognizer import (
     read_image,
     to_gray,
 )
+from fer_jax.user_errors import UserError, run_cli
 
+DEFAULT_COMPILATION_CACHE = "~/.cache/fer_jax/jax"  # as fer_jax.main's --compilation_cache
 VIDEO_EXTENSIONS = frozenset({".avi", ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".mpg", ".mpeg"})
 VIDEO_CODEC = "MJPG"
 PANEL_SIZE = 176
@@ -459,6 +467,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--compilation_cache",
+        default=DEFAULT_COMPILATION_CACHE,
+        help="persistent XLA compilation cache ('' disables; $JAX_COMPILATION_CACHE_DIR wins)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the traceback of an error in the input"
+    )
     args = parser.parse_args(argv)
     if args.every < 1:
         parser.error(f"--every must be >= 1, got {args.every}")
@@ -470,12 +486,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def use_compilation_cache(directory: str) -> None:
+    """Keeps every compiled program in the persistent cache `directory` ('' = none), unless
+    $JAX_COMPILATION_CACHE_DIR names one; the programs here compile in well under JAX's
+    default 1 s threshold for caching, so the threshold is 0."""
+    if directory and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def load_recognizer(args: argparse.Namespace) -> Recognizer:
+    """The recognizer of `args.checkpoint`; UserError if the checkpoint cannot be loaded."""
     from fer_jax.checkpoint import CheckpointError  # Orbax only when a checkpoint is loaded.
 
     try:
-        recognizer = Recognizer.from_checkpoint(
+        return Recognizer.from_checkpoint(
             args.checkpoint,
             batch_size=args.batch_size,
             margin=args.margin,
@@ -483,13 +508,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_face=args.min_face,
         )
     except (OSError, ValueError, CheckpointError) as e:
-        sys.stderr.write(f"error: cannot load the checkpoint {args.checkpoint}: {e}\n")
-        return 2
-    with contextlib.ExitStack() as stack:
-        out: TextIO = sys.stdout
-        if args.output:
-            out = stack.enter_context(open(args.output, "w", newline=""))
-        return run(args, recognizer, out, sys.stderr)
+        raise UserError(f"cannot load the checkpoint {args.checkpoint}: {e}") from e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (2: an error in the input, e.g. the
+    checkpoint; 1: an input file failed)."""
+    args = parse_args(argv)
+
+    def predict() -> int:
+        use_compilation_cache(args.compilation_cache)
+        recognizer = load_recognizer(args)
+        with contextlib.ExitStack() as stack:
+            out: TextIO = sys.stdout
+            if args.output:
+                out = stack.enter_context(open(args.output, "w", newline=""))
+            return run(args, recognizer, out, sys.stderr)
+
+    return run_cli(predict, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

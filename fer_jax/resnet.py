@@ -90,12 +90,17 @@ class ResNet18(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, train: bool = False, return_features: bool = False
+        self,
+        x: jax.Array,
+        train: bool = False,
+        return_features: bool = False,
+        dropout_rate: float | jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """`x`: `(B, 44, 44, C)` float images (e.g. in [0, 1]).
 
         With `return_features`, also returns the `(B, 8w)` float32 classifier inputs (the pooled
-        features, after dropout in training), which the A-Softmax loss takes.
+        features, after dropout in training), which the A-Softmax loss takes. `dropout_rate`
+        (possibly traced: a replica's) replaces the module's `dropout_rate` in training.
         """
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
@@ -119,12 +124,26 @@ class ResNet18(nn.Module):
                 )(x)
         x = nn.avg_pool(x, window_shape=(4, 4), strides=(4, 4), padding="VALID")
         features = x.reshape(x.shape[0], -1).astype(jnp.float32)
-        features = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
+        rate = self.dropout_rate if dropout_rate is None else dropout_rate
+        features = Dropout()(features, rate, deterministic=not train)
         if self.head == "softmax":
             logits = nn.Dense(self.num_classes, name="linear")(features)
         else:
             logits = AngleLinear(self.num_classes, name="linear")(features)
         return (logits, features) if return_features else logits
+
+
+class Dropout(nn.Module):
+    """`flax.linen.Dropout` (same mask, same random key) whose rate, given at call time, may be
+    a traced array."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rate: float | jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or (isinstance(rate, int | float) and rate == 0.0):
+            return x
+        keep = 1.0 - rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), p=keep, shape=x.shape)
+        return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
 def model_from_config(model_config: Mapping[str, Any], **overrides: Any) -> ResNet18:

@@ -27,7 +27,16 @@ from absl import logging
 
 from data_pipelines.plan import epoch_plan
 from data_pipelines.plan import steps_per_epoch as plan_steps_per_epoch
-from fer_jax import checkpoint, device_input, evaluate, flops, input_data, losses, optim
+from fer_jax import (
+    checkpoint,
+    device_input,
+    evaluate,
+    flops,
+    input_data,
+    losses,
+    optim,
+    replicas,
+)
 from fer_jax.device_input import plan_chunk
 from fer_jax.parallel import Compiled, DataParallel
 from fer_jax.resnet import ResNet18, model_from_config
@@ -47,11 +56,34 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     dropout_key: jax.Array  # (2,) uint32
+    # `fer_jax.replicas.OVERRIDABLE` values, float32 scalars: set from the config (not
+    # checkpointed) and taken by the step as arrays, so replicas may differ in them.
+    hparams: dict[str, jax.Array]
     apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-    schedule: Callable[[jax.Array], jax.Array] = flax.struct.field(pytree_node=False)
-    # A-Softmax's lambda as a function of `step` (`lambda_schedule`).
-    lambda_schedule: Callable[[jax.Array], jax.Array] = flax.struct.field(pytree_node=False)
+    recipe: Recipe = flax.struct.field(pytree_node=False)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recipe:
+    """The step's schedules and optimizer as functions of `(step, hparams)`.
+
+    `parts` (`optim.optimizer_parts` of all replicas) fixes the optimizer's structure, so every
+    replica's optimizer state has the same shape whatever its hyperparameter values.
+    """
+
+    config: ml_collections.ConfigDict
+    steps_per_epoch: int
+    parts: dict[str, bool]
+
+    def tx(self, hparams: dict[str, Any]) -> optax.GradientTransformation:
+        return optim.create_optimizer(self.config, self.steps_per_epoch, hparams, self.parts)[0]
+
+    def learning_rate(self, step: jax.Array, hparams: dict[str, Any]) -> jax.Array:
+        return optim.learning_rate_schedule(self.config, self.steps_per_epoch, hparams)(step)
+
+    def lam(self, step: jax.Array, hparams: dict[str, Any]) -> jax.Array:
+        """A-Softmax's lambda (`lambda_schedule`)."""
+        return lambda_schedule(self.config.loss, self.steps_per_epoch)(step, hparams)
 
 
 def create_model(config: ml_collections.ConfigDict, *, axis_name: str | None = None) -> ResNet18:
@@ -66,27 +98,35 @@ def create_model(config: ml_collections.ConfigDict, *, axis_name: str | None = N
 def create_train_state(
     config: ml_collections.ConfigDict, model: ResNet18, steps_per_epoch: int
 ) -> TrainState:
-    """Fresh state from `config.seed`: random init (the paper), the configured optimizer."""
-    # The 'rbg' generator compiles the ~100 initialisers several times faster than threefry
-    # on XLA:CPU; it is as deterministic for a given seed.
-    init_key = jax.random.key(config.seed, impl="rbg")
-    dropout_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        init_key, jnp.zeros((1, 44, 44, 1), jnp.float32)
-    )
-    tx, schedule = optim.create_optimizer(config, steps_per_epoch)
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables["batch_stats"],
-        opt_state=tx.init(params),
-        dropout_key=dropout_key,
-        apply_fn=model.apply,
-        tx=tx,
-        schedule=schedule,
-        lambda_schedule=lambda_schedule(config.loss, steps_per_epoch),
-    )
+    """Fresh state from `config.seed`: random init (the paper), the configured optimizer.
+
+    With `config.replicas = K > 1`, K states (`fer_jax.replicas.replica_configs`: own seeds
+    and hyperparameters), each exactly as a plain run of its config would start, stacked
+    along a leading replica axis.
+    """
+    configs = replicas.replica_configs(config) if replicas.count(config) > 1 else [config]
+    recipe = Recipe(config, steps_per_epoch, optim.optimizer_parts(configs))
+    init = jax.jit(functools.partial(model.init, train=False))
+    fields = []
+    for one in configs:
+        # The 'rbg' generator compiles the ~100 initialisers several times faster than
+        # threefry on XLA:CPU; it is as deterministic for a given seed. (Replicas are
+        # initialised one by one: a vmapped 'rbg' init would not match a plain run's.)
+        variables = init(jax.random.key(one.seed, impl="rbg"), jnp.zeros((1, 44, 44, 1)))
+        hparams = replicas.hparams(one)
+        params = variables["params"]
+        fields.append(
+            {
+                "step": jnp.zeros((), jnp.int32),
+                "params": params,
+                "batch_stats": variables["batch_stats"],
+                "opt_state": recipe.tx(hparams).init(params),
+                "dropout_key": jax.random.fold_in(jax.random.PRNGKey(one.seed), 1),
+                "hparams": hparams,
+            }
+        )
+    state = fields[0] if len(fields) == 1 else replicas.stack(fields)
+    return TrainState(**state, apply_fn=model.apply, recipe=recipe)
 
 
 LAMBDA_UNITS = ("step", "epoch")
@@ -94,12 +134,13 @@ LAMBDA_UNITS = ("step", "epoch")
 
 def lambda_schedule(
     loss_config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> Callable[[jax.Array], jax.Array]:
+) -> Callable[..., jax.Array]:
     """A-Softmax's annealed lambda as a function of the global step (config: `loss` section).
 
     `max(lambda_min, lambda_base * (1 + lambda_gamma * t) ** -lambda_power)` (SphereFace), with
     t counted in optimizer steps (`lambda_per='step'`, as SphereFace and its PyTorch port) or in
-    epochs (`'epoch'`, t = step / steps_per_epoch, fractional).
+    epochs (`'epoch'`, t = step / steps_per_epoch, fractional). `schedule(step, hparams)` takes
+    the constants from `hparams` (a replica's, `fer_jax.replicas.hparams`) when given.
     """
     c = loss_config
     if c.lambda_per not in LAMBDA_UNITS:
@@ -108,11 +149,11 @@ def lambda_schedule(
         )
     per = 1.0 if c.lambda_per == "step" else 1.0 / steps_per_epoch
 
-    def schedule(step: jax.Array) -> jax.Array:
+    def schedule(step: jax.Array, hparams: dict[str, Any] | None = None) -> jax.Array:
         t = jnp.asarray(step, jnp.float32) * per
-        return losses.sphereface_lambda(
-            t, c.lambda_base, c.lambda_gamma, c.lambda_power, c.lambda_min
-        )
+        names = ("lambda_base", "lambda_gamma", "lambda_power", "lambda_min")
+        constants = [c[n] if hparams is None else hparams[f"loss.{n}"] for n in names]
+        return losses.sphereface_lambda(t, *constants)
 
     return schedule
 
@@ -133,7 +174,8 @@ def train_step(
     if axis_name is not None:
         dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
     labels = batch["label"]
-    lam = state.lambda_schedule(state.step)
+    hparams = state.hparams
+    lam = state.recipe.lam(state.step, hparams)
 
     def loss_fn(params):
         (logits, features), mutated = state.apply_fn(
@@ -143,11 +185,12 @@ def train_step(
             return_features=True,
             mutable=["batch_stats"],
             rngs={"dropout": dropout_key},
+            dropout_rate=hparams["model.dropout_rate"],
         )
         if config.model.head == "a_softmax":
-            loss = losses.a_softmax_loss(
-                features, params["linear"]["kernel"], labels, margin=config.loss.margin, lam=lam
-            )
+            kernel = params["linear"]["kernel"]
+            margin = hparams["loss.margin"]
+            loss = losses.a_softmax_loss(features, kernel, labels, margin=margin, lam=lam)
         else:
             loss = losses.softmax_cross_entropy(logits, labels)
         return loss, (logits, features, mutated["batch_stats"])
@@ -167,8 +210,8 @@ def train_step(
         metrics = jax.lax.pmean(metrics, axis_name)
         if not config.cross_device_bn:
             batch_stats = jax.lax.pmean(batch_stats, axis_name)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    metrics["learning_rate"] = state.schedule(state.step)
+    updates, opt_state = state.recipe.tx(hparams).update(grads, state.opt_state, state.params)
+    metrics["learning_rate"] = state.recipe.learning_rate(state.step, hparams)
     metrics["lambda"] = lam
     new_state = state.replace(
         step=state.step + 1,
@@ -179,33 +222,57 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(
-    state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None
-) -> dict[str, jax.Array]:
-    """Ten-crop evaluation of `{'image': (B, 10, 44, 44, 1), 'label': (B,), 'mask': (B,)}`.
-
-    The 10 logits of each image are averaged. Returns sums over the (masked) batch, reduced
-    over devices: 'confusion' `(K, K)` counts (rows true, columns predicted), 'loss' (summed
-    cross-entropy of the averaged logits) and 'count'.
-    """
-    images = batch["image"]
+def tencrop_logits(state: TrainState, images: jax.Array) -> jax.Array:
+    """`(B, 10, 44, 44, 1)` crops -> `(B, classes)` logits, each the mean of its 10 crops'."""
     b, crops = images.shape[:2]
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats},
         images.reshape((b * crops,) + images.shape[2:]),
         train=False,
     )
-    logits = logits.reshape(b, crops, -1).mean(axis=1)
+    return logits.reshape(b, crops, -1).mean(axis=1)
+
+
+def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Sums over the masked batch of `(B, K)` logits: 'confusion' `(K, K)` counts (rows true,
+    columns predicted), 'loss' (summed cross-entropy) and 'count'."""
     num_classes = logits.shape[-1]
-    mask = batch["mask"].astype(jnp.float32)
-    truth = jax.nn.one_hot(batch["label"], num_classes) * mask[:, None]
+    mask = mask.astype(jnp.float32)
+    truth = jax.nn.one_hot(labels, num_classes) * mask[:, None]
     pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    out = {
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {
         "confusion": truth.T @ pred,
         "loss": jnp.sum(per_example * mask),
         "count": jnp.sum(mask),
     }
+
+
+def eval_step(
+    state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None
+) -> dict[str, jax.Array]:
+    """Ten-crop evaluation of `{'image': (B, 10, 44, 44, 1), 'label': (B,), 'mask': (B,)}`.
+
+    The 10 logits of each image are averaged. Returns `eval_sums`, reduced over devices.
+    """
+    logits = tencrop_logits(state, batch["image"])
+    out = eval_sums(logits, batch["label"], batch["mask"])
+    if axis_name is not None:
+        out = jax.lax.psum(out, axis_name)
+    return out
+
+
+def replica_eval_step(
+    state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None
+) -> dict[str, jax.Array]:
+    """`eval_step` of a stacked `(K, ...)` state: each replica's sums (leading axis K) and
+    'ensemble_confusion' / 'ensemble_loss' of the K replicas' ten-crop probabilities averaged."""
+    logits = jax.vmap(tencrop_logits, in_axes=(0, None))(state, batch["image"])  # (K, B, C)
+    out = jax.vmap(eval_sums, in_axes=(0, None, None))(logits, batch["label"], batch["mask"])
+    probs = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+    # log p as logits: the cross-entropy is -log p(label), the argmax that of p.
+    ensemble = eval_sums(jnp.log(jnp.maximum(probs, 1e-30)), batch["label"], batch["mask"])
+    out = {**out, "ensemble_confusion": ensemble["confusion"], "ensemble_loss": ensemble["loss"]}
     if axis_name is not None:
         out = jax.lax.psum(out, axis_name)
     return out
@@ -254,6 +321,7 @@ class Trainer:
                 "devices"
             )
         mode = input_pipeline(config)
+        replicas.check(config)
         if config.steps_per_dispatch < 0:
             raise ValueError(
                 f"config.steps_per_dispatch must be >= 0 (0: per platform), got "
@@ -261,6 +329,22 @@ class Trainer:
             )
         model = create_model(config, axis_name=parallel.axis_name)
         return cls(config, parallel, model, mode)
+
+    @property
+    def replicas(self) -> int:
+        """K: the number of replicas the steps run over (1: no replica axis)."""
+        return replicas.count(self.config)
+
+    def _over_replicas(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        """`step(state, batch, *, axis_name)` of one replica -> of the stacked state and
+        per-replica batches (leading axis K), when there are replicas."""
+        if self.replicas == 1:
+            return step
+
+        def over_replicas(state, batch, *, axis_name):
+            return jax.vmap(functools.partial(step, axis_name=axis_name))(state, batch)
+
+        return over_replicas
 
     @property
     def steps_per_dispatch(self) -> int:
@@ -274,12 +358,13 @@ class Trainer:
 
     def train_fn(self, layout: device_input.Layout | None = None) -> Compiled:
         """tf_data: `fn(state, batch)`; device: `fn(state, images, labels, plan)` for data of
-        `layout`. Both return `(state, metrics)`."""
+        `layout`. Both return `(state, metrics)`. With replicas the batch is `(K, B, ...)` and
+        the plan `(L, K, B)`, and metrics have a trailing replica axis."""
         fn = self._train_fns.get(layout)
         if fn is None:
-            step = functools.partial(train_step, config=self.config)
+            step = self._over_replicas(functools.partial(train_step, config=self.config))
             if layout is None:
-                fn = self.parallel.compile(step)
+                fn = self.parallel.compile(step, split_axes=(0 if self.replicas == 1 else 1,))
             else:
                 chunk = device_input.train_chunk_fn(step, layout)
                 fn = self.parallel.compile(chunk, split_axes=(0, None, None))
@@ -289,12 +374,11 @@ class Trainer:
     def _eval_fn(self, layout: device_input.Layout | None) -> Compiled:
         fn = self._eval_fns.get(layout)
         if fn is None:
+            step = eval_step if self.replicas == 1 else replica_eval_step
             if layout is None:
-                fn = self.parallel.compile(eval_step, donate_state=False, replicated_out=1)
+                fn = self.parallel.compile(step, donate_state=False, replicated_out=1)
             else:
-                evaluate_split = device_input.eval_split_fn(
-                    eval_step, layout, self.config.model.num_classes
-                )
+                evaluate_split = device_input.eval_split_fn(step, layout)
                 fn = self.parallel.compile(
                     evaluate_split, split_axes=(1, 1, 1), donate_state=False, replicated_out=1
                 )
@@ -325,7 +409,8 @@ class Trainer:
         return arrays
 
     def evaluate(self, state: TrainState, images: np.ndarray, labels: np.ndarray) -> dict:
-        """Ten-crop metrics (`evaluate.metrics_from_confusion`) of replicated `state`."""
+        """Ten-crop metrics (`evaluate.metrics_from_confusion`) of replicated `state`; with
+        replicas `{'replicas': [metrics of each], 'ensemble': metrics}`."""
         if self.input_pipeline == "device":
             arrays = self._device_eval_arrays(images, labels)
             fn = self._eval_fn(arrays.layout)
@@ -346,34 +431,59 @@ class Trainer:
                 out = fn(state, batch)
                 totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         totals = self.parallel.unreplicate(totals)
-        if int(round(float(totals["count"]))) != len(labels):
-            raise RuntimeError(f"evaluated {totals['count']} examples, expected {len(labels)}")
-        return evaluate.metrics_from_confusion(
-            np.asarray(totals["confusion"]), loss_sum=float(totals["loss"])
-        )
+        counted = np.ravel(totals["count"])[0]
+        if int(round(float(counted))) != len(labels):
+            raise RuntimeError(f"evaluated {counted} examples, expected {len(labels)}")
+        if self.replicas == 1:
+            return evaluate.metrics_from_confusion(
+                np.asarray(totals["confusion"]), loss_sum=float(totals["loss"])
+            )
+        return {
+            "replicas": [
+                evaluate.metrics_from_confusion(np.asarray(c), loss_sum=float(loss))
+                for c, loss in zip(totals["confusion"], totals["loss"], strict=True)
+            ],
+            "ensemble": evaluate.metrics_from_confusion(
+                np.asarray(totals["ensemble_confusion"]), loss_sum=float(totals["ensemble_loss"])
+            ),
+        }
 
 
-def _log_train_metrics(writer, history: list[dict], step: int, images_per_s: float) -> None:
+def _log_train_metrics(
+    writers: list[SummaryWriter], history: list[dict], step: int, images_per_s: float
+) -> None:
     """Writes the mean of each metric over `history` (one dict per dispatch: scalars, or
-    arrays with a leading step axis); a non-finite loss stops the run, naming its step."""
+    arrays with a leading step axis; with K replicas a trailing replica axis) to each
+    replica's writer; a non-finite loss stops the run, naming its step (and replica)."""
     stacked = jax.device_get(history)
-    per_step = {
-        k: np.concatenate([np.atleast_1d(np.asarray(h[k], np.float64)) for h in stacked])
-        for k in stacked[0]
+    k = len(writers)
+    per_step = {  # (steps, K)
+        name: np.concatenate([np.asarray(h[name], np.float64).reshape(-1, k) for h in stacked])
+        for name in stacked[0]
     }
-    bad = np.flatnonzero(~np.isfinite(per_step["loss"]))
-    if bad.size:
-        first = step - len(per_step["loss"]) + int(bad[0]) + 1
+    bad_steps, bad_replicas = np.nonzero(~np.isfinite(per_step["loss"]))
+    if bad_steps.size:
+        first = step - len(per_step["loss"]) + int(bad_steps[0]) + 1
+        value = per_step["loss"][bad_steps[0], bad_replicas[0]]
+        which = f" of replica {int(bad_replicas[0])}" if k > 1 else ""
         raise FloatingPointError(
-            f"non-finite training loss ({per_step['loss'][bad[0]]}) at step {first}; stopping. "
+            f"non-finite training loss{which} ({value}) at step {first}; stopping. "
             "The last good checkpoint is kept in the workdir."
         )
-    summary = {f"train_{k}": float(np.mean(v)) for k, v in per_step.items()}
-    summary["train_images_per_second"] = images_per_s
-    writer.write_scalars(step, summary)
+    for replica, writer in enumerate(writers):
+        summary = {f"train_{name}": float(np.mean(v[:, replica])) for name, v in per_step.items()}
+        summary["train_images_per_second"] = images_per_s / k
+        writer.write_scalars(step, summary)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _per_replica(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """`Trainer.evaluate`'s result as one metrics dict per replica (one without replicas)."""
+    return metrics["replicas"] if "replicas" in metrics else [metrics]
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_changes: bool = False
+) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
     Writes TensorBoard events, per-evaluation JSON metrics and confusion-matrix PNGs, and
@@ -382,11 +492,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics, and where it came from. (The JAFFE cross-validation that may follow is run by
     `fer_jax.main`, above both this module and `cross_validate`.)
     """
+    from fer_jax import run_config
+
     workdir = checkpoint.prepare_workdir(workdir)
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    # config.json: written at the first start; a resume with another recipe is refused.
+    run_config.save_or_compare(config, workdir, allow_changes=allow_config_changes)
     splits = input_data.load_splits(
         config, [config.train_split, config.select_split, config.report_split]
     )
@@ -403,27 +514,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best = checkpoint.restore_best_or_latest(workdir, summary["template"])
     state = trainer.parallel.replicate(best.state)
     report = trainer.evaluate(state, *splits[config.report_split])
-    results = {
-        "report_split": config.report_split,
-        "selected_on": config.select_split,
-        "selected_step": best.step,
-        "selected_epoch": best.meta.get("epoch"),
-        "select_accuracy": best.meta.get("select_accuracy"),
-        config.report_split: report,
-        "performance": summary["performance"],
-    }
+    results = _results(config, best, report, summary["performance"])
     if is_main:
-        evaluate.write_report(
-            os.path.join(workdir, "eval"), f"{config.report_split}_selected", report
-        )
+        eval_dir = os.path.join(workdir, "eval")
+        name = f"{config.report_split}_selected"
+        evaluate.write_report(eval_dir, name, results[config.report_split])
+        if trainer.replicas > 1:
+            for k, metrics in enumerate(report["replicas"]):
+                evaluate.write_report(os.path.join(eval_dir, f"replica_{k}"), name, metrics)
+            evaluate.write_report(eval_dir, f"{config.report_split}_ensemble", report["ensemble"])
         evaluate.write_json(os.path.join(workdir, "results.json"), results)
     logging.info(
         "%s accuracy of the model chosen on %s (step %d): %.4f",
         config.report_split,
         config.select_split,
-        best.step,
-        report["accuracy"],
+        results["selected_step"],
+        results[config.report_split]["accuracy"],
     )
+    if trainer.replicas > 1:
+        logging.info(
+            "%d replicas: %s accuracy %.4f +- %.4f (ensemble %.4f)",
+            trainer.replicas,
+            config.report_split,
+            results["mean_accuracy"],
+            results["std_accuracy"],
+            results["ensemble_accuracy"],
+        )
+    return results
+
+
+def _results(
+    config: ml_collections.ConfigDict,
+    best: checkpoint.Restored,
+    report: dict[str, Any],
+    performance: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """`results.json`: the report split's metrics of the model chosen on the select split
+    (with replicas: of the replica that scored best there), and per replica, their mean,
+    standard deviation (ddof=1; None for one) and the ensemble's accuracy."""
+    per = _per_replica(report)
+    selections = checkpoint.replica_selections(best)
+    chosen = checkpoint.chosen_replica(best.meta)
+    entries = [
+        {
+            "replica": k,
+            "seed": seed,
+            "overrides": fields,
+            **selections[k],
+            config.report_split: metrics,
+        }
+        for k, (seed, fields, metrics) in enumerate(
+            zip(replicas.seeds(config), replicas.overrides(config), per, strict=True)
+        )
+    ]
+    accuracies = np.array([m["accuracy"] for m in per])
+    results = {
+        "report_split": config.report_split,
+        "selected_on": config.select_split,
+        **selections[chosen],
+        config.report_split: per[chosen],
+        "replicas": entries,
+        "mean_accuracy": float(accuracies.mean()),
+        "std_accuracy": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else None,
+        "ensemble_accuracy": report.get("ensemble", per[0])["accuracy"],
+        "performance": performance,
+    }
+    if len(per) > 1:
+        results["selected_replica"] = chosen
+        results["ensemble"] = report["ensemble"]
     return results
 
 
@@ -458,24 +616,34 @@ def _train_feed(
 ) -> Iterator[tuple[int, Callable[[TrainState], tuple[TrainState, dict]]]]:
     """`(steps, run)` per call of the compiled training function from `start_step` on, where
     `run(state) -> (state, metrics)` does `steps` optimizer steps; both input modes feed the
-    same batches (`data_pipelines.plan.epoch_plan`)."""
+    same batches (`data_pipelines.plan.epoch_plan`), those of each replica's seed."""
     config, parallel = trainer.config, trainer.parallel
+    seeds = replicas.seeds(config)
     if trainer.input_pipeline == "tf_data":
         import data_pipelines
 
-        ds = data_pipelines.train_dataset_from_arrays(
-            images,
-            labels,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            start_epoch=start_step // steps_per_epoch,
-            start_step=start_step % steps_per_epoch,
-            num_epochs=config.num_epochs - start_step // steps_per_epoch,
-            num_devices=parallel.batch_shape_devices,
-            normalize=config.normalize,
-        )
+        def pipeline(seed: int, num_devices: int | None):
+            return data_pipelines.train_dataset_from_arrays(
+                images,
+                labels,
+                batch_size=config.batch_size,
+                seed=seed,
+                start_epoch=start_step // steps_per_epoch,
+                start_step=start_step % steps_per_epoch,
+                num_epochs=config.num_epochs - start_step // steps_per_epoch,
+                num_devices=num_devices,
+                normalize=config.normalize,
+            )
+
         fn = trainer.train_fn()
-        for batch in parallel.prefetch(ds.as_numpy_iterator()):
+        if len(seeds) == 1:
+            batches = pipeline(seeds[0], parallel.batch_shape_devices).as_numpy_iterator()
+            split_axis = 0
+        else:  # (K, B, ...): one batch per replica, from its own seed
+            streams = [pipeline(seed, None).as_numpy_iterator() for seed in seeds]
+            batches = (replicas.stack(bs) for bs in zip(*streams, strict=True))
+            split_axis = 1
+        for batch in parallel.prefetch(batches, split_axis=split_axis):
             yield 1, lambda s, b=batch: fn(s, b)
         return
     data = device_input.put_train_arrays(parallel, images, labels, normalize=config.normalize)
@@ -491,13 +659,18 @@ def _train_feed(
     for first, steps in calls:
         if first // steps_per_epoch != epoch:
             epoch = first // steps_per_epoch
-            plan = epoch_plan(
-                len(labels),
-                config.batch_size,
-                seed=config.seed,
-                epoch=epoch,
-                image_shape=images.shape[1:3],
-            )
+            plans = [
+                epoch_plan(
+                    len(labels),
+                    config.batch_size,
+                    seed=seed,
+                    epoch=epoch,
+                    image_shape=images.shape[1:3],
+                )
+                for seed in seeds
+            ]
+            # Replicas: (S, K, B) arrays, step-major like one replica's (S, B).
+            plan = plans[0] if len(plans) == 1 else replicas.stack_plans(plans)
         rows = parallel.place(plan_chunk(plan, first % steps_per_epoch, steps), None)
         yield steps, lambda s, rows=rows: fn(s, data.images, data.labels, rows)
 
@@ -538,7 +711,7 @@ def fit(
         if config.init_from:
             host_state = checkpoint.init_from(config.init_from, template, config)
         meta = {"epoch": 0, "step_in_epoch": 0}
-    start_step = int(host_state.step)
+    start_step = int(np.ravel(host_state.step)[0])  # replicas step together
     if start_step >= total_steps:
         logging.info("Training already finished (%d steps).", start_step)
         manager.close()
@@ -546,9 +719,21 @@ def fit(
 
     is_main = jax.process_index() == 0
     writer = SummaryWriter(workdir, enabled=is_main)
+    # Training curves: one writer per replica (TensorBoard runs replica_<k>), else `writer`.
+    num_replicas = trainer.replicas
+    curves = [writer]
+    if num_replicas > 1:
+        curves = [
+            SummaryWriter(os.path.join(workdir, f"replica_{k}"), enabled=is_main)
+            for k in range(num_replicas)
+        ]
     if start_step == 0:
-        _log_parameter_count(host_state.params)
+        params = host_state.params
+        _log_parameter_count(replicas.take(params, 0) if num_replicas > 1 else params)
         writer.write_hparams(_flat_hparams(config))
+        if num_replicas > 1:
+            for curve, one in zip(curves, replicas.replica_configs(config), strict=True):
+                curve.write_hparams(_flat_hparams(one))
     state = parallel.replicate(host_state)
     timer = _Timer(trainer)
     history: list[dict] = []
@@ -568,7 +753,7 @@ def fit(
             dt = time.perf_counter() - t_log
             history = parallel.unreplicate(history)  # pmap: drop the device axis
             images = sum(np.size(h["loss"]) for h in history) * config.batch_size
-            _log_train_metrics(writer, history, step, images / dt)
+            _log_train_metrics(curves, history, step, images / dt)
             logging.info(
                 "epoch %d/%d, step %d/%d (global %d/%d)",
                 epoch + (not end_of_epoch),
@@ -594,40 +779,43 @@ def fit(
         if not (eval_now or save_now):
             continue
         timer.pause(state)
-        select_metrics = None
+        select_accuracy = None
         if eval_now:
             select_metrics = trainer.evaluate(state, *select)
             timer.evaluated(len(select[1]))
-            if is_main:
-                evaluate.write_report(
-                    os.path.join(workdir, "eval"),
-                    f"{select_name}_epoch{completed_epochs:03d}",
-                    select_metrics,
-                )
-            writer.write_scalars(
-                step,
-                {
-                    f"{select_name}_{k}": v
-                    for k, v in evaluate.scalar_metrics(select_metrics).items()
-                },
-            )
+            per_replica = _per_replica(select_metrics)
+            for k, (metrics, curve) in enumerate(zip(per_replica, curves, strict=True)):
+                if is_main:
+                    evaluate.write_report(
+                        os.path.join(workdir, "eval", f"replica_{k}" if num_replicas > 1 else ""),
+                        f"{select_name}_epoch{completed_epochs:03d}",
+                        metrics,
+                    )
+                scalars = evaluate.scalar_metrics(metrics)
+                curve.write_scalars(step, {f"{select_name}_{k}": v for k, v in scalars.items()})
+            if num_replicas > 1:
+                ensemble = select_metrics["ensemble"]["accuracy"]
+                writer.write_scalars(step, {f"{select_name}_ensemble_accuracy": ensemble})
+            select_accuracy = [m["accuracy"] for m in per_replica]
         if history:  # check the steps since the last log before saving anything
-            _log_train_metrics(writer, parallel.unreplicate(history), step, float("nan"))
+            _log_train_metrics(curves, parallel.unreplicate(history), step, float("nan"))
             history = []
         host_state = parallel.unreplicate(state)
         meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch}
         if save_now:
             manager.save(step, host_state, meta)
-        if select_metrics is not None:
-            manager.maybe_save_best(step, host_state, meta, select_metrics["accuracy"])
-        writer.flush()
+        if select_accuracy is not None:
+            manager.maybe_save_best(step, host_state, meta, select_accuracy)
+        for w in {id(w): w for w in [writer, *curves]}.values():
+            w.flush()
         timer.resume()
         t_log = time.perf_counter()
     timer.pause(state)
     manager.close()
     performance = timer.performance(config, steps_per_epoch, time.perf_counter() - wall_start)
     writer.write_scalars(step, _performance_scalars(performance))
-    writer.close()
+    for w in {id(w): w for w in [writer, *curves]}.values():
+        w.close()
     return {"state": parallel.unreplicate(state), "template": template, "performance": performance}
 
 

@@ -123,4 +123,4 @@ def test_non_finite_loss_stops_with_the_step_number():
             raise AssertionError("non-finite metrics must not be written")
 
     with pytest.raises(FloatingPointError, match="at step 9"):
-        train._log_train_metrics(Writer(), history, step=10, images_per_s=1.0)
+        train._log_train_metrics([Writer()], history, step=10, images_per_s=1.0)

@@ -1,0 +1,155 @@
+"""Replicas: K independent runs of one network, trained by one compiled program.
+
+With `config.replicas = K > 1` every leaf of the train state carries a leading replica axis
+`(K, ...)` and the train and eval steps are `jax.vmap`ped over it (inside the data
+parallelism: replica axis x data axis). Replica k has its own seed (initialisation, data
+order, dropout): `config.seed + k`, unless `config.replica_seeds` lists the K seeds. Its
+scalar hyperparameters may differ too: `config.replica_overrides` lists K dicts of the
+`OVERRIDABLE` fields, which the step takes as arrays (`hparams`), so they change values but
+not the program. K = 1 is a plain run: no replica axis anywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+# Config fields a replica may override: scalars the step takes as traced arrays.
+OVERRIDABLE = (
+    "optimizer.learning_rate",
+    "optimizer.momentum",
+    "optimizer.weight_decay",
+    "optimizer.grad_clip",
+    "optimizer.decay_rate",
+    "loss.margin",
+    "loss.lambda_base",
+    "loss.lambda_gamma",
+    "loss.lambda_power",
+    "loss.lambda_min",
+    "model.dropout_rate",
+)
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _has(config: ml_collections.ConfigDict, path: str) -> bool:
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, Mapping | ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def count(config: ml_collections.ConfigDict) -> int:
+    """K, the number of replicas (1: a plain run)."""
+    return int(config.get("replicas", 1))
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError, naming the field, unless the replica fields of `config` are usable."""
+    k = config.get("replicas", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"config.replicas must be an integer >= 1, got {k!r}")
+    seeds = list(config.get("replica_seeds", []) or [])
+    if seeds and len(seeds) != k:
+        raise ValueError(
+            f"config.replica_seeds lists {len(seeds)} seeds for {k} replicas (config.replicas): "
+            "give one per replica, or none for seed + k"
+        )
+    for i, seed in enumerate(seeds):
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise ValueError(f"config.replica_seeds[{i}] must be an integer >= 0, got {seed!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"config.replica_seeds has repeated seeds: {seeds}")
+    overrides = list(config.get("replica_overrides", []) or [])
+    if overrides and len(overrides) != k:
+        raise ValueError(
+            f"config.replica_overrides lists {len(overrides)} dicts for {k} replicas "
+            "(config.replicas): give one per replica ({} for none)"
+        )
+    for i, fields in enumerate(overrides):
+        if not isinstance(fields, Mapping | ml_collections.ConfigDict):
+            raise ValueError(
+                f"config.replica_overrides[{i}] must be a dict of fields, got {fields!r}"
+            )
+        for name, value in fields.items():
+            where = f"config.replica_overrides[{i}][{name!r}]"
+            if name not in OVERRIDABLE:
+                if name == "seed":
+                    hint = "per-replica seeds go in config.replica_seeds"
+                elif _has(config, name):
+                    hint = (
+                        "it changes the program or its shapes; replicas may differ only in "
+                        f"{', '.join(OVERRIDABLE)}"
+                    )
+                else:
+                    close = difflib.get_close_matches(name, OVERRIDABLE, n=1)
+                    hint = "no such overridable field"
+                    if close:
+                        hint += f"; did you mean {close[0]!r}?"
+                raise ValueError(f"{where}: {name!r} cannot differ between replicas: {hint}")
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+                raise ValueError(f"{where} must be a number, got {value!r}")
+            if name == "loss.margin" and (int(value) != value or not 1 <= value <= 5):
+                raise ValueError(f"{where} must be an integer in 1..5, got {value!r}")
+            if name == "model.dropout_rate" and not 0 <= value < 1:
+                raise ValueError(f"{where} must be in [0, 1), got {value!r}")
+
+
+def seeds(config: ml_collections.ConfigDict) -> list[int]:
+    """The seed of each replica: `config.replica_seeds`, else `config.seed + k`."""
+    listed = list(config.get("replica_seeds", []) or [])
+    return [int(s) for s in listed] or [config.seed + k for k in range(count(config))]
+
+
+def overrides(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """The overridden fields of each replica (`{}` where none)."""
+    listed = list(config.get("replica_overrides", []) or [])
+    return [dict(d) for d in listed] or [{} for _ in range(count(config))]
+
+
+def replica_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """One plain (K = 1) config per replica: its seed and overrides applied."""
+    check(config)
+    out = []
+    for seed, fields in zip(seeds(config), overrides(config), strict=True):
+        one = ml_collections.ConfigDict(config.to_dict())
+        one.replicas, one.replica_seeds, one.replica_overrides = 1, (), ()
+        one.seed = seed
+        for name, value in fields.items():
+            section, field = name.split(".")
+            old = one[section][field]
+            one[section][field] = type(old)(value) if isinstance(old, int | float) else value
+        out.append(one)
+    return out
+
+
+def hparams(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """The `OVERRIDABLE` values of a plain config as float32 scalars (the step's `hparams`)."""
+    return {name: np.float32(_get(config, name)) for name in OVERRIDABLE}
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """K host pytrees -> one with a leading replica axis `(K, ...)` on every leaf."""
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def take(tree: Any, k: int) -> Any:
+    """Replica k of a stacked host pytree."""
+    return jax.tree.map(lambda x: np.asarray(x)[k], tree)
+
+
+def stack_plans(plans: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """K epoch plans (`(S, B)` arrays) -> one `(S, K, B)` plan, step-major like one's."""
+    return {key: np.stack([plan[key] for plan in plans], axis=1) for key in plans[0]}
