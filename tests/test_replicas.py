@@ -1,0 +1,278 @@
+"""Replicas (`config.replicas = K`): K runs in one vmapped program, each exactly its own run.
+
+Replica k is compared with a K = 1 run of its seed and overrides, with `cbam='none'` and
+(A-Softmax) over one step only. Why: the vmapped program's convolutions are grouped and
+round differently from a plain run's (1e-7 after a step), and some of this small width-8
+network's choices amplify such differences step by step: CBAM's max pooling routes its
+gradient to one arg-max (see tests/test_parallel.py), and ReLU's kinks do the same on a
+smaller scale. Measured here without CBAM (losses of replica vs plain run, 4 steps): equal to
+1e-6 with softmax, the default learning rate and clipping, also with a momentum or dropout
+override; 4e-5 apart at step 4 with A-Softmax, 2e-4 without clipping, 5e-5 at step 3 with a
+learning rate of 0.02 or a weight decay of 1e-3 (all 1e-7 after one step). So the A-Softmax
+comparisons are after one step (each replica's own first batch, initialisation, dropout
+mask and hyperparameters), and over two steps even the differences vary from one process to
+the next (XLA:CPU's threaded convolutions; 5e-5 to 3e-4 seen), too noisy to tell a bug.
+The data order of later steps and epochs is checked exactly by the kill -9 test below.
+"""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import synthetic
+from fer_jax import checkpoint, replicas, synthetic_data, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SEEDS = (3, 7)
+# name: (head, training images (batch 16: one step), per-replica overrides)
+SCENARIOS = {
+    "a_softmax_one_step": (
+        "a_softmax",
+        16,
+        (
+            {
+                "optimizer.learning_rate": 0.02,
+                "optimizer.weight_decay": 1e-3,
+                "loss.margin": 2,
+                "loss.lambda_base": 100.0,
+            },
+            {"model.dropout_rate": 0.3, "optimizer.grad_clip": 0.05, "loss.lambda_min": 2.0},
+        ),
+    ),
+    "softmax_one_step": (
+        "softmax",
+        16,
+        (
+            {"optimizer.momentum": 0.5},
+            {"model.dropout_rate": 0.3},
+        ),
+    ),
+}
+
+
+def _config(input_pipeline="device", head="a_softmax"):
+    config = synthetic.get_config()
+    config.model.cbam = "none"
+    config.model.head = head
+    config.batch_size = 16
+    config.num_epochs = 1
+    config.input_pipeline = input_pipeline
+    return config
+
+
+def _fit(config, workdir, num_images):
+    data = synthetic_data.make_split(num_images, seed=0)
+    trainer = train.Trainer.create(config)
+    return train.fit(trainer, str(workdir), data["image"], data["label"])["state"]
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory):
+    """Per scenario, one K = 1 run per replica: its seed and overrides set by hand."""
+    runs = {}
+    for name, (head, num_images, overrides) in SCENARIOS.items():
+        runs[name] = []
+        for seed, fields in zip(SEEDS, overrides, strict=True):
+            config = _config(head=head)
+            config.seed = seed
+            for field, value in fields.items():
+                section, key = field.split(".")
+                config[section][key] = value
+            runs[name].append(_fit(config, tmp_path_factory.mktemp("plain"), num_images))
+    return runs
+
+
+@pytest.mark.parametrize(
+    "scenario, input_pipeline",
+    [
+        ("a_softmax_one_step", "device"),
+        ("softmax_one_step", "device"),
+        ("softmax_one_step", "tf_data"),
+    ],
+)
+def test_each_replica_equals_the_plain_run_of_its_seed_and_overrides(
+    plain_runs, tmp_path, scenario, input_pipeline
+):
+    head, num_images, overrides = SCENARIOS[scenario]
+    config = _config(input_pipeline, head)
+    config.replicas = 2
+    config.replica_seeds = SEEDS
+    config.replica_overrides = overrides
+    state = _fit(config, tmp_path, num_images)
+    steps = config.num_epochs
+    assert np.shape(state.step) == (2,) and list(state.step) == [steps, steps]
+    for k, plain in enumerate(plain_runs[scenario]):
+        got = replicas.take((state.params, state.batch_stats, state.opt_state), k)
+        want = (plain.params, plain.batch_stats, plain.opt_state)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
+    # The overrides reached their replica only: each equals its own plain run (above), and
+    # the two trained differently.
+    p0, p1 = (jax.tree.leaves(replicas.take(state.params, k)) for k in range(2))
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(p0, p1, strict=True)) > 1e-2
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ([{"model.width": 16}, {}], "model.width"),
+        ([{"model.cbam": "none"}, {}], "model.cbam"),
+        ([{"batch_size": 32}, {}], "batch_size"),
+        ([{}, {"model.head": "softmax"}], "model.head"),
+        ([{"seed": 4}, {}], "replica_seeds"),
+        ([{"optimizer.learning_rat": 0.1}, {}], "optimizer.learning_rate"),
+        ([{"loss.margin": 2.5}, {}], "loss.margin"),
+        ([{}], "2 replicas"),
+    ],
+)
+def test_a_field_that_changes_the_program_is_refused_by_name(overrides, field):
+    config = _config()
+    config.replicas = 2
+    config.replica_overrides = tuple(overrides)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        train.Trainer.create(config)
+
+
+@pytest.mark.parametrize("seeds", [(1,), (1, 1), (1, -2)])
+def test_bad_replica_seeds_are_refused(seeds):
+    config = _config()
+    config.replicas = 2
+    config.replica_seeds = seeds
+    with pytest.raises(ValueError, match="replica_seeds"):
+        replicas.check(config)
+
+
+def test_one_replica_keeps_the_plain_state_and_checkpoint_layout():
+    config = _config()
+    state = train.create_train_state(config, train.create_model(config), 4)
+    assert np.shape(state.step) == () and np.shape(state.dropout_key) == (2,)
+    assert np.shape(state.params["conv1"]["kernel"]) == (3, 3, 1, 8)
+    assert set(checkpoint._to_tree(state)) == set(checkpoint.STATE_FIELDS)  # no hparams saved
+    config.replicas = 3
+    stacked = train.create_train_state(config, train.create_model(config), 4)
+    assert np.shape(stacked.params["conv1"]["kernel"]) == (3, 3, 3, 1, 8)
+    np.testing.assert_array_equal(
+        stacked.hparams["optimizer.learning_rate"], np.float32([0.05] * 3)
+    )
+
+
+# --- The command line: results.json, per-replica curves, kill -9 and resume. ---------------
+
+RUN_FLAGS = [
+    "--config=configs/synthetic.py",
+    "--config.replicas=3",
+    "--config.replica_overrides=({'optimizer.learning_rate': 0.1}, {}, {'loss.margin': 2})",
+    "--config.synthetic.train=128",  # 4 steps per epoch
+    "--config.num_epochs=3",
+    "--config.checkpoint_every_steps=3",
+    "--config.cross_validate=False",
+]
+
+
+def _cli(workdir, *flags, wait=True):
+    cmd = [sys.executable, "-m", "fer_jax.main", f"--workdir={workdir}", *RUN_FLAGS, *flags]
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def _latest(workdir):
+    manager = checkpoint._manager(os.path.join(workdir, "checkpoints"), 100)
+    try:
+        step = manager.latest_step()
+        tree, meta = checkpoint._restore_step(manager, step)
+    finally:
+        manager.close()
+    return step, jax.tree.map(np.asarray, tree), meta
+
+
+@pytest.fixture(scope="module")
+def replica_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("replicas"))
+    proc = _cli(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_results_report_each_replica_their_spread_and_the_ensemble(replica_run):
+    with open(os.path.join(replica_run, "results.json")) as f:
+        results = json.load(f)
+    entries = results["replicas"]
+    assert [e["seed"] for e in entries] == [0, 1, 2]
+    assert entries[0]["overrides"] == {"optimizer.learning_rate": 0.1}
+    assert entries[2]["overrides"] == {"loss.margin": 2}
+    accuracies = [e["private_test"]["accuracy"] for e in entries]
+    assert results["mean_accuracy"] == pytest.approx(np.mean(accuracies))
+    assert results["std_accuracy"] == pytest.approx(np.std(accuracies, ddof=1))
+    chosen = results["selected_replica"]
+    selects = [e["select_accuracy"] for e in entries]
+    assert chosen == int(np.argmax(selects)) and results["select_accuracy"] == max(selects)
+    assert results["private_test"] == entries[chosen]["private_test"]
+    assert results["ensemble"]["num_examples"] == 70
+    assert results["ensemble_accuracy"] == results["ensemble"]["accuracy"]
+    assert results["performance"]["steps_timed"] == 12
+    for k in range(3):  # TensorBoard runs replica_<k>, eval reports per replica
+        assert glob.glob(os.path.join(replica_run, f"replica_{k}", "events.out.tfevents.*"))
+        assert os.path.exists(
+            os.path.join(replica_run, "eval", f"replica_{k}", "public_test_epoch003.json")
+        )
+    # The best checkpoint holds each replica at its own best epoch.
+    _, meta, source = checkpoint.load_variables(replica_run)
+    assert os.sep + "best" + os.sep in source
+    assert meta["replicas"] == 3 and meta["select_accuracy"] == selects
+    assert [e["selected_epoch"] for e in entries] == meta["replica_epochs"]
+
+
+def test_a_replica_run_loads_for_inference_and_as_an_init(replica_run):
+    with open(os.path.join(replica_run, "results.json")) as f:
+        chosen = json.load(f)["selected_replica"]
+    _, stacked = checkpoint.load_for_inference(replica_run, replica="all")
+    assert np.shape(stacked["params"]["conv1"]["kernel"]) == (3, 3, 3, 1, 8)
+    _, default = checkpoint.load_for_inference(replica_run)
+    _, one = checkpoint.load_for_inference(replica_run, replica=2)
+    jax.tree.map(np.testing.assert_array_equal, default, replicas.take(stacked, chosen))
+    jax.tree.map(np.testing.assert_array_equal, one, replicas.take(stacked, 2))
+    with pytest.raises(checkpoint.CheckpointError, match="0..2"):
+        checkpoint.load_for_inference(replica_run, replica=3)
+    # A plain run initialised from it starts from the chosen replica.
+    config = synthetic.get_config()
+    template = train.create_train_state(config, train.create_model(config), 4)
+    state = checkpoint.init_from(replica_run, template, config)
+    jax.tree.map(np.testing.assert_array_equal, state.params, default["params"])
+
+
+def test_kill_9_and_resume_with_three_replicas_ends_bit_identical(replica_run, tmp_path):
+    workdir = str(tmp_path / "killed")
+    proc = _cli(workdir, wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if [p for p in glob.glob(os.path.join(workdir, "checkpoints", "*")) if p[-1].isdigit()]:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run ended before it could be killed: " + proc.stderr.read()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _latest(workdir)[0] < 12
+
+    resumed = _cli(workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from step" in resumed.stderr
+    step, tree, meta = _latest(workdir)
+    ref_step, ref_tree, _ = _latest(replica_run)
+    assert step == ref_step == 12 and meta["replicas"] == 3
+    jax.tree.map(np.testing.assert_array_equal, tree, ref_tree)
+    for name in ("results.json",):
+        with open(os.path.join(workdir, name)) as f, open(os.path.join(replica_run, name)) as g:
+            got, want = json.load(f), json.load(g)
+        for key in ("replicas", "mean_accuracy", "ensemble_accuracy", "selected_replica"):
+            assert got[key] == want[key], key
