@@ -92,7 +92,11 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def evaluate_checkpoint(config, workdir: str, path: str, split: str) -> dict:
-    """Ten-crop metrics of a checkpoint on `split`, written to `workdir/eval/`."""
+    """Ten-crop metrics of a checkpoint on `split`, written to `workdir/eval/`.
+
+    With `config.replicas = K` matching a replica run: each replica's and the ensemble's;
+    with K = 1, a replica run's replica chosen on its select split (`checkpoint.init_from`).
+    """
     from fer_jax import checkpoint, evaluate, input_data, train
 
     trainer = train.Trainer.create(config)
@@ -100,10 +104,16 @@ def evaluate_checkpoint(config, workdir: str, path: str, split: str) -> dict:
     state = trainer.parallel.replicate(checkpoint.init_from(path, template, config))
     images, labels = input_data.load_splits(config, [split])[split]
     metrics = trainer.evaluate(state, images, labels)
+    reports = {f"{split}_evaluate": metrics}
+    if "replicas" in metrics:
+        reports = {f"{split}_evaluate_replica_{k}": m for k, m in enumerate(metrics["replicas"])}
+        reports[f"{split}_evaluate_ensemble"] = metrics["ensemble"]
     if jax.process_index() == 0:
-        evaluate.write_report(os.path.join(workdir, "eval"), f"{split}_evaluate", metrics)
-    logging.info("%s accuracy of %s: %.4f", split, path, metrics["accuracy"])
-    print(f"{split} accuracy: {100 * metrics['accuracy']:.2f}% ({metrics['num_examples']} images)")
+        for name, report in reports.items():
+            evaluate.write_report(os.path.join(workdir, "eval"), name, report)
+    for name, report in reports.items():
+        logging.info("%s of %s: accuracy %.4f", name, path, report["accuracy"])
+        print(f"{name}: {100 * report['accuracy']:.2f}% ({report['num_examples']} images)")
     return metrics
 
 
@@ -130,7 +140,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        raise UserError(config_schema.bad_override_value(str(e)) or str(e)) from e
+        one_line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise UserError(config_schema.bad_override_value(one_line) or one_line) from e
     except (AttributeError, KeyError, TypeError) as e:
         message = _unknown_override(argv)
         if message is None:

@@ -245,6 +245,13 @@ def ten_crop_probabilities(model: ResNet18, variables: Any, faces: jax.Array) ->
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
+def ensemble_probabilities(model: ResNet18, variables: Any, faces: jax.Array) -> jax.Array:
+    """`ten_crop_probabilities` of K models (every leaf of `variables` stacked `(K, ...)`, a
+    replica run's), averaged: `(B, num_classes)`."""
+    per_model = jax.vmap(ten_crop_probabilities, in_axes=(None, 0, None))(model, variables, faces)
+    return per_model.mean(axis=0)
+
+
 def centre_crop_attention(model: ResNet18, variables: Any, faces: jax.Array) -> jax.Array:
     """Spatial attention of the last CBAM of each stage, on the centre crop: `(B, 4, 44, 44)`.
 
@@ -305,11 +312,14 @@ class Recognizer:
         margin: float = DEFAULT_MARGIN,
         max_side: int = DEFAULT_MAX_SIDE,
         min_face: int = DEFAULT_MIN_FACE,
+        ensemble: bool = False,
     ):
         """Wraps a model and its weights; compiles nothing until the first call.
 
         Args:
           model: the network; `variables`: its `{'params', 'batch_stats'}`.
+          ensemble: `variables` hold K models stacked `(K, ...)` (a replica run's): their
+            probabilities are averaged (`ensemble_probabilities`; no attention maps).
           class_names: one name per model output.
           batch_size: faces per compiled model call.
           margin: face-crop margin, as `data_pipelines.faces.crop_face`.
@@ -335,20 +345,29 @@ class Recognizer:
         self.max_side = max_side
         self.min_face = min_face
         options = conv.cpu_compiler_options()  # Eigen convolutions on CPU
+        self.ensemble = ensemble
+        probabilities = ensemble_probabilities if ensemble else ten_crop_probabilities
         self._probabilities = jax.jit(
-            functools.partial(ten_crop_probabilities, model), compiler_options=options
+            functools.partial(probabilities, model), compiler_options=options
         )
         self._attention = jax.jit(
             functools.partial(centre_crop_attention, model), compiler_options=options
         )
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> Recognizer:
-        """Loads a run directory (best, else latest checkpoint) or one checkpoint directory."""
+    def from_checkpoint(
+        cls, path: str | os.PathLike, replica: int | str | None = None, **kwargs: Any
+    ) -> Recognizer:
+        """Loads a run directory (best, else latest checkpoint) or one checkpoint directory.
+
+        Of a replica run: the replica chosen on the select split (`replica=None`), replica k
+        (`replica=k`), or all of them averaged (`replica='ensemble'`).
+        """
         from fer_jax.checkpoint import load_for_inference  # Orbax etc. only when needed.
 
-        model, variables = load_for_inference(os.fspath(path))
-        return cls(model, variables, **kwargs)
+        ensemble = replica == "ensemble"
+        model, variables = load_for_inference(os.fspath(path), "all" if ensemble else replica)
+        return cls(model, variables, ensemble=ensemble, **kwargs)
 
     def bucket(self, n: int) -> int:
         """The padded batch size of a chunk of `1 <= n <= batch_size` faces."""
@@ -373,6 +392,8 @@ class Recognizer:
 
     def attention_maps(self, faces: np.ndarray) -> np.ndarray:
         """Spatial-attention maps `(N, 4, 44, 44)` float32 of cropped faces (module docstring)."""
+        if self.ensemble:
+            raise ValueError("attention maps are one model's: load one replica, not the ensemble")
         return self._batched(self._attention, faces)
 
     def crop_faces(self, gray: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -70,8 +70,6 @@ def check(config: ml_collections.ConfigDict) -> None:
     for i, seed in enumerate(seeds):
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
             raise ValueError(f"config.replica_seeds[{i}] must be an integer >= 0, got {seed!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"config.replica_seeds has repeated seeds: {seeds}")
     overrides = list(config.get("replica_overrides", []) or [])
     if overrides and len(overrides) != k:
         raise ValueError(

@@ -141,7 +141,7 @@ def test_a_field_that_changes_the_program_is_refused_by_name(overrides, field):
         train.Trainer.create(config)
 
 
-@pytest.mark.parametrize("seeds", [(1,), (1, 1), (1, -2)])
+@pytest.mark.parametrize("seeds", [(1,), (1, 2, 3), (1, -2)])
 def test_bad_replica_seeds_are_refused(seeds):
     config = _config()
     config.replicas = 2
@@ -276,3 +276,18 @@ def test_kill_9_and_resume_with_three_replicas_ends_bit_identical(replica_run, t
             got, want = json.load(f), json.load(g)
         for key in ("replicas", "mean_accuracy", "ensemble_accuracy", "selected_replica"):
             assert got[key] == want[key], key
+
+
+def test_the_recognizer_takes_one_replica_or_the_ensemble(replica_run):
+    from fer_jax.recognizer import Recognizer
+
+    faces = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 1), np.uint8)
+    per_replica = [
+        Recognizer.from_checkpoint(replica_run, replica=k).predict_faces(faces) for k in range(3)
+    ]
+    ensemble = Recognizer.from_checkpoint(replica_run, replica="ensemble")
+    np.testing.assert_allclose(
+        ensemble.predict_faces(faces), np.mean(per_replica, axis=0), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="one replica"):
+        ensemble.attention_maps(faces)

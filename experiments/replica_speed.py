@@ -1,0 +1,135 @@
+"""Aggregate training speed of K replicas against one run, side by side in one process.
+
+    python -m experiments.replica_speed                     # full width, K = 1 and 4, batch 64
+    python -m experiments.replica_speed --width 16 --replicas 1 2 4 --steps 2 --reps 2
+
+Each K gets the Trainer's own training function (`fer_jax.train.Trainer.train_fn`, the
+device input, `steps_per_dispatch` of the platform unless `--steps_per_dispatch`), compiled
+and warmed up first on FER2013-sized random uint8 images; then the K's are timed in turn
+(`--reps` rounds of `--steps` steps each, median), so load from elsewhere hits all alike.
+Reports aggregate training images/s (K x batch per step) and the ratio to K = 1, and writes
+the table and raw figures to `--out` (default experiments/results/replicas_<platform>/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from experiments import provenance
+
+
+def _trainer(k: int, args: argparse.Namespace):
+    from configs import fer2013
+    from data_pipelines.plan import epoch_plan
+    from fer_jax import device_input, replicas, train
+
+    config = fer2013.get_config()
+    config.model.width = args.width
+    config.batch_size = args.batch
+    config.replicas = k
+    config.steps_per_dispatch = args.steps_per_dispatch
+    trainer = train.Trainer.create(config)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.images, 48, 48, 1), np.uint8)
+    labels = rng.integers(0, 7, args.images).astype(np.int32)
+    data = device_input.put_train_arrays(trainer.parallel, images, labels)
+    fn = trainer.train_fn(data.layout)
+    steps_per_epoch = args.images // args.batch
+    state = trainer.parallel.replicate(train.create_train_state(config, trainer.model, 448))
+    plans = [epoch_plan(args.images, args.batch, seed=s, epoch=0) for s in replicas.seeds(config)]
+    plan = plans[0] if k == 1 else replicas.stack_plans(plans)
+    per_call = trainer.steps_per_dispatch
+    calls = max(1, args.steps // per_call)
+    rows = [
+        trainer.parallel.place(
+            device_input.plan_chunk(plan, (i * per_call) % steps_per_epoch, per_call), None
+        )
+        for i in range(calls)
+    ]
+
+    def run(state):
+        for r in rows:
+            state, _ = fn(state, data.images, data.labels, r)
+        return jax.block_until_ready(state)
+
+    return trainer, state, run, calls * per_call
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--replicas", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64, help="per replica")
+    ap.add_argument("--images", type=int, default=1024, help="random training images")
+    ap.add_argument("--steps", type=int, default=2, help="steps per timed round")
+    ap.add_argument("--reps", type=int, default=3, help="timed rounds (median)")
+    ap.add_argument("--steps_per_dispatch", type=int, default=0, help="0: the platform's")
+    ap.add_argument("--out", help="results folder")
+    args = ap.parse_args()
+
+    runs = {}
+    for k in args.replicas:
+        start = time.perf_counter()
+        trainer, state, run, steps = _trainer(k, args)
+        state = run(state)  # compile + warm-up
+        runs[k] = {
+            "trainer": trainer,
+            "state": state,
+            "run": run,
+            "steps": steps,
+            "setup_s": time.perf_counter() - start,
+            "times": [],
+        }
+        print(f"K={k}: ready in {runs[k]['setup_s']:.1f} s", flush=True)
+    for _ in range(args.reps):
+        for r in runs.values():
+            start = time.perf_counter()
+            r["state"] = r["run"](r["state"])
+            r["times"].append(time.perf_counter() - start)
+    device = jax.devices()[0]
+    rows, raw = [], {}
+    base = None
+    for k, r in runs.items():
+        seconds = statistics.median(r["times"])
+        ips = k * args.batch * r["steps"] / seconds
+        base = base or (ips if k == 1 else None)
+        raw[k] = {
+            "aggregate_images_per_s": ips,
+            "step_seconds": seconds / r["steps"],
+            "times": r["times"],
+            "steps_per_round": r["steps"],
+            "steps_per_dispatch": r["trainer"].steps_per_dispatch,
+            "setup_and_compile_s": r["setup_s"],
+        }
+        ratio = f"{ips / base:.2f}x" if base else "-"
+        rows.append(f"| {k} | {ips:.1f} | {1000 * seconds / r['steps']:.0f} | {ratio} |")
+    table = "\n".join(
+        [
+            f"Device: {device.platform} {device.device_kind}; {provenance.cpu_model()}; "
+            f"width {args.width}, batch {args.batch} per replica",
+            "",
+            "| replicas K | aggregate train images/s | ms per step | vs K = 1 |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
+    print(table)
+    out = args.out or os.path.join(
+        provenance.REPO, "experiments", "results", f"replicas_{device.platform}"
+    )
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "raw.json"), "w") as f:
+        json.dump({"args": vars(args), "runs": raw, **provenance.provenance()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
