@@ -263,11 +263,16 @@ def eval_step(
 
 
 def replica_eval_step(
-    state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    axis_name: str | None,
+    replica_map: str = "vmap",
 ) -> dict[str, jax.Array]:
     """`eval_step` of a stacked `(K, ...)` state: each replica's sums (leading axis K) and
-    'ensemble_confusion' / 'ensemble_loss' of the K replicas' ten-crop probabilities averaged."""
-    logits = jax.vmap(tencrop_logits, in_axes=(0, None))(state, batch["image"])  # (K, B, C)
+    'ensemble_confusion' / 'ensemble_loss' of the K replicas' ten-crop probabilities averaged.
+    `replica_map`: `fer_jax.replicas.map_over`'s kind."""
+    logits = replicas.map_over(tencrop_logits, replica_map, (0, None))(state, batch["image"])
     out = jax.vmap(eval_sums, in_axes=(0, None, None))(logits, batch["label"], batch["mask"])
     probs = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
     # log p as logits: the cross-entropy is -log p(label), the argmax that of p.
@@ -322,6 +327,7 @@ class Trainer:
             )
         mode = input_pipeline(config)
         replicas.check(config)
+        replicas.map_kind(config, parallel.devices[0].platform)
         if config.steps_per_dispatch < 0:
             raise ValueError(
                 f"config.steps_per_dispatch must be >= 0 (0: per platform), got "
@@ -335,14 +341,21 @@ class Trainer:
         """K: the number of replicas the steps run over (1: no replica axis)."""
         return replicas.count(self.config)
 
+    @property
+    def replica_map(self) -> str:
+        """'vmap' or 'unroll' (`fer_jax.replicas.map_kind`)."""
+        return replicas.map_kind(self.config, self.parallel.devices[0].platform)
+
     def _over_replicas(self, step: Callable[..., Any]) -> Callable[..., Any]:
         """`step(state, batch, *, axis_name)` of one replica -> of the stacked state and
         per-replica batches (leading axis K), when there are replicas."""
         if self.replicas == 1:
             return step
+        kind = self.replica_map
 
         def over_replicas(state, batch, *, axis_name):
-            return jax.vmap(functools.partial(step, axis_name=axis_name))(state, batch)
+            one = functools.partial(step, axis_name=axis_name)
+            return replicas.map_over(one, kind, (0, 0))(state, batch)
 
         return over_replicas
 
@@ -374,7 +387,9 @@ class Trainer:
     def _eval_fn(self, layout: device_input.Layout | None) -> Compiled:
         fn = self._eval_fns.get(layout)
         if fn is None:
-            step = eval_step if self.replicas == 1 else replica_eval_step
+            step = eval_step
+            if self.replicas > 1:
+                step = functools.partial(replica_eval_step, replica_map=self.replica_map)
             if layout is None:
                 fn = self.parallel.compile(step, donate_state=False, replicated_out=1)
             else:
@@ -860,8 +875,10 @@ class _Timer:
     def performance(
         self, config: ml_collections.ConfigDict, steps_per_epoch: int, wall_seconds: float
     ) -> dict[str, Any]:
-        """The speed figures of `results.json`'s 'performance' (README: Speed)."""
-        images = self.steps * config.batch_size
+        """The speed figures of `results.json`'s 'performance' (README: Speed); images
+        are counted over all replicas (aggregate throughput)."""
+        num_replicas = replicas.count(config)
+        images = self.steps * config.batch_size * num_replicas
         train_ips = images / self.train_seconds if self.train_seconds > 0 else None
         busy = self.train_seconds + self.eval_seconds
         total_ips = images / busy if busy > 0 else None
@@ -891,6 +908,8 @@ class _Timer:
             "input_pipeline": self.trainer.input_pipeline,
             "steps_per_dispatch": self.trainer.steps_per_dispatch,
             "half_precision": bool(config.half_precision),
+            "replicas": num_replicas,
+            "replica_map": self.trainer.replica_map if num_replicas > 1 else None,
             "batch_size": config.batch_size,
             "steps_per_epoch": steps_per_epoch,
             "num_epochs": config.num_epochs,

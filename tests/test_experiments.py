@@ -429,3 +429,31 @@ def test_asoftmax_collapse_variant_spec_errors_name_the_spec():
         asoftmax_collapse.parse_variant("nospec")
     with pytest.raises(ValueError, match="'a/b=x.y=1'"):
         asoftmax_collapse.parse_variant("a/b=x.y=1")
+
+
+def test_a_replica_row_reads_mean_and_std_over_its_seeds():
+    entries = [{"private_test": {"accuracy": a}} for a in (0.70, 0.72, 0.74)]
+    results = {
+        "report_split": "private_test",
+        "private_test": {"accuracy": 0.74},
+        "replicas": entries,
+        "mean_accuracy": 0.72,
+        "std_accuracy": 0.02,
+        "ensemble_accuracy": 0.75,
+    }
+    value, text = paper_tables.fer_cell(results)
+    assert value == 0.72 and text == "72.00 ± 2.00 (n=3; ensemble 75.00)"
+    one = {**results, "replicas": entries[:1], "private_test": {"accuracy": 0.7}}
+    assert paper_tables.fer_cell(one) == (0.7, "70.0")
+    table = paper_tables.accuracy_table(
+        paper_tables.TABLE1[2:], {"cbam_asoftmax": {"fer2013": results, "cv": None}}, "fer2013"
+    )
+    assert "72.00 ± 2.00 (n=3" in table and "| -1.5 |" in table
+    args = _args_replicas()
+    assert "--config.replicas=4" in paper_tables.overrides_from_args(args)
+
+
+def _args_replicas() -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    paper_tables.add_run_flags(ap)
+    return ap.parse_args(["--replicas=4"])

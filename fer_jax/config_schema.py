@@ -1,0 +1,475 @@
+"""What each config field may hold, checked once before a run does any work.
+
+`validate(config)` checks every field of a training config (`configs/fer2013.py`,
+`configs/synthetic.py`) or a cross-validation config (`configs/jaffe.py`, and the `jaffe`
+section of a training config) for its type and its range or set of choices, then the few rules
+that tie fields together, and raises `UserError` with one line naming the field (its full
+dotted path), the value and what is allowed. A field that is not in the schema names the
+closest known one. The choices come from the code that uses them (`fer_jax.train`,
+`fer_jax.parallel`, `fer_jax.conv`, `fer_jax.resnet`, `fer_jax.cbam`, ...), imported on first
+use. `check_mode` checks that the config suits `fer_jax.main --mode`, and `unknown_override` turns
+ml_collections' error for a `--config.FIELD=...` that names no field into the same kind of line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib.util
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from fer_jax.user_errors import UserError
+
+# Kept in step with fer_jax.optim.create_optimizer / learning_rate_schedule, which name them
+# in their code only (tests/test_config_schema.py builds each with fer_jax.optim).
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine", "constant")
+MARGINS = (1, 5)  # A-Softmax margin m: fer_jax.losses.chebyshev has cos(m theta) for these.
+NORMALIZE = ("unit", "symmetric")  # or (mean, std): data_pipelines.plan.normalize_affine
+CBAM_NONE = "none"  # model.cbam: the plain ResNet18 (fer_jax.resnet.model_from_config)
+MAX_SEED = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One field: the types it may hold, what values of them are allowed (`ok`), the same in
+    words (`allowed`), and whether a config may leave it out."""
+
+    types: tuple[type, ...]
+    allowed: str
+    ok: Callable[[Any], bool] = lambda value: True
+    required: bool = True
+
+    def type_ok(self, value: Any) -> bool:
+        if isinstance(value, bool) and bool not in self.types:
+            return False  # bool is an int subclass: True is not an epoch count
+        return isinstance(value, self.types)
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A section of fields (`model`, `jaffe`, ...); `required=False` lets a config leave it out."""
+
+    fields: dict[str, Rule | Section]
+    required: bool = True
+
+
+Schema = dict[str, Rule | Section]
+
+
+def integer(low: int | None = None, high: int | None = None, *, required: bool = True) -> Rule:
+    bounds = _bounds(low, high, "an integer")
+    return Rule((int,), bounds, lambda v: _within(v, low, high), required)
+
+
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    required: bool = True,
+) -> Rule:
+    def ok(v: float) -> bool:
+        if not math.isfinite(v) or not _within(v, low, high):
+            return False
+        return not ((low_open and v == low) or (high_open and v == high))
+
+    words = "a number"
+    if low is not None and high is not None:
+        words += f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        words += f" {'>' if low_open else '>='} {low}"
+    elif high is not None:
+        words += f" {'<' if high_open else '<='} {high}"
+    return Rule((int, float), words, ok, required)
+
+
+def choice(values: Sequence[Any], *, required: bool = True) -> Rule:
+    words = "one of " + ", ".join(repr(v) for v in values)
+    return Rule(tuple({type(v) for v in values}), words, lambda v: v in values, required)
+
+
+def boolean(*, required: bool = True) -> Rule:
+    return Rule((bool,), "True or False", required=required)
+
+
+def string(words: str = "a string", *, required: bool = True) -> Rule:
+    return Rule((str,), words, required=required)
+
+
+def _bounds(low: float | None, high: float | None, what: str) -> str:
+    if low is not None and high is not None:
+        return f"{what} from {low} to {high}"
+    if low is not None:
+        return f"{what} >= {low}"
+    return f"{what} <= {high}" if high is not None else what
+
+
+def _within(value: float, low: float | None, high: float | None) -> bool:
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _normalize_ok(v: Any) -> bool:
+    if isinstance(v, str):
+        return v in NORMALIZE
+    return (
+        len(v) == 2
+        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        and v[1] > 0
+    )
+
+
+def _section(value: Any) -> bool:
+    return isinstance(value, ml_collections.ConfigDict | Mapping)
+
+
+@functools.cache
+def schemas() -> tuple[Section, Section]:
+    """`(training schema, cross-validation schema)`, built from the code's own constants."""
+    from data_pipelines import files, folds, labels
+    from fer_jax import cbam, conv, input_data, parallel, replicas, resnet, synthetic_data, train
+
+    splits = sorted(
+        {s for names in files.SPLITS.values() for s in names} | set(synthetic_data.SPLIT_SEEDS)
+    )
+    model: Schema = {
+        "num_classes": choice([labels.NUM_CLASSES]),  # the datasets' 7 expressions
+        "width": integer(1),
+        "cbam": choice([*cbam.ORDERS, CBAM_NONE]),
+        "head": choice(resnet.HEADS),
+        "dropout_rate": number(0, 1, high_open=True),
+        "conv_impl": choice(conv.IMPLS),
+    }
+    loss: Schema = {
+        "margin": integer(*MARGINS),
+        "lambda_base": number(0, low_open=True),
+        "lambda_gamma": number(0),
+        "lambda_power": number(0),
+        "lambda_min": number(0),
+        "lambda_per": choice(train.LAMBDA_UNITS),
+    }
+    optimizer: Schema = {
+        "name": choice(OPTIMIZERS),
+        "learning_rate": number(0, low_open=True),
+        "momentum": number(0, 1, high_open=True),
+        "weight_decay": number(0),
+        "grad_clip": number(),  # element-wise; <= 0 disables
+        "schedule": choice(SCHEDULES),
+        "decay_start_epoch": integer(0),
+        "decay_every_epochs": integer(1),
+        "decay_rate": number(0, 1, low_open=True),
+        "warmup_epochs": number(0),
+    }
+    synthetic: Schema = {
+        "train": integer(0),
+        "public_test": integer(0),
+        "private_test": integer(0),
+        "noise": number(0),
+    }
+    run: Schema = {
+        "seed": integer(0, MAX_SEED),
+        "replicas": integer(1, required=False),
+        "replica_seeds": Rule(
+            (list, tuple),
+            f"a list of integers from 0 to {MAX_SEED}, one per replica, or none",
+            lambda v: all(_is_int(s) and 0 <= s <= MAX_SEED for s in v),
+            required=False,
+        ),
+        "replica_overrides": Rule(
+            (list, tuple),
+            "a list of dicts {'section.field': value}, one per replica, or none",
+            lambda v: all(_section(d) for d in v),
+            required=False,
+        ),
+        "replica_map": choice(("", *replicas.MAPS), required=False),
+        "data_source": choice(input_data.DATA_SOURCES),
+        "data_dir": string("a directory ('' for ~/tensorflow_datasets)"),
+        "manual_dir": string("a directory holding the downloaded files, or ''"),
+        "normalize": Rule(
+            (str, tuple, list),
+            f"one of {', '.join(map(repr, NORMALIZE))} or (mean, std) with std > 0",
+            _normalize_ok,
+        ),
+        "input_pipeline": choice(["", *train.INPUT_PIPELINES]),
+        "steps_per_dispatch": integer(0),
+        "half_precision": boolean(),
+        "parallelism": choice(parallel.MODES),
+        "cross_device_bn": boolean(),
+        "peak_tflops": number(0, required=False),
+        "dataset": choice([*files.SPLITS, "synthetic"]),
+        "model": Section(model),
+        "loss": Section(loss),
+        "optimizer": Section(optimizer),
+        "num_epochs": integer(1),
+        "batch_size": integer(1),
+        "eval_batch_size": integer(1),
+        "log_every_steps": integer(1),
+        "eval_every_epochs": integer(0),
+        "checkpoint_every_epochs": integer(1),
+        "checkpoint_every_steps": integer(0),
+        "keep_checkpoints": integer(1),
+        "init_from": string("a run directory or checkpoint, or ''"),
+        "synthetic": Section(synthetic, required=False),  # dataset 'synthetic' only
+    }
+    cv: Schema = {**run, "folds": integer(2), "fold_protocol": choice(folds.PROTOCOLS)}
+    training: Schema = {
+        **run,
+        "train_split": choice(splits),
+        "select_split": choice(splits),
+        "report_split": choice(splits),
+        "cross_validate": boolean(required=False),
+        "jaffe": Section(cv, required=False),  # cross_validate=True only
+    }
+    return Section(training), Section(cv)
+
+
+def field_paths(config: Any, prefix: str = "config") -> Iterator[str]:
+    """Every field and section of `config` as a dotted path, e.g. `config.model.cbam`."""
+    for key in config.keys():
+        path = f"{prefix}.{key}"
+        yield path
+        if _section(config[key]):
+            yield from field_paths(config[key], path)
+
+
+def schema_paths(schema: Schema, prefix: str = "config") -> Iterator[str]:
+    """Every field and section of `schema` as a dotted path."""
+    for key, rule in schema.items():
+        path = f"{prefix}.{key}"
+        yield path
+        if isinstance(rule, Section):
+            yield from schema_paths(rule.fields, path)
+
+
+def closest(path: str, known: Sequence[str]) -> str:
+    """The known path most like `path` (difflib), preferring one in the same section."""
+    section = path.rsplit(".", 1)[0]
+    siblings = [k for k in known if k.rsplit(".", 1)[0] == section]
+    for pool in (siblings, known):
+        found = difflib.get_close_matches(path, pool, n=1, cutoff=0.6)
+        if found:
+            return found[0]
+    found = difflib.get_close_matches(path, siblings or known, n=1, cutoff=0.0)
+    return found[0] if found else "none"
+
+
+def unknown_field_message(path: str, known: Sequence[str]) -> str:
+    return f"{path} is not a known field; the closest known field is {closest(path, known)}"
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_section(config: Any, schema: Schema, path: str, known: Sequence[str]) -> None:
+    if not _section(config):
+        raise UserError(f"{path} is {_describe(config)}; allowed: a section of fields")
+    for key in config.keys():
+        if key not in schema:
+            raise UserError(unknown_field_message(f"{path}.{key}", known))
+    for key, rule in schema.items():
+        field = f"{path}.{key}"
+        if key not in config:
+            if rule.required:
+                raise UserError(f"{field} is missing; the config must set it")
+            continue
+        value = config[key]
+        if isinstance(rule, Section):
+            _check_section(value, rule.fields, field, known)
+        elif not rule.type_ok(value):
+            kind = type(value).__name__
+            raise UserError(f"{field} is {_describe(value)} (type {kind}); allowed: {rule.allowed}")
+        elif not rule.ok(value):
+            raise UserError(f"{field} is {_describe(value)}; allowed: {rule.allowed}")
+
+
+def _split_names(config: Any) -> tuple[str, ...]:
+    """The splits `config.dataset` has (a synthetic dataset: those of its `synthetic` sizes)."""
+    from data_pipelines import files
+    from fer_jax import synthetic_data
+
+    if config["dataset"] == "synthetic":
+        return tuple(s for s in synthetic_data.SPLIT_SEEDS if config["synthetic"][s] > 0)
+    return files.SPLITS[config["dataset"]]
+
+
+def _check_data(config: Any, path: str, data_source: str) -> None:
+    """The dataset's fields fit together: a synthetic dataset has sizes, 'files' a directory."""
+    if config["dataset"] == "synthetic":
+        if "synthetic" not in config:
+            raise UserError(
+                f"{path}.synthetic is missing; {path}.dataset='synthetic' needs its split sizes"
+            )
+    elif data_source == "files" and not config["manual_dir"]:
+        raise UserError(
+            f"{path}.manual_dir is empty; data_source='files' reads the downloaded "
+            f"{config['dataset']} files from it: --{path}.manual_dir=DIR"
+        )
+
+
+def _check_splits(config: Any, path: str) -> None:
+    have = _split_names(config)
+    for key in ("train_split", "select_split", "report_split"):
+        if config[key] not in have:
+            raise UserError(
+                f"{path}.{key} is {config[key]!r}; allowed for {path}.dataset="
+                f"{config['dataset']!r}: one of {', '.join(map(repr, have))}"
+            )
+    if config["dataset"] == "synthetic":
+        train = config["synthetic"][config["train_split"]]
+        if train < config["batch_size"]:
+            raise UserError(
+                f"{path}.synthetic.{config['train_split']} is {train}; allowed: at least "
+                f"{path}.batch_size ({config['batch_size']}) examples"
+            )
+
+
+def _check_replicas(config: Any, path: str) -> None:
+    k = config.get("replicas", 1)
+    for key in ("replica_seeds", "replica_overrides"):
+        listed = config.get(key, [])
+        if listed and len(listed) != k:
+            raise UserError(
+                f"{path}.{key} lists {len(listed)} entries for {path}.replicas={k}; "
+                "allowed: one per replica, or none"
+            )
+
+
+def validate(config: Any) -> None:
+    """Raises `UserError`, naming the first field that is wrong, unless `config` is usable.
+
+    A config with `folds` is a cross-validation config (`configs/jaffe.py`), any other a
+    training config; the `jaffe` section of a training config is checked as the former.
+    `fer_jax.replicas.check` then checks what replicas may override.
+    """
+    training, cv = schemas()
+    schema = (cv if "folds" in config else training).fields
+    known = sorted(schema_paths(schema))
+    _check_section(config, schema, "config", known)
+    _check_replicas(config, "config")
+    _check_data(config, "config", config["data_source"])
+    if schema is training.fields:
+        _check_splits(config, "config")
+        if config.get("cross_validate", False):
+            if "jaffe" not in config:
+                raise UserError(
+                    "config.jaffe is missing; config.cross_validate=True fine-tunes on it"
+                )
+            # The CV stage reads its data as the parent run does (cross_validate.py).
+            _check_replicas(config["jaffe"], "config.jaffe")
+            _check_data(config["jaffe"], "config.jaffe", config["data_source"])
+    if importlib.util.find_spec("fer_jax.replicas") is not None:
+        from fer_jax import replicas
+
+        if hasattr(replicas, "check"):
+            try:
+                replicas.check(config)
+            except ValueError as e:
+                raise UserError(str(e)) from e
+
+
+MODES = ("train", "evaluate", "cross_validate")  # fer_jax.main --mode
+
+
+def check_mode(config: Any, mode: str, split: str | None = None) -> None:
+    """Raises `UserError` unless `config` (validated) suits `fer_jax.main --mode=mode`
+    (and, for 'evaluate', has the split `split`)."""
+    is_cv = "folds" in config
+    if mode == "train" and is_cv:
+        raise UserError(
+            "this is a cross-validation config (it has config.folds): run it with "
+            "--mode=cross_validate, or train with configs/fer2013.py or configs/synthetic.py"
+        )
+    if mode == "cross_validate":
+        if not is_cv:
+            raise UserError(
+                "--mode=cross_validate needs a cross-validation config (configs/jaffe.py); "
+                "a training config cross-validates after training with --mode=train"
+            )
+        if not config["init_from"]:
+            raise UserError(
+                "config.init_from is empty; --mode=cross_validate fine-tunes the run it names: "
+                "--config.init_from=RUN_DIR"
+            )
+    if mode == "evaluate" and split is not None:
+        have = _split_names(config)
+        if split not in have:
+            raise UserError(
+                f"--split={split} is not a split of {config['dataset']}; allowed: one of "
+                + ", ".join(have)
+            )
+
+
+def allowed_for(path: str) -> str | None:
+    """What the field at dotted `path` (e.g. 'config.model.cbam') may hold, in words; None if
+    no schema has it or it is a section."""
+    for section in schemas():
+        node: Rule | Section = section
+        for part in path.split(".")[1:]:
+            if not isinstance(node, Section) or part not in node.fields:
+                break
+            node = node.fields[part]
+        else:
+            if isinstance(node, Rule):
+                return node.allowed
+    return None
+
+
+_BAD_VALUE = re.compile(r"^flag --(?P<path>[A-Za-z_]\w*\.[^=]+)=(?P<value>.*?): ")
+
+
+def bad_override_value(message: str) -> str | None:
+    """absl's "flag --config.FIELD=VALUE: <parse error>" as "config.FIELD is 'VALUE'; allowed:
+    ..." (None if `message` is not about a config field the schema knows)."""
+    match = _BAD_VALUE.match(message)
+    allowed = match and allowed_for(match["path"])
+    if not allowed:
+        return None
+    return f"{match['path']} is {match['value']!r}; allowed: {allowed}"
+
+
+_OVERRIDE = re.compile(r"^--?(?:no)?(?P<flag>[A-Za-z_][\w]*)\.(?P<path>[^=]+)")
+
+
+def _lookup(config: Any, parts: Sequence[str]) -> tuple[str, bool] | None:
+    """None if `parts` name a field of `config`, else `(the dotted prefix that does not,
+    whether that prefix is a field holding a value rather than a missing name)`."""
+    node = config
+    for i, part in enumerate(parts):
+        if not _section(node):
+            return ".".join(parts[:i]), True
+        if part not in node:
+            return ".".join(parts[: i + 1]), False
+        node = node[part]
+    return None
+
+
+def unknown_override(argv: Sequence[str], config: Any, flag: str = "config") -> str | None:
+    """The message for the first `--config.PATH=...` in `argv` that names no field of `config`
+    (or goes into a field that is not a section), or None if every override names a field."""
+    known = sorted(field_paths(config, flag))
+    for arg in argv:
+        match = _OVERRIDE.match(arg)
+        if match is None or match["flag"] != flag:
+            continue
+        parts = re.sub(r"\[[^]]*\]", "", match["path"]).split(".")
+        found = _lookup(config, parts)
+        if found is None:
+            continue
+        bad, is_value = found
+        if is_value:
+            return f"{arg}: {flag}.{bad} is a field, not a section with fields"
+        return f"{arg}: {unknown_field_message(f'{flag}.{bad}', known)}"
+    return None
