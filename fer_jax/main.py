@@ -189,15 +189,21 @@ def main(argv: list[str]) -> None:
         jax.devices(),
     )
     workdir = checkpoint.prepare_workdir(FLAGS.workdir)
-    with workdir_lock.hold(workdir):
-        if FLAGS.mode == "train":
-            train_then_cross_validate(
-                config, workdir, allow_config_changes=FLAGS.allow_config_changes
-            )
-        elif FLAGS.mode == "evaluate":
-            evaluate_checkpoint(config, workdir, FLAGS.checkpoint or workdir, FLAGS.split)
-        else:
-            cross_validate.run(config, workdir)
+    from fer_jax.train import Interrupted
+
+    try:
+        with workdir_lock.hold(workdir):
+            if FLAGS.mode == "train":
+                train_then_cross_validate(
+                    config, workdir, allow_config_changes=FLAGS.allow_config_changes
+                )
+            elif FLAGS.mode == "evaluate":
+                evaluate_checkpoint(config, workdir, FLAGS.checkpoint or workdir, FLAGS.split)
+            else:
+                cross_validate.run(config, workdir)
+    except Interrupted as e:  # SIGTERM / Ctrl-C: checkpointed; the shell's 128 + signal
+        print(f"fer_jax: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

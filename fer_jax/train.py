@@ -13,6 +13,8 @@ import functools
 import json
 import os
 import resource
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -756,75 +758,89 @@ def fit(
     feed = _train_feed(
         trainer, train_images, train_labels, start_step, total_steps, steps_per_epoch
     )
-    for steps, run in feed:
-        state, metrics = run(state)
-        history.append(metrics)
-        step += steps
-        timer.steps += steps
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        end_of_epoch = step_in_epoch == 0
-        crossed_log = step // config.log_every_steps > (step - steps) // config.log_every_steps
-        if crossed_log or end_of_epoch:
-            dt = time.perf_counter() - t_log
-            history = parallel.unreplicate(history)  # pmap: drop the device axis
-            images = sum(np.size(h["loss"]) for h in history) * config.batch_size
-            _log_train_metrics(curves, history, step, images / dt)
-            logging.info(
-                "epoch %d/%d, step %d/%d (global %d/%d)",
-                epoch + (not end_of_epoch),
-                config.num_epochs,
-                step_in_epoch or steps_per_epoch,
-                steps_per_epoch,
-                step,
-                total_steps,
+    stop = StopSignal()
+    try:
+        for steps, run in feed:
+            state, metrics = run(state)
+            history.append(metrics)
+            step += steps
+            timer.steps += steps
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            end_of_epoch = step_in_epoch == 0
+            crossed_log = step // config.log_every_steps > (step - steps) // config.log_every_steps
+            if crossed_log or end_of_epoch:
+                dt = time.perf_counter() - t_log
+                history = parallel.unreplicate(history)  # pmap: drop the device axis
+                images = sum(np.size(h["loss"]) for h in history) * config.batch_size
+                _log_train_metrics(curves, history, step, images / dt)
+                logging.info(
+                    "epoch %d/%d, step %d/%d (global %d/%d)",
+                    epoch + (not end_of_epoch),
+                    config.num_epochs,
+                    step_in_epoch or steps_per_epoch,
+                    steps_per_epoch,
+                    step,
+                    total_steps,
+                )
+                history, t_log = [], time.perf_counter()
+            completed_epochs = epoch
+            eval_now = (
+                end_of_epoch
+                and select is not None
+                and config.eval_every_epochs > 0
+                and (completed_epochs % config.eval_every_epochs == 0 or step == total_steps)
             )
-            history, t_log = [], time.perf_counter()
-        completed_epochs = epoch
-        eval_now = (
-            end_of_epoch
-            and select is not None
-            and config.eval_every_epochs > 0
-            and (completed_epochs % config.eval_every_epochs == 0 or step == total_steps)
-        )
-        save_now = (
-            (end_of_epoch and completed_epochs % config.checkpoint_every_epochs == 0)
-            or (config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0)
-            or step == total_steps
-        )
-        if not (eval_now or save_now):
-            continue
-        timer.pause(state)
-        select_accuracy = None
-        if eval_now:
-            select_metrics = trainer.evaluate(state, *select)
-            timer.evaluated(len(select[1]))
-            per_replica = _per_replica(select_metrics)
-            for k, (metrics, curve) in enumerate(zip(per_replica, curves, strict=True)):
-                if is_main:
-                    evaluate.write_report(
-                        os.path.join(workdir, "eval", f"replica_{k}" if num_replicas > 1 else ""),
-                        f"{select_name}_epoch{completed_epochs:03d}",
-                        metrics,
-                    )
-                scalars = evaluate.scalar_metrics(metrics)
-                curve.write_scalars(step, {f"{select_name}_{k}": v for k, v in scalars.items()})
-            if num_replicas > 1:
-                ensemble = select_metrics["ensemble"]["accuracy"]
-                writer.write_scalars(step, {f"{select_name}_ensemble_accuracy": ensemble})
-            select_accuracy = [m["accuracy"] for m in per_replica]
-        if history:  # check the steps since the last log before saving anything
-            _log_train_metrics(curves, parallel.unreplicate(history), step, float("nan"))
-            history = []
-        host_state = parallel.unreplicate(state)
-        meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch}
-        if save_now:
-            manager.save(step, host_state, meta)
-        if select_accuracy is not None:
-            manager.maybe_save_best(step, host_state, meta, select_accuracy)
-        for w in {id(w): w for w in [writer, *curves]}.values():
-            w.flush()
-        timer.resume()
-        t_log = time.perf_counter()
+            stop_now = stop.agreed()  # SIGTERM / Ctrl-C: checkpoint this step, then stop
+            save_now = (
+                (end_of_epoch and completed_epochs % config.checkpoint_every_epochs == 0)
+                or (config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0)
+                or step == total_steps
+                or stop_now
+            )
+            if not (eval_now or save_now):
+                continue
+            timer.pause(state)
+            select_accuracy = None
+            if eval_now:
+                select_metrics = trainer.evaluate(state, *select)
+                timer.evaluated(len(select[1]))
+                per_replica = _per_replica(select_metrics)
+                for k, (metrics, curve) in enumerate(zip(per_replica, curves, strict=True)):
+                    if is_main:
+                        replica_dir = f"replica_{k}" if num_replicas > 1 else ""
+                        evaluate.write_report(
+                            os.path.join(workdir, "eval", replica_dir),
+                            f"{select_name}_epoch{completed_epochs:03d}",
+                            metrics,
+                        )
+                    scalars = evaluate.scalar_metrics(metrics)
+                    curve.write_scalars(step, {f"{select_name}_{k}": v for k, v in scalars.items()})
+                if num_replicas > 1:
+                    ensemble = select_metrics["ensemble"]["accuracy"]
+                    writer.write_scalars(step, {f"{select_name}_ensemble_accuracy": ensemble})
+                select_accuracy = [m["accuracy"] for m in per_replica]
+            if history:  # check the steps since the last log before saving anything
+                _log_train_metrics(curves, parallel.unreplicate(history), step, float("nan"))
+                history = []
+            host_state = parallel.unreplicate(state)
+            meta = {
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "steps_per_epoch": steps_per_epoch,
+            }
+            if save_now:
+                manager.save(step, host_state, meta)
+            if select_accuracy is not None:
+                manager.maybe_save_best(step, host_state, meta, select_accuracy)
+            for w in {id(w): w for w in [writer, *curves]}.values():
+                w.flush()
+            if stop_now:
+                manager.close()  # waits for the checkpoint to be written
+                raise Interrupted(stop.signum, step)
+            timer.resume()
+            t_log = time.perf_counter()
+    finally:
+        stop.restore()
     timer.pause(state)
     manager.close()
     performance = timer.performance(config, steps_per_epoch, time.perf_counter() - wall_start)
@@ -832,6 +848,62 @@ def fit(
     for w in {id(w): w for w in [writer, *curves]}.values():
         w.close()
     return {"state": parallel.unreplicate(state), "template": template, "performance": performance}
+
+
+class Interrupted(Exception):
+    """The loop stopped on a signal after checkpointing step `step`; rerun to resume."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}, which is "
+            "checkpointed: run the same command again to resume"
+        )
+
+
+class StopSignal:
+    """SIGTERM or Ctrl-C (SIGINT) asks the training loop to stop after the step in flight
+    (a second one stops at once). Installed from the main thread only; `restore` puts the
+    previous handlers back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if self.signum is not None:
+            self.restore()
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.signum = signum
+        logging.warning(
+            "%s: finishing the step in flight, then checkpointing and stopping (send it "
+            "again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def agreed(self) -> bool:
+        """Whether to stop now: on any process, when several train together (every one then
+        checkpoints the same step)."""
+        mine = self.signum is not None
+        if jax.process_count() == 1:
+            return mine
+        from jax.experimental import multihost_utils
+
+        signums = np.asarray(multihost_utils.process_allgather(np.int32(self.signum or 0))).ravel()
+        if not mine and signums.any():
+            self.signum = int(signums[signums > 0][0])
+        return bool(signums.any())
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 class _Timer:

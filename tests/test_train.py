@@ -140,6 +140,33 @@ def test_resume_after_kill_9_ends_bit_identical(finished_run, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, tree, ref_tree)
 
 
+def test_sigterm_mid_epoch_checkpoints_that_step_and_resumes_bit_identical(finished_run, tmp_path):
+    workdir = str(tmp_path / "terminated")
+    proc = _cli(workdir, "--config.cross_validate=False", wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:  # the first checkpoint: step 4
+        if glob.glob(os.path.join(workdir, "checkpoints", "4")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run ended before the signal: " + proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM after step" in stderr.splitlines()[-1]
+    stopped = int(stderr.splitlines()[-1].split("after step ")[1].split(",")[0])
+    step_saved, _, meta = _final_state(workdir)
+    assert step_saved == stopped and 4 < stopped < 42
+    assert meta["step_in_epoch"] == stopped % 14
+
+    resumed = _cli(workdir, "--config.cross_validate=False")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from step {stopped}" in resumed.stderr
+    step, tree, _ = _final_state(workdir)
+    ref_step, ref_tree, _ = _final_state(finished_run)
+    assert step == ref_step == 42
+    jax.tree.map(np.testing.assert_array_equal, tree, ref_tree)
+
+
 def test_corrupt_latest_checkpoint_is_reported_and_the_previous_used(finished_run, tmp_path):
     import shutil
 

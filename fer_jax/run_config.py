@@ -1,0 +1,143 @@
+"""The run's config, kept in `workdir/config.json`: a resume must train the same recipe.
+
+The first start of a run writes its config there. A later start (a resume) compares: a field
+that changes the trained result (the model, loss, optimizer, data, seed, epochs, batch size,
+replicas, ...: anything not in `RESULT_NEUTRAL`) with a different value makes it refuse, with a
+`UserError` listing each such field as `old -> new`, unless `allow_changes` (`fer_jax.main
+--allow_config_changes`) is given: it then logs a warning and trains on with the new values. The
+fields in `RESULT_NEUTRAL` may change freely. Either way `config.json` then holds the new config.
+Only process 0 writes it (atomically); every process compares, so all refuse alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from fer_jax.user_errors import UserError
+
+CONFIG_FILE = "config.json"
+# Fields that do not change what is trained or which model is selected and reported, at the
+# top level of a config and in its `jaffe` section (the cross-validation stage); every other
+# field, and any field added later, does. Paths and data source: 'tfds' and 'files' give the
+# same arrays. Input pipeline, steps per call, parallelism: the same batches and steps
+# (tests/test_device_input.py, tests/test_parallel.py); replica_map: vmapped or unrolled
+# replicas, the same steps. Logging, checkpoint cadence and count, evaluation batch size, the
+# MFU peak: bookkeeping. cross_validate: whether the CV stage runs after training, not what it
+# or the training produces. (eval_every_epochs is not here: which epochs are evaluated decides
+# which checkpoint is selected.)
+RESULT_NEUTRAL = frozenset(
+    {
+        "data_source",
+        "data_dir",
+        "manual_dir",
+        "input_pipeline",
+        "steps_per_dispatch",
+        "parallelism",
+        "replica_map",
+        "peak_tflops",
+        "eval_batch_size",
+        "log_every_steps",
+        "checkpoint_every_epochs",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "cross_validate",
+    }
+)
+NEUTRAL_SECTIONS = ("", "jaffe")  # where RESULT_NEUTRAL applies: the top level, config.jaffe
+ABSENT = "<absent>"
+
+
+def changes_result(path: str) -> bool:
+    """Whether the field at dotted `path` (e.g. 'model.width', 'jaffe.log_every_steps')
+    changes the trained result."""
+    section, _, name = path.rpartition(".")
+    return not (section in NEUTRAL_SECTIONS and name in RESULT_NEUTRAL)
+
+
+def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, Mapping) and tree:
+        for key in sorted(tree):
+            yield from _leaves(tree[key], f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, tree
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """`(dotted path, old value, new value)` of each leaf field that differs (`ABSENT` where a
+    field is in one config only), sorted by path. Both are JSON-like dicts."""
+    before, after = dict(_leaves(old)), dict(_leaves(new))
+    return [
+        (path, before.get(path, ABSENT), after.get(path, ABSENT))
+        for path in sorted(before.keys() | after.keys())
+        if before.get(path, ABSENT) != after.get(path, ABSENT)
+    ]
+
+
+def _describe(changes: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"config.{path} {old!r} -> {new!r}" for path, old, new in changes)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """The config as `config.json` holds it."""
+    return config.to_json_best_effort(indent=1, sort_keys=True)
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_or_compare(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_changes: bool = False
+) -> None:
+    """Writes `workdir/config.json` at a run's first start; at a later start refuses a config
+    whose result-changing fields differ from the saved one (see the module docstring).
+
+    Raises:
+      UserError: listing the differing fields, unless `allow_changes`.
+    """
+    import jax
+
+    path = os.path.join(workdir, CONFIG_FILE)
+    text = to_json(config)
+    new = json.loads(text)
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        old = None
+    except (OSError, ValueError) as e:
+        if not allow_changes:
+            raise UserError(
+                f"{path} is unreadable ({e}); remove it, or pass --allow_config_changes to "
+                "replace it with this config"
+            ) from e
+        old = None
+    if old is not None:
+        changed = differences(old, new)
+        recipe = [c for c in changed if changes_result(c[0])]
+        if recipe and not allow_changes:
+            raise UserError(
+                f"the run in {workdir} was started with a different recipe: {_describe(recipe)}; "
+                "resume with the same values, use another --workdir, or pass "
+                "--allow_config_changes to train on with the new ones"
+            )
+        if recipe:
+            logging.warning(
+                "Config changes allowed (--allow_config_changes): %s", _describe(recipe)
+            )
+        neutral = [c for c in changed if not changes_result(c[0])]
+        if neutral:
+            logging.info("Config changes that do not affect the result: %s", _describe(neutral))
+        if not changed:
+            return
+    if jax.process_index() == 0:
+        _write(path, text)

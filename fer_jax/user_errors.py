@@ -1,0 +1,117 @@
+"""Errors caused by the user's input: one `error: ...` line on stderr and exit status 2.
+
+The command-line tools (`fer_jax.main`, `fer_jax.predict`, `fer_jax.export`) run their work
+through `run_cli`. A `UserError`, or one of the exceptions that only the user's input causes
+(a missing or unreadable path, a malformed dataset file, an unusable checkpoint, a bad flag, an
+optional package that is not installed), is printed as `error: <message>` without a traceback
+and the tool exits with status 2. `--verbose` on the command line, or `FER_JAX_VERBOSE=1` in the
+environment, prints the traceback as well. Any other exception is a bug: it propagates with its
+traceback (exit status 1).
+
+Messages are one line; a missing dataset adds, below it, where to download the files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from data_pipelines.errors import DataError
+
+EXIT_USER_ERROR = 2
+VERBOSE_FLAG = "--verbose"
+VERBOSE_ENV = "FER_JAX_VERBOSE"
+# A path that does not exist, cannot be read or written, or is of the wrong kind.
+PATH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+# Optional packages (import name -> the extra that installs them).
+OPTIONAL_PACKAGES = {"tensorflow": "tfds", "tensorflow_datasets": "tfds"}
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, flags, paths, data, checkpoint, a busy workdir).
+
+    The message is one line that says what is wrong and what is allowed or what to do.
+    """
+
+
+def verbose(argv: Sequence[str] | None = None) -> bool:
+    """Whether tracebacks of user errors are wanted: `--verbose` in `argv` (default
+    `sys.argv`) or `$FER_JAX_VERBOSE` set to anything but '', '0' or 'false'."""
+    env = os.environ.get(VERBOSE_ENV, "").strip().lower()
+    if env not in ("", "0", "false", "no"):
+        return True
+    argv = sys.argv[1:] if argv is None else argv
+    return any(
+        arg == VERBOSE_FLAG or arg.lower() in (f"{VERBOSE_FLAG}=true", f"{VERBOSE_FLAG}=1")
+        for arg in argv
+    )
+
+
+def _path_message(error: OSError) -> str:
+    """`path: reason` for an OSError that names its file, else its own message."""
+    if error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
+def _module_class(module: str, name: str) -> type | None:
+    """`module.name` if `module` is already imported (its exceptions cannot occur otherwise)."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def user_message(error: BaseException) -> str | None:
+    """The message to print for `error` if the user's input caused it, else None (a bug)."""
+    if isinstance(error, UserError | DataError):
+        return str(error)
+    if isinstance(
+        error, FileNotFoundError | PermissionError | NotADirectoryError | IsADirectoryError
+    ):
+        return _path_message(error)
+    user_types = [
+        _module_class("fer_jax.checkpoint", "CheckpointError"),
+        _module_class("absl.flags", "Error"),
+    ]
+    if any(t is not None and isinstance(error, t) for t in user_types):
+        return str(error)
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        root = error.name.split(".")[0]
+        if root in OPTIONAL_PACKAGES:
+            return (
+                f"this needs the optional package {root}, which is not installed: "
+                f"pip install -e '.[{OPTIONAL_PACKAGES[root]}]' (or, for data, use "
+                "--config.data_source=files)"
+            )
+    return None
+
+
+def format_error(message: str) -> str:
+    """`error: <message>` and a newline; lines after the first are printed as they are."""
+    return f"error: {message.strip()}\n"
+
+
+def report(error: BaseException, argv: Sequence[str] | None = None) -> int | None:
+    """Prints a user error (with its traceback if `verbose(argv)`) and returns the exit status
+    2; returns None, printing nothing, if `error` is not a user error."""
+    message = user_message(error)
+    if message is None:
+        return None
+    if verbose(argv):
+        traceback.print_exception(error)
+    sys.stdout.flush()
+    sys.stderr.write(format_error(message))
+    sys.stderr.flush()
+    return EXIT_USER_ERROR
+
+
+def run_cli(main: Callable[[], int | None], argv: Sequence[str] | None = None) -> int:
+    """Runs `main()` and returns its exit status (None counts as 0); a user error is reported
+    (`report`) and gives 2; any other exception propagates with its traceback."""
+    try:
+        return main() or 0
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs by `report`
+        status = report(e, argv)
+        if status is None:
+            raise
+        return status

@@ -1,0 +1,195 @@
+"""One run per workdir: a lock file that a run holds for its lifetime.
+
+`hold(workdir)` creates `workdir/.lock` with `O_CREAT | O_EXCL` (atomic: of two runs starting
+at once, one gets it) holding JSON `{host, pid, started, boot_id, pid_start}`, and removes it
+when the run ends, normally or by an exception. A second run on the workdir is refused with a
+`UserError` naming the holder's host and process id. A lock whose process is gone (killed with
+`kill -9`, the machine rebooted) is taken over with a log line: on the same host, when its
+process id is not alive (`os.kill(pid, 0)`), is a zombie, or now belongs to a process started
+later; on another host liveness cannot be checked, so the run is refused with the command that
+removes the lock. In a multi-process run (`jax.process_count() > 1`, a shared workdir) only
+process 0 takes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from absl import logging
+
+from fer_jax.user_errors import UserError
+
+LOCK_FILE = ".lock"
+_READ_TRIES = 10  # a lock just created may not hold its JSON yet: re-read for up to ~1 s
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the parenthesised name
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def _record() -> dict[str, Any]:
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "pid": pid,
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "boot_id": _boot_id(),
+        "pid_start": _process_start(pid),
+    }
+
+
+def _read(path: str) -> dict[str, Any] | None:
+    """The lock's record; None if it vanished. Raises UserError if it stays unreadable."""
+    for _ in range(_READ_TRIES):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            time.sleep(0.1)
+    raise UserError(
+        f"{path} is not a lock this tool wrote (unreadable); if no run uses this workdir, "
+        f"remove it: rm {path}"
+    )
+
+
+def process_alive(holder: dict[str, Any]) -> bool | None:
+    """Whether the lock holder's process still runs: None when it is on another host."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    boot = _boot_id()
+    if holder.get("boot_id") and boot and holder["boot_id"] != boot:
+        return False  # the machine rebooted since
+    pid = int(holder.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, run by another user
+    if _is_zombie(pid):
+        return False
+    start, recorded = _process_start(pid), holder.get("pid_start")
+    return recorded is None or start is None or start == recorded  # else: the pid was reused
+
+
+def _holder_text(holder: dict[str, Any]) -> str:
+    host, pid, started = holder.get("host"), holder.get("pid"), holder.get("started")
+    return f"process {pid} on host {host} (started {started})"
+
+
+def _take_over(path: str, stale: dict[str, Any]) -> None:
+    """Removes the stale lock `stale`, unless another run replaced it meanwhile."""
+    moved = f"{path}.stale.{os.getpid()}"
+    try:
+        os.rename(path, moved)  # of several runs taking it over, one moves it
+    except FileNotFoundError:
+        return
+    try:
+        with open(moved) as f:
+            same = json.load(f) == stale
+    except (OSError, ValueError):
+        same = False
+    if not same:  # a live run's lock, created after we read the stale one: put it back
+        with contextlib.suppress(FileExistsError):
+            os.link(moved, path)
+    os.remove(moved)
+    if same:
+        logging.warning(
+            "Took over the lock %s of %s, which is no longer running.", path, _holder_text(stale)
+        )
+
+
+def acquire(workdir: str) -> str:
+    """Takes the lock of `workdir` for this process; returns the lock file's path.
+
+    Raises:
+      UserError: another run holds it (or one on another host, which cannot be checked).
+    """
+    path = os.path.join(workdir, LOCK_FILE)
+    record = _record()
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read(path)
+            if holder is None:
+                continue  # released meanwhile
+            alive = process_alive(holder)
+            if alive is None:
+                raise UserError(
+                    f"workdir {workdir} is locked by {_holder_text(holder)}, which cannot be "
+                    f"checked from host {record['host']}; if that run has ended, remove the "
+                    f"lock: rm {path}"
+                ) from None
+            if alive:
+                raise UserError(
+                    f"workdir {workdir} is in use by {_holder_text(holder)}; wait for that run "
+                    "to end or use another --workdir"
+                ) from None
+            _take_over(path, holder)
+            continue  # try again: taken over, or another run was faster
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return path
+
+
+def release(path: str) -> None:
+    """Removes the lock at `path` if this process holds it."""
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        return
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def hold(workdir: str) -> Iterator[None]:
+    """Holds the lock of `workdir` for the `with` block (process 0 only, in multi-process runs)."""
+    import jax
+
+    if jax.process_index() != 0:
+        yield
+        return
+    path = acquire(workdir)
+    try:
+        yield
+    finally:
+        release(path)

@@ -1,0 +1,204 @@
+"""Config validation (`fer_jax.config_schema`): each kind of mistake gives one line naming the
+field, the value and what is allowed; every shipped config is valid."""
+
+from __future__ import annotations
+
+import ml_collections
+import pytest
+
+from configs import fer2013, jaffe, synthetic
+from fer_jax import cbam, config_schema, conv, optim, parallel, resnet, train
+from fer_jax.config_schema import validate
+from fer_jax.user_errors import UserError
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        fer2013.get_config,
+        lambda: fer2013.get_config("cbam=none,head=softmax"),
+        lambda: fer2013.get_config("cbam=spatial_first"),
+        lambda: fer2013.get_config("cbam=parallel,head=softmax"),
+        jaffe.get_config,
+        synthetic.get_config,
+        lambda: synthetic.get_config("cbam=none"),
+    ],
+)
+def test_every_shipped_config_validates(make):
+    validate(make())
+
+
+def _error(config) -> str:
+    with pytest.raises(UserError) as e:
+        validate(config)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def _from_dict(change) -> ml_collections.ConfigDict:
+    """A synthetic config changed as a plain dict (ConfigDict refuses a field of another type)."""
+    fields = synthetic.get_config().to_dict()
+    change(fields)
+    return ml_collections.ConfigDict(fields)
+
+
+def test_wrong_type():
+    config = _from_dict(lambda d: d.update(num_epochs="3"))
+    assert _error(config) == "config.num_epochs is '3' (type str); allowed: an integer >= 1"
+    config = _from_dict(lambda d: d.update(half_precision=1))
+    assert _error(config) == "config.half_precision is 1 (type int); allowed: True or False"
+    config = _from_dict(lambda d: d.update(num_epochs=True))  # bool is not an epoch count
+    assert _error(config).startswith("config.num_epochs is True (type bool)")
+
+
+@pytest.mark.parametrize(
+    "path, value, allowed",
+    [
+        ("num_epochs", -1, "an integer >= 1"),
+        ("batch_size", 0, "an integer >= 1"),
+        ("checkpoint_every_epochs", 0, "an integer >= 1"),
+        ("seed", -3, "an integer from 0 to 2147483647"),
+        ("model.dropout_rate", 1.0, "a number in [0, 1)"),
+        ("model.width", 0, "an integer >= 1"),
+        ("loss.margin", 6, "an integer from 1 to 5"),
+        ("optimizer.learning_rate", 0.0, "a number > 0"),
+        ("optimizer.momentum", 1.0, "a number in [0, 1)"),
+        ("replicas", 0, "an integer >= 1"),
+        ("jaffe.folds", 1, "an integer >= 2"),
+    ],
+)
+def test_out_of_range(path, value, allowed):
+    config = synthetic.get_config()
+    *sections, name = path.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    node[name] = value
+    assert _error(config) == f"config.{path} is {value!r}; allowed: {allowed}"
+
+
+def test_not_one_of_the_choices_which_come_from_the_code():
+    config = synthetic.get_config()
+    config.model.cbam = "bogus"
+    orders = ", ".join(repr(o) for o in (*cbam.ORDERS, "none"))
+    assert _error(config) == f"config.model.cbam is 'bogus'; allowed: one of {orders}"
+    for path, constants in [
+        ("model.head", resnet.HEADS),
+        ("model.conv_impl", conv.IMPLS),
+        ("loss.lambda_per", train.LAMBDA_UNITS),
+        ("parallelism", parallel.MODES),
+        ("input_pipeline", ("", *train.INPUT_PIPELINES)),
+        ("optimizer.schedule", config_schema.SCHEDULES),
+        ("jaffe.fold_protocol", ("random", "subject")),
+    ]:
+        config = synthetic.get_config()
+        *sections, name = path.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        for value in constants:
+            node[name] = value
+            validate(config)
+        node[name] = "bogus"
+        assert _error(config).startswith(f"config.{path} is 'bogus'; allowed: one of ")
+
+
+def test_optimizer_names_and_schedules_are_those_fer_jax_optim_builds():
+    config = synthetic.get_config()
+    for name in config_schema.OPTIMIZERS:
+        for schedule in config_schema.SCHEDULES:
+            config.optimizer.name, config.optimizer.schedule = name, schedule
+            validate(config)
+            optim.create_optimizer(config, 10)
+    config.optimizer.name = "bogus"
+    with pytest.raises(ValueError, match="bogus"):
+        optim.create_optimizer(config, 10)
+    config.optimizer.name, config.optimizer.schedule = "sgd", "bogus"
+    with pytest.raises(ValueError, match="bogus"):
+        optim.create_optimizer(config, 10)
+
+
+def test_unknown_field_names_the_closest_known_field():
+    config = _from_dict(lambda d: d["model"].update(cbamm="channel_first"))
+    assert _error(config) == (
+        "config.model.cbamm is not a known field; the closest known field is config.model.cbam"
+    )
+    config = _from_dict(lambda d: d.update(num_epoch=3))
+    assert _error(config).endswith("the closest known field is config.num_epochs")
+    config = _from_dict(lambda d: d["jaffe"].update(fold=5))
+    assert _error(config).endswith("the closest known field is config.jaffe.folds")
+
+
+def test_missing_field_and_fields_that_go_together():
+    config = _from_dict(lambda d: d.pop("batch_size"))
+    assert _error(config) == "config.batch_size is missing; the config must set it"
+    config = fer2013.get_config()
+    config.data_source = "files"
+    assert _error(config).startswith("config.manual_dir is empty; data_source='files'")
+    config.manual_dir = "/data/fer2013"
+    assert _error(config).startswith("config.jaffe.manual_dir is empty")
+    config.cross_validate = False
+    validate(config)
+    config = synthetic.get_config()
+    config.report_split = "test"
+    assert _error(config) == (
+        "config.report_split is 'test'; allowed: one of 'private_test', 'public_test', 'train'"
+    )
+    config = jaffe.get_config()
+    config.dataset = "fer2013"
+    validate(config)  # a CV config has no split fields
+
+
+def test_replica_fields():
+    config = synthetic.get_config()
+    config.replicas = 2
+    validate(config)
+    config.replica_seeds = [3, 4]
+    validate(config)
+    config.replica_seeds = [3]
+    assert _error(config) == (
+        "config.replica_seeds lists 1 entries for config.replicas=2; allowed: one per replica, "
+        "or none"
+    )
+    config.replica_seeds = []
+    config.replica_overrides = [{"optimizer.learning_rate": 0.1}, {}]
+    validate(config)
+    config.replica_overrides = [{"optimizer.name": "adamw"}, {}]  # fer_jax.replicas.check
+    assert "optimizer.name" in _error(config)
+
+
+def test_unknown_override_on_the_command_line():
+    config = synthetic.get_config()
+    argv = ["prog", "--config=configs/synthetic.py", "--config.num_epochs=2"]
+    assert config_schema.unknown_override(argv, config) is None
+    assert config_schema.unknown_override([*argv, "--config.num_epoch=2"], config) == (
+        "--config.num_epoch=2: config.num_epoch is not a known field; the closest known field "
+        "is config.num_epochs"
+    )
+    assert config_schema.unknown_override(["--config.jaffe.modl.width=3"], config).endswith(
+        "config.jaffe.modl is not a known field; the closest known field is config.jaffe.model"
+    )
+    assert config_schema.unknown_override(["--config.model.cbam.x=1"], config) == (
+        "--config.model.cbam.x=1: config.model.cbam is a field, not a section with fields"
+    )
+    assert config_schema.unknown_override(["--noconfig.cross_validat"], config).endswith(
+        "the closest known field is config.cross_validate"
+    )
+    assert config_schema.bad_override_value(
+        "flag --config.num_epochs=abc: invalid literal for int() with base 10: 'abc'"
+    ) == ("config.num_epochs is 'abc'; allowed: an integer >= 1")
+    assert config_schema.bad_override_value("flag --workdir=None: must have a value") is None
+
+
+def test_mode_must_suit_the_config():
+    config_schema.check_mode(synthetic.get_config(), "train")
+    with pytest.raises(UserError, match="--mode=cross_validate"):
+        config_schema.check_mode(jaffe.get_config(), "train")
+    with pytest.raises(UserError, match="config.init_from is empty"):
+        config_schema.check_mode(jaffe.get_config(), "cross_validate")
+    with pytest.raises(UserError, match="needs a cross-validation config"):
+        config_schema.check_mode(fer2013.get_config(), "cross_validate")
+    config_schema.check_mode(fer2013.get_config(), "evaluate", "public_test")
+    with pytest.raises(UserError, match="--split=test is not a split of fer2013"):
+        config_schema.check_mode(fer2013.get_config(), "evaluate", "test")
