@@ -1,6 +1,7 @@
 """Aggregate training speed of K replicas against one run, side by side in one process.
 
     python -m experiments.replica_speed                     # full width, K = 1 and 4, batch 64
+    python -m experiments.replica_speed --replica_maps vmap unroll   # both ways for K = 4
     python -m experiments.replica_speed --width 16 --replicas 1 2 4 --steps 2 --reps 2
 
 Each K gets the Trainer's own training function (`fer_jax.train.Trainer.train_fn`, the
@@ -25,7 +26,7 @@ import numpy as np
 from experiments import provenance
 
 
-def _trainer(k: int, args: argparse.Namespace):
+def _trainer(k: int, replica_map: str, args: argparse.Namespace):
     from configs import fer2013
     from data_pipelines.plan import epoch_plan
     from fer_jax import device_input, replicas, train
@@ -34,6 +35,7 @@ def _trainer(k: int, args: argparse.Namespace):
     config.model.width = args.width
     config.batch_size = args.batch
     config.replicas = k
+    config.replica_map = replica_map
     config.steps_per_dispatch = args.steps_per_dispatch
     trainer = train.Trainer.create(config)
     rng = np.random.default_rng(0)
@@ -65,6 +67,12 @@ def _trainer(k: int, args: argparse.Namespace):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 4])
+    ap.add_argument(
+        "--replica_maps",
+        nargs="+",
+        default=[""],
+        help="config.replica_map values to time for each K > 1 ('' = the platform's)",
+    )
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64, help="per replica")
     ap.add_argument("--images", type=int, default=1024, help="random training images")
@@ -75,11 +83,14 @@ def main() -> None:
     args = ap.parse_args()
 
     runs = {}
-    for k in args.replicas:
+    cases = [(k, m) for k in args.replicas for m in (args.replica_maps if k > 1 else [""])]
+    for k, replica_map in cases:
         start = time.perf_counter()
-        trainer, state, run, steps = _trainer(k, args)
+        trainer, state, run, steps = _trainer(k, replica_map, args)
         state = run(state)  # compile + warm-up
-        runs[k] = {
+        name = f"{k}" if k == 1 else f"{k} ({trainer.replica_map})"
+        runs[name] = {
+            "k": k,
             "trainer": trainer,
             "state": state,
             "run": run,
@@ -87,7 +98,7 @@ def main() -> None:
             "setup_s": time.perf_counter() - start,
             "times": [],
         }
-        print(f"K={k}: ready in {runs[k]['setup_s']:.1f} s", flush=True)
+        print(f"K={name}: ready in {runs[name]['setup_s']:.1f} s", flush=True)
     for _ in range(args.reps):
         for r in runs.values():
             start = time.perf_counter()
@@ -96,27 +107,33 @@ def main() -> None:
     device = jax.devices()[0]
     rows, raw = [], {}
     base = None
-    for k, r in runs.items():
+    for name, r in runs.items():
+        k = r["k"]
         seconds = statistics.median(r["times"])
         ips = k * args.batch * r["steps"] / seconds
         base = base or (ips if k == 1 else None)
-        raw[k] = {
+        raw[name] = {
             "aggregate_images_per_s": ips,
             "step_seconds": seconds / r["steps"],
             "times": r["times"],
             "steps_per_round": r["steps"],
             "steps_per_dispatch": r["trainer"].steps_per_dispatch,
             "setup_and_compile_s": r["setup_s"],
+            "compile_s": r["trainer"].compile_seconds["train"],
         }
         ratio = f"{ips / base:.2f}x" if base else "-"
-        rows.append(f"| {k} | {ips:.1f} | {1000 * seconds / r['steps']:.0f} | {ratio} |")
+        compile_s = r["trainer"].compile_seconds["train"]
+        rows.append(
+            f"| {name} | {ips:.1f} | {1000 * seconds / r['steps']:.0f} | {ratio} | "
+            f"{compile_s:.0f} |"
+        )
     table = "\n".join(
         [
             f"Device: {device.platform} {device.device_kind}; {provenance.cpu_model()}; "
             f"width {args.width}, batch {args.batch} per replica",
             "",
-            "| replicas K | aggregate train images/s | ms per step | vs K = 1 |",
-            "|---|---|---|---|",
+            "| replicas K (map) | aggregate train images/s | ms per step | vs K = 1 | compile s |",
+            "|---|---|---|---|---|",
             *rows,
         ]
     )
