@@ -88,8 +88,8 @@ def run_fields(config: ml_collections.ConfigDict) -> None:
     config.replica_overrides = ()
     # How the steps run over replicas: 'vmap' (one batched program) or 'unroll' (K copies of
     # the step in one program); '' = per platform: vmap on GPU/TPU, unroll on CPU (XLA:CPU's
-    # vmapped, i.e. grouped, convolutions: 0.51x the aggregate speed of K = 1 at K = 4,
-    # unrolled 1.0x; experiments/results/replicas_cpu/).
+    # vmapped, i.e. grouped, convolutions: 0.57x the aggregate speed of K = 1 at K = 4,
+    # unrolled 0.91x; experiments/results/replicas_cpu/).
     config.replica_map = ""
     # 'tfds': the TFDS builders (needs tensorflow-datasets; data_dir, and manual_dir to build);
     # 'files': the publisher's files in manual_dir read directly (no TensorFlow needed).

@@ -445,6 +445,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint", required=True, help="run directory (best, else latest) or checkpoint"
     )
+    parser.add_argument(
+        "--replica",
+        default=None,
+        help="of a replica run (config.replicas > 1): a replica index k, or 'ensemble' (their "
+        "probabilities averaged); default: the replica chosen on the select split",
+    )
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="format", action="store_const", const="json")
     fmt.add_argument("--csv", dest="format", action="store_const", const="csv")
@@ -499,9 +505,17 @@ def load_recognizer(args: argparse.Namespace) -> Recognizer:
     """The recognizer of `args.checkpoint`; UserError if the checkpoint cannot be loaded."""
     from fer_jax.checkpoint import CheckpointError  # Orbax only when a checkpoint is loaded.
 
+    replica = args.replica
+    if replica is not None and replica != "ensemble":
+        if not replica.isdigit():
+            raise UserError(f"--replica must be a replica index or 'ensemble', got {replica!r}")
+        replica = int(replica)
+    if replica == "ensemble" and args.attention:
+        raise UserError("--attention needs one model: give --replica=k, not the ensemble")
     try:
         return Recognizer.from_checkpoint(
             args.checkpoint,
+            replica,
             batch_size=args.batch_size,
             margin=args.margin,
             max_side=args.max_side,

@@ -286,3 +286,22 @@ def test_the_recognizer_takes_one_replica_or_the_ensemble(replica_run):
     )
     with pytest.raises(ValueError, match="one replica"):
         ensemble.attention_maps(faces)
+
+
+def test_predict_takes_a_replica_or_the_ensemble_on_the_command_line(replica_run, tmp_path):
+    import cv2
+
+    photo = str(tmp_path / "face.png")
+    cv2.imwrite(photo, np.random.default_rng(1).integers(0, 256, (60, 60), np.uint8))
+
+    def predict(*flags):
+        cmd = [sys.executable, "-m", "fer_jax.predict", f"--checkpoint={replica_run}", *flags]
+        cmd += ["--json", "--box=0,0,60,60", photo]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    ensemble, one = predict("--replica=ensemble"), predict("--replica=1")
+    assert ensemble.returncode == 0 and one.returncode == 0, ensemble.stderr[-2000:]
+    faces = [json.loads(p.stdout)[0]["faces"][0] for p in (ensemble, one)]
+    assert faces[0]["probabilities"] != faces[1]["probabilities"]
+    bad = predict("--replica=3")
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "0..2" in bad.stderr
