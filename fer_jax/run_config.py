@@ -51,6 +51,9 @@ RESULT_NEUTRAL = frozenset(
 )
 NEUTRAL_SECTIONS = ("", "jaffe")  # where RESULT_NEUTRAL applies: the top level, config.jaffe
 ABSENT = "<absent>"
+# Fields added after runs were first written, and the value their absence from an older
+# `config.json` stands for (what those runs trained with): no change, if the new value is it.
+ADDED_FIELDS = {"replicas": 1, "replica_seeds": [], "replica_overrides": [], "replica_map": ""}
 
 
 def changes_result(path: str) -> bool:
@@ -72,10 +75,14 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[st
     """`(dotted path, old value, new value)` of each leaf field that differs (`ABSENT` where a
     field is in one config only), sorted by path. Both are JSON-like dicts."""
     before, after = dict(_leaves(old)), dict(_leaves(new))
+
+    def was(path: str) -> Any:
+        return before.get(path, ADDED_FIELDS.get(path.rpartition(".")[2], ABSENT))
+
     return [
-        (path, before.get(path, ABSENT), after.get(path, ABSENT))
+        (path, was(path), after.get(path, ABSENT))
         for path in sorted(before.keys() | after.keys())
-        if before.get(path, ABSENT) != after.get(path, ABSENT)
+        if was(path) != after.get(path, ABSENT)
     ]
 
 

@@ -114,3 +114,12 @@ def test_allow_config_changes(finished_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Config changes allowed (--allow_config_changes): config.seed 0 -> 3" in result.stderr
     assert _saved(finished_run)["seed"] == 3
+
+
+def test_fields_added_since_an_old_run_count_as_their_old_meaning():
+    from fer_jax import run_config
+
+    old = {"seed": 0, "model": {"width": 8}}
+    same = {**old, "replicas": 1, "replica_seeds": [], "replica_overrides": [], "replica_map": ""}
+    assert run_config.differences(old, same) == []
+    assert run_config.differences(old, {**old, "replicas": 2}) == [("replicas", 1, 2)]
