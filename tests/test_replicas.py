@@ -305,3 +305,61 @@ def test_predict_takes_a_replica_or_the_ensemble_on_the_command_line(replica_run
     assert faces[0]["probabilities"] != faces[1]["probabilities"]
     bad = predict("--replica=3")
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "0..2" in bad.stderr
+
+
+MULTI_DEVICE_SCRIPT = """
+import json, sys, tempfile
+import jax, numpy as np
+from configs import synthetic
+from fer_jax import synthetic_data, train
+from fer_jax.parallel import DataParallel
+
+data = synthetic_data.make_split(16, seed=0)
+# Random pixels, as tests/test_parallel.py: the synthetic bands make near-ties (ReLU kinks)
+# that one and two devices' rounding resolve differently.
+data["image"] = np.random.default_rng(0).integers(0, 256, data["image"].shape, np.uint8)
+out = {}
+cases = [
+    ("shard_map", 1, "device", "unroll"),
+    ("shard_map", 2, "device", "unroll"),
+    ("shard_map", 2, "tf_data", "vmap"),
+    ("pmap", 2, "device", "vmap"),
+    ("pmap", 2, "tf_data", "unroll"),
+]
+for mode, n, pipeline, replica_map in cases:
+    config = synthetic.get_config()
+    config.parallelism, config.input_pipeline = mode, pipeline
+    config.model.cbam, config.model.dropout_rate = "none", 0.0
+    config.batch_size, config.num_epochs = 16, 1
+    config.replicas, config.replica_map = 2, replica_map
+    config.replica_overrides = (
+        {"optimizer.learning_rate": 0.02}, {"loss.margin": 2, "optimizer.weight_decay": 1e-3}
+    )
+    trainer = train.Trainer.create(config)
+    trainer.parallel = DataParallel(mode, jax.devices()[:n])
+    trainer.model = train.create_model(config, axis_name=trainer.parallel.axis_name)
+    state = train.fit(trainer, tempfile.mkdtemp(), data["image"], data["label"])["state"]
+    leaves = jax.tree.leaves((state.params, state.batch_stats))
+    out[f"{mode}{n}_{pipeline}_{replica_map}"] = [np.asarray(x).tolist() for x in leaves]
+json.dump(out, sys.stdout)
+"""
+
+
+def test_replicas_train_alike_on_one_and_two_devices_in_every_mode():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run(
+        [sys.executable, "-c", MULTI_DEVICE_SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {k: [np.asarray(x) for x in v] for k, v in json.loads(proc.stdout).items()}
+    reference = runs.pop("shard_map1_device_unroll")
+    assert len(runs) == 4
+    # Replica axis x data axis, one step (dropout off: its masks depend on the device count).
+    for name, leaves in runs.items():
+        for got, want in zip(leaves, reference, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
