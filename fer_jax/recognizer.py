@@ -232,23 +232,36 @@ def ten_crop(faces: jax.Array) -> jax.Array:
     return jnp.stack(crops, axis=1)
 
 
-def ten_crop_probabilities(model: ResNet18, variables: Any, faces: jax.Array) -> jax.Array:
+CROP_CHOICES = (10, 1)  # ten crops (the paper's evaluation), or the centre crop alone
+
+
+def ten_crop_probabilities(
+    model: ResNet18, variables: Any, faces: jax.Array, crops: int = NUM_CROPS
+) -> jax.Array:
     """Class probabilities of `(B, 48, 48, 1)` float32 faces in [0, 1]: `(B, num_classes)`.
 
-    The model's logits of the ten crops are averaged, then softmaxed.
+    The model's logits of the ten crops are averaged, then softmaxed. `crops=1` classifies
+    the centre crop alone: a tenth of the compute (the trade-off: README, Use it on your
+    photos).
     """
-    crops = ten_crop(faces)
-    batch = crops.shape[0]
-    flat = crops.reshape((batch * NUM_CROPS, CROP_SIZE, CROP_SIZE, crops.shape[-1]))
+    if crops not in CROP_CHOICES:
+        raise ValueError(f"crops must be one of {CROP_CHOICES}, got {crops!r}")
+    images = ten_crop(faces)  # (B, 10, 44, 44, C); the centre crop is the fifth
+    images = images if crops == NUM_CROPS else images[:, 4:5]
+    batch = images.shape[0]
+    flat = images.reshape((batch * crops, CROP_SIZE, CROP_SIZE, images.shape[-1]))
     logits = model.apply(variables, flat, train=False)
-    logits = logits.reshape((batch, NUM_CROPS, logits.shape[-1])).mean(axis=1)
+    logits = logits.reshape((batch, crops, logits.shape[-1])).mean(axis=1)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def ensemble_probabilities(model: ResNet18, variables: Any, faces: jax.Array) -> jax.Array:
+def ensemble_probabilities(
+    model: ResNet18, variables: Any, faces: jax.Array, crops: int = NUM_CROPS
+) -> jax.Array:
     """`ten_crop_probabilities` of K models (every leaf of `variables` stacked `(K, ...)`, a
     replica run's), averaged: `(B, num_classes)`."""
-    per_model = jax.vmap(ten_crop_probabilities, in_axes=(None, 0, None))(model, variables, faces)
+    one = functools.partial(ten_crop_probabilities, model, crops=crops)
+    per_model = jax.vmap(one, in_axes=(0, None))(variables, faces)
     return per_model.mean(axis=0)
 
 
@@ -313,6 +326,7 @@ class Recognizer:
         max_side: int = DEFAULT_MAX_SIDE,
         min_face: int = DEFAULT_MIN_FACE,
         ensemble: bool = False,
+        crops: int = NUM_CROPS,
     ):
         """Wraps a model and its weights; compiles nothing until the first call.
 
@@ -320,6 +334,8 @@ class Recognizer:
           model: the network; `variables`: its `{'params', 'batch_stats'}`.
           ensemble: `variables` hold K models stacked `(K, ...)` (a replica run's): their
             probabilities are averaged (`ensemble_probabilities`; no attention maps).
+          crops: 10 (ten-crop averaging, the paper's evaluation) or 1 (the centre crop:
+            ~10x less compute per face).
           class_names: one name per model output.
           batch_size: faces per compiled model call.
           margin: face-crop margin, as `data_pipelines.faces.crop_face`.
@@ -346,9 +362,12 @@ class Recognizer:
         self.min_face = min_face
         options = conv.cpu_compiler_options()  # Eigen convolutions on CPU
         self.ensemble = ensemble
+        if crops not in CROP_CHOICES:
+            raise ValueError(f"crops must be one of {CROP_CHOICES}, got {crops!r}")
+        self.crops = crops
         probabilities = ensemble_probabilities if ensemble else ten_crop_probabilities
         self._probabilities = jax.jit(
-            functools.partial(probabilities, model), compiler_options=options
+            functools.partial(probabilities, model, crops=crops), compiler_options=options
         )
         self._attention = jax.jit(
             functools.partial(centre_crop_attention, model), compiler_options=options

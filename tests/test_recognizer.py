@@ -111,6 +111,16 @@ def test_ten_crop_probabilities_average_logits_then_softmax(recognizer):
     assert not np.allclose(got, softmax_then_mean, atol=1e-4)
 
 
+def test_one_crop_classifies_the_centre_crop_alone():
+    faces, logits, _ = _reference_outputs()
+    centre = logits[:, 4]  # TenCrop order: the centre crop is the fifth
+    expected = np.exp(centre) / np.exp(centre).sum(axis=1, keepdims=True)
+    one = rec.Recognizer(*small_model(), crops=1)
+    np.testing.assert_allclose(one.predict_faces(faces), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="crops"):
+        rec.Recognizer(*small_model(), crops=5)
+
+
 def test_padded_batch_sizes_are_powers_of_two_up_to_batch_size(recognizer):
     assert [recognizer.bucket(n) for n in (1, 2)] == [1, 2]
     by_four = rec.Recognizer(*small_model(), batch_size=4)
