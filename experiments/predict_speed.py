@@ -13,8 +13,6 @@ to `--out` (default experiments/results/predict_speed_<platform>/).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -52,25 +50,15 @@ def main() -> None:
             times[c].append(time.perf_counter() - start)
     device = jax.devices()[0]
     rates = {c: args.faces / statistics.median(t) for c, t in times.items()}
-    table = "\n".join(
-        [
-            f"Device: {device.platform} {device.device_kind}; {provenance.cpu_model()}; "
-            f"width {args.width}, {args.faces} faces per call, median of {args.reps}",
-            "",
-            "| crops | faces/s | vs ten crops |",
-            "|---|---|---|",
-            *(f"| {c} | {rates[c]:.1f} | {rates[c] / rates[10]:.2f}x |" for c in CROP_CHOICES),
-        ]
+    provenance.write_table(
+        "predict_speed",
+        f"Device: {device.platform} {device.device_kind}; {provenance.cpu_model()}; "
+        f"width {args.width}, {args.faces} faces per call, median of {args.reps}",
+        ["crops", "faces/s", "vs ten crops"],
+        [[c, f"{rates[c]:.1f}", f"{rates[c] / rates[10]:.2f}x"] for c in CROP_CHOICES],
+        {"args": vars(args), "seconds": times},
+        args.out,
     )
-    print(table)
-    out = args.out or os.path.join(
-        provenance.REPO, "experiments", "results", f"predict_speed_{device.platform}"
-    )
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, "raw.json"), "w") as f:
-        json.dump({"args": vars(args), "seconds": times, **provenance.provenance()}, f, indent=1)
 
 
 if __name__ == "__main__":

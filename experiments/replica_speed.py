@@ -15,8 +15,6 @@ the table and raw figures to `--out` (default experiments/results/replicas_<plat
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -124,28 +122,17 @@ def main() -> None:
         ratio = f"{ips / base:.2f}x" if base else "-"
         compile_s = r["trainer"].compile_seconds["train"]
         rows.append(
-            f"| {name} | {ips:.1f} | {1000 * seconds / r['steps']:.0f} | {ratio} | "
-            f"{compile_s:.0f} |"
+            [name, f"{ips:.1f}", f"{1000 * seconds / r['steps']:.0f}", ratio, f"{compile_s:.0f}"]
         )
-    table = "\n".join(
-        [
-            f"Device: {device.platform} {device.device_kind}; {provenance.cpu_model()}; "
-            f"width {args.width}, batch {args.batch} per replica",
-            "",
-            "| replicas K (map) | aggregate train images/s | ms per step | vs K = 1 | compile s |",
-            "|---|---|---|---|---|",
-            *rows,
-        ]
+    provenance.write_table(
+        "replicas",
+        f"Device: {device.platform} {device.device_kind}; {provenance.cpu_model()}; "
+        f"width {args.width}, batch {args.batch} per replica",
+        ["replicas K (map)", "aggregate train images/s", "ms per step", "vs K = 1", "compile s"],
+        rows,
+        {"args": vars(args), "runs": raw},
+        args.out,
     )
-    print(table)
-    out = args.out or os.path.join(
-        provenance.REPO, "experiments", "results", f"replicas_{device.platform}"
-    )
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, "raw.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": raw, **provenance.provenance()}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Runs in a subprocess with 4 simulated CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=4`), which must be set before JAX starts.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -78,11 +79,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def runs():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+def run_on_cpu_devices(script: str, num_devices: int) -> dict[str, list[np.ndarray]]:
+    """Runs `script` in a subprocess with `num_devices` simulated CPU devices; it prints a
+    JSON dict of lists of arrays (as nested lists), returned as numpy arrays."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+        [sys.executable, "-c", script],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -90,9 +92,12 @@ def runs():
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
     return {k: [np.asarray(x) for x in v] for k, v in json.loads(proc.stdout).items()}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return run_on_cpu_devices(SCRIPT, 4)
 
 
 @pytest.mark.parametrize(

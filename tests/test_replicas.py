@@ -25,6 +25,8 @@ import pytest
 
 from configs import synthetic
 from fer_jax import checkpoint, replicas, synthetic_data, train
+from tests import test_train
+from tests.test_parallel import run_on_cpu_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,18 +87,19 @@ def plain_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "replica_map, input_pipeline, length",
+    "replica_map, input_pipeline, length, steps_per_dispatch",
     [
-        ("unroll", "device", "two_epochs"),
-        ("unroll", "tf_data", "two_epochs"),
-        ("vmap", "device", "one_step"),
+        ("unroll", "device", "two_epochs", 2),  # an epoch per call: lax.scan over replicas
+        ("unroll", "tf_data", "two_epochs", 1),
+        ("vmap", "device", "one_step", 1),
     ],
 )
 def test_each_replica_equals_the_plain_run_of_its_seed_and_overrides(
-    plain_runs, tmp_path, replica_map, input_pipeline, length
+    plain_runs, tmp_path, replica_map, input_pipeline, length, steps_per_dispatch
 ):
     num_images, epochs = LENGTHS[length]
     config = _config(input_pipeline, length)
+    config.steps_per_dispatch = steps_per_dispatch
     config.replicas = 2
     config.replica_seeds = SEEDS
     config.replica_overrides = OVERRIDES
@@ -160,34 +163,23 @@ def test_one_replica_keeps_the_plain_state_and_checkpoint_layout():
 
 # --- The command line: results.json, per-replica curves, kill -9 and resume. ---------------
 
-RUN_FLAGS = [
-    "--config=configs/synthetic.py",
+# After tests/test_train.py's flags (synthetic config, 3 steps per call), which these override.
+REPLICA_FLAGS = [
     "--config.replicas=3",
     "--config.replica_overrides=({'optimizer.learning_rate': 0.1}, {}, {'loss.margin': 2})",
     "--config.synthetic.train=128",  # 4 steps per epoch
     "--config.num_epochs=3",
     "--config.checkpoint_every_steps=3",
     "--config.cross_validate=False",
+    "--config.steps_per_dispatch=1",  # (3 per call, lax.scan: the equality test below)
 ]
 
 
-def _cli(workdir, *flags, wait=True):
-    cmd = [sys.executable, "-m", "fer_jax.main", f"--workdir={workdir}", *RUN_FLAGS, *flags]
-    if not wait:
-        return subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+def _cli(workdir, wait=True):
+    return test_train._cli(workdir, *REPLICA_FLAGS, wait=wait)
 
 
-def _latest(workdir):
-    manager = checkpoint._manager(os.path.join(workdir, "checkpoints"), 100)
-    try:
-        step = manager.latest_step()
-        tree, meta = checkpoint._restore_step(manager, step)
-    finally:
-        manager.close()
-    return step, jax.tree.map(np.asarray, tree), meta
+_latest = test_train._final_state
 
 
 @pytest.fixture(scope="module")
@@ -346,17 +338,7 @@ json.dump(out, sys.stdout)
 
 
 def test_replicas_train_alike_on_one_and_two_devices_in_every_mode():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.run(
-        [sys.executable, "-c", MULTI_DEVICE_SCRIPT],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {k: [np.asarray(x) for x in v] for k, v in json.loads(proc.stdout).items()}
+    runs = run_on_cpu_devices(MULTI_DEVICE_SCRIPT, 2)
     reference = runs.pop("shard_map1_device_unroll")
     assert len(runs) == 4
     # Replica axis x data axis, one step (dropout off: its masks depend on the device count).
