@@ -62,21 +62,18 @@ def check(config: ml_collections.ConfigDict) -> None:
     k = config.get("replicas", 1)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"config.replicas must be an integer >= 1, got {k!r}")
-    seeds = list(config.get("replica_seeds", []) or [])
-    if seeds and len(seeds) != k:
-        raise ValueError(
-            f"config.replica_seeds lists {len(seeds)} seeds for {k} replicas (config.replicas): "
-            "give one per replica, or none for seed + k"
-        )
+    for field in ("replica_seeds", "replica_overrides"):
+        listed = config.get(field, ()) or ()
+        if listed and len(listed) != k:
+            raise ValueError(
+                f"config.{field} lists {len(listed)} entries for {k} replicas "
+                "(config.replicas): give one per replica, or none"
+            )
+    seeds = list(config.get("replica_seeds", ()) or ())
     for i, seed in enumerate(seeds):
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
             raise ValueError(f"config.replica_seeds[{i}] must be an integer >= 0, got {seed!r}")
-    overrides = list(config.get("replica_overrides", []) or [])
-    if overrides and len(overrides) != k:
-        raise ValueError(
-            f"config.replica_overrides lists {len(overrides)} dicts for {k} replicas "
-            "(config.replicas): give one per replica ({} for none)"
-        )
+    overrides = list(config.get("replica_overrides", ()) or ())
     for i, fields in enumerate(overrides):
         if not isinstance(fields, Mapping | ml_collections.ConfigDict):
             raise ValueError(

@@ -6,9 +6,6 @@ starts); training with both input modes is compared in tests/test_parallel.py.
 """
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,8 +16,7 @@ from configs import synthetic
 from data_pipelines.plan import epoch_plan
 from fer_jax import device_input, synthetic_data, train
 from fer_jax.parallel import DataParallel
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.test_parallel import run_on_cpu_devices
 
 BATCHES_SCRIPT = textwrap.dedent(
     """
@@ -77,19 +73,7 @@ BATCHES_SCRIPT = textwrap.dedent(
 
 
 def test_device_batches_equal_the_tf_data_batches_on_1_2_and_4_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    proc = subprocess.run(
-        [sys.executable, "-c", BATCHES_SCRIPT],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
-    assert json.loads(proc.stdout) == []
+    assert run_on_cpu_devices(BATCHES_SCRIPT, 4) == []
 
 
 def test_calls_end_at_epochs_and_checkpoints_and_resume_on_the_same_boundaries():

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,9 +80,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_on_cpu_devices(script: str, num_devices: int) -> dict[str, list[np.ndarray]]:
-    """Runs `script` in a subprocess with `num_devices` simulated CPU devices; it prints a
-    JSON dict of lists of arrays (as nested lists), returned as numpy arrays."""
+def run_on_cpu_devices(script: str, num_devices: int) -> Any:
+    """Runs `script` in a subprocess with `num_devices` simulated CPU devices; returns what
+    it printed, parsed as JSON."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
     proc = subprocess.run(
         [sys.executable, "-c", script],
@@ -92,12 +93,16 @@ def run_on_cpu_devices(script: str, num_devices: int) -> dict[str, list[np.ndarr
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {k: [np.asarray(x) for x in v] for k, v in json.loads(proc.stdout).items()}
+    return json.loads(proc.stdout)
+
+
+def as_arrays(runs: dict[str, list]) -> dict[str, list[np.ndarray]]:
+    return {k: [np.asarray(x) for x in v] for k, v in runs.items()}
 
 
 @pytest.fixture(scope="module")
 def runs():
-    return run_on_cpu_devices(SCRIPT, 4)
+    return as_arrays(run_on_cpu_devices(SCRIPT, 4))
 
 
 @pytest.mark.parametrize(

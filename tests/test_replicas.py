@@ -26,7 +26,7 @@ import pytest
 from configs import synthetic
 from fer_jax import checkpoint, replicas, synthetic_data, train
 from tests import test_train
-from tests.test_parallel import run_on_cpu_devices
+from tests.test_parallel import as_arrays, run_on_cpu_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -338,7 +338,7 @@ json.dump(out, sys.stdout)
 
 
 def test_replicas_train_alike_on_one_and_two_devices_in_every_mode():
-    runs = run_on_cpu_devices(MULTI_DEVICE_SCRIPT, 2)
+    runs = as_arrays(run_on_cpu_devices(MULTI_DEVICE_SCRIPT, 2))
     reference = runs.pop("shard_map1_device_unroll")
     assert len(runs) == 4
     # Replica axis x data axis, one step (dropout off: its masks depend on the device count).
