@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -90,8 +89,8 @@ def plain_runs(tmp_path_factory):
     "replica_map, input_pipeline, length, steps_per_dispatch",
     [
         ("unroll", "device", "two_epochs", 2),  # an epoch per call: lax.scan over replicas
-        ("unroll", "tf_data", "two_epochs", 1),
         ("vmap", "device", "one_step", 1),
+        # (tf_data replicas: the two-device test below compares them with device input.)
     ],
 )
 def test_each_replica_equals_the_plain_run_of_its_seed_and_overrides(
@@ -168,7 +167,7 @@ REPLICA_FLAGS = [
     "--config.replicas=3",
     "--config.replica_overrides=({'optimizer.learning_rate': 0.1}, {}, {'loss.margin': 2})",
     "--config.synthetic.train=128",  # 4 steps per epoch
-    "--config.num_epochs=3",
+    "--config.num_epochs=2",
     "--config.checkpoint_every_steps=3",
     "--config.cross_validate=False",
     "--config.steps_per_dispatch=1",  # (3 per call, lax.scan: the equality test below)
@@ -207,11 +206,11 @@ def test_results_report_each_replica_their_spread_and_the_ensemble(replica_run):
     assert results["ensemble"]["num_examples"] == 70
     assert results["ensemble_accuracy"] == results["ensemble"]["accuracy"]
     perf = results["performance"]
-    assert perf["steps_timed"] == 12 and perf["replicas"] == 3 and perf["replica_map"] == "unroll"
+    assert perf["steps_timed"] == 8 and perf["replicas"] == 3 and perf["replica_map"] == "unroll"
     for k in range(3):  # TensorBoard runs replica_<k>, eval reports per replica
         assert glob.glob(os.path.join(replica_run, f"replica_{k}", "events.out.tfevents.*"))
         assert os.path.exists(
-            os.path.join(replica_run, "eval", f"replica_{k}", "public_test_epoch003.json")
+            os.path.join(replica_run, "eval", f"replica_{k}", "public_test_epoch002.json")
         )
     # The best checkpoint holds each replica at its own best epoch.
     _, meta, source = checkpoint.load_variables(replica_run)
@@ -241,22 +240,17 @@ def test_a_replica_run_loads_for_inference_and_as_an_init(replica_run):
 def test_kill_9_and_resume_with_three_replicas_ends_bit_identical(replica_run, tmp_path):
     workdir = str(tmp_path / "killed")
     proc = _cli(workdir, wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if [p for p in glob.glob(os.path.join(workdir, "checkpoints", "*")) if p[-1].isdigit()]:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "run ended before it could be killed: " + proc.stderr.read()[-2000:]
+    test_train._wait_for_checkpoint(proc, workdir, 3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert _latest(workdir)[0] < 12
+    assert _latest(workdir)[0] < 8
 
     resumed = _cli(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from step" in resumed.stderr
     step, tree, meta = _latest(workdir)
     ref_step, ref_tree, _ = _latest(replica_run)
-    assert step == ref_step == 12 and meta["replicas"] == 3
+    assert step == ref_step == 8 and meta["replicas"] == 3
     jax.tree.map(np.testing.assert_array_equal, tree, ref_tree)
     for name in ("results.json",):
         with open(os.path.join(workdir, name)) as f, open(os.path.join(replica_run, name)) as g:
@@ -311,12 +305,10 @@ data = synthetic_data.make_split(16, seed=0)
 # that one and two devices' rounding resolve differently.
 data["image"] = np.random.default_rng(0).integers(0, 256, data["image"].shape, np.uint8)
 out = {}
-cases = [
+cases = [  # each mode, input and map at least once on two devices
     ("shard_map", 1, "device", "unroll"),
-    ("shard_map", 2, "device", "unroll"),
     ("shard_map", 2, "tf_data", "vmap"),
-    ("pmap", 2, "device", "vmap"),
-    ("pmap", 2, "tf_data", "unroll"),
+    ("pmap", 2, "device", "unroll"),
 ]
 for mode, n, pipeline, replica_map in cases:
     config = synthetic.get_config()
@@ -340,7 +332,7 @@ json.dump(out, sys.stdout)
 def test_replicas_train_alike_on_one_and_two_devices_in_every_mode():
     runs = as_arrays(run_on_cpu_devices(MULTI_DEVICE_SCRIPT, 2))
     reference = runs.pop("shard_map1_device_unroll")
-    assert len(runs) == 4
+    assert len(runs) == 2
     # Replica axis x data axis, one step (dropout off: its masks depend on the device count).
     for name, leaves in runs.items():
         for got, want in zip(leaves, reference, strict=True):

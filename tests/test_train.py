@@ -112,43 +112,21 @@ def test_main_job_cross_validates_every_fold(finished_run):
     assert tested == list(range(70))
 
 
-def test_resume_after_kill_9_ends_bit_identical(finished_run, tmp_path):
-    workdir = str(tmp_path / "killed")
-    proc = _cli(workdir, "--config.cross_validate=False", wait=False)
+def _wait_for_checkpoint(proc, workdir, step):
+    """Waits until `workdir` holds checkpoint `step`; the run must still be going."""
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        done = [
-            p
-            for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
-            if os.path.basename(p).isdigit()
-        ]
-        if done:
+        if glob.glob(os.path.join(workdir, "checkpoints", str(step))):
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "run ended before it could be killed: " + proc.stderr.read()[-2000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step_at_kill, _, _ = _final_state(workdir)
-    assert step_at_kill < 42
-
-    resumed = _cli(workdir, "--config.cross_validate=False")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming from step" in resumed.stderr
-    step, tree, meta = _final_state(workdir)
-    ref_step, ref_tree, _ = _final_state(finished_run)
-    assert step == ref_step == 42 and meta["epoch"] == 3 and meta["step_in_epoch"] == 0
-    jax.tree.map(np.testing.assert_array_equal, tree, ref_tree)
+    assert proc.poll() is None, f"run ended before step {step}: " + proc.stderr.read()[-2000:]
 
 
-def test_sigterm_mid_epoch_checkpoints_that_step_and_resumes_bit_identical(finished_run, tmp_path):
-    workdir = str(tmp_path / "terminated")
+def test_sigterm_then_kill_9_then_resume_ends_bit_identical(finished_run, tmp_path):
+    # SIGTERM mid-epoch: the step in flight is checkpointed and the run exits 128 + 15.
+    workdir = str(tmp_path / "interrupted")
     proc = _cli(workdir, "--config.cross_validate=False", wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:  # the first checkpoint: step 4
-        if glob.glob(os.path.join(workdir, "checkpoints", "4")):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "run ended before the signal: " + proc.stderr.read()[-2000:]
+    _wait_for_checkpoint(proc, workdir, 4)
     proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=300)[1]
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
@@ -158,12 +136,20 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_resumes_bit_identical(finis
     assert step_saved == stopped and 4 < stopped < 42
     assert meta["step_in_epoch"] == stopped % 14
 
+    # Resumed from there, then killed outright (-9) after its next periodic checkpoint.
+    proc = _cli(workdir, "--config.cross_validate=False", wait=False)
+    _wait_for_checkpoint(proc, workdir, min(stopped // 4 + 1, 10) * 4)  # (42 ends the run)
+    os.kill(proc.pid, signal.SIGKILL)
+    stderr = proc.communicate()[1]
+    assert f"Resuming from step {stopped}" in stderr
+    assert _final_state(workdir)[0] < 42
+
     resumed = _cli(workdir, "--config.cross_validate=False")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming from step {stopped}" in resumed.stderr
-    step, tree, _ = _final_state(workdir)
+    assert "Resuming from step" in resumed.stderr
+    step, tree, meta = _final_state(workdir)
     ref_step, ref_tree, _ = _final_state(finished_run)
-    assert step == ref_step == 42
+    assert step == ref_step == 42 and meta["epoch"] == 3 and meta["step_in_epoch"] == 0
     jax.tree.map(np.testing.assert_array_equal, tree, ref_tree)
 
 
