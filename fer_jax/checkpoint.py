@@ -297,15 +297,17 @@ class Checkpoints:
                 return np.where(improved.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, old)
 
             state = jax.tree.map(merge, state, previous)
-        old, k, epoch = self.best_meta, self.replicas, meta["epoch"]
+        old, k = self.best_meta, self.replicas
+        steps = old.get("replica_steps", [step] * k)
+        epochs = old.get("replica_epochs", [meta["epoch"]] * k)
         meta = {
             **meta,
             "select_accuracy": self.best_accuracy.tolist(),
-            "replica_steps": np.where(improved, step, old.get("replica_steps", [step] * k)),
-            "replica_epochs": np.where(improved, epoch, old.get("replica_epochs", [epoch] * k)),
+            "replica_steps": [step if up else s for up, s in zip(improved, steps, strict=True)],
+            "replica_epochs": [
+                meta["epoch"] if up else e for up, e in zip(improved, epochs, strict=True)
+            ],
         }
-        meta["replica_steps"] = meta["replica_steps"].tolist()
-        meta["replica_epochs"] = meta["replica_epochs"].tolist()
         self._best_state, self.best_meta = state, meta
         self._save(self.best, step, state, meta)
 

@@ -26,10 +26,6 @@ import ml_collections
 
 from fer_jax.user_errors import UserError
 
-# Kept in step with fer_jax.optim.create_optimizer / learning_rate_schedule, which name them
-# in their code only (tests/test_config_schema.py builds each with fer_jax.optim).
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("step", "cosine", "constant")
 MARGINS = (1, 5)  # A-Softmax margin m: fer_jax.losses.chebyshev has cos(m theta) for these.
 NORMALIZE = ("unit", "symmetric")  # or (mean, std): data_pipelines.plan.normalize_affine
 CBAM_NONE = "none"  # model.cbam: the plain ResNet18 (fer_jax.resnet.model_from_config)
@@ -138,7 +134,17 @@ def _section(value: Any) -> bool:
 def schemas() -> tuple[Section, Section]:
     """`(training schema, cross-validation schema)`, built from the code's own constants."""
     from data_pipelines import files, folds, labels
-    from fer_jax import cbam, conv, input_data, parallel, replicas, resnet, synthetic_data, train
+    from fer_jax import (
+        cbam,
+        conv,
+        input_data,
+        optim,
+        parallel,
+        replicas,
+        resnet,
+        synthetic_data,
+        train,
+    )
 
     splits = sorted(
         {s for names in files.SPLITS.values() for s in names} | set(synthetic_data.SPLIT_SEEDS)
@@ -160,12 +166,12 @@ def schemas() -> tuple[Section, Section]:
         "lambda_per": choice(train.LAMBDA_UNITS),
     }
     optimizer: Schema = {
-        "name": choice(OPTIMIZERS),
+        "name": choice(optim.NAMES),
         "learning_rate": number(0, low_open=True),
         "momentum": number(0, 1, high_open=True),
         "weight_decay": number(0),
         "grad_clip": number(),  # element-wise; <= 0 disables
-        "schedule": choice(SCHEDULES),
+        "schedule": choice(optim.SCHEDULES),
         "decay_start_epoch": integer(0),
         "decay_every_epochs": integer(1),
         "decay_rate": number(0, 1, low_open=True),

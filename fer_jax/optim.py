@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fer_jax import replicas
+
 
 def sgd_pytorch(
     learning_rate: optax.ScalarOrSchedule,
@@ -35,12 +37,13 @@ def sgd_pytorch(
     return optax.chain(*parts)
 
 
+NAMES = ("sgd", "adamw")  # config.optimizer.name
+SCHEDULES = ("step", "cosine", "constant")  # config.optimizer.schedule
+
+
 def _hparam(config, hparams, name: str):
     """`hparams[name]` (a replica's traced value) if given, else the config's value."""
-    if hparams is not None:
-        return hparams[name]
-    section, field = name.split(".")
-    return config[section][field]
+    return replicas.field(config, name) if hparams is None else hparams[name]
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, hparams=None) -> optax.Schedule:
@@ -78,9 +81,7 @@ def learning_rate_schedule(config, steps_per_epoch: int, hparams=None) -> optax.
         return lambda step: lr * unit(step)
     if opt.schedule == "constant":
         return optax.constant_schedule(lr)
-    raise ValueError(
-        f"config.optimizer.schedule must be 'step', 'cosine' or 'constant', got {opt.schedule!r}"
-    )
+    raise ValueError(f"config.optimizer.schedule must be one of {SCHEDULES}, got {opt.schedule!r}")
 
 
 def optimizer_parts(configs) -> dict[str, bool]:
@@ -129,5 +130,5 @@ def create_optimizer(
         clips = [] if clip is None else [_clip(clip)]
         tx = optax.chain(*clips, optax.adamw(schedule, weight_decay=weight_decay))
     else:
-        raise ValueError(f"config.optimizer.name must be 'sgd' or 'adamw', got {opt.name!r}")
+        raise ValueError(f"config.optimizer.name must be one of {NAMES}, got {opt.name!r}")
     return tx, schedule

@@ -36,7 +36,8 @@ OVERRIDABLE = (
 )
 
 
-def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+def field(config: ml_collections.ConfigDict, path: str) -> Any:
+    """The value of dotted `path` (e.g. 'optimizer.learning_rate') in `config`."""
     node = config
     for part in path.split("."):
         node = node[part]
@@ -62,11 +63,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     k = config.get("replicas", 1)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"config.replicas must be an integer >= 1, got {k!r}")
-    for field in ("replica_seeds", "replica_overrides"):
-        listed = config.get(field, ()) or ()
+    for listing in ("replica_seeds", "replica_overrides"):
+        listed = config.get(listing, ()) or ()
         if listed and len(listed) != k:
             raise ValueError(
-                f"config.{field} lists {len(listed)} entries for {k} replicas "
+                f"config.{listing} lists {len(listed)} entries for {k} replicas "
                 "(config.replicas): give one per replica, or none"
             )
     seeds = list(config.get("replica_seeds", ()) or ())
@@ -124,16 +125,16 @@ def replica_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Co
         one.replicas, one.replica_seeds, one.replica_overrides = 1, (), ()
         one.seed = seed
         for name, value in fields.items():
-            section, field = name.split(".")
-            old = one[section][field]
-            one[section][field] = type(old)(value) if isinstance(old, int | float) else value
+            section, key = name.split(".")
+            old = one[section][key]
+            one[section][key] = type(old)(value) if isinstance(old, int | float) else value
         out.append(one)
     return out
 
 
 def hparams(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """The `OVERRIDABLE` values of a plain config as float32 scalars (the step's `hparams`)."""
-    return {name: np.float32(_get(config, name)) for name in OVERRIDABLE}
+    return {name: np.float32(field(config, name)) for name in OVERRIDABLE}
 
 
 MAPS = ("vmap", "unroll")

@@ -38,6 +38,7 @@ from fer_jax import (
     losses,
     optim,
     replicas,
+    run_config,
 )
 from fer_jax.device_input import plan_chunk
 from fer_jax.parallel import Compiled, DataParallel
@@ -509,8 +510,6 @@ def train_and_evaluate(
     metrics, and where it came from. (The JAFFE cross-validation that may follow is run by
     `fer_jax.main`, above both this module and `cross_validate`.)
     """
-    from fer_jax import run_config
-
     workdir = checkpoint.prepare_workdir(workdir)
     is_main = jax.process_index() == 0
     # config.json: written at the first start; a resume with another recipe is refused.
@@ -744,6 +743,7 @@ def fit(
             SummaryWriter(os.path.join(workdir, f"replica_{k}"), enabled=is_main)
             for k in range(num_replicas)
         ]
+    writers = [writer] if num_replicas == 1 else [writer, *curves]
     if start_step == 0:
         params = host_state.params
         _log_parameter_count(replicas.take(params, 0) if num_replicas > 1 else params)
@@ -814,7 +814,9 @@ def fit(
                             metrics,
                         )
                     scalars = evaluate.scalar_metrics(metrics)
-                    curve.write_scalars(step, {f"{select_name}_{k}": v for k, v in scalars.items()})
+                    curve.write_scalars(
+                        step, {f"{select_name}_{name}": v for name, v in scalars.items()}
+                    )
                 if num_replicas > 1:
                     ensemble = select_metrics["ensemble"]["accuracy"]
                     writer.write_scalars(step, {f"{select_name}_ensemble_accuracy": ensemble})
@@ -832,7 +834,7 @@ def fit(
                 manager.save(step, host_state, meta)
             if select_accuracy is not None:
                 manager.maybe_save_best(step, host_state, meta, select_accuracy)
-            for w in {id(w): w for w in [writer, *curves]}.values():
+            for w in writers:
                 w.flush()
             if stop_now:
                 manager.close()  # waits for the checkpoint to be written
@@ -845,7 +847,7 @@ def fit(
     manager.close()
     performance = timer.performance(config, steps_per_epoch, time.perf_counter() - wall_start)
     writer.write_scalars(step, _performance_scalars(performance))
-    for w in {id(w): w for w in [writer, *curves]}.values():
+    for w in writers:
         w.close()
     return {"state": parallel.unreplicate(state), "template": template, "performance": performance}
 

@@ -89,7 +89,7 @@ def test_not_one_of_the_choices_which_come_from_the_code():
         ("loss.lambda_per", train.LAMBDA_UNITS),
         ("parallelism", parallel.MODES),
         ("input_pipeline", ("", *train.INPUT_PIPELINES)),
-        ("optimizer.schedule", config_schema.SCHEDULES),
+        ("optimizer.schedule", optim.SCHEDULES),
         ("jaffe.fold_protocol", ("random", "subject")),
     ]:
         config = synthetic.get_config()
@@ -106,8 +106,8 @@ def test_not_one_of_the_choices_which_come_from_the_code():
 
 def test_optimizer_names_and_schedules_are_those_fer_jax_optim_builds():
     config = synthetic.get_config()
-    for name in config_schema.OPTIMIZERS:
-        for schedule in config_schema.SCHEDULES:
+    for name in optim.NAMES:
+        for schedule in optim.SCHEDULES:
             config.optimizer.name, config.optimizer.schedule = name, schedule
             validate(config)
             optim.create_optimizer(config, 10)
