@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fer_jax import mesh_axes
+
 IMPLS = ("xla", "matmul_grad", "auto")
 """Accepted values of ``conv2d(impl=...)``.
 
@@ -215,24 +217,6 @@ def _conv_matmul_grad_bwd(stride, padding, res, dy):
 _conv_matmul_grad.defvjp(_conv_matmul_grad_fwd, _conv_matmul_grad_bwd)
 
 
-def _match_varying_axes(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Inside shard_map, mark x and kernel varying over the same mesh axes.
-
-    A replicated kernel times sharded x is an implicit ``pcast(kernel, to="varying")``, whose
-    transpose psums the kernel gradient. A custom_vjp must see it explicitly: its bwd returns a
-    per-shard dw, and JAX then inserts the psum as for the plain XLA convolution.
-    """
-    xt, kt = jax.typeof(x).manual_axis_type, jax.typeof(kernel).manual_axis_type
-    if xt is None or kt is None:  # outside shard_map
-        return x, kernel
-    x_missing, k_missing = kt.varying - xt.varying, xt.varying - kt.varying
-    if x_missing:
-        x = lax.pcast(x, tuple(sorted(x_missing)), to="varying")
-    if k_missing:
-        kernel = lax.pcast(kernel, tuple(sorted(k_missing)), to="varying")
-    return x, kernel
-
-
 # --- public API ---------------------------------------------------------------------------------
 
 
@@ -300,5 +284,5 @@ def conv2d(
     if impl == "xla":
         return _conv_xla(x, kernel, stride, padding)
     if impl == "matmul_grad":
-        return _conv_matmul_grad(*_match_varying_axes(x, kernel), stride, padding)
+        return _conv_matmul_grad(*mesh_axes.match_varying_axes(x, kernel), stride, padding)
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")

@@ -109,7 +109,9 @@ def test_each_replica_equals_the_plain_run_of_its_seed_and_overrides(
     for k, plain in enumerate(plain_runs[length]):
         got = replicas.take((state.params, state.batch_stats, state.opt_state), k)
         want = (plain.params, plain.batch_stats, plain.opt_state)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
+        # To float32 rounding over two epochs (the unrolled program's dots may split their sums
+        # differently: 1.5e-6 seen on a stem kernel of entries ~0.1).
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
     # The overrides reached their replica only: each equals its own plain run (above), and
     # the two trained differently.
     p0, p1 = (jax.tree.leaves(replicas.take(state.params, k)) for k in range(2))

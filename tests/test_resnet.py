@@ -104,6 +104,22 @@ def test_cbam_max_pooling_gradient_reaches_exactly_one_argmax_under_jit():
         np.testing.assert_allclose(g, [[0, 1.1, 0, 0], [1.1, 0, 0, 0]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("axis", [1, -1])
+def test_cbam_max_pooling_gradient_without_ties_is_one_hot_at_the_max(axis):
+    from fer_jax.cbam import max_along
+
+    x = jax.random.normal(jax.random.key(0), (4, 36, 16))
+    # `sin(x)` is computed by a fusion inside the jitted gradient, as activations are in the net.
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(max_along(jnp.sin(x), axis) ** 2)))(x)
+    x64 = np.asarray(x, np.float64)
+    first = np.expand_dims(np.argmax(np.sin(x64), axis=axis), axis)
+    at_max = np.take_along_axis(x64, first, axis)
+    want = np.zeros_like(x64)
+    np.put_along_axis(want, first, 2 * np.sin(at_max) * np.cos(at_max), axis)
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+    assert np.count_nonzero(np.asarray(grad)) == first.size
+
+
 def test_angle_linear_kernel_starts_with_unit_columns_like_the_reference():
     # The raw kernel's scale sets the classifier's effective learning rate (lr / |w|^2), so it
     # must start at the reference's unit columns, not at uniform(-1, 1)'s |w| ~ sqrt(D / 3).
