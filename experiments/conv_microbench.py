@@ -41,6 +41,24 @@ jax 0.10.2, torch 2.13 with 2 threads, B=64, f32, fwd+bwd ms unless noted):
 - bf16: XLA:CPU bf16 convolutions (not taken by YNNPACK) are ~2x slower than f32 forward and
   matmul_grad helps there too (fwd+bwd sum 19.2 s xla vs 12.5 s matmul_grad); f32 is faster.
 - ``preferred_element_type``: f32 accumulation for bf16 matmuls; no speed effect for f32.
+
+On a 2-core AMD EPYC (Zen 5: AVX-512, AVX512_BF16, no AMX), quiet, jax 0.10.2 (issue 14):
+- f32 forward convolutions by Eigen run at ~360-460 GFLOP/s, about the two cores' FMA peak
+  (PyTorch 200-300 per call); the network's forward is compute-bound in both frameworks.
+- Stride-2 input gradients: XLA convolves the stride-dilated dy (4x the arithmetic). As four
+  stride-1 convolutions, one per phase of the input's pixels (``impl="phase_dx"``, also inside
+  ``matmul_grad``), the three 3x3 stride-2 shapes' fwd+bwd went 193 -> 131 ms per net.
+- CBAM's 7x7 2->1: XLA's convolution 7.5 ms forward at 44x44 (PyTorch 1.4); as 98 multiply-adds
+  of shifted planes (``impl="shifted_sums"``) 0.7 ms, fwd+bwd 12.7 -> 2.0 ms. Inside the
+  network XLA fused those 98 terms into their producers and consumers (recomputed per channel:
+  CBAM fwd+bwd at 22x22 went 18 -> 34 ms) until both ends went behind optimization barriers.
+- Weight-gradient chunks: 2 images still best (44x44x64: 1, 2, 4, 8 images 63, 39, 59, 81 ms;
+  Eigen's 48). At 22x22x128 Eigen's weight gradient was faster (25 vs 29 ms): not adopted.
+- Per-tap weight gradients over contiguous row windows of the padded input (9 TN dots, no
+  patches): 3-5x slower than the patches.
+- bf16: XLA's convolutions are slower in bf16 than f32 (Eigen 214 vs 367 GFLOP/s at 44x44x64,
+  YNNPACK 120 vs 172); a bf16 matmul with f32 accumulation runs 676 vs 391 GFLOP/s f32, so
+  even perfect im2col would cap a bf16 forward at ~1.7x; PyTorch's bf16 convolution 834 vs 209.
 """
 
 from __future__ import annotations

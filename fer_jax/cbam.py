@@ -25,12 +25,13 @@ ORDERS = ("channel_first", "spatial_first", "parallel")
 def max_along(x: jax.Array, axis: int) -> jax.Array:
     """`max(x, axis)` whose gradient goes to one arg-max element, the first, as PyTorch's.
 
-    The value is XLA's max reduction. The gradient compares `x` with its max: in the forward of
-    the VJP, `x` goes through an `optimization_barrier`, so the max and the comparison read the
-    same stored values (under jit XLA:CPU may otherwise recompute `x` inside a fusion with
-    different rounding, and the comparison would miss). Ties, where a row holds its max more
-    than once, fall back to an arg-max. An `argmax` in every step instead cost ~10x the max
-    reduction on CPU (76 of 1,920 ms in a full-width train step on a 2-core AMD EPYC).
+    The gradient goes to the least index where `x` equals its max. In the forward of the VJP,
+    `x` goes through an `optimization_barrier`, so that the max and the comparison read the same
+    stored values: under jit XLA:CPU may otherwise recompute `x` inside a fusion with different
+    rounding (seen with a `select`-based max reduction: 379 of 3,872 rows matched nothing). A row
+    that still matches nothing falls back to an `argmax` of `x`. An `argmax` in every step
+    instead cost ~10x the max reduction on CPU (76 of 1,920 ms in a full-width train step on a
+    2-core AMD EPYC).
     """
     return jnp.max(x, axis=axis)
 
@@ -43,19 +44,15 @@ def _max_along_fwd(x, axis):
 
 def _max_along_bwd(axis, residuals, g):
     x, m = residuals
-    m, g = jnp.expand_dims(m, axis), jnp.expand_dims(g, axis)
-
-    def every_hit():
-        return jnp.where(x == m, g, 0)
-
-    def first_hit():
-        first = jnp.argmax(x == m, axis=axis)
-        return jnp.where(jax.nn.one_hot(first, x.shape[axis], dtype=jnp.bool_, axis=axis), g, 0)
-
-    # The branches close over float arrays only: a large boolean operand or result of the cond
-    # was copied at ~0.3 GB/s by XLA:CPU.
-    one_per_row = jnp.sum(x == m, dtype=jnp.int32) == m.size
-    return (jax.lax.cond(one_per_row, every_hit, first_hit).astype(x.dtype),)
+    n = x.shape[axis]
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
+    first = jnp.min(jnp.where(x == jnp.expand_dims(m, axis), index, n), axis=axis, keepdims=True)
+    first = jax.lax.cond(
+        jnp.any(first == n),
+        lambda: jnp.argmax(x, axis=axis, keepdims=True).astype(jnp.int32),
+        lambda: first,
+    )
+    return (jnp.where(index == first, jnp.expand_dims(g, axis), 0).astype(x.dtype),)
 
 
 max_along.defvjp(_max_along_fwd, _max_along_bwd)

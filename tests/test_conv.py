@@ -24,8 +24,11 @@ CASES = [
     (4, 7, 3, 4, 1, 1, 0),  # 1x1 stride 1
     (4, 7, 3, 4, 3, 1, 0),  # no padding
     (4, 6, 3, 4, 3, 2, 2),  # padding 2, stride 2
+    (2, 9, 2, 3, 5, 3, 2),  # stride 3: nine input-gradient phases
+    (2, 7, 2, 2, 4, 2, 1),  # even kernel, stride 2, odd size
+    (2, 8, 2, 3, 3, 2, 0),  # stride 2, no padding
 ]
-CUSTOM_IMPLS = ["matmul_grad", "auto"]
+CUSTOM_IMPLS = ["matmul_grad", "phase_dx", "auto"]
 
 
 def _inputs(case, dtype=jnp.float32, seed=0):
@@ -71,6 +74,26 @@ def test_matches_xla(case, impl):
         _assert_close(a, r)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c[5] == 1],
+    ids=lambda c: "b{}_h{}_{}to{}_k{}_s{}_p{}".format(*c),
+)
+def test_shifted_sums_matches_xla_at_stride_1(case):
+    x, kern, dy = _inputs(case)
+    ref = _fwd_bwd("xla", 1, case[6])(x, kern, dy)
+    out = _fwd_bwd("shifted_sums", 1, case[6])(x, kern, dy)
+    for name, a, r in zip(("y", "dx", "dk"), out, ref, strict=True):
+        assert a.shape == r.shape and a.dtype == r.dtype, name
+        _assert_close(a, r)
+
+
+def test_shifted_sums_refuses_strides_by_name():
+    x, kern, _ = _inputs((1, 8, 2, 1, 3, 2, 1))
+    with pytest.raises(ValueError, match="shifted_sums.*stride"):
+        conv.conv2d(x, kern, stride=2, impl="shifted_sums")
+
+
 def test_xla_impl_is_lax_conv_with_symmetric_padding():
     """At stride 2 on an even size the padding is (1, 1), not XLA 'SAME''s (0, 1)."""
     x, kern, _ = _inputs((2, 22, 3, 4, 3, 2, 1))
@@ -102,7 +125,7 @@ def test_im2col_layouts(case):
     _assert_close(cols @ kern.reshape(-1, cout), conv.conv2d(x, kern, stride=s, padding=p))
 
 
-@pytest.mark.parametrize("impl", ["xla", "matmul_grad"])
+@pytest.mark.parametrize("impl", ["xla", "matmul_grad", "phase_dx"])
 def test_against_torch(impl):
     torch = pytest.importorskip("torch")
     case = (3, 22, 4, 5, 3, 2, 1)  # stride 2 on an even size
@@ -163,21 +186,23 @@ def test_shard_map_and_pmap():
     _assert_close(pm.reshape(-1, *pm.shape[2:]), conv.conv2d(x, kern))
 
 
-@pytest.mark.parametrize("impl", ["xla", "matmul_grad"])
+@pytest.mark.parametrize("impl", ["xla", "matmul_grad", "phase_dx"])
 def test_bfloat16(impl):
     """bf16 activations (kernel cast by the caller or by conv2d) run and are close to f32."""
-    case = (4, 22, 8, 8, 3, 1, 1)
+    case = (4, 22, 8, 8, 3, 2, 1)  # stride 2: the input-gradient phases run in bf16 too
     x, kern, dy = _inputs(case)
-    y32, dx32, dk32 = _fwd_bwd("xla", 1, 1)(x, kern, dy)
+    y32, dx32, dk32 = _fwd_bwd("xla", 2, 1)(x, kern, dy)
     xb, kb, dyb = (a.astype(jnp.bfloat16) for a in (x, kern, dy))
-    y, dx, dk = _fwd_bwd(impl, 1, 1)(xb, kb, dyb)
+    y, dx, dk = _fwd_bwd(impl, 2, 1)(xb, kb, dyb)
     assert y.dtype == dx.dtype == dk.dtype == jnp.bfloat16
     for a, r in ((y, y32), (dx, dx32), (dk, dk32)):
         _assert_close(a, r, rtol=5e-2, atol_rel=2e-2)
 
     # f32 master kernel: conv2d casts it to x.dtype; its gradient comes back in float32.
     dk_master = jax.jit(
-        jax.grad(lambda k: jnp.vdot(conv.conv2d(xb, k, impl=impl).astype(jnp.float32), dy))
+        jax.grad(
+            lambda k: jnp.vdot(conv.conv2d(xb, k, stride=2, impl=impl).astype(jnp.float32), dy)
+        )
     )(kern)
     assert dk_master.dtype == jnp.float32
     _assert_close(dk_master, dk32, rtol=5e-2, atol_rel=2e-2)
@@ -185,13 +210,17 @@ def test_bfloat16(impl):
 
 def test_select_impl():
     assert conv.select_impl((64, 44, 44, 64), (3, 3, 64, 64), 1, 1, backend="cpu") == "matmul_grad"
-    assert conv.select_impl((64, 44, 44, 64), (3, 3, 64, 128), 2, 1, backend="cpu") == "matmul_grad"
+    assert conv.select_impl((64, 44, 44, 64), (3, 3, 64, 128), 2, 1, backend="cpu") == "phase_dx"
+    assert conv.select_impl((64, 11, 11, 256), (3, 3, 256, 512), 2, 1, backend="cpu") == "phase_dx"
     assert conv.select_impl((64, 11, 11, 256), (3, 3, 256, 256), 1, 1, backend="cpu") == "xla"
     assert conv.select_impl((64, 6, 6, 512), (3, 3, 512, 512), 1, 1, backend="cpu") == "xla"
     assert (
         conv.select_impl((64, 11, 11, 256), (1, 1, 256, 512), 2, 0, backend="cpu") == "matmul_grad"
     )
-    assert conv.select_impl((64, 44, 44, 2), (7, 7, 2, 1), 1, 3, backend="cpu") == "xla"
+    assert conv.select_impl((64, 44, 44, 2), (7, 7, 2, 1), 1, 3, backend="cpu") == "shifted_sums"
+    assert conv.select_impl((64, 11, 11, 2), (7, 7, 2, 1), 1, 3, backend="cpu") == "shifted_sums"
+    assert conv.select_impl((64, 6, 6, 2), (7, 7, 2, 1), 1, 3, backend="cpu") == "xla"
+    assert conv.select_impl((64, 44, 44, 2), (7, 7, 2, 1), 1, 3, backend="gpu") == "xla"
     for backend in ("gpu", "tpu"):
         assert conv.select_impl((64, 44, 44, 64), (3, 3, 64, 64), 1, 1, backend=backend) == "xla"
 
