@@ -16,6 +16,10 @@ turn, in this process:
 - PyTorch: `torch.profiler`, self CPU time per `aten::` op, mapped to the same kinds by op name
   (its elementwise `mul` / `add`, e.g. CBAM's gating and the residual sums, land in "other").
 
+"convolution backward" is, for fer_jax, the input and weight gradients XLA runs as convolutions
+(the rest of the weight gradients are the matmul row), for PyTorch its whole convolution backward.
+The JAX profiler slows the step by ~15%: the table's wall times are the profiled ones.
+
 Prints and writes (`--out`, default experiments/results/profile_step_cpu/) a table of ms per
 step by kind for both, and the top thunks / ops. Only kinds, not single ops, compare across the
 two: XLA fuses several operations into one thunk and the BatchNorm backward's sums are dots.
@@ -39,8 +43,8 @@ from experiments import benchmark, provenance
 
 KINDS = (
     "convolution forward",
-    "convolution backward (XLA)",
-    "weight gradient as matmuls",
+    "convolution backward",
+    "weight gradient as matmuls (fer_jax)",
     "BatchNorm",
     "CBAM pooling, MLP and gates",
     "ReLU",
@@ -54,9 +58,9 @@ def jax_kind(thunk: str, op_name: str) -> str:
     backward = "transpose(" in op_name
     path = op_name.split("/")
     if "/while" in op_name or "closed_call" in op_name or thunk.startswith("while"):
-        return "weight gradient as matmuls"
+        return "weight gradient as matmuls (fer_jax)"
     if thunk.startswith(("conv", "convolution")):
-        return "convolution backward (XLA)" if backward else "convolution forward"
+        return "convolution backward" if backward else "convolution forward"
     if not op_name:
         return "no source recorded"
     if any(p in ("bn", "bn1", "bn2", "shortcut_bn") for p in path):
@@ -73,7 +77,7 @@ def torch_kind(op: str) -> str:
     if op in ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution"):
         return "convolution forward"
     if op == "aten::convolution_backward" or "ConvolutionBackward" in op:
-        return "convolution backward (XLA)"  # torch's (oneDNN) convolution backward, same row
+        return "convolution backward"
     if "batch_norm" in op or "BatchNorm" in op:
         return "BatchNorm"
     if op in ("aten::max", "aten::max_pool2d_with_indices", "aten::avg_pool2d", "aten::sigmoid"):

@@ -13,6 +13,7 @@ from experiments import (
     asoftmax_collapse,
     benchmark,
     paper_tables,
+    profile_step,
     tb_curves,
 )
 from fer_jax import evaluate, flops
@@ -457,3 +458,34 @@ def _args_replicas() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     paper_tables.add_run_flags(ap)
     return ap.parse_args(["--replicas=4"])
+
+
+def test_profile_splits_wall_time_between_overlapping_thunks():
+    # a runs 0-10 us, b 5-15 (overlapping 5-10: split), then nothing until c at 20-22.
+    events = [
+        {"name": "a", "ts": 0},
+        {"name": "b", "ts": 5},
+        {"name": "end: a", "ts": 10},
+        {"name": "end: b", "ts": 15},
+        {"name": "c", "ts": 20},
+        {"name": "end: c", "ts": 22},
+        {"name": "no end mark", "ts": 1},
+    ]
+    share, idle = profile_step.split_wall_time(profile_step._thunk_intervals(events))
+    assert share == {"a": 7.5, "b": 7.5, "c": 2.0} and idle == 5.0
+
+
+def test_profile_kinds_follow_the_module_path_and_direction():
+    kind = profile_step.jax_kind
+    fwd, bwd = "jit(train_step)/jvp(ResNet18)", "jit(train_step)/transpose(jvp(ResNet18))"
+    assert kind("conv_general_dilated.3", f"{fwd}/layer1_0/conv1/x") == "convolution forward"
+    assert kind("convolution.9", f"{bwd}/layer1_0/conv1/x") == "convolution backward"
+    assert kind("while.2", f"{bwd}/layer1_0/conv1/while") == "weight gradient as matmuls (fer_jax)"
+    assert kind("add_fusion.1", f"{bwd}/layer2_1/bn2/mul") == "BatchNorm"
+    assert (
+        kind("reduce.4", f"{fwd}/layer2_1/cbam/SpatialGate/reduce_max")
+        == "CBAM pooling, MLP and gates"
+    )
+    assert kind("copy.5", "") == "no source recorded"
+    assert profile_step.torch_kind("aten::convolution_backward") == "convolution backward"
+    assert profile_step.torch_kind("aten::native_batch_norm") == "BatchNorm"
