@@ -49,9 +49,11 @@ On a 2-core AMD EPYC (Zen 5: AVX-512, AVX512_BF16, no AMX), quiet, jax 0.10.2 (i
   stride-1 convolutions, one per phase of the input's pixels (``impl="phase_dx"``, also inside
   ``matmul_grad``), the three 3x3 stride-2 shapes' fwd+bwd went 193 -> 131 ms per net.
 - CBAM's 7x7 2->1: XLA's convolution 7.5 ms forward at 44x44 (PyTorch 1.4); as 98 multiply-adds
-  of shifted planes (``impl="shifted_sums"``) 0.7 ms, fwd+bwd 12.7 -> 2.0 ms. Inside the
-  network XLA fused those 98 terms into their producers and consumers (recomputed per channel:
-  CBAM fwd+bwd at 22x22 went 18 -> 34 ms) until both ends went behind optimization barriers.
+  of shifted planes (``impl="shifted_sums"``) 0.7 ms. Inside the network XLA fused those 98
+  terms into their producers and consumers (recomputed per channel: CBAM fwd+bwd at 22x22 went
+  18 -> 34 ms) until both ends went behind optimization barriers. The input gradient as shifted
+  sums too (fwd+bwd 5.7 -> 2.0 ms at 44x44) added ~2 s to the train step's compile (9.9 -> 13 s
+  with it, 11 s without): XLA's is kept.
 - Weight-gradient chunks: 2 images still best (44x44x64: 1, 2, 4, 8 images 63, 39, 59, 81 ms;
   Eigen's 48). At 22x22x128 Eigen's weight gradient was faster (25 vs 29 ms): not adopted.
 - Per-tap weight gradients over contiguous row windows of the padded input (9 TN dots, no

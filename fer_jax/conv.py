@@ -41,8 +41,8 @@ IMPLS = ("xla", "matmul_grad", "phase_dx", "shifted_sums", "auto")
   (:func:`weight_grad_matmul`), input gradient as ``"phase_dx"``, through a ``jax.custom_vjp``.
 - ``"phase_dx"``: XLA forward and weight gradient; the input gradient of a strided convolution
   by :func:`input_grad_phases` (stride**2 plain convolutions), XLA's at stride 1.
-- ``"shifted_sums"``: stride 1, square kernels, a few channels: forward and input gradient as
-  scalar multiply-adds of shifted planes (:func:`conv_shifted_sums`), XLA's weight gradient.
+- ``"shifted_sums"``: stride 1, square kernels, a few channels: forward as scalar multiply-adds
+  of shifted planes (:func:`conv_shifted_sums`), XLA's gradients.
 - ``"auto"``: :func:`select_impl` at trace time.
 """
 
@@ -326,13 +326,12 @@ def _conv_shifted_fwd(x, kernel, padding):
 
 
 def _conv_shifted_bwd(padding, res, dy):
+    # XLA's gradients: shifted sums for dx too ran ~2 ms faster per train step but took ~2 s
+    # more to compile (each sum is one large fusion).
     x, kernel = res
-    kh = kernel.shape[0]
-    # dx: the full correlation of dy with the flipped kernel, in and out channels swapped.
-    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    dx = conv_shifted_sums(dy, flipped, kh - 1 - padding)
+    (dx,) = jax.linear_transpose(lambda x_: _conv_xla(x_, kernel, 1, padding), x)(dy)
     (dw,) = jax.linear_transpose(lambda k: _conv_xla(x, k, 1, padding), kernel)(dy)
-    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+    return dx, dw
 
 
 _conv_shifted.defvjp(_conv_shifted_fwd, _conv_shifted_bwd)
@@ -352,7 +351,7 @@ def select_impl(
 
     On CPU, ``"shifted_sums"`` for stride-1 square kernels between a few channels
     (<= SHIFTED_MAX_CHANNEL_PAIRS (Cin, Cout) pairs) on maps of >= SHIFTED_MIN_OUTPUT_PIXELS
-    (CBAM's 7x7 2->1: forward + backward 2-6x faster than XLA's); and when Cout >= 16 (a
+    (CBAM's 7x7 2->1: forward 2.5-10x faster than XLA's); and when Cout >= 16 (a
     thinner matmul is slower than XLA's):
 
     - ``"matmul_grad"`` for 1x1 kernels (the weight gradient is one plain matmul; 2-3x faster
