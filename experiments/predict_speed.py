@@ -1,4 +1,4 @@
-"""Faces per second of the recogniser, ten crops against the centre crop, side by side.
+"""Faces per second of the recogniser (ten crops, the centre crop) and of its StableHLO export.
 
     python -m experiments.predict_speed                 # full width, 64 faces per call
     python -m experiments.predict_speed --width 16 --faces 16 --reps 3
@@ -6,8 +6,12 @@
 A randomly initialised full-width model (`fer_jax.resnet.ResNet18`; speed does not depend on
 the weights) in `fer_jax.recognizer.Recognizer` with `crops=10` and `crops=1`, each compiled
 and warmed up first, then timed in turn (`--reps` rounds, median) on the same `--faces`
-random 48x48 faces, one `predict_faces` call of `--faces` faces per round. Writes the table
-to `--out` (default experiments/results/predict_speed_<platform>/).
+random 48x48 faces, one `predict_faces` call of `--faces` faces per round. Alongside, the same
+model exported by `fer_jax.export` (ten crops, `model.stablehlo`), serialised, deserialised and
+run as a user without this code would, `jax.jit(exported.call)`, and with the XLA:CPU option the
+recogniser compiles with (`fer_jax.conv.cpu_compiler_options()`, i.e.
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot`). Writes the table to
+`--out` (default experiments/results/predict_speed_<platform>/).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def main() -> None:
     ap.add_argument("--out", help="results folder")
     args = ap.parse_args()
 
+    from fer_jax import conv, export
     from fer_jax.recognizer import CROP_CHOICES, Recognizer
     from fer_jax.resnet import ResNet18
 
@@ -38,24 +43,35 @@ def main() -> None:
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 44, 44, 1)))
     faces = np.random.default_rng(0).integers(0, 256, (args.faces, 48, 48), np.uint8)
     recognizers = {
-        c: Recognizer(model, variables, batch_size=args.faces, crops=c) for c in CROP_CHOICES
+        f"recognizer, {c} crop{'s' * (c > 1)}": Recognizer(
+            model, variables, batch_size=args.faces, crops=c
+        ).predict_faces
+        for c in sorted(CROP_CHOICES, reverse=True)
     }
-    times: dict[int, list[float]] = {c: [] for c in CROP_CHOICES}
-    for r in recognizers.values():
-        r.predict_faces(faces)  # compile + warm-up
+    exported = jax.export.deserialize(export.export_stablehlo(model, variables).serialize())
+    as_input = jax.jit(lambda f: f[..., None].astype(jnp.float32) / 255.0)
+    for name, opts in (("default", None), ("Eigen option", conv.cpu_compiler_options())):
+        call = jax.jit(exported.call, compiler_options=opts)
+        recognizers[f"StableHLO export, 10 crops, {name}"] = lambda f, call=call: np.asarray(
+            call(as_input(f))
+        )
+    times: dict[str, list[float]] = {name: [] for name in recognizers}
+    for predict in recognizers.values():
+        predict(faces)  # compile + warm-up
     for _ in range(args.reps):
-        for c, r in recognizers.items():
+        for name, predict in recognizers.items():
             start = time.perf_counter()
-            r.predict_faces(faces)
-            times[c].append(time.perf_counter() - start)
+            predict(faces)
+            times[name].append(time.perf_counter() - start)
     device = jax.devices()[0]
-    rates = {c: args.faces / statistics.median(t) for c, t in times.items()}
+    rates = {name: args.faces / statistics.median(t) for name, t in times.items()}
+    ten = rates["recognizer, 10 crops"]
     provenance.write_table(
         "predict_speed",
         f"Device: {device.platform} {device.device_kind}; {provenance.cpu_model()}; "
         f"width {args.width}, {args.faces} faces per call, median of {args.reps}",
-        ["crops", "faces/s", "vs ten crops"],
-        [[c, f"{rates[c]:.1f}", f"{rates[c] / rates[10]:.2f}x"] for c in CROP_CHOICES],
+        ["contestant", "faces/s", "vs the recogniser's ten crops"],
+        [[name, f"{rate:.1f}", f"{rate / ten:.2f}x"] for name, rate in rates.items()],
         {"args": vars(args), "seconds": times},
         args.out,
     )

@@ -111,3 +111,18 @@ def test_load_stablehlo_rejects_other_files(tmp_path):
         export.load_stablehlo(str(bad))
     with pytest.raises(export.ExportError, match="cannot read"):
         export.load_stablehlo(str(tmp_path / "missing.stablehlo"))
+
+
+def test_exported_program_uses_xla_convolutions_whatever_the_models_conv_impl():
+    # 'auto' picks CPU-only forms at trace time (CBAM's 7x7 as shifted sums); a program exported
+    # for several platforms keeps XLA's convolutions, one per convolution of the network.
+    model, variables = small_model()
+    texts = {
+        impl: export.export_stablehlo(
+            model.clone(conv_impl=impl), variables, platforms=("cpu",)
+        ).mlir_module()
+        for impl in ("auto", "xla")
+    }
+    count = texts["xla"].count("stablehlo.convolution")
+    assert count == 1 + 8 * 3 + 3  # stem, per block 2 + CBAM's 7x7, 3 shortcuts
+    assert texts["auto"].count("stablehlo.convolution") == count
