@@ -10,7 +10,9 @@ random 48x48 faces, one `predict_faces` call of `--faces` faces per round. Along
 model exported by `fer_jax.export` (ten crops, `model.stablehlo`), serialised, deserialised and
 run as a user without this code would, `jax.jit(exported.call)`, and with the XLA:CPU option the
 recogniser compiles with (`fer_jax.conv.cpu_compiler_options()`, i.e.
-`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot`). Writes the table to
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot`); and the recogniser called
+with one face at a time (as video frames arrive: would batching faces across frames pay?).
+Writes the table to
 `--out` (default experiments/results/predict_speed_<platform>/).
 """
 
@@ -48,6 +50,11 @@ def main() -> None:
         ).predict_faces
         for c in sorted(CROP_CHOICES, reverse=True)
     }
+    # One face per call, as a video's frames come one at a time: does batching faces pay?
+    one_at_a_time = recognizers["recognizer, 10 crops"]
+    recognizers["recognizer, 10 crops, one face per call"] = lambda f: [
+        one_at_a_time(f[i : i + 1]) for i in range(len(f))
+    ]
     exported = jax.export.deserialize(export.export_stablehlo(model, variables).serialize())
     as_input = jax.jit(lambda f: f[..., None].astype(jnp.float32) / 255.0)
     for name, opts in (("default", None), ("Eigen option", conv.cpu_compiler_options())):
