@@ -209,6 +209,15 @@ def _input_grad(
     return dx
 
 
+def _weight_grad_xla(
+    x: jax.Array, dy: jax.Array, kernel: jax.Array, stride: int, padding: int
+) -> jax.Array:
+    """dL/dkernel by XLA's convolution (the transpose of :func:`_conv_xla` in the kernel; the
+    kernel's values are unused)."""
+    (dw,) = jax.linear_transpose(lambda k: _conv_xla(x, k, stride, padding), kernel)(dy)
+    return dw
+
+
 def input_grad_phases(
     dy: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...], stride: int, padding: int
 ) -> jax.Array:
@@ -217,12 +226,12 @@ def input_grad_phases(
     XLA's transposed convolution of a strided one convolves the stride-dilated dy (zeros
     between its pixels): on CPU, at stride 2, that is 4x the arithmetic, and the input gradient
     of the 44x44x64 -> 22x22x128 convolution cost ~5x its forward. Instead: input pixel i
-    (per axis) only meets kernel taps t = (i + p) mod s (mod s), so each residue class ("phase")
+    (per axis) only meets the kernel taps t with t = i + p (mod s), so each residue class ("phase")
     of x's pixels is a plain correlation of dy with the taps of its class, flipped; the phases
     are then interleaved. dy (B, Ho, Wo, Cout), kernel (kh, kw, Cin, Cout).
     """
     _, h, w, cin = x_shape
-    kh, kw, _, cout = kernel.shape
+    kh, kw = kernel.shape[:2]
     s, p = stride, padding
     hq, wq = -(-h // s), -(-w // s)  # pixels per phase (x padded up to a multiple of s)
 
@@ -278,7 +287,7 @@ def _conv_custom_grad_bwd(stride, padding, dw_by_matmul, res, dy):
     if dw_by_matmul:
         dw = weight_grad_matmul(x, dy, kernel.shape, stride, padding)
     else:
-        (dw,) = jax.linear_transpose(lambda k: _conv_xla(x, k, stride, padding), kernel)(dy)
+        dw = _weight_grad_xla(x, dy, kernel, stride, padding)
     return dx, dw.astype(kernel.dtype)
 
 
@@ -329,9 +338,7 @@ def _conv_shifted_bwd(padding, res, dy):
     # XLA's gradients: shifted sums for dx too ran ~2 ms faster per train step but took ~2 s
     # more to compile (each sum is one large fusion).
     x, kernel = res
-    (dx,) = jax.linear_transpose(lambda x_: _conv_xla(x_, kernel, 1, padding), x)(dy)
-    (dw,) = jax.linear_transpose(lambda k: _conv_xla(x, k, 1, padding), kernel)(dy)
-    return dx, dw
+    return _input_grad(dy, kernel, x, 1, padding), _weight_grad_xla(x, dy, kernel, 1, padding)
 
 
 _conv_shifted.defvjp(_conv_shifted_fwd, _conv_shifted_bwd)
