@@ -8,7 +8,8 @@ the forward. Two remedies, usable together:
 - ``conv2d(impl="matmul_grad")``: XLA forward and input gradient, weight gradient through a
   ``jax.custom_vjp`` as im2col matmuls ``patches^T (kh*kw*Cin, N) @ dy (N, Cout)``, N = B*Ho*Wo,
   chunked over a few images at a time. ``impl="auto"`` (:func:`select_impl`) uses it where it
-  measured faster (CPU, large maps and 1x1 kernels) and plain XLA elsewhere and on GPU/TPU.
+  measured faster (CPU: large maps, strided and 1x1 kernels) and plain XLA elsewhere and
+  on GPU/TPU.
 - Strided convolutions (``"matmul_grad"`` and ``"phase_dx"``): the input gradient as stride**2
   plain convolutions, one per phase of the input's pixels (:func:`input_grad_phases`), instead
   of XLA's convolution of the stride-dilated dy, 4x the arithmetic at stride 2.
@@ -363,8 +364,11 @@ def select_impl(
 
     - ``"matmul_grad"`` for 1x1 kernels (the weight gradient is one plain matmul; 2-3x faster
       than XLA's at the shortcut shapes);
-    - ``"phase_dx"`` for the other strided kernels (the 3x3 stride-2 ones: forward + backward
-      1.1-1.7x faster than XLA's with the Eigen option, 2-core AMD EPYC);
+    - ``"matmul_grad"`` for the other strided kernels too (the 3x3 stride-2 ones). Alone,
+      ``"phase_dx"`` (XLA's weight gradient) was 1.1-1.7x faster there; in the network it was
+      not: XLA's weight gradient wants x transposed, and XLA built that transpose in the forward
+      as a fusion recomputing x's producers (BatchNorm, CBAM gates, residual), ~60 ms at 44x44.
+      The whole train step: 37.8 -> 41.2 images/s (2-core AMD EPYC, Zen 5);
     - ``"matmul_grad"`` for output maps of >= AUTO_MIN_OUTPUT_PIXELS pixels (44x44, 22x22:
       2-3x faster than XLA:CPU's default YNNPACK weight gradient, on par with its Eigen one).
 
@@ -385,10 +389,8 @@ def select_impl(
         return "shifted_sums"
     if cout < 16:
         return "xla"
-    if kh == kw == 1:
+    if kh == kw == 1 or stride > 1:
         return "matmul_grad"
-    if stride > 1:
-        return "phase_dx"
     return "matmul_grad" if ho * wo >= AUTO_MIN_OUTPUT_PIXELS else "xla"
 
 
