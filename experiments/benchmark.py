@@ -66,8 +66,9 @@ class JaxContestant:
         import numpy as np
 
         from configs import fer2013
-        from fer_jax import conv, train
+        from fer_jax import conv, host_memory, train
 
+        host_memory.reuse_scratch_memory()  # as `python -m fer_jax.main` does
         impl, _, variant = spec.partition("+")
         config = fer2013.get_config(f"cbam={args.cbam},head={args.head}")
         config.model.width = args.width

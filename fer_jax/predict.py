@@ -553,4 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from fer_jax import host_memory
+
+    host_memory.reuse_scratch_memory()
     sys.exit(main())
