@@ -17,6 +17,9 @@ evaluation batches. Contestants:
   `config.model.conv_impl=IMPL` (`xla`, `matmul_grad`, `auto`) and no compiler options.
   `jax:IMPL+eigen` also passes `compiler_options=fer_jax.conv.cpu_compiler_options()` (XLA:CPU
   convolutions by Eigen instead of YNNPACK): `auto+eigen` is what the Trainer runs on CPU.
+  Every JAX worker first calls `fer_jax.host_memory.reuse_scratch_memory()`, as
+  `python -m fer_jax.main` does, except with the suffix `+fresh_scratch` (e.g.
+  `auto+eigen+fresh_scratch`: what a script that drives `fer_jax.train` without it gets).
 
 Also: compile time (JAX: lower + compile of each step; PyTorch: its first, warm-up step), the
 first step's loss of every JAX contestant from the same initial state and batch (the impls must
@@ -55,8 +58,12 @@ def _maxrss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+JAX_VARIANTS = ("eigen", "fresh_scratch")
+
+
 class JaxContestant:
-    """fer_jax's train and ten-crop eval steps for one conv impl (+eigen: compiler options)."""
+    """fer_jax's train and ten-crop eval steps for one conv impl (+eigen: compiler options;
+    +fresh_scratch: without `fer_jax.host_memory`)."""
 
     def __init__(self, spec: str, args: argparse.Namespace):
         import functools
@@ -68,14 +75,15 @@ class JaxContestant:
         from configs import fer2013
         from fer_jax import conv, host_memory, train
 
-        host_memory.reuse_scratch_memory()  # as `python -m fer_jax.main` does
-        impl, _, variant = spec.partition("+")
+        impl, *variants = spec.split("+")
+        if "fresh_scratch" not in variants:
+            host_memory.reuse_scratch_memory()  # as `python -m fer_jax.main` does
         config = fer2013.get_config(f"cbam={args.cbam},head={args.head}")
         config.model.width = args.width
         config.model.conv_impl = impl
         config.batch_size = args.batch
         self.config = config
-        opts = conv.cpu_compiler_options() if variant == "eigen" else None
+        opts = conv.cpu_compiler_options() if "eigen" in variants else None
         model = train.create_model(config)
         rng = np.random.default_rng(0)
         self.batch = {
@@ -533,7 +541,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--conv_impls",
         nargs="+",
         default=["xla", "auto", "auto+eigen"],
-        help="fer_jax contestants: IMPL or IMPL+eigen",
+        help="fer_jax contestants: IMPL, IMPL+eigen, IMPL+eigen+fresh_scratch, ...",
     )
     ap.add_argument(
         "--large_batch_impls",
@@ -552,7 +560,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for spec in [*args.conv_impls, *(args.large_batch_impls or [])]:
+        unknown = set(spec.split("+")[1:]) - set(JAX_VARIANTS)
+        if unknown:
+            ap.error(f"--conv_impls {spec}: unknown suffix {sorted(unknown)}; known {JAX_VARIANTS}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

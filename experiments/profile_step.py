@@ -18,6 +18,7 @@ turn, in this process:
 
 "convolution backward" is, for fer_jax, the input and weight gradients XLA runs as convolutions
 (the rest of the weight gradients are the matmul row), for PyTorch its whole convolution backward.
+XLA's weight-gradient convolutions carry no op_name; a convolution without one counts as backward.
 The JAX profiler slows the step by ~15%: the table's wall times are the profiled ones.
 
 Prints and writes (`--out`, default experiments/results/profile_step_cpu/) a table of ms per
@@ -60,7 +61,9 @@ def jax_kind(thunk: str, op_name: str) -> str:
     if "/while" in op_name or "closed_call" in op_name or thunk.startswith("while"):
         return "weight gradient as matmuls (fer_jax)"
     if thunk.startswith(("conv", "convolution")):
-        return "convolution backward" if backward else "convolution forward"
+        # XLA drops the op_name of the weight-gradient convolutions it builds from transposes
+        # (`convolution.N`, `convolution-window-dilated`): no source means backward too.
+        return "convolution backward" if backward or not op_name else "convolution forward"
     if not op_name:
         return "no source recorded"
     if any(p in ("bn", "bn1", "bn2", "shortcut_bn") for p in path):

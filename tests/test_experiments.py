@@ -320,6 +320,14 @@ def test_run_summary_of_an_interrupted_run_uses_the_eval_jsons(tmp_path):
     assert "| training images/s | n/a |" in md
 
 
+def test_benchmark_refuses_an_unknown_contestant_suffix(capsys):
+    args = benchmark.parse_args(["--conv_impls", "auto+eigen+fresh_scratch"])
+    assert args.conv_impls == ["auto+eigen+fresh_scratch"]
+    with pytest.raises(SystemExit) as e:
+        benchmark.parse_args(["--conv_impls", "auto+egien"])
+    assert e.value.code == 2 and "unknown suffix ['egien']" in capsys.readouterr().err
+
+
 def test_benchmark_markdown_puts_the_contestants_side_by_side():
     args = benchmark.parse_args(["--batches", "64", "128", "--conv_impls", "xla", "auto"])
     res = {
@@ -480,6 +488,7 @@ def test_profile_kinds_follow_the_module_path_and_direction():
     fwd, bwd = "jit(train_step)/jvp(ResNet18)", "jit(train_step)/transpose(jvp(ResNet18))"
     assert kind("conv_general_dilated.3", f"{fwd}/layer1_0/conv1/x") == "convolution forward"
     assert kind("convolution.9", f"{bwd}/layer1_0/conv1/x") == "convolution backward"
+    assert kind("convolution.31", "") == "convolution backward"  # XLA's weight gradients
     assert kind("while.2", f"{bwd}/layer1_0/conv1/while") == "weight gradient as matmuls (fer_jax)"
     assert kind("add_fusion.1", f"{bwd}/layer2_1/bn2/mul") == "BatchNorm"
     assert (
