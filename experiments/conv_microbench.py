@@ -58,6 +58,11 @@ On a 2-core AMD EPYC (Zen 5: AVX-512, AVX512_BF16, no AMX), quiet, jax 0.10.2 (i
   Eigen's 48). At 22x22x128 Eigen's weight gradient was faster (25 vs 29 ms): not adopted.
 - Per-tap weight gradients over contiguous row windows of the padded input (9 TN dots, no
   patches): 3-5x slower than the patches.
+- A single convolution here is not the network: ``phase_dx`` (XLA's weight gradient) beat
+  ``matmul_grad`` on the strided 3x3 shapes alone, but in the train step XLA built the
+  transposed x its weight gradient wants as a fusion recomputing x's producers (BatchNorm,
+  CBAM, residual) in the forward, ~90 ms per step; ``auto`` now takes ``matmul_grad`` there
+  (train step 38.0 -> 39.7 img/s). Judge a change by the whole step (``experiments/benchmark``).
 - bf16: XLA's convolutions are slower in bf16 than f32 (Eigen 214 vs 367 GFLOP/s at 44x44x64,
   YNNPACK 120 vs 172); a bf16 matmul with f32 accumulation runs 676 vs 391 GFLOP/s f32, so
   even perfect im2col would cap a bf16 forward at ~1.7x; PyTorch's bf16 convolution 834 vs 209.
