@@ -16,10 +16,11 @@ that large (above its mmap threshold, at most 32 MB) with a fresh ``mmap`` and r
   ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)``: freed memory at the heap's top stays mapped, so the
   next step reuses the same pages. The process keeps its peak heap until it exits.
 
-Measured (the train step, batch 64, full width): 161,000 -> ~850 faults per step, system time
-0.27 -> 0.015 s per step, 40 -> 45 images/s. It is what ``python -m fer_jax.main`` does; call it
-before the first JAX computation (the dispatch setting takes effect when JAX creates its CPU
-client). Elsewhere (another backend, another C library) it changes nothing.
+Measured (the train step, batch 64, full width, 2-core AMD EPYC): 161,000 -> ~850 faults per
+step, system time 0.27 -> 0.015 s per step; side by side in ``experiments/benchmark``
+(``+fresh_scratch`` is without it) 35.0 -> 41.8 images/s. It is what ``python -m fer_jax.main``
+does; call it before the first JAX computation (the dispatch setting takes effect when JAX
+creates its CPU client). Elsewhere (another backend, another C library) it changes nothing.
 """
 
 from __future__ import annotations
