@@ -564,7 +564,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for spec in [*args.conv_impls, *(args.large_batch_impls or [])]:
         unknown = set(spec.split("+")[1:]) - set(JAX_VARIANTS)
         if unknown:
-            ap.error(f"--conv_impls {spec}: unknown suffix {sorted(unknown)}; known {JAX_VARIANTS}")
+            ap.error(f"contestant {spec}: unknown suffix {sorted(unknown)}; known {JAX_VARIANTS}")
     return args
 
 

@@ -19,7 +19,9 @@ turn, in this process:
 "convolution backward" is, for fer_jax, the input and weight gradients XLA runs as convolutions
 (the rest of the weight gradients are the matmul row), for PyTorch its whole convolution backward.
 XLA's weight-gradient convolutions carry no op_name; a convolution without one counts as backward.
-The JAX profiler slows the step by ~15%: the table's wall times are the profiled ones.
+The JAX profiler slows the step by ~15%: the table's wall times are the profiled ones. The
+JaxContestant calls `fer_jax.host_memory.reuse_scratch_memory()`, so PyTorch, in the same
+process, runs with glibc's mmap off too.
 
 Prints and writes (`--out`, default experiments/results/profile_step_cpu/) a table of ms per
 step by kind for both, and the top thunks / ops. Only kinds, not single ops, compare across the

@@ -368,7 +368,7 @@ def select_impl(
       ``"phase_dx"`` (XLA's weight gradient) was 1.1-1.7x faster there; in the network it was
       not: XLA's weight gradient wants x transposed, and XLA built that transpose in the forward
       as a fusion recomputing x's producers (BatchNorm, CBAM gates, residual), ~60 ms at 44x44.
-      The whole train step: 37.8 -> 41.2 images/s (2-core AMD EPYC, Zen 5);
+      The whole train step: 38.0 -> 39.7 images/s (2-core AMD EPYC, Zen 5);
     - ``"matmul_grad"`` for output maps of >= AUTO_MIN_OUTPUT_PIXELS pixels (44x44, 22x22:
       2-3x faster than XLA:CPU's default YNNPACK weight gradient, on par with its Eigen one).
 

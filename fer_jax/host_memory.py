@@ -40,14 +40,15 @@ _KEEP_FREED_BYTES = 2**31 - 1
 def reuse_scratch_memory() -> bool:
     """Sets up the process as the module docstring says; True if the allocator took it (CPU
     backend on Linux with glibc), False where there is nothing to do."""
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-    if jax.default_backend() != "cpu":
-        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
+        return False
+    # Before the backend check: it creates the CPU client, which reads this setting.
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if jax.default_backend() != "cpu":
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES) == 1

@@ -77,5 +77,6 @@ def test_nothing_changes_without_glibc(monkeypatch):
     monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("musl", "1.2"))
     try:
         assert host_memory.reuse_scratch_memory() is False
+        assert jax.config.read("jax_cpu_enable_async_dispatch") == before
     finally:
         jax.config.update("jax_cpu_enable_async_dispatch", before)
