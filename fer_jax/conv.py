@@ -6,10 +6,11 @@ weight-gradient convolution (a "convolution" whose kernel is the whole 44x44 map
 the forward. Two remedies, usable together:
 
 - ``conv2d(impl="matmul_grad")``: XLA forward and input gradient, weight gradient through a
-  ``jax.custom_vjp`` as im2col matmuls ``patches^T (kh*kw*Cin, N) @ dy (N, Cout)``, N = B*Ho*Wo,
-  chunked over a few images at a time. ``impl="auto"`` (:func:`select_impl`) uses it where it
-  measured faster (CPU: large maps, strided and 1x1 kernels) and plain XLA elsewhere and
-  on GPU/TPU.
+  ``jax.custom_vjp`` as matmuls of shifted copies: x shifted along W (kw copies) times dy
+  shifted along H (kh copies), ``(kw*Cin, N) @ (N, kh*Cout)``, N ~ B*Ho*Wo, chunked over a few
+  images at a time (:func:`weight_grad_matmul`). ``impl="auto"`` (:func:`select_impl`) uses it
+  where it measured faster (CPU: large maps, strided and 1x1 kernels) and plain XLA elsewhere
+  and on GPU/TPU.
 - Strided convolutions (``"matmul_grad"`` and ``"phase_dx"``): the input gradient as stride**2
   plain convolutions, one per phase of the input's pixels (:func:`input_grad_phases`), instead
   of XLA's convolution of the stride-dilated dy, 4x the arithmetic at stride 2.
@@ -38,7 +39,7 @@ IMPLS = ("xla", "matmul_grad", "phase_dx", "shifted_sums", "auto")
 """Accepted values of ``conv2d(impl=...)``.
 
 - ``"xla"``: ``lax.conv_general_dilated``; its autodiff rules give both gradients.
-- ``"matmul_grad"``: XLA forward; weight gradient by im2col matmuls
+- ``"matmul_grad"``: XLA forward; weight gradient by matmuls of shifted copies of x and dy
   (:func:`weight_grad_matmul`), input gradient as ``"phase_dx"``, through a ``jax.custom_vjp``.
 - ``"phase_dx"``: XLA forward and weight gradient; the input gradient of a strided convolution
   by :func:`input_grad_phases` (stride**2 plain convolutions), XLA's at stride 1.
@@ -110,38 +111,27 @@ def _conv_xla(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax
     )
 
 
-def im2col(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> jax.Array:
-    """Patches of x (B, H, W, C) -> (B, Ho, Wo, kh*kw*C), ordered (i, j, c) like HWIO kernels.
+def tap_row_patches(
+    x: jax.Array, kh: int, kw: int, stride: int, padding: int, ho: int, wo: int
+) -> list[tuple[range, jax.Array]]:
+    """Column-shifted copies of x, one per phase of the kernel rows, for :func:`weight_grad_matmul`.
 
-    Built from kh*kw strided slices of the zero-padded input (no convolution involved), so
-    ``im2col(x).reshape(-1, kh*kw*C) @ kernel.reshape(kh*kw*C, Cout)`` is the convolution.
+    x (B, H, W, C). For each phase r in range(stride) that some kernel row i = r (mod stride)
+    reaches: (taps, P_r) with taps = range(r, kh, stride) and P_r (kw*C, B*Q*Wo), channel-major,
+    Q = Ho + len(taps) - 1, P_r[(j, c), (b, q, w)] = x_padded[b, stride*q + r, stride*w + j, c].
+    Tap row i = r + stride*t meets dy's row h at P_r's row q = h + t: a row shift, which the
+    weight gradient puts on dy instead of copying x once per tap row (3 copies of x, not 9).
     """
-    b, h, w, c = x.shape
-    ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    cols = [
-        xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-
-
-def im2col_t(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> jax.Array:
-    """Transposed patches of x (B, H, W, C) -> (kh*kw*C, B*Ho*Wo), rows ordered (i, j, c).
-
-    Channel-major, so that ``im2col_t(x) @ dy.reshape(-1, Cout)`` is a plain (row-major) matmul;
-    equal to ``im2col(x).reshape(-1, kh*kw*C).T``.
-    """
-    b, h, w, c = x.shape
-    ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
+    b, _, _, c = x.shape
     xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (padding,) * 2, (padding,) * 2))
-    cols = [
-        xt[:, :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return jnp.stack(cols, axis=0).reshape(kh * kw * c, b * ho * wo)
+    out = []
+    for r in range(min(stride, kh)):
+        taps = range(r, kh, stride)
+        q = ho + len(taps) - 1
+        rows = xt[:, :, r : r + stride * (q - 1) + 1 : stride]
+        cols = [rows[..., j : j + stride * (wo - 1) + 1 : stride] for j in range(kw)]
+        out.append((taps, jnp.concatenate(cols, axis=0).reshape(kw * c, b * q * wo)))
+    return out
 
 
 def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -165,10 +155,17 @@ def _batch_chunk(batch: int, pixels: int) -> int:
 def weight_grad_matmul(
     x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], stride: int, padding: int
 ) -> jax.Array:
-    """dL/dkernel (kh, kw, Cin, Cout) of :func:`conv2d` as im2col matmuls, accumulated in f32+.
+    """dL/dkernel (kh, kw, Cin, Cout) of :func:`conv2d` as matmuls, accumulated in f32+.
 
-    x (B, H, W, Cin), dy (B, Ho, Wo, Cout). Sums ``im2col_t(x_c) @ dy_c`` over chunks of a few
-    images (``lax.scan``), so the patches stay small.
+    x (B, H, W, Cin), dy (B, Ho, Wo, Cout). Per phase of the kernel rows (one at stride 1):
+    ``P_r (kw*Cin, N) @ D_r (N, m*Cout)``, with P_r x's column-shifted copies
+    (:func:`tap_row_patches`) and D_r dy's m row-shifted copies, one per tap row of the phase;
+    the product holds every (tap, Cin, Cout) of those rows. Versus im2col (kh*kw copies of x,
+    ``(kh*kw*Cin, N) @ (N, Cout)``), this copies kw*Cin + kh*Cout values per pixel instead of
+    kh*kw*Cin, and the matmul is squarer: the 44x44x64 weight gradient 42.4 -> 37.9 ms, 22x22x128
+    31.2 -> 27.4 ms (2-core AMD EPYC, Zen 5; ``experiments/conv_microbench.py``). The price:
+    m - 1 extra rows of dy zeros per image (Q = Ho + m - 1). Summed over chunks of a few images
+    (``lax.scan``), so the copies stay in cache.
     """
     kh, kw, cin, cout = kernel_shape
     b = x.shape[0]
@@ -176,13 +173,23 @@ def weight_grad_matmul(
     acc_dtype = _acc_dtype(dy.dtype)
 
     def chunk_dw(xc: jax.Array, dyc: jax.Array) -> jax.Array:
-        patches = im2col_t(xc, kh, kw, stride, padding)
-        return lax.dot_general(
-            patches,
-            dyc.reshape(-1, cout),
-            (((1,), (0,)), ((), ())),
-            preferred_element_type=acc_dtype,
-        )
+        dw = jnp.zeros((kh, kw, cin, cout), acc_dtype)
+        for taps, patches in tap_row_patches(xc, kh, kw, stride, padding, ho, wo):
+            m = len(taps)
+            shifted = jnp.concatenate(
+                [jnp.pad(dyc, ((0, 0), (t, m - 1 - t), (0, 0), (0, 0))) for t in range(m)],
+                axis=-1,
+            )  # (c, Ho + m - 1, Wo, m*Cout): rows q hold dy[q - t] for tap row t
+            prod = lax.dot_general(
+                patches,
+                shifted.reshape(-1, m * cout),
+                (((1,), (0,)), ((), ())),
+                preferred_element_type=acc_dtype,
+            )  # (kw*Cin, m*Cout)
+            dw = dw.at[taps.start :: stride].set(
+                prod.reshape(kw, cin, m, cout).transpose(2, 0, 1, 3)
+            )
+        return dw
 
     c = _batch_chunk(b, ho * wo)
     if c == b:
@@ -192,10 +199,10 @@ def weight_grad_matmul(
         dys = dy.reshape(b // c, c, *dy.shape[1:])
         dw, _ = lax.scan(
             lambda acc, xd: (acc + chunk_dw(*xd), None),
-            jnp.zeros((kh * kw * cin, cout), acc_dtype),
+            jnp.zeros(kernel_shape, acc_dtype),
             (xs, dys),
         )
-    return dw.reshape(kernel_shape)
+    return dw
 
 
 def _input_grad(

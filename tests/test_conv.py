@@ -110,19 +110,24 @@ def test_xla_impl_is_lax_conv_with_symmetric_padding():
 
 
 @pytest.mark.parametrize(
-    "case", [(2, 11, 3, 4, 3, 2, 1), (2, 8, 3, 4, 1, 2, 0), (2, 9, 2, 3, 7, 1, 3)]
+    "case",
+    [(2, 11, 3, 4, 3, 2, 1), (2, 8, 3, 4, 1, 2, 0), (2, 9, 2, 3, 5, 3, 2), (2, 6, 2, 2, 3, 1, 1)],
 )
-def test_im2col_layouts(case):
-    """im2col_t is im2col transposed, and im2col @ kernel is the convolution."""
-    b, h, cin, cout, k, s, p = case
-    x, kern, _ = _inputs(case)
-    cols = conv.im2col(x, k, k, s, p)
+def test_tap_row_patches_layout(case):
+    """P_r[(j, c), (b, q, w)] = x_padded[b, s*q + r, s*w + j, c], per phase r of the kernel rows."""
+    b, h, cin, _, k, s, p = case
+    x, _, _ = _inputs(case)
     ho = conv.output_size(h, k, s, p)
-    assert cols.shape == (b, ho, ho, k * k * cin)
-    np.testing.assert_array_equal(
-        np.asarray(conv.im2col_t(x, k, k, s, p)), np.asarray(cols.reshape(-1, k * k * cin).T)
-    )
-    _assert_close(cols @ kern.reshape(-1, cout), conv.conv2d(x, kern, stride=s, padding=p))
+    xp = np.pad(np.asarray(x), ((0, 0), (p, p), (p, p), (0, 0)))
+    parts = conv.tap_row_patches(x, k, k, s, p, ho, ho)
+    assert [taps for taps, _ in parts] == [range(r, k, s) for r in range(min(s, k))]
+    for taps, patches in parts:
+        q = ho + len(taps) - 1
+        want = np.stack(
+            [xp[:, taps.start + s * np.arange(q)][:, :, j + s * np.arange(ho)] for j in range(k)]
+        )  # (kw, B, Q, Wo, C)
+        want = want.transpose(0, 4, 1, 2, 3).reshape(k * cin, b * q * ho)
+        np.testing.assert_array_equal(np.asarray(patches), want)
 
 
 @pytest.mark.parametrize("impl", ["xla", "matmul_grad", "phase_dx"])
