@@ -20,6 +20,11 @@ evaluation batches. Contestants:
   Every JAX worker first calls `fer_jax.host_memory.reuse_scratch_memory()`, as
   `python -m fer_jax.main` does, except with the suffix `+fresh_scratch` (e.g.
   `auto+eigen+fresh_scratch`: what a script that drives `fer_jax.train` without it gets).
+- `jax:SPEC@REV` (e.g. `auto+eigen@96aab9e`): the same contestant from git commit REV (its
+  tracked files, exported by `git archive` to the temp dir; the worker runs there), so that a
+  change is measured before and after in one run, beside PyTorch:
+
+      python -m experiments.benchmark --batches 64 --conv_impls auto+eigen auto+eigen@HEAD~3
 
 Also: compile time (JAX: lower + compile of each step; PyTorch: its first, warm-up step), the
 first step's loss of every JAX contestant from the same initial state and batch (the impls must
@@ -38,6 +43,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -245,16 +251,45 @@ def worker(args: argparse.Namespace) -> None:
 # --- the parent ----------------------------------------------------------------------------------
 
 
+def resolve_commit(rev: str) -> str:
+    """The full hash of git revision `rev` of this checkout; ValueError naming it if none."""
+    out = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise ValueError(f"git cannot resolve {rev!r} to a commit of {REPO}")
+    return out.stdout.strip()
+
+
+def source_tree(commit: str) -> str:
+    """A directory holding the tracked files of `commit` (`git archive`), for `SPEC@REV`
+    contestants; kept in the temp dir and reused by later runs (a commit never changes)."""
+    path = os.path.join(tempfile.gettempdir(), f"fer_jax_src_{commit}")
+    if not os.path.isdir(path):
+        tmp = tempfile.mkdtemp(prefix=f"{path}.partial.")
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", commit], cwd=REPO, capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        os.replace(tmp, path)  # only a complete tree gets the name
+    return path
+
+
 class Worker:
     """A contestant's process, talked to by lines of JSON."""
 
     def __init__(self, name: str, args: argparse.Namespace, batch: int, env: dict[str, str]):
         self.name = name
+        spec, _, rev = name.partition("@")
+        self.commit = resolve_commit(rev) if rev else None
         cmd = [
             sys.executable,
             "-m",
             "experiments.benchmark",
-            f"--worker={name}",
+            f"--worker={spec}",
             f"--width={args.width}",
             f"--batch={batch}",
             f"--eval_batch={args.eval_batch}",
@@ -264,7 +299,7 @@ class Worker:
         ]
         self.proc = subprocess.Popen(
             cmd,
-            cwd=REPO,
+            cwd=source_tree(self.commit) if self.commit else REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL if not args.verbose else None,
@@ -285,6 +320,8 @@ class Worker:
 
     def wait_ready(self) -> dict[str, Any]:
         self.info = self.read()
+        if self.commit:
+            self.info["source_commit"] = self.commit
         return self.info
 
     def ask(self, cmd: str, n: int) -> float:
@@ -541,7 +578,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--conv_impls",
         nargs="+",
         default=["xla", "auto", "auto+eigen"],
-        help="fer_jax contestants: IMPL, IMPL+eigen, IMPL+eigen+fresh_scratch, ...",
+        help="fer_jax contestants: IMPL, IMPL+eigen, IMPL+eigen+fresh_scratch, ...; "
+        "SPEC@REV: the same from git commit REV",
     )
     ap.add_argument(
         "--large_batch_impls",
@@ -562,9 +600,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for spec in [*args.conv_impls, *(args.large_batch_impls or [])]:
-        unknown = set(spec.split("+")[1:]) - set(JAX_VARIANTS)
+        variants, _, rev = spec.partition("@")
+        unknown = set(variants.split("+")[1:]) - set(JAX_VARIANTS)
         if unknown:
             ap.error(f"contestant {spec}: unknown suffix {sorted(unknown)}; known {JAX_VARIANTS}")
+        if rev:
+            try:
+                resolve_commit(rev)
+            except ValueError as e:
+                ap.error(f"contestant {spec}: {e}")
     return args
 
 

@@ -328,6 +328,35 @@ def test_benchmark_refuses_an_unknown_contestant_suffix(capsys):
     assert e.value.code == 2 and "unknown suffix ['egien']" in capsys.readouterr().err
 
 
+_IN_GIT = os.path.isdir(os.path.join(benchmark.REPO, ".git"))
+
+
+@pytest.mark.skipif(not _IN_GIT, reason="needs the repository's git history")
+def test_benchmark_contestant_from_a_commit_runs_that_commits_tracked_files(capsys):
+    """`SPEC@REV`: the worker's directory is REV's tracked tree; a bad REV is named at parse."""
+    import subprocess
+
+    args = benchmark.parse_args(["--conv_impls", "auto+eigen", "auto+eigen@HEAD"])
+    assert args.conv_impls == ["auto+eigen", "auto+eigen@HEAD"]
+    with pytest.raises(SystemExit) as e:
+        benchmark.parse_args(["--conv_impls", "auto+eigen@no_such_rev"])
+    assert e.value.code == 2 and "cannot resolve 'no_such_rev'" in capsys.readouterr().err
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", *cmd], cwd=benchmark.REPO, capture_output=True, text=True, check=True
+        ).stdout
+
+    commit = benchmark.resolve_commit("HEAD~1")
+    assert commit == git("rev-parse", "HEAD~1").strip()
+    tree = benchmark.source_tree(commit)
+    files = {os.path.relpath(os.path.join(d, f), tree) for d, _, fs in os.walk(tree) for f in fs}
+    assert files == set(git("ls-tree", "-r", "--name-only", commit).split("\n")) - {""}
+    with open(os.path.join(tree, "fer_jax", "conv.py")) as f:
+        assert f.read() == git("show", f"{commit}:fer_jax/conv.py")
+    assert benchmark.source_tree(commit) == tree  # reused, not exported again
+
+
 def test_benchmark_markdown_puts_the_contestants_side_by_side():
     args = benchmark.parse_args(["--batches", "64", "128", "--conv_impls", "xla", "auto"])
     res = {
