@@ -88,6 +88,34 @@ def test_shifted_sums_matches_xla_at_stride_1(case):
         _assert_close(a, r)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        (4, 44, 3, 4, 3, 1, 1),
+        (3, 11, 4, 6, 3, 1, 1),  # odd size: padded to 12 and cropped
+        (4, 6, 8, 8, 3, 1, 1),
+        (2, 7, 16, 16, 3, 1, 1),
+        (8, 22, 16, 32, 3, 1, 1),  # several images per Winograd chunk (lax.map)
+    ],
+    ids=lambda c: "b{}_h{}_{}to{}_k{}_s{}_p{}".format(*c),
+)
+def test_winograd_matches_xla(case):
+    x, kern, dy = _inputs(case)
+    ref = _fwd_bwd("xla", 1, 1)(x, kern, dy)
+    out = _fwd_bwd("winograd", 1, 1)(x, kern, dy)
+    for name, a, r in zip(("y", "dx", "dk"), out, ref, strict=True):
+        assert a.shape == r.shape and a.dtype == r.dtype, name
+        _assert_close(a, r)
+
+
+def test_winograd_refuses_other_shapes_by_name():
+    x, kern, _ = _inputs((1, 8, 2, 2, 3, 2, 1))
+    with pytest.raises(ValueError, match="winograd.*3x3 kernel, stride 1 and padding 1"):
+        conv.conv2d(x, kern, stride=2, impl="winograd")
+    with pytest.raises(ValueError, match="winograd"):
+        conv.conv2d(x, kern[:1, :1], stride=1, padding=0, impl="winograd")
+
+
 def test_shifted_sums_refuses_strides_by_name():
     x, kern, _ = _inputs((1, 8, 2, 1, 3, 2, 1))
     with pytest.raises(ValueError, match="shifted_sums.*stride"):
@@ -191,14 +219,16 @@ def test_shard_map_and_pmap():
     _assert_close(pm.reshape(-1, *pm.shape[2:]), conv.conv2d(x, kern))
 
 
-@pytest.mark.parametrize("impl", ["xla", "matmul_grad", "phase_dx"])
+@pytest.mark.parametrize("impl", ["xla", "matmul_grad", "phase_dx", "winograd"])
 def test_bfloat16(impl):
     """bf16 activations (kernel cast by the caller or by conv2d) run and are close to f32."""
-    case = (4, 22, 8, 8, 3, 2, 1)  # stride 2: the input-gradient phases run in bf16 too
+    # stride 2: the input-gradient phases run in bf16 too (Winograd: stride 1 only)
+    s = 1 if impl == "winograd" else 2
+    case = (4, 22, 8, 8, 3, s, 1)
     x, kern, dy = _inputs(case)
-    y32, dx32, dk32 = _fwd_bwd("xla", 2, 1)(x, kern, dy)
+    y32, dx32, dk32 = _fwd_bwd("xla", s, 1)(x, kern, dy)
     xb, kb, dyb = (a.astype(jnp.bfloat16) for a in (x, kern, dy))
-    y, dx, dk = _fwd_bwd(impl, 2, 1)(xb, kb, dyb)
+    y, dx, dk = _fwd_bwd(impl, s, 1)(xb, kb, dyb)
     assert y.dtype == dx.dtype == dk.dtype == jnp.bfloat16
     for a, r in ((y, y32), (dx, dx32), (dk, dk32)):
         _assert_close(a, r, rtol=5e-2, atol_rel=2e-2)
@@ -206,7 +236,7 @@ def test_bfloat16(impl):
     # f32 master kernel: conv2d casts it to x.dtype; its gradient comes back in float32.
     dk_master = jax.jit(
         jax.grad(
-            lambda k: jnp.vdot(conv.conv2d(xb, k, stride=2, impl=impl).astype(jnp.float32), dy)
+            lambda k: jnp.vdot(conv.conv2d(xb, k, stride=s, impl=impl).astype(jnp.float32), dy)
         )
     )(kern)
     assert dk_master.dtype == jnp.float32
@@ -214,13 +244,19 @@ def test_bfloat16(impl):
 
 
 def test_select_impl():
-    assert conv.select_impl((64, 44, 44, 64), (3, 3, 64, 64), 1, 1, backend="cpu") == "matmul_grad"
+    for shape, kernel in (
+        ((64, 44, 44, 64), (3, 3, 64, 64)),
+        ((64, 22, 22, 128), (3, 3, 128, 128)),
+        ((64, 11, 11, 256), (3, 3, 256, 256)),
+    ):
+        assert conv.select_impl(shape, kernel, 1, 1, backend="cpu") == "winograd"
+    assert conv.select_impl((64, 44, 44, 1), (3, 3, 1, 64), 1, 1, backend="cpu") == "matmul_grad"
+    assert conv.select_impl((64, 44, 44, 64), (3, 3, 64, 64), 1, 0, backend="cpu") == "matmul_grad"
     for shape, kernel in (
         ((64, 44, 44, 64), (3, 3, 64, 128)),
         ((64, 11, 11, 256), (3, 3, 256, 512)),
     ):
         assert conv.select_impl(shape, kernel, 2, 1, backend="cpu") == "matmul_grad"
-    assert conv.select_impl((64, 11, 11, 256), (3, 3, 256, 256), 1, 1, backend="cpu") == "xla"
     assert conv.select_impl((64, 6, 6, 512), (3, 3, 512, 512), 1, 1, backend="cpu") == "xla"
     assert (
         conv.select_impl((64, 11, 11, 256), (1, 1, 256, 512), 2, 0, backend="cpu") == "matmul_grad"
