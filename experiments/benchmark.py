@@ -4,10 +4,10 @@
     python -m experiments.benchmark --width 16 --batches 64 --steps 2 --reps 2   # quick look
 
 Each contestant runs in its own worker process (so that its peak memory, `ru_maxrss`, is its
-own), built and warmed up first; the parent then asks the workers in turn ("alternately") for
-`--steps` training steps, `--reps` times, and takes the median, so that load from other
-processes on a shared machine hits every contestant alike. Then the same for ten-crop
-evaluation batches. Contestants:
+own), built and warmed up first (`--warmup_steps` untimed train steps and one eval batch); the
+parent then asks the workers in turn ("alternately") for `--steps` training steps, `--reps`
+times, and takes the median, so that load from other processes on a shared machine hits every
+contestant alike. Then the same for ten-crop evaluation batches. Contestants:
 
 - `torch`: `tests/torch_reference.ResNet18` (the same CBAM-ResNet18 + A-Softmax, dropout 0.5),
   its `a_softmax_loss`, `torch.optim.SGD(0.01, momentum 0.9, weight decay 5e-4)` after
@@ -362,6 +362,12 @@ def bench_batch(
         )
         workers.append(w)
     try:
+        # Untimed: XLA:CPU's scratch buffers settle into glibc's heap over the first steps
+        # (`fer_jax.host_memory`; ~9 steps for the 0.8 GB of the Winograd train step).
+        for w in workers:
+            w.ask("train", args.warmup_steps)
+            if with_eval:
+                w.ask("eval", 1)
         train_times: dict[str, list[float]] = {w.name: [] for w in workers}
         eval_times: dict[str, list[float]] = {w.name: [] for w in workers}
         for rep in range(args.reps):
@@ -572,6 +578,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--steps", type=int, default=2, help="train steps per timed round")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds (median)")
+    ap.add_argument(
+        "--warmup_steps", type=int, default=10, help="untimed train steps per contestant first"
+    )
     ap.add_argument("--eval_batch", type=int, default=16, help="images (x10 crops) per batch")
     ap.add_argument("--eval_batches", type=int, default=1, help="eval batches per timed round")
     ap.add_argument(
