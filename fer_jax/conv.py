@@ -172,42 +172,43 @@ def weight_grad_matmul(
     m - 1 extra rows of dy zeros per image (Q = Ho + m - 1). Summed over chunks of a few images
     (``lax.scan``), so the copies stay in cache.
     """
-    kh, kw, cin, cout = kernel_shape
-    b = x.shape[0]
-    ho, wo = dy.shape[1:3]
-    acc_dtype = _acc_dtype(dy.dtype)
+    with jax.named_scope("weight_grad_matmul"):  # profiles tell it apart
+        kh, kw, cin, cout = kernel_shape
+        b = x.shape[0]
+        ho, wo = dy.shape[1:3]
+        acc_dtype = _acc_dtype(dy.dtype)
 
-    def chunk_dw(xc: jax.Array, dyc: jax.Array) -> jax.Array:
-        dw = jnp.zeros((kh, kw, cin, cout), acc_dtype)
-        for taps, patches in tap_row_patches(xc, kh, kw, stride, padding, ho, wo):
-            m = len(taps)
-            shifted = jnp.concatenate(
-                [jnp.pad(dyc, ((0, 0), (t, m - 1 - t), (0, 0), (0, 0))) for t in range(m)],
-                axis=-1,
-            )  # (c, Ho + m - 1, Wo, m*Cout): rows q hold dy[q - t] for tap row t
-            prod = lax.dot_general(
-                patches,
-                shifted.reshape(-1, m * cout),
-                (((1,), (0,)), ((), ())),
-                preferred_element_type=acc_dtype,
-            )  # (kw*Cin, m*Cout)
-            dw = dw.at[taps.start :: stride].set(
-                prod.reshape(kw, cin, m, cout).transpose(2, 0, 1, 3)
+        def chunk_dw(xc: jax.Array, dyc: jax.Array) -> jax.Array:
+            dw = jnp.zeros((kh, kw, cin, cout), acc_dtype)
+            for taps, patches in tap_row_patches(xc, kh, kw, stride, padding, ho, wo):
+                m = len(taps)
+                shifted = jnp.concatenate(
+                    [jnp.pad(dyc, ((0, 0), (t, m - 1 - t), (0, 0), (0, 0))) for t in range(m)],
+                    axis=-1,
+                )  # (c, Ho + m - 1, Wo, m*Cout): rows q hold dy[q - t] for tap row t
+                prod = lax.dot_general(
+                    patches,
+                    shifted.reshape(-1, m * cout),
+                    (((1,), (0,)), ((), ())),
+                    preferred_element_type=acc_dtype,
+                )  # (kw*Cin, m*Cout)
+                dw = dw.at[taps.start :: stride].set(
+                    prod.reshape(kw, cin, m, cout).transpose(2, 0, 1, 3)
+                )
+            return dw
+
+        c = _batch_chunk(b, ho * wo)
+        if c == b:
+            dw = chunk_dw(x, dy)
+        else:
+            xs = x.reshape(b // c, c, *x.shape[1:])
+            dys = dy.reshape(b // c, c, *dy.shape[1:])
+            dw, _ = lax.scan(
+                lambda acc, xd: (acc + chunk_dw(*xd), None),
+                jnp.zeros(kernel_shape, acc_dtype),
+                (xs, dys),
             )
         return dw
-
-    c = _batch_chunk(b, ho * wo)
-    if c == b:
-        dw = chunk_dw(x, dy)
-    else:
-        xs = x.reshape(b // c, c, *x.shape[1:])
-        dys = dy.reshape(b // c, c, *dy.shape[1:])
-        dw, _ = lax.scan(
-            lambda acc, xd: (acc + chunk_dw(*xd), None),
-            jnp.zeros(kernel_shape, acc_dtype),
-            (xs, dys),
-        )
-    return dw
 
 
 def _input_grad(
@@ -405,31 +406,32 @@ def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
     (64, 44, 44, 64) -> 64: 26.3 -> 17.0 ms, (64, 22, 22, 128) -> 128: 22.7 -> 14.9 ms, vs XLA
     with Eigen (2-core AMD EPYC, Zen 5).
     """
-    b, h, w, cin = x.shape
-    cout = kernel.shape[-1]
-    dtype = x.dtype
-    # Transforms and matmuls in float32 (or wider) whatever x's dtype: bf16 adds would cost
-    # Winograd's accuracy, and on CPU a bf16 path is no faster here.
-    x = x.astype(_acc_dtype(dtype))
-    u = jnp.einsum(
-        "ai,ijco,bj->abco",
-        jnp.asarray(_WINO_G, x.dtype),
-        kernel.astype(x.dtype),
-        jnp.asarray(_WINO_G, x.dtype),
-    )
-    hp, wp = h + h % 2, w + w % 2
-    if (hp, wp) != (h, w):
-        x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
-    per_image = (hp // 2) * (wp // 2) * cin * cout
-    c = next(
-        (d for d in range(1, b + 1) if b % d == 0 and d * per_image >= _WINO_MIN_CHUNK_MACS), b
-    )
-    if c == b:
-        y = _winograd_chunk(x, u)
-    else:
-        xs = x.reshape(b // c, c, hp, wp, cin)
-        y = lax.map(lambda xc: _winograd_chunk(xc, u), xs).reshape(b, hp, wp, cout)
-    return y[:, :h, :w].astype(dtype)
+    with jax.named_scope("winograd"):  # profiles tell it apart
+        b, h, w, cin = x.shape
+        cout = kernel.shape[-1]
+        dtype = x.dtype
+        # Transforms and matmuls in float32 (or wider) whatever x's dtype: bf16 adds would cost
+        # Winograd's accuracy, and on CPU a bf16 path is no faster here.
+        x = x.astype(_acc_dtype(dtype))
+        u = jnp.einsum(
+            "ai,ijco,bj->abco",
+            jnp.asarray(_WINO_G, x.dtype),
+            kernel.astype(x.dtype),
+            jnp.asarray(_WINO_G, x.dtype),
+        )
+        hp, wp = h + h % 2, w + w % 2
+        if (hp, wp) != (h, w):
+            x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+        per_image = (hp // 2) * (wp // 2) * cin * cout
+        c = next(
+            (d for d in range(1, b + 1) if b % d == 0 and d * per_image >= _WINO_MIN_CHUNK_MACS), b
+        )
+        if c == b:
+            y = _winograd_chunk(x, u)
+        else:
+            xs = x.reshape(b // c, c, hp, wp, cin)
+            y = lax.map(lambda xc: _winograd_chunk(xc, u), xs).reshape(b, hp, wp, cout)
+        return y[:, :h, :w].astype(dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -519,6 +519,11 @@ def test_profile_kinds_follow_the_module_path_and_direction():
     assert kind("convolution.9", f"{bwd}/layer1_0/conv1/x") == "convolution backward"
     assert kind("convolution.31", "") == "convolution backward"  # XLA's weight gradients
     assert kind("while.2", f"{bwd}/layer1_0/conv1/while") == "weight gradient as matmuls (fer_jax)"
+    dw = f"{bwd}/layer1_0/conv1/weight_grad_matmul/while/body/closed_call/dot_general"
+    assert kind("ynn_fusion.3", dw) == "weight gradient as matmuls (fer_jax)"
+    # Winograd's loops are convolutions: the forward's and the input gradient's.
+    assert kind("while.4", f"{fwd}/layer1_0/conv1/winograd/while") == "convolution forward"
+    assert kind("dot.5", f"{bwd}/layer1_0/conv1/winograd/while/body/dot") == "convolution backward"
     assert kind("add_fusion.1", f"{bwd}/layer2_1/bn2/mul") == "BatchNorm"
     assert (
         kind("reduce.4", f"{fwd}/layer2_1/cbam/SpatialGate/reduce_max")
