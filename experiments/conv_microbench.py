@@ -66,6 +66,27 @@ On a 2-core AMD EPYC (Zen 5: AVX-512, AVX512_BF16, no AMX), quiet, jax 0.10.2 (i
 - bf16: XLA's convolutions are slower in bf16 than f32 (Eigen 214 vs 367 GFLOP/s at 44x44x64,
   YNNPACK 120 vs 172); a bf16 matmul with f32 accumulation runs 676 vs 391 GFLOP/s f32, so
   even perfect im2col would cap a bf16 forward at ~1.7x; PyTorch's bf16 convolution 834 vs 209.
+
+Same machine type, session 4 (scratch scripts timing the ops alone, then the whole step in one
+process, variants alternating):
+- Weight gradient as x shifted along W (kw copies) times dy shifted along H (kh copies),
+  ``(kw*Cin, N) @ (N, kh*Cout)``, instead of im2col's kh*kw copies of x: 44x44x64 42.4 -> 37.9
+  ms, 22x22x128 31.2 -> 27.4, 11x11x256 31.0 -> 26.9 (4-image chunks); 6x6 worse (N grows by
+  (Ho + 2) / Ho). Train step +2.5% (15 of 15 rounds). Row-major patches contracted on rows
+  (P^T @ D without the transpose): 40.9 at 44; all nine shifts on dy: 60.1.
+- Winograd F(2x2, 3x3) (``impl="winograd"``): 16 matmuls per chunk of images. Forward 44x44x64
+  26.3 -> 17.0 ms, 22x22x128 22.7 -> 14.9, 11x11x256 21.7 -> 20.0, 6x6x512 24 -> 39 (not used
+  there). Per chunk, the 16 matmuls as 16 plain dots beat one batched dot_general (17.0 vs
+  19.9 at 44) and in the step (48.9 vs 46.5 img/s). Chunks below ~1 MB of input per lax.map
+  step ran ~1.5x slower (XLA:CPU ran their dots on one core): 4 images at 44x44, 8 at 22x22.
+  Whole step: train 44.8 -> 48.2 img/s, ten-crop eval 144 -> 161 crops/s.
+- This VM has slow phases (all variants ~10-15% slower at once, for minutes; not CPU steal):
+  there Winograd, which moves more bytes per multiply, lost its lead (40.6 vs 41.8 img/s).
+- oneDNN dots (``xla_cpu_use_onednn`` with ``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``): the weight
+  gradient's dot alone 0.65 vs 0.70 ms, the whole step slower (39.3 vs 41.0 img/s: its
+  matrix-vector sums are 2-3x slower than YNNPACK's). ``LIBRARY_FUSION_TYPE_DOT`` aborts the
+  train step at run time ("partition compile failed", a dot with two multiply post-ops).
+  ``xla_cpu_prefer_vector_width=512``, ``xla_cpu_copy_insertion_use_region_analysis``: noise.
 """
 
 from __future__ import annotations
