@@ -7,13 +7,12 @@ with the PyTorch reference if we do the same, so this module reimplements the la
 Speed on CPU (`reduce_impl="matmul"`, what "auto" picks there): XLA:CPU runs large reductions
 (here over B*H*W = 123,904 rows) slowly and, at that length, inaccurately, and autodiff of the
 normalisation leaves ~8 elementwise passes over the activations in the backward. So training
-mode is one `custom_vjp` (`normalize_batch`): per-channel sums one axis at a time, a short
-reduction over the batch, then matrix-vector products with ones (`sum_leading`); two passes
-forward (mean, then the centred variance, as PyTorch) and the closed-form backward,
-`dx = scale * rstd * (g - mean(g) - xhat * mean(g * xhat))`, two sums and one pass. At
-(64, 44, 44, 64) forward + backward (with a ReLU) 53 -> 33 ms and the input gradient
-0.23 -> 6e-7 from a float64 reference (XLA's reductions; 2-core AMD EPYC). Elsewhere ("xla")
-XLA's own reductions and autodiff are fast and fuse with their neighbours.
+mode is one `custom_vjp` (`normalize_batch`): per-channel sums as matrix-vector products with
+ones (`sum_leading`), two passes forward (mean, then the centred variance, as PyTorch) and the
+closed-form backward, `dx = scale * rstd * (g - mean(g) - xhat * mean(g * xhat))`, two sums
+and one pass. At (64, 44, 44, 64) forward + backward (with a ReLU) 53 -> 33 ms and the input
+gradient 0.23 -> 6e-7 from a float64 reference (XLA's reductions; 2-core AMD EPYC). Elsewhere
+("xla") XLA's own reductions and autodiff are fast and fuse with their neighbours.
 """
 
 from __future__ import annotations
@@ -40,17 +39,15 @@ def select_reduce_impl(impl: str, backend: str | None = None) -> str:
 
 
 def sum_leading(x: jax.Array) -> jax.Array:
-    """`(d0, ..., dk, C)` -> `(C,)` sums over all leading axes, one axis at a time.
+    """`(d0, ..., dk, C)` -> `(C,)` sums over all leading axes, as matrix-vector products.
 
-    The first axis (the batch) by an XLA reduction over the major axis of `x.reshape(d0, -1)`:
-    it fuses x's elementwise producer (`(x - mean)**2`, `g * xhat`), so that product is never
-    stored, as a matmul operand would be (train step +2.7%, 14 of 15 alternating rounds, 2-core
-    AMD EPYC, Zen 5). The others as matrix-vector products with ones on the d0-times-smaller
-    partial sums (row-major reshapes are free). Each step adds only d_i terms per output, so the
-    float32 rounding grows with sum(d_i) (B + H + W), not with B * H * W as one long sum would.
+    One axis at a time (`ones (d_i,) @ x.reshape(d_i, -1)`, row-major reshapes are free): the
+    first product reads the whole tensor, the others are tiny, and each adds only d_i terms per
+    output, so the float32 rounding grows with sum(d_i) (B + H + W), not with B * H * W as one
+    long dot would.
     """
-    out = jnp.sum(x.reshape(x.shape[0], -1), axis=0)
-    for d in x.shape[1:-1]:
+    out = x
+    for d in x.shape[:-1]:
         out = jnp.ones((d,), x.dtype) @ out.reshape(d, -1)
     return out
 

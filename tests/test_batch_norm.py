@@ -4,7 +4,6 @@ across devices."""
 
 from __future__ import annotations
 
-import re
 import textwrap
 
 import jax
@@ -43,14 +42,12 @@ def test_matmul_reductions_match_xla_reductions_with_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_m), jax.tree.leaves(grads_x), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    # The matmul path's only XLA reductions are over the batch axis (B terms each): mean,
-    # variance and the backward's two sums; the long ones (over H and W) are matmuls.
-    assert _reduced_dims("matmul", x) == ["0"] * 4
-    assert any(dims != "0" for dims in _reduced_dims("xla", x))
+    # The matmul path leaves no XLA reduction in the training forward and backward passes.
+    assert _count_reductions("matmul", x) == 0
+    assert _count_reductions("xla", x) > 0
 
 
-def _reduced_dims(impl: str, x: jax.Array) -> list[str]:
-    """The dimensions of each reduction in the lowered training forward + backward."""
+def _count_reductions(impl: str, x: jax.Array) -> int:
     bn = BatchNorm(use_running_average=False, reduce_impl=impl)
     variables = bn.init(jax.random.key(0), x)
 
@@ -59,8 +56,7 @@ def _reduced_dims(impl: str, x: jax.Array) -> list[str]:
         (y, stats), vjp = jax.vjp(apply, variables, x, has_aux=False)
         return stats, vjp((jnp.ones_like(y), jax.tree.map(jnp.zeros_like, stats)))
 
-    text = jax.jit(fwd_bwd).lower(variables, x).as_text()
-    return re.findall(r"stablehlo\.reduce\(.*across dimensions = \[([\d, ]+)\]", text)
+    return jax.jit(fwd_bwd).lower(variables, x).as_text().count("stablehlo.reduce")
 
 
 def test_auto_picks_matmul_on_cpu_only_and_unknown_impls_are_named():
