@@ -28,7 +28,7 @@ def model_config(cbam: str | None, head: str) -> ml_collections.ConfigDict:
             "head": head,
             # The reference FER ResNet18's dropout before the classifier (paper: not stated).
             "dropout_rate": 0.5,
-            # 'auto' picks the faster weight-gradient convolution on CPU, XLA's own on GPU.
+            # 'auto': CPU-fast forms (Winograd, matmul weight gradients) on CPU, XLA's on GPU.
             "conv_impl": "auto",
         }
     )

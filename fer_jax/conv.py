@@ -57,7 +57,7 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # map has at least this many pixels (Ho*Wo); see select_impl.
 AUTO_MIN_OUTPUT_PIXELS = 22 * 22
 # ... and "winograd" for stride-1 3x3 convolutions on maps of at least this many pixels.
-WINOGRAD_MIN_OUTPUT_PIXELS = 11 * 11
+WINOGRAD_MIN_OUTPUT_PIXELS = 22 * 22
 # ... and "shifted_sums" for stride-1 convolutions with at most this many (Cin, Cout) pairs on
 # maps of at least this many pixels (CBAM's 7x7 2 -> 1 at 44, 22 and 11, not at 6).
 SHIFTED_MAX_CHANNEL_PAIRS = 4
@@ -475,9 +475,11 @@ def select_impl(
     thinner matmul is slower than XLA's):
 
     - ``"winograd"`` for stride-1, padding-1 3x3 kernels with Cin >= 16 on maps of
-      >= WINOGRAD_MIN_OUTPUT_PIXELS (44x44, 22x22, 11x11; not 6x6, where it was slower): the
-      whole train step 44.8 -> 48.2 images/s, ten-crop evaluation 144 -> 161 crops/s
-      (one-process A/B, 2-core AMD EPYC, Zen 5);
+      >= WINOGRAD_MIN_OUTPUT_PIXELS (44x44, 22x22): the whole train step 44.8 -> 46.5
+      images/s, ten-crop evaluation 146 -> 162 crops/s (one-process A/B, 2-core AMD EPYC,
+      Zen 5). Not at 6x6 (slower). Not at 11x11 either: +1.6% more, but there two compiles of
+      the same steps (one scanned, one per call) drifted apart 100x more than with any other
+      impl (4.7e-5 vs 3e-7 after two steps), unexplained;
     - ``"matmul_grad"`` for 1x1 kernels (the weight gradient is one plain matmul; 2-3x faster
       than XLA's at the shortcut shapes);
     - ``"matmul_grad"`` for the other strided kernels too (the 3x3 stride-2 ones). Alone,
