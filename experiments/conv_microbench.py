@@ -79,7 +79,8 @@ process, variants alternating):
   there). Per chunk, the 16 matmuls as 16 plain dots beat one batched dot_general (17.0 vs
   19.9 at 44) and in the step (48.9 vs 46.5 img/s). Chunks below ~1 MB of input per lax.map
   step ran ~1.5x slower (XLA:CPU ran their dots on one core): 4 images at 44x44, 8 at 22x22.
-  Whole step: train 44.8 -> 48.2 img/s, ten-crop eval 144 -> 161 crops/s.
+  Whole step (Winograd at 44/22/11): train 44.8 -> 48.2 img/s, ten-crop eval 144 -> 161
+  crops/s; ``auto`` uses it at 44 and 22 only (11x11: see ``select_impl``).
 - This VM has slow phases (all variants ~10-15% slower at once, for minutes; not CPU steal):
   there Winograd, which moves more bytes per multiply, lost its lead (40.6 vs 41.8 img/s).
 - oneDNN dots (``xla_cpu_use_onednn`` with ``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``): the weight

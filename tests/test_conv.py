@@ -247,9 +247,9 @@ def test_select_impl():
     for shape, kernel in (
         ((64, 44, 44, 64), (3, 3, 64, 64)),
         ((64, 22, 22, 128), (3, 3, 128, 128)),
-        ((64, 11, 11, 256), (3, 3, 256, 256)),
     ):
         assert conv.select_impl(shape, kernel, 1, 1, backend="cpu") == "winograd"
+    assert conv.select_impl((64, 11, 11, 256), (3, 3, 256, 256), 1, 1, backend="cpu") == "xla"
     assert conv.select_impl((64, 44, 44, 1), (3, 3, 1, 64), 1, 1, backend="cpu") == "matmul_grad"
     assert conv.select_impl((64, 44, 44, 64), (3, 3, 64, 64), 1, 0, backend="cpu") == "matmul_grad"
     for shape, kernel in (
