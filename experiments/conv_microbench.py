@@ -78,7 +78,7 @@ process, variants alternating):
   26.3 -> 17.0 ms, 22x22x128 22.7 -> 14.9, 11x11x256 21.7 -> 20.0, 6x6x512 24 -> 39 (not used
   there). Per chunk, the 16 matmuls as 16 plain dots beat one batched dot_general (17.0 vs
   19.9 at 44) and in the step (48.9 vs 46.5 img/s). Chunks below ~1 MB of input per lax.map
-  step ran ~1.5x slower (XLA:CPU ran their dots on one core): 4 images at 44x44, 8 at 22x22.
+  step ran ~1.5x slower (likely their dots ran on one core): 4-8 images at 44x44, 8 at 22x22.
   Whole step (Winograd at 44/22/11): train 44.8 -> 48.2 img/s, ten-crop eval 144 -> 161
   crops/s; ``auto`` uses it at 44 and 22 only (11x11: see ``select_impl``).
 - This VM has slow phases (all variants ~10-15% slower at once, for minutes; not CPU steal):

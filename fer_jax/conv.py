@@ -362,8 +362,8 @@ _conv_shifted.defvjp(_conv_shifted_fwd, _conv_shifted_bwd)
 
 # Y = A^T [(G g G^T) * (B^T d B)] A per 4x4 input tile d and 3x3 kernel g (Lavin & Gray 2016).
 _WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-# Multiply-adds (images x tiles x Cin x Cout) per Winograd matmul: at least this many, so that
-# XLA:CPU runs each matmul on every core (smaller ones ran single-threaded: 1.5x slower).
+# Multiply-adds (images x tiles x Cin x Cout) per Winograd matmul: at least this many. Smaller
+# chunks ran ~1.5x slower at 44x44 and 22x22 (likely: XLA:CPU ran their dots on one core).
 _WINO_MIN_CHUNK_MACS = 2**23
 
 
