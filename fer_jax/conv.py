@@ -1,9 +1,9 @@
-"""2-D convolution (NHWC / HWIO) with a CPU-friendly weight gradient.
+"""2-D convolution (NHWC / HWIO) with CPU-friendly forms: Winograd, matmul weight gradients.
 
 On CPU (jax 0.10, 2-core x86), a CBAM-ResNet18 train step was dominated by convolution weight
 gradients at large maps (44x44x64 -> 64, 3x3): XLA:CPU hands f32 convolutions to YNNPACK, whose
 weight-gradient convolution (a "convolution" whose kernel is the whole 44x44 map) costs 3-4x
-the forward. Two remedies, usable together:
+the forward. Remedies, usable together:
 
 - ``conv2d(impl="matmul_grad")``: XLA forward and input gradient, weight gradient through a
   ``jax.custom_vjp`` as matmuls of shifted copies: x shifted along W (kw copies) times dy
@@ -11,6 +11,9 @@ the forward. Two remedies, usable together:
   images at a time (:func:`weight_grad_matmul`). ``impl="auto"`` (:func:`select_impl`) uses it
   where it measured faster (CPU: large maps, strided and 1x1 kernels) and plain XLA elsewhere
   and on GPU/TPU.
+- ``conv2d(impl="winograd")``: stride-1 3x3 convolutions, forward and input gradient, by
+  Winograd's F(2x2, 3x3) (:func:`conv_winograd`), 2.25x fewer multiplications; ``"auto"`` takes
+  it on CPU at 44x44 and 22x22.
 - Strided convolutions (``"matmul_grad"`` and ``"phase_dx"``): the input gradient as stride**2
   plain convolutions, one per phase of the input's pixels (:func:`input_grad_phases`), instead
   of XLA's convolution of the stride-dilated dy, 4x the arithmetic at stride 2.

@@ -347,8 +347,8 @@ def test_benchmark_contestant_from_a_commit_runs_that_commits_tracked_files(caps
             ["git", *cmd], cwd=benchmark.REPO, capture_output=True, text=True, check=True
         ).stdout
 
-    commit = benchmark.resolve_commit("HEAD~1")
-    assert commit == git("rev-parse", "HEAD~1").strip()
+    commit = benchmark.resolve_commit("HEAD")  # (HEAD: also in a shallow clone)
+    assert commit == git("rev-parse", "HEAD").strip()
     tree = benchmark.source_tree(commit)
     files = {os.path.relpath(os.path.join(d, f), tree) for d, _, fs in os.walk(tree) for f in fs}
     assert files == set(git("ls-tree", "-r", "--name-only", commit).split("\n")) - {""}
