@@ -53,7 +53,10 @@ def loss_config() -> ml_collections.ConfigDict:
             "lambda_gamma": 0.1,
             "lambda_power": 1.0,
             "lambda_min": 5.0,
-            "lambda_per": "epoch",  # or 'step' (SphereFace)
+            "lambda_per": "epoch",  # or 'step' (SphereFace), or 'run' (see lambda_run_epochs)
+            # lambda_per='run': the per-epoch curve of a run this long, compressed into the
+            # run's own num_epochs (300: a short run ends at the reference recipe's lambda).
+            "lambda_run_epochs": 300.0,
         }
     )
 

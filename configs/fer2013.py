@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 128
     config.log_every_steps = 100
     config.eval_every_epochs = 1
+    config.select_crops = 10  # crops of the selection evaluation: 10, or 1 (centre; CPU runs)
     config.checkpoint_every_epochs = 1
     config.checkpoint_every_steps = 0  # > 0: also mid-epoch
     config.keep_checkpoints = 3

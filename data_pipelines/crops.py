@@ -14,6 +14,7 @@ import numpy as np
 
 CROP_SIZE = 44
 NUM_CROPS = 10
+CENTRE_CROP_INDEX = 4  # the centre crop's place among `ten_crop`'s ten
 
 
 def five_crop_offsets(height: int, width: int, crop: int = CROP_SIZE) -> list[tuple[int, int]]:

@@ -183,7 +183,10 @@ def markdown(summary: dict[str, Any], summary_provenance: dict[str, Any] | None 
         ),
         ("training images/s", _fmt(p.get("train_images_per_s"), ",.0f")),
         ("images/s including evaluation", _fmt(p.get("images_per_s_including_eval"), ",.0f")),
-        ("ten-crop evaluation crops/s", _fmt(p.get("tencrop_crops_per_s"), ",.0f")),
+        (
+            f"selection evaluation crops/s ({p.get('select_crops', 10)} per image)",
+            _fmt(p.get("eval_crops_per_s", p.get("tencrop_crops_per_s")), ",.0f"),
+        ),
         (
             "FLOPs / image (forward, training)",
             f"{_fmt(flops.get('forward'), '.3g', 1e-9, ' G')}, "

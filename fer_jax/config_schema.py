@@ -164,6 +164,7 @@ def schemas() -> tuple[Section, Section]:
         "lambda_power": number(0),
         "lambda_min": number(0),
         "lambda_per": choice(train.LAMBDA_UNITS),
+        "lambda_run_epochs": number(0, low_open=True, required=False),  # lambda_per='run'
     }
     optimizer: Schema = {
         "name": choice(optim.NAMES),
@@ -222,6 +223,7 @@ def schemas() -> tuple[Section, Section]:
         "eval_batch_size": integer(1),
         "log_every_steps": integer(1),
         "eval_every_epochs": integer(0),
+        "select_crops": choice(train.EVAL_CROPS, required=False),
         "checkpoint_every_epochs": integer(1),
         "checkpoint_every_steps": integer(0),
         "keep_checkpoints": integer(1),

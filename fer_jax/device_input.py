@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines.crops import CROP_SIZE, crop_pixel_offsets, ten_crop_pixel_indices
+from data_pipelines.crops import (
+    CENTRE_CROP_INDEX,
+    CROP_SIZE,
+    NUM_CROPS,
+    crop_pixel_offsets,
+    ten_crop_pixel_indices,
+)
 from data_pipelines.plan import check_arrays, normalize_affine
 from fer_jax.parallel import DataParallel
 
@@ -197,16 +203,21 @@ def put_eval_arrays(
 
 
 def eval_split_fn(
-    eval_step: Callable[..., dict[str, jax.Array]], layout: Layout
+    eval_step: Callable[..., dict[str, jax.Array]], layout: Layout, crops: int = NUM_CROPS
 ) -> Callable[..., dict[str, jax.Array]]:
     """`evaluate(state, images, labels, mask, *, axis_name)` -> `eval_step`'s sums over the
-    whole split (e.g. confusion, loss, count), ten crops gathered on the device."""
+    whole split (e.g. confusion, loss, count), the ten crops (`crops=10`) or the centre crop
+    alone (`crops=1`, a tenth of the compute) gathered on the device."""
     pixels = ten_crop_pixel_indices(layout.height, layout.width, layout.crop).astype(np.int32)
+    if crops == 1:
+        pixels = pixels[CENTRE_CROP_INDEX, None]
+    elif crops != NUM_CROPS:
+        raise ValueError(f"crops must be {NUM_CROPS} or 1, got {crops!r}")
 
     def evaluate(state, images, labels, mask, *, axis_name):
         def sums(x, y, m):
-            crops = x[:, jnp.asarray(pixels)].astype(jnp.float32)  # (b, 10, c, c, C)
-            batch = {"image": crops * layout.scale + layout.offset, "label": y, "mask": m}
+            images = x[:, jnp.asarray(pixels)].astype(jnp.float32)  # (b, crops, c, c, C)
+            batch = {"image": images * layout.scale + layout.offset, "label": y, "mask": m}
             return eval_step(state, batch, axis_name=axis_name)
 
         def body(total, xs):

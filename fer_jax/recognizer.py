@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_pipelines.crops import CROP_SIZE, NUM_CROPS, five_crop_offsets
+from data_pipelines.crops import CENTRE_CROP_INDEX, CROP_SIZE, NUM_CROPS, five_crop_offsets
 from data_pipelines.faces import DEFAULT_MARGIN, crop_face, detect_faces
 from data_pipelines.labels import CLASS_NAMES
 from fer_jax import conv
@@ -247,7 +247,7 @@ def ten_crop_probabilities(
     if crops not in CROP_CHOICES:
         raise ValueError(f"crops must be one of {CROP_CHOICES}, got {crops!r}")
     images = ten_crop(faces)  # (B, 10, 44, 44, C); the centre crop is the fifth
-    images = images if crops == NUM_CROPS else images[:, 4:5]
+    images = images if crops == NUM_CROPS else images[:, CENTRE_CROP_INDEX, None]
     batch = images.shape[0]
     flat = images.reshape((batch * crops, CROP_SIZE, CROP_SIZE, images.shape[-1]))
     logits = model.apply(variables, flat, train=False)

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from data_pipelines.crops import NUM_CROPS
 from data_pipelines.plan import epoch_plan
 from data_pipelines.plan import steps_per_epoch as plan_steps_per_epoch
 from fer_jax import (
@@ -86,7 +87,8 @@ class Recipe:
 
     def lam(self, step: jax.Array, hparams: dict[str, Any]) -> jax.Array:
         """A-Softmax's lambda (`lambda_schedule`)."""
-        return lambda_schedule(self.config.loss, self.steps_per_epoch)(step, hparams)
+        schedule = lambda_schedule(self.config.loss, self.steps_per_epoch, self.config.num_epochs)
+        return schedule(step, hparams)
 
 
 def create_model(config: ml_collections.ConfigDict, *, axis_name: str | None = None) -> ResNet18:
@@ -132,25 +134,39 @@ def create_train_state(
     return TrainState(**state, apply_fn=model.apply, recipe=recipe)
 
 
-LAMBDA_UNITS = ("step", "epoch")
+LAMBDA_UNITS = ("step", "epoch", "run")
+# lambda_per='run': the per-epoch curve of a run this long (the reference recipe's 300 epochs)
+# compressed into the run's own length, unless `loss.lambda_run_epochs` says otherwise.
+DEFAULT_LAMBDA_RUN_EPOCHS = 300.0
 
 
 def lambda_schedule(
-    loss_config: ml_collections.ConfigDict, steps_per_epoch: int
+    loss_config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int | None = None
 ) -> Callable[..., jax.Array]:
     """A-Softmax's annealed lambda as a function of the global step (config: `loss` section).
 
     `max(lambda_min, lambda_base * (1 + lambda_gamma * t) ** -lambda_power)` (SphereFace), with
-    t counted in optimizer steps (`lambda_per='step'`, as SphereFace and its PyTorch port) or in
-    epochs (`'epoch'`, t = step / steps_per_epoch, fractional). `schedule(step, hparams)` takes
-    the constants from `hparams` (a replica's, `fer_jax.replicas.hparams`) when given.
+    t counted in optimizer steps (`lambda_per='step'`, as SphereFace and its PyTorch port), in
+    epochs (`'epoch'`, t = step / steps_per_epoch, fractional), or over the run's own length
+    (`'run'`, t = lambda_run_epochs * step / (num_epochs * steps_per_epoch): the per-epoch curve
+    of a `lambda_run_epochs`-epoch run compressed into this one, so a short run ends at the
+    lambda the long recipe ends at). `schedule(step, hparams)` takes the constants from
+    `hparams` (a replica's, `fer_jax.replicas.hparams`) when given.
     """
     c = loss_config
     if c.lambda_per not in LAMBDA_UNITS:
         raise ValueError(
             f"config.loss.lambda_per must be one of {LAMBDA_UNITS}, got {c.lambda_per!r}"
         )
-    per = 1.0 if c.lambda_per == "step" else 1.0 / steps_per_epoch
+    if c.lambda_per == "step":
+        per = 1.0
+    elif c.lambda_per == "epoch":
+        per = 1.0 / steps_per_epoch
+    else:
+        if not num_epochs:
+            raise ValueError("config.loss.lambda_per='run' needs the run's num_epochs")
+        run_epochs = c.get("lambda_run_epochs", DEFAULT_LAMBDA_RUN_EPOCHS)
+        per = run_epochs / (num_epochs * steps_per_epoch)
 
     def schedule(step: jax.Array, hparams: dict[str, Any] | None = None) -> jax.Array:
         t = jnp.asarray(step, jnp.float32) * per
@@ -226,7 +242,8 @@ def train_step(
 
 
 def tencrop_logits(state: TrainState, images: jax.Array) -> jax.Array:
-    """`(B, 10, 44, 44, 1)` crops -> `(B, classes)` logits, each the mean of its 10 crops'."""
+    """`(B, crops, 44, 44, 1)` -> `(B, classes)` logits, each the mean of its crops' (ten, or
+    the centre one)."""
     b, crops = images.shape[:2]
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats},
@@ -254,9 +271,10 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str
 def eval_step(
     state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None
 ) -> dict[str, jax.Array]:
-    """Ten-crop evaluation of `{'image': (B, 10, 44, 44, 1), 'label': (B,), 'mask': (B,)}`.
+    """Evaluation of `{'image': (B, crops, 44, 44, 1), 'label': (B,), 'mask': (B,)}`.
 
-    The 10 logits of each image are averaged. Returns `eval_sums`, reduced over devices.
+    The logits of each image's crops (ten, or the centre one) are averaged. Returns
+    `eval_sums`, reduced over devices.
     """
     logits = tencrop_logits(state, batch["image"])
     out = eval_sums(logits, batch["label"], batch["mask"])
@@ -287,6 +305,17 @@ def replica_eval_step(
 
 
 INPUT_PIPELINES = ("device", "tf_data")
+EVAL_CROPS = (NUM_CROPS, 1)  # ten-crop (the paper's evaluation) or the centre crop alone
+
+
+def select_crops(config: ml_collections.ConfigDict) -> int:
+    """Crops of the per-epoch model-selection evaluation (`config.select_crops`): 10, as the
+    report, or 1, the centre crop: a tenth of the compute, for CPU runs where ten-crop
+    selection would cost a third of each epoch. The final report is ten-crop either way."""
+    crops = config.get("select_crops", NUM_CROPS)
+    if crops not in EVAL_CROPS:
+        raise ValueError(f"config.select_crops must be one of {EVAL_CROPS}, got {crops!r}")
+    return crops
 
 
 def input_pipeline(config: ml_collections.ConfigDict) -> str:
@@ -387,8 +416,8 @@ class Trainer:
             self._train_fns[layout] = fn
         return fn
 
-    def _eval_fn(self, layout: device_input.Layout | None) -> Compiled:
-        fn = self._eval_fns.get(layout)
+    def _eval_fn(self, layout: device_input.Layout | None, crops: int) -> Compiled:
+        fn = self._eval_fns.get((layout, crops))
         if fn is None:
             step = eval_step
             if self.replicas > 1:
@@ -396,11 +425,11 @@ class Trainer:
             if layout is None:
                 fn = self.parallel.compile(step, donate_state=False, replicated_out=1)
             else:
-                evaluate_split = device_input.eval_split_fn(step, layout)
+                evaluate_split = device_input.eval_split_fn(step, layout, crops)
                 fn = self.parallel.compile(
                     evaluate_split, split_axes=(1, 1, 1), donate_state=False, replicated_out=1
                 )
-            self._eval_fns[layout] = fn
+            self._eval_fns[(layout, crops)] = fn
         return fn
 
     @property
@@ -426,12 +455,17 @@ class Trainer:
         self._eval_arrays = [*self._eval_arrays[-2:], (images, labels, arrays)]
         return arrays
 
-    def evaluate(self, state: TrainState, images: np.ndarray, labels: np.ndarray) -> dict:
-        """Ten-crop metrics (`evaluate.metrics_from_confusion`) of replicated `state`; with
-        replicas `{'replicas': [metrics of each], 'ensemble': metrics}`."""
+    def evaluate(
+        self, state: TrainState, images: np.ndarray, labels: np.ndarray, crops: int = NUM_CROPS
+    ) -> dict:
+        """Metrics (`evaluate.metrics_from_confusion`) of replicated `state` on the ten crops
+        (`crops=10`) or the centre crop alone (`crops=1`); with replicas
+        `{'replicas': [metrics of each], 'ensemble': metrics}`."""
+        if crops not in EVAL_CROPS:
+            raise ValueError(f"crops must be one of {EVAL_CROPS}, got {crops!r}")
         if self.input_pipeline == "device":
             arrays = self._device_eval_arrays(images, labels)
-            fn = self._eval_fn(arrays.layout)
+            fn = self._eval_fn(arrays.layout, crops)
             totals = fn(state, arrays.images, arrays.labels, arrays.mask)
         else:
             import data_pipelines
@@ -442,8 +476,11 @@ class Trainer:
                 batch_size=self.config.eval_batch_size,
                 num_devices=self.parallel.batch_shape_devices,
                 normalize=self.config.normalize,
+                crops="ten" if crops == NUM_CROPS else "centre",
             )
-            fn = self._eval_fn(None)
+            if crops == 1:  # (..., B, c, c, C) -> (..., B, 1, c, c, C), as eval_step takes
+                ds = ds.map(lambda b: {**b, "image": b["image"][..., None, :, :, :]})
+            fn = self._eval_fn(None, crops)
             totals = None
             for batch in self.parallel.prefetch(ds.as_numpy_iterator()):
                 out = fn(state, batch)
@@ -530,11 +567,13 @@ def train_and_evaluate(
     best = checkpoint.restore_best_or_latest(workdir, summary["template"])
     state = trainer.parallel.replicate(best.state)
     report = trainer.evaluate(state, *splits[config.report_split])
-    results = _results(config, best, report, summary["performance"])
+    centre = trainer.evaluate(state, *splits[config.report_split], crops=1)
+    results = _results(config, best, report, summary["performance"], centre=centre)
     if is_main:
         eval_dir = os.path.join(workdir, "eval")
         name = f"{config.report_split}_selected"
         evaluate.write_report(eval_dir, name, results[config.report_split])
+        evaluate.write_report(eval_dir, f"{name}_centre_crop", results["centre_crop"])
         if trainer.replicas > 1:
             for k, metrics in enumerate(report["replicas"]):
                 evaluate.write_report(os.path.join(eval_dir, f"replica_{k}"), name, metrics)
@@ -564,10 +603,13 @@ def _results(
     best: checkpoint.Restored,
     report: dict[str, Any],
     performance: dict[str, Any] | None,
+    *,
+    centre: dict[str, Any],
 ) -> dict[str, Any]:
-    """`results.json`: the report split's metrics of the model chosen on the select split
-    (with replicas: of the replica that scored best there), and per replica, their mean,
-    standard deviation (ddof=1; None for one) and the ensemble's accuracy."""
+    """`results.json`: the report split's ten-crop metrics of the model chosen on the select
+    split (with replicas: of the replica that scored best there), its centre-crop metrics
+    ('centre_crop', from `centre`), and per replica, their mean, standard deviation (ddof=1;
+    None for one) and the ensemble's accuracy."""
     per = _per_replica(report)
     selections = checkpoint.replica_selections(best)
     chosen = checkpoint.chosen_replica(best.meta)
@@ -589,6 +631,7 @@ def _results(
         "selected_on": config.select_split,
         **selections[chosen],
         config.report_split: per[chosen],
+        "centre_crop": _per_replica(centre)[chosen],
         "replicas": entries,
         "mean_accuracy": float(accuracies.mean()),
         "std_accuracy": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else None,
@@ -802,8 +845,9 @@ def fit(
             timer.pause(state)
             select_accuracy = None
             if eval_now:
-                select_metrics = trainer.evaluate(state, *select)
-                timer.evaluated(len(select[1]))
+                crops = select_crops(config)
+                select_metrics = trainer.evaluate(state, *select, crops=crops)
+                timer.evaluated(len(select[1]) * crops)
                 per_replica = _per_replica(select_metrics)
                 for k, (metrics, curve) in enumerate(zip(per_replica, curves, strict=True)):
                     if is_main:
@@ -921,7 +965,7 @@ class _Timer:
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
         self.evaluations = 0
-        self.evaluated_images = 0
+        self.evaluated_crops = 0
         self._compiles = trainer.compile_seconds
         self._start: float | None = time.perf_counter()
 
@@ -938,10 +982,11 @@ class _Timer:
             self._start = None
         self._eval_start = time.perf_counter()
 
-    def evaluated(self, num_images: int) -> None:
+    def evaluated(self, num_crops: int) -> None:
+        """One selection evaluation of `num_crops` crops (images x crops each) has ended."""
         self.eval_seconds += time.perf_counter() - self._eval_start - self._compiled_since("eval")
         self.evaluations += 1
-        self.evaluated_images += num_images
+        self.evaluated_crops += num_crops
 
     def resume(self) -> None:
         self._start = time.perf_counter()
@@ -995,8 +1040,9 @@ class _Timer:
             "evaluations": self.evaluations,
             "train_images_per_s": train_ips,
             "images_per_s_including_eval": total_ips,
-            "tencrop_crops_per_s": (
-                10 * self.evaluated_images / self.eval_seconds if self.eval_seconds > 0 else None
+            "select_crops": select_crops(config),
+            "eval_crops_per_s": (
+                self.evaluated_crops / self.eval_seconds if self.eval_seconds > 0 else None
             ),
             "compile_seconds": compile_s,
             "peak_device_memory_gib": _peak_device_memory_gib(device),
@@ -1031,7 +1077,7 @@ def _performance_scalars(performance: dict[str, Any]) -> dict[str, float]:
     keys = (
         "train_images_per_s",
         "images_per_s_including_eval",
-        "tencrop_crops_per_s",
+        "eval_crops_per_s",
         "mfu_train",
         "mfu_including_eval",
         "peak_device_memory_gib",

@@ -68,7 +68,7 @@ def test_synthetic_run_learns_and_reports_the_selected_model(finished_run):
     perf = results["performance"]
     assert perf["input_pipeline"] == "device" and perf["steps_per_dispatch"] == 3
     assert perf["steps_timed"] == 42 and perf["evaluations"] == 3
-    assert perf["train_images_per_s"] > 0 and perf["tencrop_crops_per_s"] > 0
+    assert perf["train_images_per_s"] > 0 and perf["eval_crops_per_s"] > 0
     assert perf["compile_seconds"]["train"] > 0 and perf["flops_per_image"]["train"] > 0
     assert perf["projected_full_recipe_s"] > 0
     with open(os.path.join(finished_run, "config.json")) as f:

@@ -1,0 +1,41 @@
+"""The paper's network and loss on FER2013 in a CPU budget: the recipe of the shipped model.
+
+    python -m fer_jax.main --config=configs/fer2013_cpu.py --workdir=runs/fer2013_cpu \
+        --config.data_source=files --config.manual_dir=/path/to/fer2013
+
+(`manual_dir` holds Kaggle's `fer2013.csv`, or `fer2013.tar.gz`.) FER2013 Training only, the
+model chosen on PublicTest, reported on PrivateTest (ten-crop, and the centre crop); no JAFFE
+stage. 20 epochs: ~3 h at ~48 training images/s (2-core AMD EPYC Zen 5), ~5-6 h at ~28-33.
+
+What differs from `configs/fer2013.py` (300 epochs), and the measurement behind each:
+- Network and head unchanged: width 64, CBAM channel-first, A-Softmax (m = 4). A-Softmax with
+  a large lambda is a weight-normalised softmax, and it trained normally in short CPU runs
+  (Intel Xeon, AMX, cosine 0.03, ten-crop PrivateTest: 4 epochs 56.7%, 6 epochs 60.6%).
+- Learning rate 0.03, cosine decay to 0 over the run: the setting of those runs. (The softmax
+  head at the constant 0.01 reached 64.98% after 20 epochs on an H200,
+  `experiments/results/gpu_run_h200_softmax_25ep/`: the decay to 0 is what a short run needs.)
+- lambda annealed over the run's own length (`loss.lambda_per='run'`): the 300-epoch per-epoch
+  curve compressed into 20 epochs, 1500 -> 48 (the per-epoch clock only fell 1500 -> 943 in 6
+  epochs, and 1500 -> 500 in 20, leaving A-Softmax without its margin). 48 is the value the long
+  recipe ends at, one at which training from scratch still learns
+  (`experiments/results/asoftmax_collapse/`); below ~5 the features collapse.
+- Selection on the centre crop (`select_crops=1`): a tenth of ten-crop's compute (ten-crop
+  PublicTest would add ~4 min to each ~10-min epoch); the final report is ten-crop.
+- A checkpoint every 150 steps (~3-5 min): a run interrupted with its machine resumes there.
+"""
+
+import ml_collections
+
+from configs import fer2013
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = fer2013.get_config(arg)
+    config.num_epochs = 20
+    config.optimizer.learning_rate = 0.03
+    config.optimizer.schedule = "cosine"
+    config.loss.lambda_per = "run"
+    config.select_crops = 1
+    config.checkpoint_every_steps = 150
+    config.cross_validate = False
+    return config
