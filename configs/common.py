@@ -30,6 +30,10 @@ def model_config(cbam: str | None, head: str) -> ml_collections.ConfigDict:
             "dropout_rate": 0.5,
             # 'auto': CPU-fast forms (Winograd, matmul weight gradients) on CPU, XLA's on GPU.
             "conv_impl": "auto",
+            # Operands of those forms' matmuls: 'float32', 'bfloat16' (float32 accumulation), or
+            # 'auto': bfloat16 on a CPU with AMX only (fer_jax.resnet.matmul_bf16). Opt-in until
+            # measured end to end on an AMX machine.
+            "matmul_dtype": "float32",
         }
     )
 

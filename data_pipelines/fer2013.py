@@ -39,7 +39,7 @@ MANUAL_DOWNLOAD_INSTRUCTIONS = fer2013_csv.MANUAL_DOWNLOAD_INSTRUCTIONS
 class Fer2013(tfds.core.GeneratorBasedBuilder):
     """FER2013, 48x48 gray faces, 7 expressions, from a manually downloaded CSV or archive."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version(files.TFDS_VERSIONS["fer2013"])
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 

@@ -28,6 +28,9 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "fer2013": tuple(fer2013_csv.USAGE_SPLITS.values()),
     "jaffe": ("train",),
 }
+# Dataset -> the version of its TFDS builder: a built dataset lives in
+# <data_dir>/<name>/<version>/ (`fer_jax.data_check` looks there without importing TFDS).
+TFDS_VERSIONS: dict[str, str] = {"fer2013": "1.0.0", "jaffe": "1.0.0"}
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")

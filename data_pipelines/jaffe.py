@@ -38,7 +38,7 @@ MANUAL_DOWNLOAD_INSTRUCTIONS = jaffe_files.MANUAL_DOWNLOAD_INSTRUCTIONS
 class Jaffe(tfds.core.GeneratorBasedBuilder):
     """JAFFE, 213 photos as 48x48 gray face crops, 7 expressions, 10 subjects."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version(files.TFDS_VERSIONS["jaffe"])
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 

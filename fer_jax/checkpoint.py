@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization, traverse_util
 
-from fer_jax import replicas
+from fer_jax import pretrained, replicas
 from fer_jax.resnet import ResNet18, model_from_config
 
 STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "dropout_key")
@@ -387,7 +387,14 @@ def _resolve(path: str) -> tuple[ocp.CheckpointManager, int | None]:
 
 
 def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """`(variables {'params', 'batch_stats'} as numpy, meta, source)` from a run or checkpoint."""
+    """`(variables {'params', 'batch_stats'} as numpy, meta, source)` from a run or checkpoint.
+
+    `pretrained`, `pretrained:NAME` or a path ending in `.npz` is the model shipped in the
+    package (`fer_jax.pretrained`; float32 variables): the one place where every checkpoint
+    argument (predict, export, evaluate, `config.init_from`) learns that word.
+    """
+    if pretrained.is_reference(path):
+        return pretrained.load_as_checkpoint(path)
     manager, step = _resolve(path)
     found = None
     try:
@@ -430,7 +437,8 @@ def take_replica(
 
 
 def init_from(path: str, template: Any, config: ml_collections.ConfigDict) -> Any:
-    """`template` with params and BatchNorm statistics from another run; fresh optimizer.
+    """`template` with params and BatchNorm statistics from another run (or `pretrained`:
+    `load_variables`); fresh optimizer.
 
     Replicas: a run with as many replicas starts each from its namesake; otherwise from the
     source's replica chosen on its select split (or its only model), copied to every replica.
@@ -460,8 +468,8 @@ def load_for_inference(
     path: str, replica: int | str | None = None, **overrides: Any
 ) -> tuple[ResNet18, dict[str, Any]]:
     """`(model, variables)` for `model.apply(variables, x, train=False)` from a run directory
-    (its best checkpoint, else its latest) or one checkpoint directory. `overrides` go to the
-    model (e.g. `conv_impl`).
+    (its best checkpoint, else its latest), one checkpoint directory or `pretrained`
+    (`load_variables`). `overrides` go to the model (e.g. `conv_impl`).
 
     From a replica run: the replica chosen on the select split (`replica=None`), replica k
     (`replica=k`), or all of them (`replica='all'`: every leaf stacked `(K, ...)`, for an

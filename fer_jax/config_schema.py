@@ -156,6 +156,7 @@ def schemas() -> tuple[Section, Section]:
         "head": choice(resnet.HEADS),
         "dropout_rate": number(0, 1, high_open=True),
         "conv_impl": choice(conv.IMPLS),
+        "matmul_dtype": choice(resnet.MATMUL_DTYPES, required=False),
     }
     loss: Schema = {
         "margin": integer(*MARGINS),
@@ -314,16 +315,11 @@ def _split_names(config: Any) -> tuple[str, ...]:
 
 
 def _check_data(config: Any, path: str, data_source: str) -> None:
-    """The dataset's fields fit together: a synthetic dataset has sizes, 'files' a directory."""
-    if config["dataset"] == "synthetic":
-        if "synthetic" not in config:
-            raise UserError(
-                f"{path}.synthetic is missing; {path}.dataset='synthetic' needs its split sizes"
-            )
-    elif data_source == "files" and not config["manual_dir"]:
+    """The dataset's fields fit together: a synthetic dataset has sizes. (Whether the data is
+    there, in `manual_dir` or a built TFDS dataset, is `fer_jax.data_check`'s to say.)"""
+    if config["dataset"] == "synthetic" and "synthetic" not in config:
         raise UserError(
-            f"{path}.manual_dir is empty; data_source='files' reads the downloaded "
-            f"{config['dataset']} files from it: --{path}.manual_dir=DIR"
+            f"{path}.synthetic is missing; {path}.dataset='synthetic' needs its split sizes"
         )
 
 

@@ -52,7 +52,17 @@ IMPLS = ("xla", "matmul_grad", "phase_dx", "shifted_sums", "winograd", "auto")
   F(2x2, 3x3) (:func:`conv_winograd`: 16 matmuls where a direct convolution does 36 multiply-adds
   per 2x2 output tile), weight gradient as ``"matmul_grad"``.
 - ``"auto"``: :func:`select_impl` at trace time.
+
+``"winograd"``, ``"matmul_grad"`` and ``"auto"`` also take the suffix :data:`BF16_SUFFIX`
+(``"auto:bf16"``): the operands of their matmuls (Winograd's 16 per tile, the weight
+gradient's) are rounded to bfloat16 and accumulated in float32 (``preferred_element_type``);
+everything else, transforms included, stays in the input's dtype. That pays only where the CPU
+multiplies bfloat16 natively (AMX: 2-5x at 256-512 channels); ``fer_jax.resnet``'s
+``matmul_dtype='auto'`` picks it there alone.
 """
+
+BF16_SUFFIX = ":bf16"
+BF16_IMPLS = ("winograd", "matmul_grad", "auto")  # the impls that accept BF16_SUFFIX
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -161,7 +171,12 @@ def _batch_chunk(batch: int, pixels: int) -> int:
 
 
 def weight_grad_matmul(
-    x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], stride: int, padding: int
+    x: jax.Array,
+    dy: jax.Array,
+    kernel_shape: tuple[int, ...],
+    stride: int,
+    padding: int,
+    bf16: bool = False,
 ) -> jax.Array:
     """dL/dkernel (kh, kw, Cin, Cout) of :func:`conv2d` as matmuls, accumulated in f32+.
 
@@ -173,13 +188,16 @@ def weight_grad_matmul(
     kh*kw*Cin, and the matmul is squarer: the 44x44x64 weight gradient 42.4 -> 37.9 ms, 22x22x128
     31.2 -> 27.4 ms (2-core AMD EPYC, Zen 5; ``experiments/conv_microbench.py``). The price:
     m - 1 extra rows of dy zeros per image (Q = Ho + m - 1). Summed over chunks of a few images
-    (``lax.scan``), so the copies stay in cache.
+    (``lax.scan``), so the copies stay in cache. `bf16`: x and dy rounded to bfloat16 first
+    (half the copy traffic), products accumulated in float32.
     """
     with jax.named_scope("weight_grad_matmul"):  # profiles tell it apart
         kh, kw, cin, cout = kernel_shape
         b = x.shape[0]
         ho, wo = dy.shape[1:3]
         acc_dtype = _acc_dtype(dy.dtype)
+        if bf16:
+            x, dy = x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16)
 
         def chunk_dw(xc: jax.Array, dyc: jax.Array) -> jax.Array:
             dw = jnp.zeros((kh, kw, cin, cout), acc_dtype)
@@ -287,22 +305,22 @@ def input_grad_phases(
 # --- custom gradients: "matmul_grad" and "phase_dx" --------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv_custom_grad(
-    x: jax.Array, kernel: jax.Array, stride: int, padding: int, dw_by_matmul: bool
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, dw_by_matmul: bool, bf16: bool
 ) -> jax.Array:
     return _conv_xla(x, kernel, stride, padding)
 
 
-def _conv_custom_grad_fwd(x, kernel, stride, padding, dw_by_matmul):
+def _conv_custom_grad_fwd(x, kernel, stride, padding, dw_by_matmul, bf16):
     return _conv_xla(x, kernel, stride, padding), (x, kernel)
 
 
-def _conv_custom_grad_bwd(stride, padding, dw_by_matmul, res, dy):
+def _conv_custom_grad_bwd(stride, padding, dw_by_matmul, bf16, res, dy):
     x, kernel = res
     dx = _input_grad(dy, kernel, x, stride, padding)
     if dw_by_matmul:
-        dw = weight_grad_matmul(x, dy, kernel.shape, stride, padding)
+        dw = weight_grad_matmul(x, dy, kernel.shape, stride, padding, bf16)
     else:
         dw = _weight_grad_xla(x, dy, kernel, stride, padding)
     return dx, dw.astype(kernel.dtype)
@@ -380,8 +398,19 @@ def _wino_out(m: list[jax.Array]) -> list[jax.Array]:
     return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
 
 
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a @ b`; with a bfloat16 `b`, `a` rounded to bfloat16 too and the products accumulated
+    in `a`'s dtype (a float32 `b` leaves the dot exactly as a plain `jnp.dot`)."""
+    if b.dtype == a.dtype:
+        return jnp.dot(a, b)
+    return jnp.dot(a.astype(b.dtype), b, preferred_element_type=a.dtype)
+
+
 def _winograd_chunk(x: jax.Array, u: jax.Array) -> jax.Array:
-    """x (b, 2*th, 2*tw, Cin), u (4, 4, Cin, Cout) the transformed kernel -> (b, 2th, 2tw, Cout)."""
+    """x (b, 2*th, 2*tw, Cin), u (4, 4, Cin, Cout) the transformed kernel -> (b, 2th, 2tw, Cout).
+
+    The matmuls take their operands in u's dtype (bfloat16 for ``":bf16"``) and accumulate in
+    x's."""
     b, h, w, cin = x.shape
     th, tw = h // 2, w // 2
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -389,8 +418,7 @@ def _winograd_chunk(x: jax.Array, u: jax.Array) -> jax.Array:
     rows = _wino_in([xp[:, k : k + 2 * th : 2] for k in range(4)])
     v = [t for r in rows for t in _wino_in([r[:, :, k : k + 2 * tw : 2] for k in range(4)])]
     m = [
-        jnp.dot(vi.reshape(-1, cin), u[i // 4, i % 4]).reshape(b, th, tw, -1)
-        for i, vi in enumerate(v)
+        _dot(vi.reshape(-1, cin), u[i // 4, i % 4]).reshape(b, th, tw, -1) for i, vi in enumerate(v)
     ]
     cols = [_wino_out([m[4 * i + j] for i in range(4)]) for j in range(4)]  # A^T along rows
     y = [jnp.stack(_wino_out([cols[j][a] for j in range(4)]), axis=3) for a in range(2)]
@@ -398,7 +426,7 @@ def _winograd_chunk(x: jax.Array, u: jax.Array) -> jax.Array:
     return y.reshape(b, h, w, -1)
 
 
-def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv_winograd(x: jax.Array, kernel: jax.Array, bf16: bool = False) -> jax.Array:
     """Stride-1, padding-1 3x3 :func:`_conv_xla` by Winograd's F(2x2, 3x3).
 
     x (B, H, W, Cin) (odd H or W: padded by one zero row/column and cropped back), kernel
@@ -407,7 +435,8 @@ def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
     direct convolution, for a few adds per element. The tiles are transformed a few images at a
     time (``lax.map``), so they stay in cache. Float32 error ~1e-6 of the output's magnitude.
     (64, 44, 44, 64) -> 64: 26.3 -> 17.0 ms, (64, 22, 22, 128) -> 128: 22.7 -> 14.9 ms, vs XLA
-    with Eigen (2-core AMD EPYC, Zen 5).
+    with Eigen (2-core AMD EPYC, Zen 5). `bf16`: the matmul operands (transformed tiles and
+    kernel) rounded to bfloat16, accumulated in float32.
     """
     with jax.named_scope("winograd"):  # profiles tell it apart
         b, h, w, cin = x.shape
@@ -422,6 +451,8 @@ def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
             kernel.astype(x.dtype),
             jnp.asarray(_WINO_G, x.dtype),
         )
+        if bf16:
+            u = u.astype(jnp.bfloat16)
         hp, wp = h + h % 2, w + w % 2
         if (hp, wp) != (h, w):
             x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
@@ -437,21 +468,21 @@ def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
         return y[:, :h, :w].astype(dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_wino(x: jax.Array, kernel: jax.Array, dw_by_matmul: bool) -> jax.Array:
-    return conv_winograd(x, kernel)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_wino(x: jax.Array, kernel: jax.Array, dw_by_matmul: bool, bf16: bool) -> jax.Array:
+    return conv_winograd(x, kernel, bf16)
 
 
-def _conv_wino_fwd(x, kernel, dw_by_matmul):
-    return conv_winograd(x, kernel), (x, kernel)
+def _conv_wino_fwd(x, kernel, dw_by_matmul, bf16):
+    return conv_winograd(x, kernel, bf16), (x, kernel)
 
 
-def _conv_wino_bwd(dw_by_matmul, res, dy):
+def _conv_wino_bwd(dw_by_matmul, bf16, res, dy):
     x, kernel = res
     # At stride 1 and padding 1, dx is dy convolved with the flipped kernel, Cin <-> Cout.
-    dx = conv_winograd(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+    dx = conv_winograd(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), bf16)
     if dw_by_matmul:
-        dw = weight_grad_matmul(x, dy, kernel.shape, 1, 1)
+        dw = weight_grad_matmul(x, dy, kernel.shape, 1, 1, bf16)
     else:
         dw = _weight_grad_xla(x, dy, kernel, 1, 1)
     return dx, dw.astype(kernel.dtype)
@@ -521,6 +552,19 @@ def select_impl(
     return "matmul_grad" if ho * wo >= AUTO_MIN_OUTPUT_PIXELS else "xla"
 
 
+def split_impl(impl: str) -> tuple[str, bool]:
+    """``"auto:bf16"`` -> ``("auto", True)``, ``"xla"`` -> ``("xla", False)``; a suffix on an
+    impl without matmuls, or an unknown suffix, is an error."""
+    base, sep, suffix = impl.partition(":")
+    if not sep:
+        return impl, False
+    if sep + suffix != BF16_SUFFIX or base not in BF16_IMPLS:
+        raise ValueError(
+            f"unknown impl {impl!r}; the suffix {BF16_SUFFIX!r} goes with one of {BF16_IMPLS}"
+        )
+    return base, True
+
+
 def conv2d(
     x: jax.Array,
     kernel: jax.Array,
@@ -538,6 +582,7 @@ def conv2d(
       stride: spatial stride (both axes).
       padding: zeros added on each side of H and W, ``((p, p), (p, p))``.
       impl: one of :data:`IMPLS`; all give the same values and gradients (to rounding).
+        One of :data:`BF16_IMPLS` + :data:`BF16_SUFFIX`: bfloat16 matmul operands (above).
 
     Returns:
       (B, Ho, Wo, Cout) with Ho = (H + 2p - kh) // stride + 1 (likewise Wo).
@@ -555,6 +600,7 @@ def conv2d(
     ):
         raise ValueError(f"kernel {kernel.shape[:2]} larger than padded input {x.shape[1:3]}")
     kernel = kernel.astype(x.dtype)
+    impl, bf16 = split_impl(impl)
     if impl == "auto":
         impl = select_impl(x.shape, kernel.shape, stride, padding)
     if impl == "xla":
@@ -573,8 +619,8 @@ def conv2d(
             )
         x, kernel = mesh_axes.match_varying_axes(x, kernel)
         ho, wo = x.shape[1:3]
-        return _conv_wino(x, kernel, ho * wo >= AUTO_MIN_OUTPUT_PIXELS)
+        return _conv_wino(x, kernel, ho * wo >= AUTO_MIN_OUTPUT_PIXELS, bf16)
     if impl in ("matmul_grad", "phase_dx"):
         x, kernel = mesh_axes.match_varying_axes(x, kernel)
-        return _conv_custom_grad(x, kernel, stride, padding, impl == "matmul_grad")
+        return _conv_custom_grad(x, kernel, stride, padding, impl == "matmul_grad", bf16)
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")

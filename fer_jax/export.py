@@ -7,6 +7,8 @@ and cropping stay outside it (`fer_jax.recognizer`).
 
     python -m fer_jax.export --checkpoint=runs/fer2013 --out_dir=exported [--saved_model] [--tflite]
 
+(`--checkpoint=pretrained`: the model shipped in the package, `fer_jax.pretrained`)
+
 writes `model.stablehlo` (batch size symbolic; lowered for cpu, cuda and tpu), `export.json`
 (class names, input and output description) and optionally `saved_model/` (TensorFlow, via
 `jax2tf` native serialisation: an `XlaCallModule` op; batch size symbolic) and `model.tflite`
@@ -221,7 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fer_jax.export", description="Export the expression classifier."
     )
-    parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory, checkpoint directory, or 'pretrained' (the model shipped in the "
+        "package, fer_jax.pretrained)",
+    )
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--saved_model", action="store_true", help="also a TF SavedModel")
     parser.add_argument("--tflite", action="store_true", help="also a TFLite file")

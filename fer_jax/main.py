@@ -5,16 +5,33 @@
         --split=private_test [--checkpoint=runs/fer2013/checkpoints/4485]
     python -m fer_jax.main --mode=cross_validate --config=configs/jaffe.py --workdir=runs/jaffe \
         --config.init_from=runs/fer2013
+    python -m fer_jax.main --mode=check --config=configs/fer2013.py --workdir=runs/fer2013
+
+`--mode=check` runs the checks below and prints what would run (the stages, the data found
+for each, devices, batch size, steps per epoch, whether the workdir resumes), then exits 0,
+or 2 with the one-line error: it compiles, trains and writes nothing. It checks what
+`--check_mode` would run (default: train, or cross_validate for configs/jaffe.py).
 
 `--config.FIELD=VALUE` overrides a config field; an unknown field is an error. Running the
 same command again resumes from the latest checkpoint in the workdir, with the same recipe
 (`fer_jax.run_config`; `--allow_config_changes` lets it change).
 
-Before any work the config is validated (`fer_jax.config_schema`), then the run takes the
-workdir's lock (`fer_jax.workdir_lock`) for its whole length. A mistake in the input (flags,
-config, paths, data, checkpoint, a busy workdir) prints one `error: ...` line and exits with
-status 2 (`--verbose` or FER_JAX_VERBOSE=1: with the traceback); a bug exits with status 1
-and its traceback (`fer_jax.user_errors`).
+Before any work the config is validated (`fer_jax.config_schema`) and every stage's data
+is looked for (`fer_jax.data_check`: FER2013 and, with config.cross_validate, the JAFFE of the
+cross-validation after it), then the run takes the workdir's lock (`fer_jax.workdir_lock`)
+for its whole length. A mistake in the input (flags, config, paths, data, checkpoint, a busy
+workdir) prints one `error: ...` line and exits with status 2 (`--verbose` or
+FER_JAX_VERBOSE=1: with the traceback); a bug exits with status 1 and its traceback
+(`fer_jax.user_errors`).
+
+Data (nothing is downloaded; `--config.manual_dir=DIR` for the main dataset,
+`--config.jaffe.manual_dir=DIR` for the JAFFE stage, or `--config.cross_validate=False`):
+- FER2013: a folder holding fer2013.csv or fer2013.tar.gz, from Kaggle's "Challenges in
+  Representation Learning: Facial Expression Recognition Challenge":
+https://www.kaggle.com/c/challenges-in-representation-learning-facial-expression-recognition-challenge/data
+- JAFFE: https://zenodo.org/record/3451524 : the jaffedbase folder of TIFFs.
+With the default `config.data_source='tfds'` they are built into `config.data_dir` (default
+~/tensorflow_datasets) on first use; with 'files' they are read from the folders every run.
 
 On a CPU, XLA's scratch memory stays mapped between steps (`fer_jax.host_memory`: ~20% faster
 training on a 2-core machine); with --multihost this is left as JAX has it.
@@ -30,13 +47,31 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fer_jax import config_schema, host_memory, user_errors, workdir_lock
+from fer_jax import config_schema, data_check, host_memory, user_errors, workdir_lock
 from fer_jax.user_errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "cross_validate"], "What to run.")
-flags.DEFINE_string("checkpoint", None, "evaluate: run dir or checkpoint dir (default: workdir).")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "evaluate", "cross_validate", "check"],
+    "What to run; 'check': validate the config, look for every stage's data and print what "
+    "--check_mode would run, without compiling or training anything.",
+)
+flags.DEFINE_enum(
+    "check_mode",
+    None,
+    list(data_check.CHECK_MODES),
+    "--mode=check: the mode to check (default: cross_validate for a cross-validation config "
+    "such as configs/jaffe.py, else train).",
+)
+flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "evaluate: run dir, checkpoint dir or 'pretrained' (the model shipped in the package; "
+    "fer_jax.pretrained) (default: workdir).",
+)
 flags.DEFINE_string("split", "private_test", "evaluate: the split to evaluate.")
 flags.DEFINE_string(
     "compilation_cache",
@@ -142,6 +177,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     bare AttributeError or KeyError, a field that is not a section with a TypeError)."""
     try:
         return FLAGS(argv)
+    except SystemExit as e:  # absl's --help prints the usage and exits 1: it is no error
+        if e.code == 1 and any(arg.lstrip("-") in _HELP_FLAGS for arg in argv[1:]):
+            raise SystemExit(0) from None
+        raise
     except flags.Error as e:
         one_line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise UserError(config_schema.bad_override_value(one_line) or one_line) from e
@@ -150,6 +189,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         if message is None:
             raise
         raise UserError(message) from e
+
+
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "h", "?")
 
 
 def _unknown_override(argv: list[str]) -> str | None:
@@ -172,11 +214,29 @@ def main(argv: list[str]) -> None:
         raise UserError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     config = FLAGS.config
     config_schema.validate(config)
-    config_schema.check_mode(config, FLAGS.mode, FLAGS.split)
+    if FLAGS.check_mode and FLAGS.mode != "check":
+        raise UserError(f"--check_mode={FLAGS.check_mode} needs --mode=check")
+    mode = FLAGS.mode if FLAGS.mode != "check" else FLAGS.check_mode
+    mode = mode or data_check.default_mode(config)
+    config_schema.check_mode(config, mode, FLAGS.split)
     if not FLAGS.multihost and (
         FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
     ):
         raise UserError("--coordinator_address, --num_processes and --process_id need --multihost")
+    if FLAGS.mode == "check":  # compiles, trains and writes nothing
+        logging.set_verbosity(logging.WARNING)  # not JAX's INFO lines about absent backends
+        report = data_check.describe(
+            config,
+            mode,
+            FLAGS.workdir,
+            split=FLAGS.split,
+            checkpoint=FLAGS.checkpoint,
+            allow_config_changes=FLAGS.allow_config_changes,
+        )
+        print("\n".join(report))
+        return
+    # Every stage's data, before hours of the first one (FER2013, then JAFFE).
+    data_check.check(config, mode, FLAGS.workdir, FLAGS.split)
     if FLAGS.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
     if FLAGS.multihost:

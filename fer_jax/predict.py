@@ -1,8 +1,14 @@
 r"""Recognise facial expressions in photos, folders of photos and videos.
 
-    python -m fer_jax.predict --checkpoint=runs/fer2013 photo.jpg photos/ clip.mp4 \
+    python -m fer_jax.predict [--checkpoint=runs/fer2013] photo.jpg photos/ clip.mp4 \
         [--json | --csv] [--output=results.csv] [--annotate=out/] [--attention=out/] \
         [--every=10] [--box=X,Y,W,H ... | --boxes=boxes.json]
+    python -m fer_jax.predict --example
+
+Without `--checkpoint` (or with `--checkpoint=pretrained`) the model shipped in the package is
+used (`fer_jax.pretrained`). `--example` adds the bundled photo `fer_jax/examples/astronaut.jpg`
+(Eileen Collins, NASA, public domain) to the inputs: a first command that needs no dataset, no
+training and no download.
 
 Each face found (OpenCV Haar cascade, or the given boxes) is printed with its box `x, y, w, h`
 (pixels of the EXIF-rotated image), the probability of each class and the top label: a table by
@@ -63,6 +69,7 @@ DEFAULT_COMPILATION_CACHE = "~/.cache/fer_jax/jax"  # as fer_jax.main's --compil
 VIDEO_EXTENSIONS = frozenset({".avi", ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".mpg", ".mpeg"})
 VIDEO_CODEC = "MJPG"
 PANEL_SIZE = 176
+EXAMPLE_IMAGE = os.path.join(os.path.dirname(__file__), "examples", "astronaut.jpg")
 BOX_COLOUR = (0, 255, 0)  # RGB.
 
 
@@ -442,9 +449,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m fer_jax.predict",
         description="Recognise facial expressions in images, folders and videos.",
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="images, folders or videos")
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="images, folders or videos")
     parser.add_argument(
-        "--checkpoint", required=True, help="run directory (best, else latest) or checkpoint"
+        "--example",
+        action="store_true",
+        help="also run on the bundled photo fer_jax/examples/astronaut.jpg (NASA, public "
+        "domain): `python -m fer_jax.predict --example` needs no data and no download",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default="pretrained",
+        help="run directory (best, else latest), checkpoint directory, or 'pretrained' (the "
+        "model shipped in the package: the default; 'pretrained:NAME' or a .npz file for "
+        "another, fer_jax.pretrained)",
     )
     parser.add_argument(
         "--replica",
@@ -491,6 +508,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--verbose", action="store_true", help="show the traceback of an error in the input"
     )
     args = parser.parse_args(argv)
+    if args.example:
+        args.paths = [*args.paths, EXAMPLE_IMAGE]
+    if not args.paths:
+        parser.error("give images, folders or videos to recognise, or --example")
     if args.every < 1:
         parser.error(f"--every must be >= 1, got {args.every}")
     if args.boxes:

@@ -377,16 +377,34 @@ class Recognizer:
     def from_checkpoint(
         cls, path: str | os.PathLike, replica: int | str | None = None, **kwargs: Any
     ) -> Recognizer:
-        """Loads a run directory (best, else latest checkpoint) or one checkpoint directory.
+        """Loads a run directory (best, else latest checkpoint), one checkpoint directory, or
+        `'pretrained'` (the model shipped in the package; `Recognizer.pretrained`).
 
         Of a replica run: the replica chosen on the select split (`replica=None`), replica k
         (`replica=k`), or all of them averaged (`replica='ensemble'`).
         """
+        from fer_jax import pretrained
         from fer_jax.checkpoint import load_for_inference  # Orbax etc. only when needed.
 
+        is_pretrained, name = pretrained.parse_reference(path)
+        if is_pretrained and "class_names" not in kwargs:  # those the weights file records
+            kwargs["class_names"] = pretrained.read_manifest(name)["meta"]["class_names"]
         ensemble = replica == "ensemble"
         model, variables = load_for_inference(os.fspath(path), "all" if ensemble else replica)
         return cls(model, variables, ensemble=ensemble, **kwargs)
+
+    @classmethod
+    def pretrained(cls, name: str | None = None, **kwargs: Any) -> Recognizer:
+        """The model shipped in the package (`fer_jax.pretrained`): the default one, or `name`
+        (a model name or an `.npz` path): `from_checkpoint('pretrained')`.
+
+        Raises:
+          fer_jax.pretrained.PretrainedError: the weights are not installed, or corrupt.
+        """
+        from fer_jax import pretrained
+
+        reference = pretrained.REFERENCE if name is None else f"{pretrained.REFERENCE}:{name}"
+        return cls.from_checkpoint(reference, **kwargs)
 
     def bucket(self, n: int) -> int:
         """The padded batch size of a chunk of `1 <= n <= batch_size` faces."""

@@ -72,8 +72,11 @@ def test_missing_dataset_files(tmp_path):
         f"--config.manual_dir={empty}",
         "--config.cross_validate=False",
     )
-    assert _user_error(result).startswith(f"error: No FER2013 file in {empty}: expected one of")
-    assert "kaggle.com" in result.stderr  # where to get it, below the error line
+    line = _user_error(result)  # before any work (fer_jax.data_check)
+    assert line.startswith("error: FER2013 (training) not found: no FER2013 file (fer2013.csv, ")
+    assert f"in config.manual_dir={empty}" in line
+    assert "Kaggle's \"Challenges in Representation Learning" in line  # where to get it
+    assert not (tmp_path / "run").exists()
 
 
 def test_unbuilt_tfds_dataset_leads_with_the_files_source(tmp_path):

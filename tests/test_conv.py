@@ -243,6 +243,39 @@ def test_bfloat16(impl):
     _assert_close(dk_master, dk32, rtol=5e-2, atol_rel=2e-2)
 
 
+@pytest.mark.parametrize(
+    "impl, case",
+    [
+        ("winograd:bf16", (4, 22, 16, 16, 3, 1, 1)),
+        ("matmul_grad:bf16", (4, 22, 16, 16, 3, 1, 1)),
+        ("matmul_grad:bf16", (4, 22, 8, 16, 3, 2, 1)),  # strided: per phase of kernel rows
+        ("auto:bf16", (4, 44, 16, 16, 3, 1, 1)),  # auto picks Winograd here
+    ],
+)
+def test_bf16_matmul_operands_keep_float32_outputs_close_to_xla(impl, case):
+    """':bf16': float32 in and out, matmul operands rounded to bfloat16 (relative error ~1e-2
+    of the magnitude), and not bit-equal to float32, so the suffix really took effect."""
+    x, kern, dy = _inputs(case)
+    s, p = case[5], case[6]
+    ref = _fwd_bwd("xla", s, p)(x, kern, dy)
+    out = _fwd_bwd(impl, s, p)(x, kern, dy)
+    plain = _fwd_bwd(impl.split(":")[0], s, p)(x, kern, dy)
+    changed = []
+    for name, a, r, f in zip(("y", "dx", "dk"), out, ref, plain, strict=True):
+        assert a.dtype == jnp.float32, name
+        _assert_close(a, r, rtol=5e-2, atol_rel=2e-2)
+        changed.append(not np.array_equal(np.asarray(a), np.asarray(f)))
+    # Winograd rounds y, dx and dk; matmul_grad only its weight gradient.
+    assert changed == ([True] * 3 if "matmul_grad" not in impl else [False, False, True])
+
+
+def test_bf16_suffix_only_on_impls_with_matmuls():
+    x, kern, _ = _inputs((1, 7, 2, 2, 3, 1, 1))
+    for impl in ("xla:bf16", "phase_dx:bf16", "winograd:fp8"):
+        with pytest.raises(ValueError, match="unknown impl"):
+            conv.conv2d(x, kern, impl=impl)
+
+
 def test_select_impl():
     for shape, kernel in (
         ((64, 44, 44, 64), (3, 3, 64, 64)),

@@ -48,7 +48,12 @@ ARGS = [
 EXPECTED_STEPS = [21, 28]
 EXPECTED_EVAL = {
     f"{name}{ext}"
-    for name in ("public_test_epoch001", "public_test_epoch002", "private_test_selected")
+    for name in (
+        "public_test_epoch001",
+        "public_test_epoch002",
+        "private_test_selected",
+        "private_test_selected_centre_crop",
+    )
     for ext in (".json", "_confusion.png")
 }
 

@@ -208,7 +208,7 @@ def test_unreadable_video_is_reported(recognizer, tmp_path):
         (["--box=1,2,3", "a.png"], "a box is X,Y,W,H"),
         (["--json", "--csv", "a.png"], "not allowed with"),
         (["--boxes=/nonexistent.json", "a.png"], "cannot read the boxes file"),
-        ([], "required: PATH"),
+        ([], "give images, folders or videos to recognise, or --example"),
     ],
 )
 def test_bad_arguments(argv, message, capsys):

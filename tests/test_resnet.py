@@ -129,3 +129,64 @@ def test_angle_linear_kernel_starts_with_unit_columns_like_the_reference():
     assert kernel.shape == (64, 7)
     np.testing.assert_allclose(np.linalg.norm(kernel, axis=0), 1.0, rtol=1e-6)
     assert (kernel > 0).any() and (kernel < 0).any()
+
+
+@pytest.mark.parametrize(
+    "matmul_dtype, flags, backend, impl",
+    [
+        ("float32", {"amx_bf16"}, "cpu", "auto"),
+        ("bfloat16", set(), "cpu", "auto:bf16"),
+        ("auto", {"amx_bf16", "avx512_bf16"}, "cpu", "auto:bf16"),
+        ("auto", {"avx512_bf16", "avx2"}, "cpu", "auto"),  # AVX512-BF16 alone: not measured
+        ("auto", {"amx_bf16"}, "gpu", "auto"),
+    ],
+)
+def test_matmul_dtype_becomes_the_conv_impl_suffix_where_it_pays(
+    monkeypatch, matmul_dtype, flags, backend, impl
+):
+    from fer_jax import resnet
+
+    monkeypatch.setattr(resnet, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(resnet.jax, "default_backend", lambda: backend)
+    config = {"width": 8, "conv_impl": "auto", "matmul_dtype": matmul_dtype}
+    assert resnet.model_from_config(config).conv_impl == impl
+    # An impl without matmuls (e.g. export's 'xla') takes no suffix; no field means float32.
+    assert resnet.model_from_config(config, conv_impl="xla").conv_impl == "xla"
+    assert resnet.model_from_config({"conv_impl": "auto"}).conv_impl == "auto"
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        resnet.model_from_config({**config, "matmul_dtype": "fp16"})
+
+
+def test_bf16_matmuls_train_like_float32_at_small_width():
+    """Logits and gradients of a width-16 network with bfloat16 matmul operands stay within
+    bf16 rounding of float32's (the training-step equality test, at bf16 tolerance)."""
+    from fer_jax.resnet import model_from_config
+
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 44, 44, 1))
+    f32 = model_from_config({"width": 16, "conv_impl": "auto", "dropout_rate": 0.0})
+    bf16 = f32.clone(conv_impl="auto:bf16")
+    variables = f32.init(jax.random.PRNGKey(0), x)
+
+    def loss(params, model):
+        logits, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(logits**2), logits
+
+    (l32, y32), g32 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        variables["params"], f32
+    )
+    (l16, y16), g16 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        variables["params"], bf16
+    )
+    scale = float(jnp.max(jnp.abs(y32)))
+    np.testing.assert_allclose(y16, y32, atol=3e-2 * scale)
+    assert not np.array_equal(np.asarray(y16), np.asarray(y32))
+    cosines = []
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
+        assert a.dtype == jnp.float32
+        cosines.append(float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)))
+    # Measured: mean 0.985, min 0.87 (a 4-element CBAM bias); batch 4 in training mode, where
+    # BatchNorm's backward amplifies rounding. half_precision (bf16 everywhere) gave mean 0.92,
+    # min -1 on the same network and batch.
+    assert np.mean(cosines) > 0.97 and min(cosines) > 0.8

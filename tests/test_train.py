@@ -184,7 +184,8 @@ def test_missing_dataset_error_gives_instructions(tmp_path):
         str(tmp_path / "w"), "--config.dataset=fer2013", f"--config.data_dir={tmp_path / 'empty'}"
     )
     assert proc.returncode != 0
-    assert "not built" in proc.stderr and "fer2013.csv" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "no built TFDS 'fer2013'" in proc.stderr and "fer2013.csv" in proc.stderr
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):

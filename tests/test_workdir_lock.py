@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -43,9 +44,11 @@ def live_pid():
 
 
 def _main(workdir, *flags: str) -> subprocess.CompletedProcess:
-    """A run that gets past the lock and then stops at once: no FER2013 file in an empty dir."""
-    empty = os.path.join(workdir, "..", "no_data")
+    """A run that gets past the lock and then stops at once: its fer2013.csv is empty (found by
+    the data check before the lock, refused when it is read after it)."""
+    empty = os.path.join(workdir, "..", "empty_data")
     os.makedirs(empty, exist_ok=True)
+    pathlib.Path(empty, "fer2013.csv").touch()
     cmd = [
         *(sys.executable, "-m", "fer_jax.main", "--config=configs/fer2013.py"),
         *(f"--workdir={workdir}", "--config.cross_validate=False"),
@@ -118,7 +121,7 @@ def test_cli_takes_over_a_dead_runs_lock_and_releases_it(tmp_path):
     path = _lock(workdir, dead)
     result = _main(workdir)
     # Past the lock (the run wrote its config.json), then stopped by the missing data.
-    assert result.returncode == 2 and "No FER2013 file" in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 2 and "empty file" in result.stderr, result.stderr[-3000:]
     assert f"Took over the lock {path} of process {dead} on host {HOST}" in result.stderr
     assert (workdir / "config.json").exists()
     assert not os.path.exists(path)  # released, although the run failed

@@ -1,0 +1,486 @@
+"""Before any work: can every stage of a run have its data? And what `--mode=check` prints.
+
+`fer_jax.main` calls `check(config, mode, workdir)` after validating the config and before
+anything is compiled or trained, in every mode: the training dataset (FER2013) and, with
+`config.cross_validate`, the JAFFE of the cross-validation that follows it hours later; the
+JAFFE of `--mode=cross_validate`; the split of `--mode=evaluate`. It looks, cheaply, for:
+
+- data_source 'tfds': the TFDS dataset built in `data_dir` (its `dataset_info.json`), or the
+  downloaded files in `manual_dir` to build it from on first use (TensorFlow Datasets must be
+  installed; it is not imported here);
+- data_source 'files': the downloaded files in `manual_dir` (no TensorFlow);
+- dataset 'synthetic': nothing to find.
+
+It reads no data: FER2013's file is found by name, JAFFE's photos are listed by name (which
+gives their labels and subjects, so the folds and their batches are checked too). A missing
+input raises `UserError` with one line naming it and the ways out, e.g. `JAFFE
+(cross-validation after FER2013) not found: config.jaffe.manual_dir is empty and no built TFDS
+'jaffe' in ~/tensorflow_datasets; pass --config.jaffe.manual_dir=DIR (...) or
+--config.cross_validate=False`. Where to get the files: `WHERE`.
+
+`describe(...)`, for `--mode=check`, also counts what is cheap to count (FER2013's rows per
+split by one pass over the CSV's lines) and returns the report: the stages, the data of each,
+the devices, batch size and steps, and what the workdir holds (a run to resume, a lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import importlib.util
+import io
+import json
+import os
+import pathlib
+import tarfile
+import zlib
+from collections.abc import Iterator
+
+import ml_collections
+
+from data_pipelines import fer2013_csv, files, jaffe_files
+from fer_jax.user_errors import UserError
+
+NAMES = {"fer2013": "FER2013", "jaffe": "JAFFE", "synthetic": "synthetic data"}
+# What a dataset's `manual_dir` holds, and where to get it.
+WHERE = {
+    "fer2013": "a folder holding fer2013.csv or fer2013.tar.gz, from Kaggle's \"Challenges in "
+    'Representation Learning: Facial Expression Recognition Challenge"',
+    "jaffe": "the jaffedbase folder of TIFFs, from https://zenodo.org/record/3451524",
+}
+CHECK_MODES = ("train", "evaluate", "cross_validate")  # what --mode=check can check
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a run and the config its data comes from."""
+
+    kind: str  # 'train', 'cross_validate' or 'evaluate'
+    title: str  # e.g. "FER2013 training"
+    label: str  # in errors, e.g. "JAFFE (cross-validation after FER2013)"
+    config: ml_collections.ConfigDict  # dataset, data_source, data_dir, manual_dir, ...
+    field: str  # where its data fields are set: 'config' or 'config.jaffe'
+    splits: tuple[str, ...]
+    skip: str = ""  # the flag that drops the stage, if any
+
+
+@dataclasses.dataclass
+class Found:
+    """Where a stage's data is, and how much of it (None where not counted)."""
+
+    stage: Stage
+    source: str  # 'files', 'tfds (built)', 'tfds, built into DIR on first use', 'synthetic'
+    path: str  # the built dataset, the downloaded files, or how the data is generated
+    sizes: dict[str, int] | None = None  # examples per split
+    jaffe: list[jaffe_files.JaffeFile] | None = None  # JAFFE photos listed by name
+
+
+def default_mode(config: ml_collections.ConfigDict) -> str:
+    """The mode a config runs in: 'cross_validate' for a CV config (it has `folds`)."""
+    return "cross_validate" if "folds" in config else "train"
+
+
+def stages(
+    config: ml_collections.ConfigDict, mode: str, workdir: str, split: str = "private_test"
+) -> list[Stage]:
+    """The stages of `fer_jax.main --mode=mode` with `config` (validated, suited to `mode`)."""
+    name = NAMES.get(config.dataset, config.dataset)
+    if mode == "evaluate":
+        title = f"{name} evaluation of {split}"
+        return [Stage(mode, title, f"{name} ({split})", config, "config", (split,))]
+    if mode == "cross_validate":
+        title, label = f"{name} cross-validation", f"{name} (cross-validation)"
+        return [Stage(mode, title, label, config, "config", ("train",))]
+    splits = tuple(dict.fromkeys([config.train_split, config.select_split, config.report_split]))
+    out = [Stage(mode, f"{name} training", f"{name} (training)", config, "config", splits)]
+    if config.get("cross_validate"):
+        from fer_jax import cross_validate
+
+        cv = cross_validate.config_from_parent(config, workdir)
+        cv_name = NAMES.get(cv.dataset, cv.dataset)
+        out.append(
+            Stage(
+                "cross_validate",
+                f"{cv_name} cross-validation",
+                f"{cv_name} (cross-validation after {name})",
+                cv,
+                "config.jaffe",
+                ("train",),
+                skip="--config.cross_validate=False",
+            )
+        )
+    return out
+
+
+def check(
+    config: ml_collections.ConfigDict,
+    mode: str,
+    workdir: str,
+    split: str = "private_test",
+    *,
+    count: bool = False,
+) -> list[Found]:
+    """Finds every stage's data (see the module docstring); `count`: FER2013's rows too.
+
+    Raises:
+      UserError: one line naming the missing input and the ways out.
+      DataError: a JAFFE photo whose name does not parse.
+    """
+    found = []
+    for stage in stages(config, mode, workdir, split):
+        if stage.config.get("input_pipeline") == "tf_data":
+            _need_tfds(stage, "config.input_pipeline='tf_data'", "--config.input_pipeline=device")
+        found.append(find(stage, count=count))
+        _check_folds(found[-1])
+    return found
+
+
+def find(stage: Stage, *, count: bool = False) -> Found:
+    """Where `stage`'s data is; UserError (one line) if it cannot be had."""
+    config = stage.config
+    if config.dataset == "synthetic":
+        sizes = {s: int(config.synthetic[s]) for s in stage.splits}
+        return Found(stage, "synthetic", f"generated from {stage.field}.seed", sizes)
+    source = config.get("data_source", "tfds")
+    manual = os.path.expanduser(config.manual_dir) if config.manual_dir else ""
+    data_dir = os.path.expanduser(config.data_dir or "~/tensorflow_datasets")
+    if source == "tfds":
+        _need_tfds(stage, "data_source 'tfds'", "--config.data_source=files")
+        built = built_tfds(config.dataset, data_dir)
+        if built is not None:
+            return Found(stage, "tfds (built)", str(built), tfds_sizes(built))
+    if manual:
+        found = _manual_files(stage, manual, count)
+        if found is not None:
+            if source == "tfds":
+                found.source = f"tfds, built into {data_dir} on first use"
+            return found
+    raise UserError(_missing(stage, source, manual, data_dir))
+
+
+def built_tfds(name: str, data_dir: str) -> pathlib.Path | None:
+    """`<data_dir>/<name>/<version>` if TFDS has built `name` there (as `is_prepared` sees it:
+    `dataset_info.json` and `features.json` in the builder's version folder), else None."""
+    path = pathlib.Path(data_dir, name, files.TFDS_VERSIONS.get(name, ""))
+    ok = all((path / f).is_file() for f in ("dataset_info.json", "features.json"))
+    return path if ok else None
+
+
+def tfds_sizes(path: pathlib.Path) -> dict[str, int] | None:
+    """Examples per split of a built TFDS dataset, from its `dataset_info.json`."""
+    try:
+        info = json.loads((path / "dataset_info.json").read_text())
+        return {s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in info["splits"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _need_tfds(stage: Stage, what: str, instead: str) -> None:
+    for module in ("tensorflow_datasets", "tensorflow"):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(
+                f"{stage.label}: {what} needs {module}, which is not installed: "
+                f"pip install -e '.[tfds]', or {instead}"
+            )
+
+
+def _manual_files(stage: Stage, manual: str, count: bool) -> Found | None:
+    """The downloaded files of the stage's dataset in `manual`, or None if there are none."""
+    name = stage.config.dataset
+    if name == "fer2013":
+        try:
+            source = fer2013_csv.find_source(manual)
+        except FileNotFoundError:
+            return None
+        return Found(stage, "files", str(source), count_fer2013(source) if count else None)
+    if name == "jaffe":
+        try:
+            items = jaffe_files.list_images(manual)  # names only; DataError for a bad name
+        except FileNotFoundError:
+            return None
+        return Found(stage, "files", manual, {"train": len(items)}, jaffe=items)
+    raise UserError(f"{stage.field}.dataset is {name!r}: no files are known for it")
+
+
+def _missing(stage: Stage, source: str, manual: str, data_dir: str) -> str:
+    """The one-line error for a stage whose data is not there."""
+    name, field = stage.config.dataset, stage.field
+    if not manual:
+        problem = f"{field}.manual_dir is empty"
+    elif os.path.isfile(manual):
+        problem = f"{field}.manual_dir={manual} is a file, not the folder holding it"
+    elif not os.path.isdir(manual):
+        problem = f"{field}.manual_dir={manual} does not exist"
+    elif name == "fer2013":
+        wanted = ", ".join(fer2013_csv.SOURCE_FILES)
+        problem = f"no FER2013 file ({wanted}) in {field}.manual_dir={manual}"
+    else:
+        problem = f"no JAFFE images (*.tiff) under {field}.manual_dir={manual}"
+    if source == "tfds":
+        problem += f" and no built TFDS {name!r} in {data_dir}"
+    else:
+        problem += " (data_source 'files' reads the downloaded files from it)"
+    ways = f"--{field}.manual_dir=DIR ({WHERE.get(name, 'the downloaded files')})"
+    if stage.skip:
+        ways += f" or {stage.skip}"
+    elif source == "tfds":
+        ways += f" or --{field}.data_dir=DIR (where TFDS {name!r} is built)"
+    else:
+        ways += ", or try the tool without data: --config=configs/synthetic.py"
+    return f"{stage.label} not found: {problem}; pass {ways}"
+
+
+def _check_folds(found: Found) -> None:
+    """A cross-validation stage: its folds can be made, and each fills a training batch."""
+    config = found.stage.config
+    if found.stage.kind != "cross_validate":
+        return
+    for k, train in enumerate(fold_train_sizes(found) or []):
+        if train < config.batch_size:
+            raise UserError(
+                f"{found.stage.label}: fold {k} has {train} training images, fewer than "
+                f"{found.stage.field}.batch_size={config.batch_size}; use more images, fewer "
+                f"folds or a smaller {found.stage.field}.batch_size"
+            )
+
+
+def fold_train_sizes(found: Found) -> list[int] | None:
+    """Training images of each fold, where the labels and subjects are known without reading
+    the photos (JAFFE listed by name); None otherwise."""
+    import numpy as np
+
+    from data_pipelines import folds
+
+    config = found.stage.config
+    if found.jaffe is None:
+        return None
+    labels = np.asarray([item.label for item in found.jaffe])
+    subjects = np.asarray([item.subject for item in found.jaffe])
+    try:
+        split = folds.jaffe_folds(
+            labels, subjects, k=config.folds, protocol=config.fold_protocol, seed=config.seed
+        )
+    except ValueError as e:
+        raise UserError(f"{found.stage.label}: {e} ({found.stage.field}.folds)") from e
+    return [len(train) for train, _ in split]
+
+
+@contextlib.contextmanager
+def _lines(path: pathlib.Path) -> Iterator[Iterator[str]]:
+    """The text lines of a FER2013 `.csv`, or of the CSV inside its `.tar.gz` (streamed)."""
+    if not path.name.endswith((".tar.gz", ".tgz")):
+        with open(path, encoding="utf-8", newline="") as f:
+            yield iter(f)
+        return
+    with tarfile.open(path, mode="r:gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.lstrip("./") == fer2013_csv.ARCHIVE_MEMBER:
+                f = tar.extractfile(member)
+                assert f is not None
+                with io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
+                    yield iter(text)
+                return
+    raise ValueError(f"{path} holds no {fer2013_csv.ARCHIVE_MEMBER}")
+
+
+def count_fer2013(path: pathlib.Path) -> dict[str, int] | None:
+    """Rows per split of a FER2013 file, from its `Usage` column alone (no pixel is parsed; a
+    malformed file is reported when it is read); None if it cannot be counted so."""
+    counts = dict.fromkeys(fer2013_csv.USAGE_SPLITS.values(), 0)
+    try:
+        with _lines(path) as lines:
+            header = next(csv.reader([next(lines).removeprefix("\ufeff")], skipinitialspace=True))
+            names = [h.strip() for h in header]
+            col = names.index("Usage")
+            last = col == len(names) - 1
+            for line in lines:
+                field = line.rsplit(",", 1)[-1] if last else line.split(",", col + 1)[col]
+                split = fer2013_csv.USAGE_SPLITS.get(field.strip().strip('"').strip())
+                if split is not None:
+                    counts[split] += 1
+    except (OSError, ValueError, IndexError, StopIteration, tarfile.TarError, EOFError, zlib.error):
+        return None
+    return counts
+
+
+# --mode=check: the report.
+
+
+def _steps(n: int | None, batch: int) -> str:
+    if n is None:
+        return "? steps/epoch (counted when the data is read)"
+    return f"{n // batch} steps/epoch"
+
+
+def _sizes(found: Found) -> str:
+    if not found.sizes:
+        return ""
+    shown = ", ".join(f"{s} {found.sizes[s]:,}" for s in found.sizes if s in found.stage.splits)
+    if found.jaffe is not None:
+        shown += f" images, {len({item.subject for item in found.jaffe})} subjects"
+    return f": {shown}" if shown else ""
+
+
+def _stage_lines(i: int, found: Found, devices: int, workdir: str) -> list[str]:
+    config, stage = found.stage.config, found.stage
+    batch = config.batch_size
+    if batch % devices:
+        raise UserError(
+            f"{stage.field}.batch_size={batch} is not divisible by the {devices} devices"
+        )
+    per_device = f"batch {batch}" + (f" ({batch // devices} per device)" if devices > 1 else "")
+    replicas = config.get("replicas", 1)
+    if replicas > 1:
+        per_device += f", {replicas} replicas"
+    if stage.kind == "cross_validate":
+        sizes = fold_train_sizes(found)
+        total = (found.sizes or {}).get("train")
+        if sizes:
+            steps = sorted({n // batch for n in sizes})
+            step_text = "-".join(map(str, [steps[0], steps[-1]] if len(steps) > 1 else steps))
+            step_text += " steps/epoch"
+        elif total is not None:
+            train = total * (config.folds - 1) // config.folds
+            step_text = f"about {train // batch} steps/epoch"
+        else:
+            step_text = _steps(None, batch)
+        start = config.init_from
+        if stage.field == "config.jaffe":
+            start = "the model selected in stage 1" if start == workdir else start
+        what = (
+            f"{config.folds} folds ({config.fold_protocol}), {config.num_epochs} epochs a fold, "
+            f"{per_device}, {step_text}; fine-tunes {start}"
+        )
+    elif stage.kind == "train":
+        n = (found.sizes or {}).get(config.train_split)
+        if n is not None and n < batch:
+            raise UserError(
+                f"{stage.label}: {n} {config.train_split} images do not fill one batch of "
+                f"{stage.field}.batch_size={batch}"
+            )
+        what = (
+            f"{config.num_epochs} epochs, {per_device}, {_steps(n, batch)}; "
+            f"selects on {config.select_split}, reports {config.report_split}"
+        )
+    else:
+        what = f"ten-crop, eval batch {config.eval_batch_size}"
+    return [
+        f"  {i}. {stage.title}: {what}",
+        f"     data ({found.source}): {found.path}{_sizes(found)}",
+    ]
+
+
+def _checkpoint_steps(directory: str) -> list[int]:
+    try:
+        return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    except OSError:
+        return []
+
+
+def _folds_done(directory: str) -> int:
+    """Folds of a cross-validation workdir that have their `result.json`."""
+    names = os.listdir(directory)
+    return sum(os.path.isfile(os.path.join(directory, d, "result.json")) for d in names)
+
+
+def _workdir_lines(
+    config: ml_collections.ConfigDict, mode: str, workdir: str, allow_config_changes: bool
+) -> list[str]:
+    """What the workdir holds: a run to resume (its recipe unchanged), a lock, permissions."""
+    from fer_jax import run_config, workdir_lock
+
+    path = os.path.abspath(os.path.expanduser(workdir))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK) or not os.path.isdir(existing):
+        raise UserError(f"workdir {path} cannot be created or written ({existing} is not writable)")
+    if not os.path.isdir(path):
+        what = "the evaluation reports" if mode == "evaluate" else "a new run"
+        return [f"workdir: {path}: created for {what}"]
+    lock = os.path.join(path, workdir_lock.LOCK_FILE)
+    try:
+        with open(lock) as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        holder = None
+    if holder is not None and workdir_lock.process_alive(holder) is not False:
+        raise UserError(
+            f"workdir {path} is locked by process {holder.get('pid')} on host "
+            f"{holder.get('host')} (started {holder.get('started')}); wait for that run to end "
+            f"or use another --workdir (a lock of an ended run on another host: rm {lock})"
+        )
+    saved = os.path.join(path, run_config.CONFIG_FILE)
+    if mode == "train" and os.path.isfile(saved) and not allow_config_changes:
+        with open(saved) as f:
+            old = json.load(f)
+        new = json.loads(run_config.to_json(config))
+        recipe = [c for c in run_config.differences(old, new) if run_config.changes_result(c[0])]
+        if recipe:
+            changed = ", ".join(f"config.{p} {a!r} -> {b!r}" for p, a, b in recipe)
+            raise UserError(
+                f"the run in {path} was started with a different recipe: {changed}; resume with "
+                "the same values, use another --workdir, or pass --allow_config_changes"
+            )
+    lines = []
+    steps = _checkpoint_steps(os.path.join(path, "checkpoints"))
+    if mode == "train":
+        if steps:
+            lines.append(f"workdir: {path}: resumes from the checkpoint of step {steps[-1]}")
+        else:
+            lines.append(f"workdir: {path}: no checkpoint, starts from step 0")
+        cv_dir = os.path.join(path, "cross_validation")
+        if os.path.isdir(cv_dir):
+            lines.append(f"  cross-validation: {_folds_done(cv_dir)} fold(s) done")
+    elif mode == "cross_validate":
+        done = _folds_done(path)
+        lines.append(f"workdir: {path}: {done} fold(s) done, the others resume or start")
+    else:
+        lines.append(f"workdir: {path}: the evaluation reports go to {path}/eval/")
+    return lines
+
+
+def _checkpoint_exists(path: str) -> bool:
+    """A run/checkpoint directory exists, or `pretrained[:NAME]` / an `.npz` is installed."""
+    from fer_jax import pretrained
+
+    is_pretrained, name = pretrained.parse_reference(path)
+    if is_pretrained:
+        return pretrained.available(name)
+    return os.path.exists(os.path.expanduser(path))
+
+
+def describe(
+    config: ml_collections.ConfigDict,
+    mode: str,
+    workdir: str,
+    *,
+    split: str = "private_test",
+    checkpoint: str | None = None,
+    allow_config_changes: bool = False,
+) -> list[str]:
+    """`--mode=check`'s report of what `fer_jax.main --mode=mode` would run; compiles,
+    trains and writes nothing. Raises UserError (one line) where the run would fail at once."""
+    import jax
+
+    found = check(config, mode, workdir, split, count=True)
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    lines = [f"fer_jax.main --mode={mode}: the config is valid; stages:"]
+    for i, item in enumerate(found, 1):
+        lines += _stage_lines(i, item, len(devices), workdir)
+    if mode == "evaluate":
+        target = checkpoint or workdir
+        there = "found" if _checkpoint_exists(target) else "NOT FOUND"
+        lines.append(f"  checkpoint: {target} ({there})")
+    for item in found:
+        init = item.stage.config.get("init_from", "")
+        if init and item.stage.field == "config" and not _checkpoint_exists(init):
+            lines.append(
+                f"  warning: config.init_from={init} does not exist (yet): the run needs it"
+            )
+    lines.append(f"devices: {len(devices)} x {', '.join(kinds)} ({devices[0].platform}): {devices}")
+    lines += _workdir_lines(config, mode, workdir, allow_config_changes)
+    lines.append("check passed: nothing was compiled, trained or written")
+    return lines

@@ -1,0 +1,470 @@
+r"""The pretrained model shipped inside the package: one weights file, its manifest, the loader.
+
+Why: a newcomer's first command (`python -m fer_jax.predict --example`, or a photo of their
+own) should work with no dataset, no training run and no download. The trained network travels
+with the package as `fer_jax/weights/<name>.npz`, small enough for a wheel (the full-width
+CBAM-ResNet18, 11.26M parameters, is ~22.5 MB in bfloat16), and is checked before use.
+
+Files, for a model `<name>` (`DEFAULT_NAME` is the one the tools use):
+  `<name>.npz`   a NumPy zip (uncompressed, no pickles): `params/<module>/.../<leaf>` as
+                 bfloat16 bit patterns (uint16: NumPy has no bfloat16; `ml_dtypes` converts),
+                 `batch_stats/...` (BatchNorm statistics) as float32, and `__meta__`: UTF-8 JSON
+                 bytes (uint8) of the metadata below. Written with fixed zip timestamps, so the
+                 same checkpoint always gives the same bytes.
+  `<name>.json`  the manifest: the `.npz`'s byte size and sha256, and the same metadata,
+                 readable without loading the arrays.
+Metadata: `model` (the config's model section: num_classes, width, cbam, head, dropout_rate,
+conv_impl, ...), `class_names`, `provenance` (what the writer was given: source run, step,
+accuracies), `leaves` (each array's shape and the dtype it is stored in), `format_version`.
+
+Loading (`load`) reads the file once, checks its size and sha256 against the manifest, its
+arrays against the metadata and (by default) against the model the metadata describes, and
+returns float32 variables. Anything wrong is one `PretrainedError` (a `UserError`: the command
+lines print one `error: ...` line and exit with status 2) naming the file and the problem.
+
+Everywhere a checkpoint path is accepted, `pretrained` means the default model, `pretrained:NAME`
+another one (a name, or a path to an `.npz`), and a path ending in `.npz` that file
+(`fer_jax.checkpoint.load_variables`): `python -m fer_jax.predict photo.jpg` (the default
+there), `--checkpoint=pretrained` of `fer_jax.main --mode=evaluate` and `fer_jax.export`,
+`--config.init_from=pretrained`, `Recognizer.pretrained()`.
+
+Names are looked up in `fer_jax/weights/` (found from this file's path: editable and regular
+installs alike), or in the directory `$FER_JAX_WEIGHTS_DIR` names when it is set (tests, or
+weights kept outside the package).
+
+Make the file from a finished run (its best checkpoint, as `fer_jax.main` selected it;
+`fer_jax/pretrained/__main__.py`):
+
+    python -m fer_jax.pretrained --from=runs/fer2013 --out=fer_jax/weights/NAME.npz \
+        [--results=runs/fer2013/results.json]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from fer_jax.user_errors import UserError
+
+DEFAULT_NAME = "cbam_resnet18_fer2013"
+WEIGHTS_DIR_ENV = "FER_JAX_WEIGHTS_DIR"
+REFERENCE = "pretrained"  # the word that names the shipped model where a checkpoint goes
+FORMAT_VERSION = 1
+META_KEY = "__meta__"
+COLLECTIONS = ("params", "batch_stats")
+PARAM_DTYPES = ("bfloat16", "float32")
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed: the same variables give the same bytes
+
+
+class PretrainedError(UserError):
+    """A pretrained weights file that cannot be used: missing, corrupt, truncated, or not
+    matching its metadata. The message names the file and what to do."""
+
+
+class NotInstalledError(PretrainedError):
+    """The default pretrained model is not in this installation."""
+
+
+# ----------------------------------------------------------------------------- locations
+
+
+def weights_dir() -> str:
+    """Where model names are looked up: `$FER_JAX_WEIGHTS_DIR`, else `fer_jax/weights/`."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fer_jax/
+    return os.environ.get(WEIGHTS_DIR_ENV) or os.path.join(package, "weights")
+
+
+def _is_path(name_or_path: str) -> bool:
+    return name_or_path.endswith(".npz") or "/" in name_or_path or os.sep in name_or_path
+
+
+def resolve(name_or_path: str | os.PathLike | None = None) -> str:
+    """The `.npz` path of a model name (in `weights_dir()`), or of an explicit path; None is
+    `DEFAULT_NAME`."""
+    name = DEFAULT_NAME if name_or_path is None else os.fspath(name_or_path)
+    if _is_path(name):
+        return os.path.abspath(os.path.expanduser(name))
+    return os.path.join(weights_dir(), f"{name}.npz")
+
+
+def manifest_path(npz_path: str) -> str:
+    """The manifest next to a weights file: `<name>.json`."""
+    return os.path.splitext(npz_path)[0] + ".json"
+
+
+def available(name_or_path: str | os.PathLike | None = None) -> bool:
+    """Whether the model's weights file and manifest are installed (not verified: `load` does)."""
+    path = resolve(name_or_path)
+    return os.path.isfile(path) and os.path.isfile(manifest_path(path))
+
+
+def names() -> list[str]:
+    """The model names in `weights_dir()` that have both files."""
+    try:
+        files = sorted(os.listdir(weights_dir()))
+    except OSError:
+        return []
+    stems = [f[:-4] for f in files if f.endswith(".npz")]
+    return [s for s in stems if f"{s}.json" in files]
+
+
+def parse_reference(path: str | os.PathLike) -> tuple[bool, str | None]:
+    """`(is a pretrained reference, name or path)` of a checkpoint argument: `pretrained`
+    (None: the default model), `pretrained:NAME` (a name or an `.npz` path) or a path ending
+    in `.npz`."""
+    text = os.fspath(path)
+    if text == REFERENCE:
+        return True, None
+    if text.startswith(REFERENCE + ":"):
+        return True, text[len(REFERENCE) + 1 :] or None
+    if text.endswith(".npz"):
+        return True, text
+    return False, None
+
+
+def is_reference(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint argument names pretrained weights (`parse_reference`)."""
+    return parse_reference(path)[0]
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str, leaf: Any = np.asarray) -> dict[str, Any]:
+    """`{'prefix/a/b': leaf(value)}` of a nested dict."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}"
+        if "/" in str(key):
+            raise ValueError(f"variable name {key!r} contains '/'")
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name, leaf))
+        else:
+            out[name] = leaf(value)
+    return out
+
+
+def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` with NumPy scalars and arrays, tuples and ConfigDicts turned into JSON types."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _encode(key: str, value: np.ndarray, param_dtype: str) -> tuple[np.ndarray, str]:
+    """The stored array of one leaf and its dtype name."""
+    if not np.issubdtype(value.dtype, np.floating):
+        raise ValueError(f"{key}: expected floating-point values, got {value.dtype}")
+    value = value.astype(np.float32)
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"{key}: has NaN or infinite values (a diverged checkpoint?)")
+    if key.startswith("params/") and param_dtype == "bfloat16":
+        return value.astype(ml_dtypes.bfloat16).view(np.uint16), "bfloat16"
+    return value, "float32"
+
+
+def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """An `np.load`-able zip of `.npy` members (uncompressed), with fixed timestamps."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, array in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
+            info.external_attr = 0o644 << 16
+            with archive.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _write_atomic(directory: str, final: str, write: Any) -> None:
+    """Calls `write(tmp_path)`, then renames the temporary file to `final`."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(final)}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save(
+    variables: Mapping[str, Any],
+    model_config: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    meta: Mapping[str, Any],
+    class_names: Sequence[str] | None = None,
+    param_dtype: str = "bfloat16",
+) -> str:
+    """Writes `path` (`<name>.npz`) and its manifest `<name>.json`; returns the `.npz` path.
+
+    Each file is written to a temporary name and renamed when complete (the `.npz` first: a
+    crash between the two renames leaves a manifest that no longer matches, which `load`
+    reports), so a reader never sees half a file.
+
+    Args:
+      variables: `{'params': ..., 'batch_stats': ...}` nested dicts of float arrays (numpy or
+        jax; one model, not a replica run's stack).
+      model_config: the config's `model` section (`fer_jax.resnet.model_from_config` builds the
+        network from it).
+      meta: provenance, stored as given (JSON types): e.g. `source`, `step`, `accuracies`.
+      class_names: one per output (default: the FER2013 classes).
+      param_dtype: 'bfloat16' (the default: half the bytes) or 'float32' for the params;
+        BatchNorm statistics are always float32.
+
+    Raises:
+      ValueError: a collection is missing, a leaf is not finite, or the names do not fit.
+    """
+    from data_pipelines.labels import CLASS_NAMES
+
+    path = os.path.abspath(os.fspath(path))
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: the weights file name must end in .npz")
+    if param_dtype not in PARAM_DTYPES:
+        raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got {param_dtype!r}")
+    missing = [c for c in COLLECTIONS if c not in variables]
+    if missing:
+        raise ValueError(f"variables lack the collections {missing}")
+    model_config = _jsonable(dict(model_config))
+    class_names = list(CLASS_NAMES if class_names is None else class_names)
+    if "num_classes" in model_config and len(class_names) != model_config["num_classes"]:
+        raise ValueError(
+            f"{len(class_names)} class names for a model with {model_config['num_classes']} outputs"
+        )
+    arrays, leaves = {}, {}
+    for collection in COLLECTIONS:
+        for key, value in _flatten(variables[collection], collection).items():
+            arrays[key], dtype = _encode(key, value, param_dtype)
+            leaves[key] = {"shape": list(value.shape), "dtype": dtype}
+    name = os.path.splitext(os.path.basename(path))[0]
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "model": model_config,
+        "class_names": class_names,
+        "provenance": _jsonable(dict(meta)),
+        "leaves": leaves,
+    }
+    blob = json.dumps(metadata, sort_keys=True).encode("utf-8")
+    arrays[META_KEY] = np.frombuffer(blob, np.uint8)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    _write_atomic(directory, path, lambda tmp: _write_npz(tmp, arrays))
+    with open(path, "rb") as f:
+        data = f.read()
+    manifest = {
+        "file": os.path.basename(path),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "meta": metadata,
+    }
+
+    def write_manifest(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.write("\n")
+
+    _write_atomic(directory, manifest_path(path), write_manifest)
+    return path
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _hint(path: str) -> str:
+    """What to do about a bad file: reinstall a packaged one, rewrite one of the user's."""
+    if os.path.dirname(path) == os.path.abspath(weights_dir()):
+        return "reinstall fer_jax"
+    return "write it again: python -m fer_jax.pretrained --from=RUN_DIR --out=" + path
+
+
+def read_manifest(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The manifest of a model (its `meta` holds the metadata) without reading the weights.
+
+    Raises:
+      PretrainedError: the model is not installed, or its manifest is unreadable.
+    """
+    path = resolve(name_or_path)
+    manifest = manifest_path(path)
+    if not os.path.isfile(path):
+        if path == resolve(None):
+            raise NotInstalledError(
+                f"no pretrained model is installed: {path} does not exist (the trained weights "
+                "are not shipped with this copy of fer_jax); use a trained run instead: "
+                "--checkpoint=RUN_DIR (--config.init_from=RUN_DIR when training)"
+            )
+        found = names()
+        listed = f"; installed: {', '.join(found)}" if found else ""
+        raise PretrainedError(f"{path}: no such pretrained weights file{listed}")
+    try:
+        with open(manifest) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise PretrainedError(
+            f"{path}: its manifest {os.path.basename(manifest)} is missing (incomplete "
+            f"install or copy); {_hint(path)}"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise PretrainedError(f"{manifest}: unreadable manifest ({e}); {_hint(path)}") from e
+    if not isinstance(data, dict) or not {"bytes", "sha256"} <= set(data):
+        raise PretrainedError(f"{manifest}: not a weights manifest (no bytes/sha256)")
+    return data
+
+
+def _decode(path: str, data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays (float32) and metadata of a verified file's bytes."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            stored = {k: npz[k] for k in npz.files}
+        metadata = json.loads(stored.pop(META_KEY).tobytes().decode("utf-8"))
+        leaves = metadata["leaves"]
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise PretrainedError(f"{path}: not a fer_jax weights file ({e}); {_hint(path)}") from e
+    missing, extra = sorted(set(leaves) - set(stored)), sorted(set(stored) - set(leaves))
+    if missing or extra:
+        raise PretrainedError(
+            f"{path}: its arrays do not match its metadata: missing {missing[:5]}, unexpected "
+            f"{extra[:5]}; {_hint(path)}"
+        )
+    arrays = {}
+    for key, leaf in leaves.items():
+        value, dtype = stored[key], leaf.get("dtype")
+        if dtype == "bfloat16" and value.dtype == np.uint16:
+            value = value.view(ml_dtypes.bfloat16).astype(np.float32)
+        elif dtype != "float32" or value.dtype != np.float32:
+            raise PretrainedError(
+                f"{path}: {key} is stored as {value.dtype}, its metadata says {dtype}; "
+                f"{_hint(path)}"
+            )
+        if list(value.shape) != list(leaf.get("shape", [])):
+            raise PretrainedError(
+                f"{path}: {key} has shape {list(value.shape)}, its metadata says "
+                f"{leaf.get('shape')}; {_hint(path)}"
+            )
+        arrays[key] = value
+    return arrays, metadata
+
+
+def _check_against_model(path: str, metadata: Mapping[str, Any], arrays: Mapping) -> None:
+    """Raises unless the arrays are exactly the variables of the model in the metadata."""
+    import jax
+
+    from fer_jax.resnet import model_from_config
+
+    try:
+        model = model_from_config(metadata["model"], dropout_rate=0.0)
+    except (KeyError, TypeError, ValueError) as e:
+        raise PretrainedError(f"{path}: its model description is unusable ({e})") from e
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 44, 44, 1), np.float32))
+    want = {
+        key: shape
+        for collection in COLLECTIONS
+        for key, shape in _flatten(shapes[collection], collection, lambda a: tuple(a.shape)).items()
+    }
+    missing, extra = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
+    if missing or extra:
+        raise PretrainedError(
+            f"{path}: does not hold the variables of its model ({metadata['model']}): missing "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+            f"{'...' if len(extra) > 5 else ''}"
+        )
+    for key, shape in want.items():
+        if tuple(arrays[key].shape) != shape:
+            raise PretrainedError(
+                f"{path}: {key} has shape {tuple(arrays[key].shape)}, its model needs {shape}"
+            )
+
+
+def load(
+    name_or_path: str | os.PathLike | None = None, *, check_model: bool = True
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """`(model_config, variables, meta)` of a pretrained model, verified.
+
+    Args:
+      name_or_path: a model name in `weights_dir()` (None: `DEFAULT_NAME`) or a `.npz` path.
+      check_model: also check the arrays against the variables of the model the metadata
+        describes (tracing it: ~0.5 s at full width). Callers that check them anyway (the
+        checkpoint loaders) skip it.
+
+    Returns:
+      The model config (`fer_jax.resnet.model_from_config` input); the variables
+      `{'params', 'batch_stats'}` as float32 numpy (params: the stored bfloat16 values
+      exactly); the metadata (`model`, `class_names`, `provenance`, `leaves`, ...) with the
+      file's `path` and `sha256` added.
+
+    Raises:
+      NotInstalledError: the default model is not installed.
+      PretrainedError: the file or its manifest is missing, its size or sha256 differs from the
+        manifest (corrupt or truncated), or its arrays miss keys or have the wrong shapes.
+    """
+    path = resolve(name_or_path)
+    manifest = read_manifest(name_or_path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise PretrainedError(f"{path}: cannot read the weights file: {e}") from e
+    if len(data) != manifest["bytes"]:
+        raise PretrainedError(
+            f"{path}: {len(data)} bytes, its manifest says {manifest['bytes']} (truncated or "
+            f"incomplete file); {_hint(path)}"
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest["sha256"]:
+        raise PretrainedError(
+            f"{path}: sha256 mismatch (corrupt or incomplete file); {_hint(path)}"
+        )
+    arrays, metadata = _decode(path, data)
+    if check_model:
+        _check_against_model(path, metadata, arrays)
+    variables = _unflatten(arrays)
+    for collection in COLLECTIONS:
+        variables.setdefault(collection, {})
+    return dict(metadata["model"]), variables, {**metadata, "path": path, "sha256": digest}
+
+
+def load_as_checkpoint(reference: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """`(variables, meta, source)` as `fer_jax.checkpoint.load_variables` returns them, for a
+    checkpoint argument naming pretrained weights (`parse_reference`). `meta` has the
+    checkpoint fields its callers read (`model`, `step`, `epoch`) and `pretrained`: the file's
+    metadata."""
+    _, name_or_path = parse_reference(reference)
+    model_config, variables, metadata = load(name_or_path, check_model=False)
+    provenance = metadata.get("provenance", {})
+    meta = {
+        "model": model_config,
+        "step": provenance.get("step"),
+        "epoch": provenance.get("epoch"),
+        "pretrained": metadata,
+    }
+    return variables, meta, metadata["path"]
