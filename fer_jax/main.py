@@ -73,6 +73,12 @@ flags.DEFINE_string(
     "fer_jax.pretrained) (default: workdir).",
 )
 flags.DEFINE_string("split", "private_test", "evaluate: the split to evaluate.")
+flags.DEFINE_enum(
+    "crops",
+    "10",
+    ["10", "1"],
+    "evaluate: 10 averages the ten 44x44 crops (the paper's evaluation); 1 the centre crop alone.",
+)
 flags.DEFINE_string(
     "compilation_cache",
     "~/.cache/fer_jax/jax",
@@ -129,8 +135,9 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def evaluate_checkpoint(config, workdir: str, path: str, split: str) -> dict:
-    """Ten-crop metrics of a checkpoint on `split`, written to `workdir/eval/`.
+def evaluate_checkpoint(config, workdir: str, path: str, split: str, crops: int = 10) -> dict:
+    """Ten-crop (or `crops=1`: centre-crop) metrics of a checkpoint on `split`, written to
+    `workdir/eval/` (`<split>_evaluate[_centre_crop].json` and its confusion-matrix PNG).
 
     With `config.replicas = K` matching a replica run: each replica's and the ensemble's;
     with K = 1, a replica run's replica chosen on its select split (`checkpoint.init_from`).
@@ -141,11 +148,14 @@ def evaluate_checkpoint(config, workdir: str, path: str, split: str) -> dict:
     template = train.create_train_state(config, trainer.model, steps_per_epoch=1)
     state = trainer.parallel.replicate(checkpoint.init_from(path, template, config))
     images, labels = input_data.load_splits(config, [split])[split]
-    metrics = trainer.evaluate(state, images, labels)
-    reports = {f"{split}_evaluate": metrics}
+    metrics = trainer.evaluate(state, images, labels, crops=crops)
+    suffix = "" if crops == 10 else "_centre_crop"
+    reports = {f"{split}_evaluate{suffix}": metrics}
     if "replicas" in metrics:
-        reports = {f"{split}_evaluate_replica_{k}": m for k, m in enumerate(metrics["replicas"])}
-        reports[f"{split}_evaluate_ensemble"] = metrics["ensemble"]
+        reports = {
+            f"{split}_evaluate_replica_{k}{suffix}": m for k, m in enumerate(metrics["replicas"])
+        }
+        reports[f"{split}_evaluate_ensemble{suffix}"] = metrics["ensemble"]
     if jax.process_index() == 0:
         for name, report in reports.items():
             evaluate.write_report(os.path.join(workdir, "eval"), name, report)
@@ -263,7 +273,9 @@ def main(argv: list[str]) -> None:
                     config, workdir, allow_config_changes=FLAGS.allow_config_changes
                 )
             elif FLAGS.mode == "evaluate":
-                evaluate_checkpoint(config, workdir, FLAGS.checkpoint or workdir, FLAGS.split)
+                evaluate_checkpoint(
+                    config, workdir, FLAGS.checkpoint or workdir, FLAGS.split, int(FLAGS.crops)
+                )
             else:
                 cross_validate.run(config, workdir)
     except Interrupted as e:  # SIGTERM / Ctrl-C: checkpointed; the shell's 128 + signal

@@ -269,13 +269,16 @@ def test_predict_with_corrupt_weights_is_one_error_line(saved, tmp_path):
     ], result.stderr[-3000:]
 
 
-def test_evaluate_pretrained_on_a_files_split_writes_its_report(saved, tmp_path):
+@pytest.mark.parametrize("crops, report", [("10", "private_test_evaluate"), ("1", None)])
+def test_evaluate_pretrained_on_a_files_split_writes_its_report(saved, tmp_path, crops, report):
+    report = report or "private_test_evaluate_centre_crop"
     rows = synthetic_files.fer2013_rows((4, 4, 12), seed=1)
     text = synthetic_files.fer2013_csv_text(rows["images"], rows["labels"], rows["usages"])
     synthetic_files.write_fer2013(tmp_path / "fer2013", text)
     workdir = tmp_path / "eval_run"
     result = _run(
         "fer_jax.main",
+        f"--crops={crops}",
         "--mode=evaluate",
         "--checkpoint=pretrained",
         "--config=configs/fer2013.py",
@@ -288,6 +291,6 @@ def test_evaluate_pretrained_on_a_files_split_writes_its_report(saved, tmp_path)
         FER_JAX_WEIGHTS_DIR=str(saved[0]),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((workdir / "eval" / "private_test_evaluate.json").read_text())
-    assert report["num_examples"] == 12
-    assert "private_test_evaluate: " in result.stdout
+    metrics = json.loads((workdir / "eval" / f"{report}.json").read_text())
+    assert metrics["num_examples"] == 12
+    assert f"{report}: " in result.stdout
