@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -532,3 +533,21 @@ def test_profile_kinds_follow_the_module_path_and_direction():
     assert kind("copy.5", "") == "no source recorded"
     assert profile_step.torch_kind("aten::convolution_backward") == "convolution backward"
     assert profile_step.torch_kind("aten::native_batch_norm") == "BatchNorm"
+
+
+def test_model_card_training_time_sums_the_sessions_and_skips_the_gaps(tmp_path, monkeypatch):
+    """Two sessions of one resumed run (two event files): 300 s + 100 s of training logs, with
+    a 2.7 h pause between them that is not training time."""
+    from experiments import model_card
+    from fer_jax import summary_writer
+
+    clock = iter([1000.0, 1100.0, 1200.0, 1300.0, 11000.0, 11100.0])
+    # The events' clock only (TensorBoard's writer keeps the real one for its file names).
+    monkeypatch.setattr(summary_writer, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    for steps in ((100, 200, 300, 400), (500, 600)):
+        writer = summary_writer.SummaryWriter(str(tmp_path))
+        for step in steps:
+            writer.write_scalars(step, {"train_loss": 1.0})
+        writer.close()
+    assert model_card.training_wall_seconds(str(tmp_path)) == pytest.approx(400.0)
+    assert model_card.training_wall_seconds(str(tmp_path), tag="no_such_tag") is None

