@@ -31,8 +31,8 @@ def model_config(cbam: str | None, head: str) -> ml_collections.ConfigDict:
             # 'auto': CPU-fast forms (Winograd, matmul weight gradients) on CPU, XLA's on GPU.
             "conv_impl": "auto",
             # Operands of those forms' matmuls: 'float32', 'bfloat16' (float32 accumulation), or
-            # 'auto': bfloat16 on a CPU with AMX only (fer_jax.resnet.matmul_bf16). Opt-in until
-            # measured end to end on an AMX machine.
+            # 'auto': bfloat16 on a CPU with AMX only (fer_jax.model.resnet.matmul_bf16). Opt-in
+            # until measured end to end on an AMX machine.
             "matmul_dtype": "float32",
         }
     )
@@ -89,7 +89,7 @@ def run_fields(config: ml_collections.ConfigDict) -> None:
     # Replicas: K independent runs of the same network in one compiled program (vmapped over a
     # leading replica axis of the train state). Replica k uses seed `seed + k` unless
     # `replica_seeds` lists K seeds; `replica_overrides` may list K dicts of scalar fields
-    # (`fer_jax.replicas.OVERRIDABLE`, e.g. {'optimizer.learning_rate': 0.02}) per replica.
+    # (`fer_jax.training.replicas.OVERRIDABLE`, e.g. {'optimizer.learning_rate': 0.02}) per replica.
     config.replicas = 1
     config.replica_seeds = ()
     config.replica_overrides = ()

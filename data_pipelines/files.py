@@ -29,7 +29,7 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "jaffe": ("train",),
 }
 # Dataset -> the version of its TFDS builder: a built dataset lives in
-# <data_dir>/<name>/<version>/ (`fer_jax.data_check` looks there without importing TFDS).
+# <data_dir>/<name>/<version>/ (`fer_jax.training.data_check` looks there without importing TFDS).
 TFDS_VERSIONS: dict[str, str] = {"fer2013": "1.0.0", "jaffe": "1.0.0"}
 
 _log = logging.getLogger(__name__)

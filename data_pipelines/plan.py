@@ -1,7 +1,8 @@
 """The numpy side of the input pipelines: epoch plans, step counts, normalisation, checks.
 
-Shared by the tf.data pipelines (`pipelines`) and the on-device input of `fer_jax.train`
-(`fer_jax.device_input`), so that both feed exactly the same batches. Imports no TensorFlow.
+Shared by the tf.data pipelines (`pipelines`) and the on-device input of the training loop
+(`fer_jax.training.device_input`), so that both feed exactly the same batches. Imports no
+TensorFlow.
 
 The epoch plan comes from `np.random.default_rng([seed, epoch])`: the permutation of the N
 examples (the last N % B are dropped that epoch), then per example a crop offset (top, left),

@@ -9,7 +9,8 @@ below the others until the features are discriminative, and this network's class
 (post-ReLU, average-pooled) can lower the loss to log K by shrinking |x| to 0, which kills the
 final ReLUs for good. This script shows where that happens: every variant starts from the same
 seed and sees the same batches, and trains `--steps` steps through the repository's training
-loop, `fer_jax.train.fit` (no evaluation, no JAFFE cross-validation), in its own workdir (under
+loop, `fer_jax.training.loop.fit` (no evaluation, no JAFFE cross-validation), in its own workdir
+(under
 `--workdir_root`, else a temporary directory). The table is read back from the TensorBoard
 scalars `fit` logs every `--log_every` steps (`experiments.tb_curves.read_scalars`): loss,
 training accuracy and mean |x| at each logged step, each the mean over the steps since the
@@ -50,7 +51,7 @@ DEFAULT_VARIANTS = (
     "lambda15=loss.lambda_base=15,loss.lambda_gamma=0",
     "lambda5=loss.lambda_base=5,loss.lambda_gamma=0",
 )
-# The metrics of `train.train_step` that `fit` logs as `train_<key>` scalars, kept per log row.
+# The metrics of `steps.train_step` that `fit` logs as `train_<key>` scalars, kept per log row.
 LOGGED = ("loss", "accuracy", "feature_norm", "lambda", "learning_rate")
 SETTINGS_FILE = "asoftmax_collapse_run.json"
 
@@ -138,9 +139,10 @@ def logged_rows(workdir: str) -> list[dict[str, float]]:
 def train_variant(
     config, workdir: str, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """`args.steps` steps of `train.fit` in `workdir`; its logged rows and the epoch shape."""
+    """`args.steps` steps of `loop.fit` in `workdir`; its logged rows and the epoch shape."""
     from data_pipelines.plan import steps_per_epoch
-    from fer_jax import train
+    from fer_jax.training.loop import fit
+    from fer_jax.training.trainer import Trainer
 
     full_batches = steps_per_epoch(len(labels), config.batch_size)
     per_epoch = epoch_steps(args.steps, full_batches, args.log_every)
@@ -148,7 +150,7 @@ def train_variant(
     config.num_epochs = args.steps // per_epoch
     config.log_every_steps = args.log_every
     config.cross_validate = False
-    trainer = train.Trainer.create(config)
+    trainer = Trainer.create(config)
     # Dispatches of several steps (accelerators) end on the log steps.
     config.steps_per_dispatch = _largest_divisor_at_most(
         math.gcd(args.log_every, per_epoch), trainer.steps_per_dispatch
@@ -158,7 +160,7 @@ def train_variant(
         {"csv": os.path.abspath(args.csv), "train_examples": used, "config": config.to_dict()},
     )
     start = time.perf_counter()
-    train.fit(trainer, workdir, images[:used], labels[:used])
+    fit(trainer, workdir, images[:used], labels[:used])
     seconds = time.perf_counter() - start
     log = logged_rows(workdir)
     for row in log:
@@ -189,8 +191,9 @@ def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> st
     )
     lines = [
         "# A-Softmax feature-norm collapse: loss / mean |x| of the classifier input",
-        f"Width {args.width}, batch {args.batch_size}, {args.steps} steps of fer_jax.train.fit "
-        f"on FER2013 Training rows ({'; '.join(shapes)}; of the first {args.examples}), seed "
+        f"Width {args.width}, batch {args.batch_size}, {args.steps} steps of "
+        f"fer_jax.training.loop.fit on FER2013 Training rows ({'; '.join(shapes)}; of the first "
+        f"{args.examples}), seed "
         f"{args.seed}; each cell: training loss (mean over the steps since the previous column, "
         f"at most {args.log_every}) / mean |x|. log 7 = 1.946 is the loss of "
         "all-zero logits.",

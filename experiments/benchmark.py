@@ -13,13 +13,13 @@ contestant alike. Then the same for ten-crop evaluation batches. Contestants:
   its `a_softmax_loss`, `torch.optim.SGD(0.01, momentum 0.9, weight decay 5e-4)` after
   element-wise gradient clipping to 0.1 (the reference recipe), eager, NCHW,
   `torch.set_num_threads(--threads)`.
-- `jax:IMPL`: `fer_jax.train.train_step` / `eval_step` of `configs/fer2013.py`, jitted with
+- `jax:IMPL`: `fer_jax.training.steps.train_step` / `eval_step` of `configs/fer2013.py`, jitted with
   `config.model.conv_impl=IMPL` (`xla`, `matmul_grad`, `auto`) and no compiler options.
-  `jax:IMPL+eigen` also passes `compiler_options=fer_jax.conv.cpu_compiler_options()` (XLA:CPU
+  `jax:IMPL+eigen` also passes `compiler_options=fer_jax.model.conv.cpu_compiler_options()` (XLA:CPU
   convolutions by Eigen instead of YNNPACK): `auto+eigen` is what the Trainer runs on CPU.
   Every JAX worker first calls `fer_jax.host_memory.reuse_scratch_memory()`, as
   `python -m fer_jax.main` does, except with the suffix `+fresh_scratch` (e.g.
-  `auto+eigen+fresh_scratch`: what a script that drives `fer_jax.train` without it gets).
+  `auto+eigen+fresh_scratch`: what a script that drives `fer_jax.training.train` without it gets).
 - `jax:SPEC@REV` (e.g. `auto+eigen@96aab9e`): the same contestant from git commit REV (its
   tracked files, exported by `git archive` to the temp dir; the worker runs there), so that a
   change is measured before and after in one run, beside PyTorch:
@@ -79,7 +79,10 @@ class JaxContestant:
         import numpy as np
 
         from configs import fer2013
-        from fer_jax import conv, host_memory, train
+        from fer_jax import host_memory
+        from fer_jax.model import conv
+        from fer_jax.training.state import create_model, create_train_state
+        from fer_jax.training.steps import eval_step, train_step
 
         impl, *variants = spec.split("+")
         if "fresh_scratch" not in variants:
@@ -90,7 +93,7 @@ class JaxContestant:
         config.batch_size = args.batch
         self.config = config
         opts = conv.cpu_compiler_options() if "eigen" in variants else None
-        model = train.create_model(config)
+        model = create_model(config)
         rng = np.random.default_rng(0)
         self.batch = {
             "image": jnp.asarray(rng.random((args.batch, 44, 44, 1), np.float32)),
@@ -102,9 +105,9 @@ class JaxContestant:
             "label": jnp.asarray(rng.integers(0, 7, b).astype(np.int32)),
             "mask": jnp.ones((b,), bool),
         }
-        state = train.create_train_state(config, model, steps_per_epoch=448)
-        step = functools.partial(train.train_step, config=config, axis_name=None)
-        evaluate = functools.partial(train.eval_step, axis_name=None)
+        state = create_train_state(config, model, steps_per_epoch=448)
+        step = functools.partial(train_step, config=config, axis_name=None)
+        evaluate = functools.partial(eval_step, axis_name=None)
         t = time.perf_counter()
         self.train_fn = (
             jax.jit(step, donate_argnums=0, compiler_options=opts)
@@ -488,9 +491,9 @@ def _f(x: float | None, spec: str) -> str:
 
 
 def train_gflop_per_image(args: argparse.Namespace) -> float:
-    """GFLOP per training image of the benchmarked model (`fer_jax.flops`, 3 x forward)."""
+    """GFLOP per training image of the benchmarked model (`fer_jax.model.flops`, 3 x forward)."""
     from configs import fer2013
-    from fer_jax.flops import model_flops_per_image
+    from fer_jax.model.flops import model_flops_per_image
 
     config = fer2013.get_config(f"cbam={args.cbam},head={args.head}")
     config.model.width = args.width

@@ -3,8 +3,8 @@
     python -m experiments.bf16_matmul [--reps 5] [--out experiments/results/bf16_matmul_<cpu>]
 
 For each stage (batch 64: 44x44x64, 22x22x128, 11x11x256, 6x6x512) it times the 16 batched
-`(tiles, C) @ (C, C)` matmuls of one Winograd convolution, as `fer_jax.conv` runs them: float32,
-and bfloat16 operands with float32 accumulation (`preferred_element_type`, what
+`(tiles, C) @ (C, C)` matmuls of one Winograd convolution, as `fer_jax.model.conv` runs them:
+float32, and bfloat16 operands with float32 accumulation (`preferred_element_type`, what
 `conv_impl='...:bf16'` / `model.matmul_dtype` select). Prints GFLOP/s and the ratio, names the
 CPU and its bf16 flags (amx_bf16, avx512_bf16), and writes `results.json` + `results.md`.
 Median of `--reps` timed calls after one warm-up; run it on a quiet machine.
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import provenance
-from fer_jax import resnet
+from fer_jax.model import resnet
 
 # (tiles = 64 images x (H/2)^2, channels) of the stride-1 3x3 convolutions of each stage.
 SHAPES = ((64 * 22 * 22, 64), (64 * 11 * 11, 128), (64 * 6 * 6, 256), (64 * 3 * 3, 512))

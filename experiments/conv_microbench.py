@@ -1,4 +1,4 @@
-"""Microbenchmark of fer_jax.conv.conv2d impls vs PyTorch at the CBAM-ResNet18 shapes.
+"""Microbenchmark of fer_jax.model.conv.conv2d impls vs PyTorch at the CBAM-ResNet18 shapes.
 
 Times forward and forward+backward (grads w.r.t. input and kernel) of every convolution shape of
 the network, per impl, interleaved in one run (impls alternate within each repetition; the
@@ -10,7 +10,7 @@ weights each shape by its uses per forward: the network's convolution time per t
         [--impls xla matmul_grad+eigen ...] [--dtype bfloat16] [--stat min] [--no-torch]
 
 Columns ``xla`` / ``matmul_grad`` / ``auto`` are ``conv2d(impl=...)`` under ``jax.jit``; ``+eigen``
-is the same jitted with ``compiler_options=fer_jax.conv.cpu_compiler_options()``.
+is the same jitted with ``compiler_options=fer_jax.model.conv.cpu_compiler_options()``.
 
 What was tried (2-core Xeon, AVX-512/AMX, shared with other jobs at load 3-6, so +-30% noise;
 jax 0.10.2, torch 2.13 with 2 threads, B=64, f32, fwd+bwd ms unless noted):
@@ -102,7 +102,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fer_jax import conv
+from fer_jax.model import conv
 
 # short name: (H=W, Cin, Cout, k, stride, padding, uses per CBAM-ResNet18 forward). All convs of
 # the network, so the weighted sum is its convolution time per train step.

@@ -1,4 +1,4 @@
-"""FLOPs per image of the network, counted from the model (`fer_jax.flops`) and by XLA.
+"""FLOPs per image of the network, counted from the model (`fer_jax.model.flops`) and by XLA.
 
     python -m experiments.flops [--width 64] [--cbam channel_first] [--head a_softmax]
 
@@ -13,13 +13,13 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from fer_jax.flops import lowered_flops, model_flops_per_image
+from fer_jax.model.flops import lowered_flops, model_flops_per_image
 
 
 def main() -> None:
     """Prints the analytic and XLA FLOP counts of one configuration."""
     from configs import fer2013
-    from fer_jax.resnet import model_from_config
+    from fer_jax.model.resnet import model_from_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--width", type=int, default=64)

@@ -1,4 +1,5 @@
-"""The two input modes of `fer_jax.train.fit` side by side: training and ten-crop evaluation speed.
+"""The two input modes of `fer_jax.training.loop.fit` side by side: training and ten-crop
+evaluation speed.
 
     python -m experiments.input_modes [--width 64] [--batch 64] [--steps 12] [--reps 2] \
         [--modes device tf_data device:8] [--out experiments/results/input_pipeline_cpu]
@@ -31,7 +32,8 @@ MODES = ("device", "tf_data")
 def run_mode(mode: str, args: argparse.Namespace, data: dict, eval_data: dict) -> dict[str, Any]:
     """One epoch of training and two evaluations with `config.input_pipeline = mode`."""
     from configs import fer2013
-    from fer_jax import train
+    from fer_jax.training.loop import fit
+    from fer_jax.training.trainer import Trainer
 
     config = fer2013.get_config()
     config.input_pipeline, _, steps_per_dispatch = mode.partition(":")
@@ -42,9 +44,9 @@ def run_mode(mode: str, args: argparse.Namespace, data: dict, eval_data: dict) -
     config.num_epochs = 1
     config.log_every_steps = args.steps
     config.cross_validate = False
-    trainer = train.Trainer.create(config)
+    trainer = Trainer.create(config)
     with tempfile.TemporaryDirectory() as workdir:
-        out = train.fit(trainer, workdir, data["image"], data["label"])
+        out = fit(trainer, workdir, data["image"], data["label"])
     state = trainer.parallel.replicate(out["state"])
     seconds = []
     for _ in range(2):
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--modes: {mode!r} is not device, device:K or tf_data")
 
     from experiments import provenance
-    from fer_jax import synthetic_data
+    from fer_jax.training import synthetic_data
 
     data = synthetic_data.make_split(args.batch * args.steps, seed=0)
     eval_data = synthetic_data.make_split(args.eval_images, seed=1)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "median": summary,
     }
     lines = [
-        f"Input modes of `fer_jax.train.fit`, width {args.width}, batch {args.batch}, "
+        f"Input modes of `fer_jax.training.loop.fit`, width {args.width}, batch {args.batch}, "
         f"{args.steps} steps x {args.reps} repetitions (median), CPU: "
         f"{report['provenance']['hardware']['cpu_model']}",
         "",

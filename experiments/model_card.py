@@ -5,7 +5,7 @@
         [--weights=fer_jax/weights/cbam_resnet18_fer2013.npz]
 
 1. Converts the run's selected checkpoint (chosen on its select split) to the package's weights
-   file (`fer_jax.pretrained`: bfloat16 parameters, float32 BatchNorm statistics).
+   file (`fer_jax.model.pretrained`: bfloat16 parameters, float32 BatchNorm statistics).
 2. Evaluates both, the float32 checkpoint and the bfloat16 file, on the select and report splits
    (PublicTest and PrivateTest), with ten crops and with the centre crop: 8 evaluations, the
    run's own config (its `config.json`) with the data source given here.
@@ -28,7 +28,9 @@ from typing import Any
 import ml_collections
 
 from experiments import provenance, run_summary
-from fer_jax import evaluate
+from fer_jax.training import evaluate
+from fer_jax.training.state import create_train_state
+from fer_jax.training.trainer import Trainer
 
 SPLITS = ("public_test", "private_test")
 CROPS = (10, 1)
@@ -51,10 +53,10 @@ def _config(run: str, data_source: str | None, manual_dir: str | None, data_dir:
 
 def _evaluate_all(config, sources: dict[str, str], out: str) -> dict[str, Any]:
     """`{precision: {split: {crops: metrics}}}` of each source (a checkpoint argument)."""
-    from fer_jax import checkpoint, input_data, train
+    from fer_jax.training import checkpoint, input_data
 
-    trainer = train.Trainer.create(config)
-    template = train.create_train_state(config, trainer.model, steps_per_epoch=1)
+    trainer = Trainer.create(config)
+    template = create_train_state(config, trainer.model, steps_per_epoch=1)
     splits = input_data.load_splits(config, list(SPLITS))
     found: dict[str, Any] = {}
     for precision, source in sources.items():
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data_dir", default=None)
     args = parser.parse_args(argv)
     from fer_jax import host_memory
-    from fer_jax.pretrained.__main__ import convert
+    from fer_jax.inference.save_pretrained import convert
 
     results_path = os.path.join(args.run, "results.json")
     if not os.path.isfile(results_path):

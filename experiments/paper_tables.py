@@ -405,8 +405,8 @@ def plot_accuracy_bars(
 
 
 def plot_confusion(metrics: dict[str, Any], path: str, title: str) -> None:
-    """Row-normalised confusion heat map (`fer_jax.evaluate.plot_confusion`)."""
-    from fer_jax import evaluate
+    """Row-normalised confusion heat map (`fer_jax.training.evaluate.plot_confusion`)."""
+    from fer_jax.training import evaluate
 
     evaluate.plot_confusion(metrics["confusion_normalized"], metrics["class_names"], path, title)
 

@@ -3,13 +3,13 @@
     python -m experiments.predict_speed                 # full width, 64 faces per call
     python -m experiments.predict_speed --width 16 --faces 16 --reps 3
 
-A randomly initialised full-width model (`fer_jax.resnet.ResNet18`; speed does not depend on
-the weights) in `fer_jax.recognizer.Recognizer` with `crops=10` and `crops=1`, each compiled
-and warmed up first, then timed in turn (`--reps` rounds, median) on the same `--faces`
+A randomly initialised full-width model (`fer_jax.model.resnet.ResNet18`; speed does not depend on
+the weights) in `fer_jax.inference.recognizer.Recognizer` with `crops=10` and `crops=1`, each
+compiled and warmed up first, then timed in turn (`--reps` rounds, median) on the same `--faces`
 random 48x48 faces, one `predict_faces` call of `--faces` faces per round. Alongside, the same
-model exported by `fer_jax.export` (ten crops, `model.stablehlo`), serialised, deserialised and
-run as a user without this code would, `jax.jit(exported.call)`, and with the XLA:CPU option the
-recogniser compiles with (`fer_jax.conv.cpu_compiler_options()`, i.e.
+model exported by `fer_jax.inference.export` (ten crops, `model.stablehlo`), serialised,
+deserialised and run as a user without this code would, `jax.jit(exported.call)`, and with the
+XLA:CPU option the recogniser compiles with (`fer_jax.model.conv.cpu_compiler_options()`, i.e.
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot`); and the recogniser called
 with one face at a time (as video frames arrive: would batching faces across frames pay?).
 Writes the table to
@@ -37,9 +37,10 @@ def main() -> None:
     ap.add_argument("--out", help="results folder")
     args = ap.parse_args()
 
-    from fer_jax import conv, export
-    from fer_jax.recognizer import CROP_CHOICES, Recognizer
-    from fer_jax.resnet import ResNet18
+    from fer_jax.inference import export
+    from fer_jax.inference.recognizer import CROP_CHOICES, Recognizer
+    from fer_jax.model import conv
+    from fer_jax.model.resnet import ResNet18
 
     model = ResNet18(width=args.width, cbam="channel_first", head="a_softmax")
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 44, 44, 1)))

@@ -17,8 +17,8 @@ turn, in this process:
   (its elementwise `mul` / `add`, e.g. CBAM's gating and the residual sums, land in "other").
 
 "convolution backward" is, for fer_jax, the input and weight gradients XLA runs as convolutions
-and the Winograd input gradients (`fer_jax.conv`'s `winograd` name scope; its forwards count as
-"convolution forward"); the rest of the weight gradients are the matmul row
+and the Winograd input gradients (`fer_jax.model.conv`'s `winograd` name scope; its forwards count
+as "convolution forward"); the rest of the weight gradients are the matmul row
 (`weight_grad_matmul` scope). For PyTorch: its whole convolution backward.
 XLA's weight-gradient convolutions carry no op_name; a convolution without one counts as backward.
 The JAX profiler slows the step by ~15%: the table's wall times are the profiled ones. The
@@ -62,7 +62,7 @@ def jax_kind(thunk: str, op_name: str) -> str:
     """The layer kind of one XLA thunk, from its name and its HLO `op_name` metadata."""
     backward = "transpose(" in op_name
     path = op_name.split("/")
-    if "winograd" in path:  # fer_jax.conv's Winograd forward and input gradient
+    if "winograd" in path:  # fer_jax.model.conv's Winograd forward and input gradient
         return "convolution backward" if backward else "convolution forward"
     if "weight_grad_matmul" in path or "/while" in op_name or thunk.startswith("while"):
         return "weight gradient as matmuls (fer_jax)"

@@ -4,7 +4,7 @@
     python -m experiments.replica_speed --replica_maps vmap unroll   # both ways for K = 4
     python -m experiments.replica_speed --width 16 --replicas 1 2 4 --steps 2 --reps 2
 
-Each K gets the Trainer's own training function (`fer_jax.train.Trainer.train_fn`, the
+Each K gets the Trainer's own training function (`fer_jax.training.trainer.Trainer.train_fn`, the
 device input, `steps_per_dispatch` of the platform unless `--steps_per_dispatch`), compiled
 and warmed up first on FER2013-sized random uint8 images; then the K's are timed in turn
 (`--reps` rounds of `--steps` steps each, median), so load from elsewhere hits all alike.
@@ -27,7 +27,9 @@ from experiments import provenance
 def _trainer(k: int, replica_map: str, args: argparse.Namespace):
     from configs import fer2013
     from data_pipelines.plan import epoch_plan
-    from fer_jax import device_input, replicas, train
+    from fer_jax.training import device_input, replicas
+    from fer_jax.training.state import create_train_state
+    from fer_jax.training.trainer import Trainer
 
     config = fer2013.get_config()
     config.model.width = args.width
@@ -35,14 +37,14 @@ def _trainer(k: int, replica_map: str, args: argparse.Namespace):
     config.replicas = k
     config.replica_map = replica_map
     config.steps_per_dispatch = args.steps_per_dispatch
-    trainer = train.Trainer.create(config)
+    trainer = Trainer.create(config)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 48, 48, 1), np.uint8)
     labels = rng.integers(0, 7, args.images).astype(np.int32)
     data = device_input.put_train_arrays(trainer.parallel, images, labels)
     fn = trainer.train_fn(data.layout)
     steps_per_epoch = args.images // args.batch
-    state = trainer.parallel.replicate(train.create_train_state(config, trainer.model, 448))
+    state = trainer.parallel.replicate(create_train_state(config, trainer.model, 448))
     plans = [epoch_plan(args.images, args.batch, seed=s, epoch=0) for s in replicas.seeds(config)]
     plan = plans[0] if k == 1 else replicas.stack_plans(plans)
     per_call = trainer.steps_per_dispatch

@@ -14,14 +14,14 @@ or 2 with the one-line error: it compiles, trains and writes nothing. It checks 
 
 `--config.FIELD=VALUE` overrides a config field; an unknown field is an error. Running the
 same command again resumes from the latest checkpoint in the workdir, with the same recipe
-(`fer_jax.run_config`; `--allow_config_changes` lets it change).
+(`fer_jax.training.run_config`; `--allow_config_changes` lets it change).
 
-Before any work the config is validated (`fer_jax.config_schema`) and every stage's data
-is looked for (`fer_jax.data_check`: FER2013 and, with config.cross_validate, the JAFFE of the
-cross-validation after it), then the run takes the workdir's lock (`fer_jax.workdir_lock`)
-for its whole length. A mistake in the input (flags, config, paths, data, checkpoint, a busy
-workdir) prints one `error: ...` line and exits with status 2 (`--verbose` or
-FER_JAX_VERBOSE=1: with the traceback); a bug exits with status 1 and its traceback
+Before any work the config is validated (`fer_jax.training.config_schema`) and every stage's data
+is looked for (`fer_jax.training.data_check`: FER2013 and, with config.cross_validate, the JAFFE of
+the cross-validation after it), then the run takes the workdir's lock
+(`fer_jax.training.workdir_lock`) for its whole length. A mistake in the input (flags, config,
+paths, data, checkpoint, a busy workdir) prints one `error: ...` line and exits with status 2
+(`--verbose` or FER_JAX_VERBOSE=1: with the traceback); a bug exits with status 1 and its traceback
 (`fer_jax.user_errors`).
 
 Data (nothing is downloaded; `--config.manual_dir=DIR` for the main dataset,
@@ -47,7 +47,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fer_jax import config_schema, data_check, host_memory, user_errors, workdir_lock
+from fer_jax import host_memory, user_errors
+from fer_jax.training import config_schema, data_check, workdir_lock
+from fer_jax.training.state import create_train_state
+from fer_jax.training.trainer import Trainer
 from fer_jax.user_errors import UserError
 
 FLAGS = flags.FLAGS
@@ -70,7 +73,7 @@ flags.DEFINE_string(
     "checkpoint",
     None,
     "evaluate: run dir, checkpoint dir or 'pretrained' (the model shipped in the package; "
-    "fer_jax.pretrained) (default: workdir).",
+    "fer_jax.model.pretrained) (default: workdir).",
 )
 flags.DEFINE_string("split", "private_test", "evaluate: the split to evaluate.")
 flags.DEFINE_enum(
@@ -142,10 +145,10 @@ def evaluate_checkpoint(config, workdir: str, path: str, split: str, crops: int 
     With `config.replicas = K` matching a replica run: each replica's and the ensemble's;
     with K = 1, a replica run's replica chosen on its select split (`checkpoint.init_from`).
     """
-    from fer_jax import checkpoint, evaluate, input_data, train
+    from fer_jax.training import checkpoint, evaluate, input_data
 
-    trainer = train.Trainer.create(config)
-    template = train.create_train_state(config, trainer.model, steps_per_epoch=1)
+    trainer = Trainer.create(config)
+    template = create_train_state(config, trainer.model, steps_per_epoch=1)
     state = trainer.parallel.replicate(checkpoint.init_from(path, template, config))
     images, labels = input_data.load_splits(config, [split])[split]
     metrics = trainer.evaluate(state, images, labels, crops=crops)
@@ -168,7 +171,7 @@ def evaluate_checkpoint(config, workdir: str, path: str, split: str, crops: int 
 def train_then_cross_validate(config, workdir: str, *, allow_config_changes: bool = False) -> dict:
     """The main job: train on `config.dataset`, then (`config.cross_validate`) fine-tune the
     selected model on JAFFE's folds in `workdir/cross_validation`; returns `results.json`."""
-    from fer_jax import cross_validate, evaluate, train
+    from fer_jax.training import cross_validate, evaluate, train
 
     results = train.train_and_evaluate(config, workdir, allow_config_changes=allow_config_changes)
     if config.get("cross_validate"):
@@ -253,7 +256,7 @@ def main(argv: list[str]) -> None:
         initialize_distributed()
     else:  # on CPU: scratch memory kept between steps (not tried with cross-process collectives)
         host_memory.reuse_scratch_memory()
-    from fer_jax import checkpoint, cross_validate
+    from fer_jax.training import checkpoint, cross_validate
 
     logging.get_absl_handler().addFilter(_QuietLibraries())
     logging.info(
@@ -264,7 +267,7 @@ def main(argv: list[str]) -> None:
         jax.devices(),
     )
     workdir = checkpoint.prepare_workdir(FLAGS.workdir)
-    from fer_jax.train import Interrupted
+    from fer_jax.training.signals import Interrupted
 
     try:
         with workdir_lock.hold(workdir):

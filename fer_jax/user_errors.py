@@ -70,7 +70,7 @@ def user_message(error: BaseException) -> str | None:
     ):
         return _path_message(error)
     user_types = [
-        _module_class("fer_jax.checkpoint", "CheckpointError"),
+        _module_class("fer_jax.training.checkpoint", "CheckpointError"),
         _module_class("absl.flags", "Error"),
     ]
     if any(t is not None and isinstance(error, t) for t in user_types):

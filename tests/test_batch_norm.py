@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fer_jax import batch_norm
-from fer_jax.batch_norm import BatchNorm
+from fer_jax.model import batch_norm
+from fer_jax.model.batch_norm import BatchNorm
 
 
 def _run(impl: str, x: jax.Array, axis_name=None):
@@ -113,7 +113,7 @@ CROSS_DEVICE_SCRIPT = textwrap.dedent(
     from functools import partial
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
-    from fer_jax.batch_norm import BatchNorm
+    from fer_jax.model.batch_norm import BatchNorm
 
     x = jax.random.normal(jax.random.key(1), (8, 6, 6, 5)) * 2 + 1
     w = jax.random.normal(jax.random.key(2), x.shape)

@@ -72,7 +72,7 @@ def test_missing_dataset_files(tmp_path):
         f"--config.manual_dir={empty}",
         "--config.cross_validate=False",
     )
-    line = _user_error(result)  # before any work (fer_jax.data_check)
+    line = _user_error(result)  # before any work (fer_jax.training.data_check)
     assert line.startswith("error: FER2013 (training) not found: no FER2013 file (fer2013.csv, ")
     assert f"in config.manual_dir={empty}" in line
     assert "Kaggle's \"Challenges in Representation Learning" in line  # where to get it

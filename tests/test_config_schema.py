@@ -1,4 +1,5 @@
-"""Config validation (`fer_jax.config_schema`): each kind of mistake gives one line naming the
+"""Config validation (`fer_jax.training.config_schema`): each kind of mistake gives one line naming
+the
 field, the value and what is allowed; every shipped config is valid."""
 
 from __future__ import annotations
@@ -7,8 +8,11 @@ import ml_collections
 import pytest
 
 from configs import fer2013, jaffe, synthetic
-from fer_jax import cbam, config_schema, conv, optim, parallel, resnet, train
-from fer_jax.config_schema import validate
+from fer_jax.model import cbam, conv, resnet
+from fer_jax.training import config_schema, optim, parallel
+from fer_jax.training.config_schema import validate
+from fer_jax.training.state import LAMBDA_UNITS
+from fer_jax.training.trainer import INPUT_PIPELINES
 from fer_jax.user_errors import UserError
 
 
@@ -86,9 +90,9 @@ def test_not_one_of_the_choices_which_come_from_the_code():
     for path, constants in [
         ("model.head", resnet.HEADS),
         ("model.conv_impl", conv.IMPLS),
-        ("loss.lambda_per", train.LAMBDA_UNITS),
+        ("loss.lambda_per", LAMBDA_UNITS),
         ("parallelism", parallel.MODES),
-        ("input_pipeline", ("", *train.INPUT_PIPELINES)),
+        ("input_pipeline", ("", *INPUT_PIPELINES)),
         ("optimizer.schedule", optim.SCHEDULES),
         ("jaffe.fold_protocol", ("random", "subject")),
     ]:
@@ -135,7 +139,9 @@ def test_missing_field_and_fields_that_go_together():
     assert _error(config) == "config.batch_size is missing; the config must set it"
     config = fer2013.get_config()
     config.data_source = "files"
-    validate(config)  # whether its data is there: fer_jax.data_check (tests/test_data_check.py)
+    validate(
+        config
+    )  # whether its data is there: fer_jax.training.data_check (tests/test_data_check.py)
     config = synthetic.get_config()
     config.report_split = "test"
     assert _error(config) == (
@@ -160,7 +166,7 @@ def test_replica_fields():
     config.replica_seeds = []
     config.replica_overrides = [{"optimizer.learning_rate": 0.1}, {}]
     validate(config)
-    config.replica_overrides = [{"optimizer.name": "adamw"}, {}]  # fer_jax.replicas.check
+    config.replica_overrides = [{"optimizer.name": "adamw"}, {}]  # fer_jax.training.replicas.check
     assert "optimizer.name" in _error(config)
 
 

@@ -1,4 +1,4 @@
-"""fer_jax.conv: every impl equals the plain XLA convolution (values and both gradients)."""
+"""fer_jax.model.conv: every impl equals the plain XLA convolution (values and both gradients)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from fer_jax import conv
+from fer_jax.model import conv
 
 # (batch, H=W, Cin, Cout, k, stride, padding); batch 4 runs the chunked (lax.scan) weight
 # gradient, batch 3 and 1 the single-chunk path.

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fer_jax import convert
+from fer_jax.model import convert
 
 torch = pytest.importorskip("torch")
 from tests import torch_reference as ref  # noqa: E402

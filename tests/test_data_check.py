@@ -1,5 +1,6 @@
-"""`fer_jax.data_check` and `fer_jax.main --mode=check`: every stage's data is looked for before
-any work, a missing one is one line naming it and the ways out, and check mode reports the run.
+"""`fer_jax.training.data_check` and `fer_jax.main --mode=check`: every stage's data is looked for
+before any work, a missing one is one line naming it and the ways out, and check mode reports the
+run.
 
 The data fixtures here (`fer2013_dir`, `jaffe_dir`: tiny files in the publishers' formats) are
 also those of tests/test_readme_commands.py.
@@ -20,7 +21,7 @@ import pytest
 from configs import fer2013, fer2013_cpu, jaffe, synthetic
 from data_pipelines import files
 from data_pipelines import synthetic as synthetic_files
-from fer_jax import data_check
+from fer_jax.training import data_check
 from fer_jax.user_errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -204,7 +205,7 @@ def test_describe_each_config(get_config, mode, first, fer2013_dir, jaffe_dir, t
 
 
 def test_describe_a_workdir_to_resume_refuses_a_changed_recipe_or_a_busy_one(fer2013_dir, tmp_path):
-    from fer_jax import run_config
+    from fer_jax.training import run_config
 
     config = _config("files", fer2013_dir, cross_validate=False)
     workdir = tmp_path / "run"

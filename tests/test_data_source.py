@@ -7,7 +7,7 @@ import pytest
 
 from configs import fer2013 as fer2013_config
 from data_pipelines import synthetic
-from fer_jax import input_data
+from fer_jax.training import input_data
 
 ROWS = synthetic.fer2013_rows((6, 3, 2), seed=4)
 SPLITS = ["train", "public_test", "private_test"]

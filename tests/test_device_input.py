@@ -14,8 +14,12 @@ import pytest
 
 from configs import synthetic
 from data_pipelines.plan import epoch_plan
-from fer_jax import device_input, synthetic_data, train
-from fer_jax.parallel import DataParallel
+from fer_jax.training import device_input, synthetic_data
+from fer_jax.training.feed import dispatches
+from fer_jax.training.parallel import DataParallel
+from fer_jax.training.state import create_model, create_train_state
+from fer_jax.training.steps import train_step
+from fer_jax.training.trainer import Trainer
 from tests.test_parallel import run_on_cpu_devices
 
 BATCHES_SCRIPT = textwrap.dedent(
@@ -25,8 +29,8 @@ BATCHES_SCRIPT = textwrap.dedent(
     from jax.sharding import PartitionSpec as P
     import data_pipelines
     from data_pipelines.plan import epoch_plan
-    from fer_jax import device_input, synthetic_data
-    from fer_jax.parallel import AXIS, DataParallel
+    from fer_jax.training import device_input, synthetic_data
+    from fer_jax.training.parallel import AXIS, DataParallel
 
     N, B, SEED = 150, 32, 3  # 150 is not a multiple of 4: the last device's shard is padded
     data = synthetic_data.make_split(N, seed=0)
@@ -77,7 +81,7 @@ def test_device_batches_equal_the_tf_data_batches_on_1_2_and_4_devices():
 
 
 def test_calls_end_at_epochs_and_checkpoints_and_resume_on_the_same_boundaries():
-    calls = list(train._dispatches(0, 42, 14, 3, 4))
+    calls = list(dispatches(0, 42, 14, 3, 4))
     assert sum(n for _, n in calls) == 42 and all(1 <= n <= 3 for _, n in calls)
     ends = {first + n for first, n in calls}
     assert {14, 28, 42} <= ends and {4, 8, 12, 16, 20, 24, 28, 32, 36, 40} <= ends
@@ -85,8 +89,8 @@ def test_calls_end_at_epochs_and_checkpoints_and_resume_on_the_same_boundaries()
     assert starts == sorted(starts) and starts[0] == 0
     # A run resumed at any checkpoint makes exactly the calls the uninterrupted run made.
     for resume in (4, 14, 16, 28):
-        assert list(train._dispatches(resume, 42, 14, 3, 4)) == [c for c in calls if c[0] >= resume]
-    assert list(train._dispatches(0, 28, 14, 64, 0)) == [(0, 14), (14, 14)]
+        assert list(dispatches(resume, 42, 14, 3, 4)) == [c for c in calls if c[0] >= resume]
+    assert list(dispatches(0, 28, 14, 64, 0)) == [(0, 14), (14, 14)]
 
 
 @pytest.mark.parametrize("bad", [-1])
@@ -94,14 +98,14 @@ def test_negative_steps_per_dispatch_is_refused_by_name(bad):
     config = synthetic.get_config()
     config.steps_per_dispatch = bad
     with pytest.raises(ValueError, match="config.steps_per_dispatch"):
-        train.Trainer.create(config)
+        Trainer.create(config)
 
 
 def test_unknown_input_pipeline_is_refused_by_name():
     config = synthetic.get_config()
     config.input_pipeline = "disk"
     with pytest.raises(ValueError, match="config.input_pipeline.*'disk'"):
-        train.Trainer.create(config)
+        Trainer.create(config)
 
 
 def test_a_scanned_chunk_equals_the_same_steps_one_call_each():
@@ -116,15 +120,15 @@ def test_a_scanned_chunk_equals_the_same_steps_one_call_each():
     config.optimizer.schedule = "constant"  # a Python-float learning rate in the metrics
     config.batch_size = 16
     parallel = DataParallel("shard_map", jax.devices()[:1])
-    model = train.create_model(config)
+    model = create_model(config)
     data = synthetic_data.make_split(64, seed=1)
     arrays = device_input.put_train_arrays(parallel, data["image"], data["label"].astype(np.int32))
-    step = functools.partial(train.train_step, config=config)
+    step = functools.partial(train_step, config=config)
     chunk = parallel.compile(
         device_input.train_chunk_fn(step, arrays.layout), split_axes=(0, None, None)
     )
     plan = epoch_plan(64, 16, seed=0, epoch=0)
-    init = train.create_train_state(config, model, steps_per_epoch=4)
+    init = create_train_state(config, model, steps_per_epoch=4)
 
     scanned, metrics = chunk(
         parallel.replicate(init), arrays.images, arrays.labels, device_input.plan_chunk(plan, 0, 2)

@@ -17,7 +17,8 @@ from experiments import (
     profile_step,
     tb_curves,
 )
-from fer_jax import evaluate, flops
+from fer_jax.model import flops
+from fer_jax.training import evaluate
 
 RNG = np.random.default_rng(0)
 
@@ -353,8 +354,8 @@ def test_benchmark_contestant_from_a_commit_runs_that_commits_tracked_files(caps
     tree = benchmark.source_tree(commit)
     files = {os.path.relpath(os.path.join(d, f), tree) for d, _, fs in os.walk(tree) for f in fs}
     assert files == set(git("ls-tree", "-r", "--name-only", commit).split("\n")) - {""}
-    with open(os.path.join(tree, "fer_jax", "conv.py")) as f:
-        assert f.read() == git("show", f"{commit}:fer_jax/conv.py")
+    with open(os.path.join(tree, "fer_jax", "model", "conv.py")) as f:
+        assert f.read() == git("show", f"{commit}:fer_jax/model/conv.py")
     assert benchmark.source_tree(commit) == tree  # reused, not exported again
 
 
@@ -539,7 +540,7 @@ def test_model_card_training_time_sums_the_sessions_and_skips_the_gaps(tmp_path,
     """Two sessions of one resumed run (two event files): 300 s + 100 s of training logs, with
     a 2.7 h pause between them that is not training time."""
     from experiments import model_card
-    from fer_jax import summary_writer
+    from fer_jax.training import summary_writer
 
     clock = iter([1000.0, 1100.0, 1200.0, 1300.0, 11000.0, 11100.0])
     # The events' clock only (TensorBoard's writer keeps the real one for its file names).

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 
-from fer_jax import export
+from fer_jax.inference import export
 from tests.test_recognizer import small_model, small_recognizer
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fer_jax import losses
+from fer_jax.model import losses
 
 torch = pytest.importorskip("torch")
 from tests import torch_reference as ref  # noqa: E402

@@ -207,7 +207,7 @@ def _audit(path: str) -> list[tuple[str, str]]:
 
 
 def test_two_processes_train_the_same_parameters_as_one_process_with_two_devices(runs):
-    from fer_jax import checkpoint
+    from fer_jax.training import checkpoint
 
     def leaves(workdir: str, step: int) -> list[tuple[str, np.ndarray]]:
         path = os.path.join(workdir, "checkpoints", str(step))
@@ -259,7 +259,7 @@ def test_two_processes_write_one_set_of_checkpoints(runs):
     written0 = [path for _, path in _audit(runs["audit0"])]
     assert any(path.startswith("checkpoints/") for path in written0)
     # Process 0 knew it was one of several: it checked that the workdir is shared
-    # (fer_jax.checkpoint.prepare_workdir), which a lone process skips.
+    # (fer_jax.training.checkpoint.prepare_workdir), which a lone process skips.
     assert any(path.startswith(".shared_probe_") for path in written0)
 
 

@@ -53,8 +53,8 @@ def _python(code: str) -> str:
 
 def test_importing_the_data_and_inference_modules_imports_no_tensorflow():
     out = _python(
-        "import sys, data_pipelines, fer_jax.input_data, fer_jax.predict, fer_jax.recognizer\n"
-        "import fer_jax.export, fer_jax.main\n"
+        "import sys, data_pipelines, fer_jax.training.input_data, fer_jax.inference.recognizer\n"
+        "import fer_jax.inference.predict, fer_jax.inference.export, fer_jax.main\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         f"{BLOCKED!r}))"
     )

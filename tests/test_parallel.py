@@ -1,5 +1,5 @@
 """pmap, shard_map and single-device training agree (cross-device BatchNorm, same global batch),
-with the tf.data input and with the device input (`fer_jax.device_input`).
+with the tf.data input and with the device input (`fer_jax.training.device_input`).
 
 Runs in a subprocess with 4 simulated CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=4`), which must be set before JAX starts.
@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fer_jax import train
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(
@@ -26,8 +24,10 @@ SCRIPT = textwrap.dedent(
     import data_pipelines
     from configs import synthetic
     from data_pipelines.plan import epoch_plan
-    from fer_jax import device_input, synthetic_data, train
-    from fer_jax.parallel import DataParallel
+    from fer_jax.training import device_input, synthetic_data
+    from fer_jax.training.parallel import DataParallel
+    from fer_jax.training.state import create_model, create_train_state
+    from fer_jax.training.steps import train_step
 
     # Random pixels and one step: CBAM's max pooling routes its gradient to one arg-max, a
     # discontinuous choice (as in PyTorch). Near-ties (many in the synthetic bands) let float32
@@ -44,12 +44,12 @@ SCRIPT = textwrap.dedent(
         config.model.conv_impl = "xla"
         config.model.dropout_rate = 0.0
         parallel = DataParallel(mode, jax.devices()[:n])
-        model = train.create_model(config, axis_name=parallel.axis_name)
-        init = train.create_train_state(config, model, steps_per_epoch=4)
+        model = create_model(config, axis_name=parallel.axis_name)
+        init = create_train_state(config, model, steps_per_epoch=4)
         results["init"] = [np.asarray(x).tolist() for x in jax.tree.leaves(
             (init.params, init.batch_stats))]
         state = parallel.replicate(init)
-        step = parallel.compile(lambda s, b, axis_name: train.train_step(
+        step = parallel.compile(lambda s, b, axis_name: train_step(
             s, b, config=config, axis_name=axis_name))
         ds = data_pipelines.train_dataset_from_arrays(
             data["image"], data["label"], batch_size=16, seed=0, num_epochs=1,
@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent(
                                                data["label"].astype(np.int32))
         chunk = parallel.compile(
             device_input.train_chunk_fn(
-                lambda s, b, axis_name: train.train_step(s, b, config=config,
+                lambda s, b, axis_name: train_step(s, b, config=config,
                                                          axis_name=axis_name),
                 arrays.layout),
             split_axes=(0, None, None))
@@ -119,18 +119,3 @@ def test_data_parallel_training_matches_one_device_in_both_input_modes(runs, run
     # The SGD step moved the parameters, so the agreement is not vacuous.
     assert max(np.max(np.abs(a - b)) for a, b in zip(runs["init"], reference, strict=True)) > 1e-3
     print(run, "max abs diff vs one device", worst)
-
-
-def test_non_finite_loss_stops_with_the_step_number():
-    history = [
-        {"loss": np.float32(1.0), "accuracy": np.float32(0.5)},
-        {"loss": np.float32(np.nan), "accuracy": np.float32(0.5)},
-        {"loss": np.float32(np.inf), "accuracy": np.float32(0.5)},
-    ]
-
-    class Writer:
-        def write_scalars(self, step, scalars):
-            raise AssertionError("non-finite metrics must not be written")
-
-    with pytest.raises(FloatingPointError, match="at step 9"):
-        train._log_train_metrics([Writer()], history, step=10, images_per_s=1.0)

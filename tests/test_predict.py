@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data as skimage_data
 
 from data_pipelines.labels import CLASS_NAMES
-from fer_jax import predict
+from fer_jax.inference import predict
 from tests.test_recognizer import ASTRONAUT_BOX, small_recognizer
 
 

@@ -1,5 +1,5 @@
-"""The pretrained model shipped in the package (`fer_jax.pretrained`) and the word `pretrained`
-wherever a checkpoint goes, with a width-8 model's weights saved to a temporary weights
+"""The pretrained model shipped in the package (`fer_jax.model.pretrained`) and the word
+`pretrained` wherever a checkpoint goes, with a width-8 model's weights saved to a temporary weights
 directory (`$FER_JAX_WEIGHTS_DIR`), and the bundled example photo."""
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import pytest
 from configs import fer2013, synthetic
 from data_pipelines import synthetic as synthetic_files
 from data_pipelines.labels import CLASS_NAMES
-from fer_jax import checkpoint, pretrained, train
-from fer_jax.predict import EXAMPLE_IMAGE
-from fer_jax.pretrained.__main__ import main as convert_main
-from fer_jax.recognizer import Recognizer, find_faces, read_image, to_gray
+from fer_jax.inference.predict import EXAMPLE_IMAGE
+from fer_jax.inference.recognizer import Recognizer, find_faces, read_image, to_gray
+from fer_jax.inference.save_pretrained import main as convert_main
+from fer_jax.model import pretrained
+from fer_jax.training import checkpoint
+from fer_jax.training.state import create_model, create_train_state
 from fer_jax.user_errors import UserError
 from tests.test_recognizer import random_variables
 
@@ -41,7 +43,7 @@ def saved(tmp_path_factory):
     """`(weights dir, model config, variables)`: the width-8 model's random weights saved as
     the default model in a weights directory of their own."""
     config = _config()
-    variables = random_variables(train.create_model(config), seed=3)
+    variables = random_variables(create_model(config), seed=3)
     directory = tmp_path_factory.mktemp("weights")
     path = directory / f"{pretrained.DEFAULT_NAME}.npz"
     pretrained.save(variables, config.model.to_dict(), path, meta=PROVENANCE)
@@ -185,8 +187,8 @@ def test_init_from_pretrained_loads_into_a_fresh_train_state(saved, weights_env)
     _, _, variables = saved
     config = fer2013.get_config()
     config.model.width = 8
-    model = train.create_model(config)
-    shapes = jax.eval_shape(lambda: train.create_train_state(config, model, steps_per_epoch=1))
+    model = create_model(config)
+    shapes = jax.eval_shape(lambda: create_train_state(config, model, steps_per_epoch=1))
     template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     state = checkpoint.init_from("pretrained", template, config)
     jax.tree.map(np.testing.assert_array_equal, state.params, _bf16(variables["params"]))
@@ -200,8 +202,8 @@ def test_init_from_pretrained_loads_into_a_fresh_train_state(saved, weights_env)
 def test_converter_writes_a_runs_selected_checkpoint_with_its_accuracies(saved, tmp_path):
     _, _, variables = saved
     config = _config()
-    model = train.create_model(config)
-    shapes = jax.eval_shape(lambda: train.create_train_state(config, model, steps_per_epoch=1))
+    model = create_model(config)
+    shapes = jax.eval_shape(lambda: create_train_state(config, model, steps_per_epoch=1))
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes).replace(**variables)
     run = tmp_path / "run"
     checkpoints = checkpoint.Checkpoints(str(run), config)

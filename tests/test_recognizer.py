@@ -21,8 +21,8 @@ from skimage import data as skimage_data
 from data_pipelines.crops import ten_crop as numpy_ten_crop
 from data_pipelines.faces import crop_face, detect_faces
 from data_pipelines.labels import CLASS_NAMES
-from fer_jax import recognizer as rec
-from fer_jax.resnet import ResNet18
+from fer_jax.inference import recognizer as rec
+from fer_jax.model.resnet import ResNet18
 
 ASTRONAUT_BOX = (177, 66, 95, 95)  # What the Haar cascade finds in skimage's astronaut.
 
@@ -302,7 +302,7 @@ def test_attention_on_a_photo(recognizer, astronaut):
 
 
 def test_no_face_is_an_empty_result_and_a_message(recognizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="fer_jax.recognizer"):
+    with caplog.at_level(logging.WARNING, logger="fer_jax.inference.recognizer"):
         assert recognizer.predict(np.full((300, 400), 128, np.uint8)) == []
     assert "<numpy.ndarray>: no face found" in caplog.text
 

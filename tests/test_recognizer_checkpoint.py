@@ -11,19 +11,21 @@ from PIL import Image
 from skimage import data as skimage_data
 
 from configs import synthetic
-from fer_jax import checkpoint, export, predict, train
-from fer_jax.recognizer import Recognizer
+from fer_jax.inference import export, predict
+from fer_jax.inference.recognizer import Recognizer
+from fer_jax.training import checkpoint
+from fer_jax.training.state import create_model, create_train_state
 from tests.test_recognizer import random_variables
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A workdir with one checkpoint of the synthetic config's width-8 model, saved by
-    `fer_jax.checkpoint`; returns `(workdir, model, variables)`."""
+    `fer_jax.training.checkpoint`; returns `(workdir, model, variables)`."""
     config = synthetic.get_config()
-    model = train.create_model(config)
+    model = create_model(config)
     # The state's structure without compiling `model.init`; random weights (tests/test_recognizer).
-    template = jax.eval_shape(lambda: train.create_train_state(config, model, steps_per_epoch=1))
+    template = jax.eval_shape(lambda: create_train_state(config, model, steps_per_epoch=1))
     variables = random_variables(model, seed=2)
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template).replace(**variables)
     workdir = str(tmp_path_factory.mktemp("run"))

@@ -23,7 +23,10 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from fer_jax import checkpoint, replicas, synthetic_data, train
+from fer_jax.training import checkpoint, replicas, synthetic_data
+from fer_jax.training.loop import fit
+from fer_jax.training.state import create_model, create_train_state
+from fer_jax.training.trainer import Trainer
 from tests import test_train
 from tests.test_parallel import as_arrays, run_on_cpu_devices
 
@@ -70,8 +73,8 @@ def _config(input_pipeline="device", length="one_step"):
 
 def _fit(config, workdir, num_images):
     data = synthetic_data.make_split(num_images, seed=0)
-    trainer = train.Trainer.create(config)
-    return train.fit(trainer, str(workdir), data["image"], data["label"])["state"]
+    trainer = Trainer.create(config)
+    return fit(trainer, str(workdir), data["image"], data["label"])["state"]
 
 
 def _distance(a, b) -> float:
@@ -158,7 +161,7 @@ def test_a_field_that_changes_the_program_is_refused_by_name(overrides, field):
     config.replicas = 2
     config.replica_overrides = tuple(overrides)
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        train.Trainer.create(config)
+        Trainer.create(config)
 
 
 @pytest.mark.parametrize("seeds", [(1,), (1, 2, 3), (1, -2)])
@@ -172,12 +175,12 @@ def test_bad_replica_seeds_are_refused(seeds):
 
 def test_one_replica_keeps_the_plain_state_and_checkpoint_layout():
     config = _config()
-    state = train.create_train_state(config, train.create_model(config), 4)
+    state = create_train_state(config, create_model(config), 4)
     assert np.shape(state.step) == () and np.shape(state.dropout_key) == (2,)
     assert np.shape(state.params["conv1"]["kernel"]) == (3, 3, 1, 8)
     assert set(checkpoint._to_tree(state)) == set(checkpoint.STATE_FIELDS)  # no hparams saved
     config.replicas = 3
-    stacked = train.create_train_state(config, train.create_model(config), 4)
+    stacked = create_train_state(config, create_model(config), 4)
     assert np.shape(stacked.params["conv1"]["kernel"]) == (3, 3, 3, 1, 8)
     np.testing.assert_array_equal(
         stacked.hparams["optimizer.learning_rate"], np.float32([0.05] * 3)
@@ -256,7 +259,7 @@ def test_a_replica_run_loads_for_inference_and_as_an_init(replica_run):
         checkpoint.load_for_inference(replica_run, replica=3)
     # A plain run initialised from it starts from the chosen replica.
     config = synthetic.get_config()
-    template = train.create_train_state(config, train.create_model(config), 4)
+    template = create_train_state(config, create_model(config), 4)
     state = checkpoint.init_from(replica_run, template, config)
     jax.tree.map(np.testing.assert_array_equal, state.params, default["params"])
 
@@ -284,7 +287,7 @@ def test_kill_9_and_resume_with_three_replicas_ends_bit_identical(replica_run, t
 
 
 def test_the_recognizer_takes_one_replica_or_the_ensemble(replica_run):
-    from fer_jax.recognizer import Recognizer
+    from fer_jax.inference.recognizer import Recognizer
 
     faces = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 1), np.uint8)
     per_replica = [
@@ -321,8 +324,11 @@ MULTI_DEVICE_SCRIPT = """
 import json, sys, tempfile
 import jax, numpy as np
 from configs import synthetic
-from fer_jax import synthetic_data, train
-from fer_jax.parallel import DataParallel
+from fer_jax.training import synthetic_data
+from fer_jax.training.loop import fit
+from fer_jax.training.parallel import DataParallel
+from fer_jax.training.state import create_model
+from fer_jax.training.trainer import Trainer
 
 data = synthetic_data.make_split(16, seed=0)
 # Random pixels, as tests/test_parallel.py: the synthetic bands make near-ties (ReLU kinks)
@@ -343,10 +349,10 @@ for mode, n, pipeline, replica_map in cases:
     config.replica_overrides = (
         {"optimizer.learning_rate": 0.02}, {"loss.margin": 2, "optimizer.weight_decay": 1e-3}
     )
-    trainer = train.Trainer.create(config)
+    trainer = Trainer.create(config)
     trainer.parallel = DataParallel(mode, jax.devices()[:n])
-    trainer.model = train.create_model(config, axis_name=trainer.parallel.axis_name)
-    state = train.fit(trainer, tempfile.mkdtemp(), data["image"], data["label"])["state"]
+    trainer.model = create_model(config, axis_name=trainer.parallel.axis_name)
+    state = fit(trainer, tempfile.mkdtemp(), data["image"], data["label"])["state"]
     leaves = jax.tree.leaves((state.params, state.batch_stats))
     out[f"{mode}{n}_{pipeline}_{replica_map}"] = [np.asarray(x).tolist() for x in leaves]
 json.dump(out, sys.stdout)

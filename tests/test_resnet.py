@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fer_jax.resnet import ResNet18
+from fer_jax.model.resnet import ResNet18
 
 
 def _param_count(model: ResNet18) -> int:
@@ -93,7 +93,7 @@ def test_unknown_options_are_rejected_by_name(kwargs):
 
 
 def test_cbam_max_pooling_gradient_reaches_exactly_one_argmax_under_jit():
-    from fer_jax.cbam import max_along
+    from fer_jax.model.cbam import max_along
 
     x = jnp.array([[1.0, 3.0, 3.0, 2.0], [0.5, -1.0, 0.25, 0.0]])
     for fn in (
@@ -106,7 +106,7 @@ def test_cbam_max_pooling_gradient_reaches_exactly_one_argmax_under_jit():
 
 @pytest.mark.parametrize("axis", [1, -1])
 def test_cbam_max_pooling_gradient_without_ties_is_one_hot_at_the_max(axis):
-    from fer_jax.cbam import max_along
+    from fer_jax.model.cbam import max_along
 
     x = jax.random.normal(jax.random.key(0), (4, 36, 16))
     # `sin(x)` is computed by a fusion inside the jitted gradient, as activations are in the net.
@@ -144,7 +144,7 @@ def test_angle_linear_kernel_starts_with_unit_columns_like_the_reference():
 def test_matmul_dtype_becomes_the_conv_impl_suffix_where_it_pays(
     monkeypatch, matmul_dtype, flags, backend, impl
 ):
-    from fer_jax import resnet
+    from fer_jax.model import resnet
 
     monkeypatch.setattr(resnet, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(resnet.jax, "default_backend", lambda: backend)
@@ -160,7 +160,7 @@ def test_matmul_dtype_becomes_the_conv_impl_suffix_where_it_pays(
 def test_bf16_matmuls_train_like_float32_at_small_width():
     """Logits and gradients of a width-16 network with bfloat16 matmul operands stay within
     bf16 rounding of float32's (the training-step equality test, at bf16 tolerance)."""
-    from fer_jax.resnet import model_from_config
+    from fer_jax.model.resnet import model_from_config
 
     x = jax.random.uniform(jax.random.PRNGKey(1), (4, 44, 44, 1))
     f32 = model_from_config({"width": 16, "conv_impl": "auto", "dropout_rate": 0.0})

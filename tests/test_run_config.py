@@ -1,4 +1,4 @@
-"""The run's config is kept (`fer_jax.run_config`): a resume with another recipe is refused
+"""The run's config is kept (`fer_jax.training.run_config`): a resume with another recipe is refused
 listing the fields, fields that do not change the result may change, and
 `--allow_config_changes` lets the recipe change."""
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from configs import synthetic
-from fer_jax import run_config
+from fer_jax.training import run_config
 from fer_jax.user_errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,7 @@ def test_allow_config_changes(finished_run):
 
 
 def test_fields_added_since_an_old_run_count_as_their_old_meaning():
-    from fer_jax import run_config
+    from fer_jax.training import run_config
 
     old = {"seed": 0, "model": {"width": 8}}
     same = {**old, "replicas": 1, "replica_seeds": [], "replica_overrides": [], "replica_map": ""}

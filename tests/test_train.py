@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from fer_jax import checkpoint
+from fer_jax.training import checkpoint
+from fer_jax.training.state import create_model, create_train_state
 from tests.test_no_tensorflow import _RUN_WITHOUT_TENSORFLOW
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,11 +165,10 @@ def test_corrupt_latest_checkpoint_is_reported_and_the_previous_used(finished_ru
             with open(path, "wb") as f:
                 f.write(b"garbage")
     from configs import synthetic
-    from fer_jax import train
 
     config = synthetic.get_config()
-    model = train.create_model(config)
-    template = train.create_train_state(config, model, 14)
+    model = create_model(config)
+    template = create_train_state(config, model, 14)
     restored = checkpoint.Checkpoints(workdir, config).restore_latest(template)
     assert restored is not None and restored.step == 40
 

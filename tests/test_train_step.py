@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from fer_jax import losses, train
+from fer_jax.model import losses
+from fer_jax.training.state import create_model, create_train_state, lambda_schedule
+from fer_jax.training.steps import train_step
 
 
 def _loss_config(unit: str):
@@ -22,7 +24,7 @@ def _loss_config(unit: str):
 @pytest.mark.parametrize("unit", ["step", "epoch"])
 def test_lambda_schedule_counts_optimizer_steps_or_epochs(unit):
     steps_per_epoch = 449
-    schedule = jax.jit(train.lambda_schedule(_loss_config(unit), steps_per_epoch))
+    schedule = jax.jit(lambda_schedule(_loss_config(unit), steps_per_epoch))
     for step in (0, 10, 449, 4490, 449 * 300):
         t = step if unit == "step" else step / steps_per_epoch
         np.testing.assert_allclose(schedule(step), losses.sphereface_lambda(t), rtol=1e-6)
@@ -33,13 +35,13 @@ def test_lambda_schedule_counts_optimizer_steps_or_epochs(unit):
 
 def test_unknown_lambda_unit_is_rejected_by_name():
     with pytest.raises(ValueError, match="config.loss.lambda_per"):
-        train.lambda_schedule(_loss_config("iteration"), 10)
+        lambda_schedule(_loss_config("iteration"), 10)
 
 
 def test_train_step_reports_lambda_and_the_classifier_input_norm():
     config = synthetic.get_config("head=a_softmax")  # width 8, no dropout
-    model = train.create_model(config)
-    state = train.create_train_state(config, model, steps_per_epoch=10)
+    model = create_model(config)
+    state = create_train_state(config, model, steps_per_epoch=10)
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.random((8, 44, 44, 1), np.float32)),
@@ -53,7 +55,7 @@ def test_train_step_reports_lambda_and_the_classifier_input_norm():
         mutable=["batch_stats"],
     )
     expected_norm = float(np.linalg.norm(np.asarray(features), axis=-1).mean())
-    step = jax.jit(functools.partial(train.train_step, config=config, axis_name=None))
+    step = jax.jit(functools.partial(train_step, config=config, axis_name=None))
     state, metrics = step(state, batch)
     assert float(metrics["lambda"]) == pytest.approx(1500.0)
     assert float(metrics["feature_norm"]) == pytest.approx(expected_norm, rel=1e-5)

@@ -1,4 +1,5 @@
-"""One run per workdir (`fer_jax.workdir_lock`): a busy workdir is refused naming the holder, a
+"""One run per workdir (`fer_jax.training.workdir_lock`): a busy workdir is refused naming the
+holder, a
 dead holder's lock is taken over, and the lock goes when the run ends, however it ends."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 
-from fer_jax import workdir_lock
+from fer_jax.training import workdir_lock
 from fer_jax.user_errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

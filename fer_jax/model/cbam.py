@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fer_jax.batch_norm import BatchNorm
-from fer_jax.layers import Conv
+from fer_jax.model.batch_norm import BatchNorm
+from fer_jax.model.layers import Conv
 
 ORDERS = ("channel_first", "spatial_first", "parallel")
 

@@ -125,7 +125,7 @@ def model_flops_per_image(model_config: Any, crop: int = 44) -> dict[str, float]
     `crop` is the (square) input side in pixels. Counted with `conv_impl='xla'` (every impl does
     the same arithmetic); no parameters are materialised (`jax.eval_shape`).
     """
-    from fer_jax.resnet import model_from_config
+    from fer_jax.model.resnet import model_from_config
 
     model = model_from_config(model_config, conv_impl="xla")
     x = jnp.zeros((1, crop, crop, 1), jnp.float32)

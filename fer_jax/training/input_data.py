@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import files
-from fer_jax import synthetic_data
+from fer_jax.training import synthetic_data
 
 DATA_SOURCES = ("tfds", "files")  # values of config.data_source
 

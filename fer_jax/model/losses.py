@@ -150,7 +150,8 @@ def sphereface_lambda(
 ) -> jax.Array:
     """Annealed A-Softmax weight `max(lam_min, base * (1 + gamma * t) ** -power)`.
 
-    `t` is the annealing clock: optimizer steps in SphereFace (see `train.lambda_schedule`).
+    `t` is the annealing clock: optimizer steps in SphereFace (see
+    `fer_jax.training.state.lambda_schedule`).
     """
     t = jnp.asarray(t, jnp.float32)
     return jnp.maximum(lam_min, base * (1.0 + gamma * t) ** (-power))

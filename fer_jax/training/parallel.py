@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fer_jax import conv
+from fer_jax.model import conv
 
 AXIS = "data"
 MODES = ("shard_map", "pmap")
@@ -92,7 +92,7 @@ class DataParallel:
         """
         donate = (0,) if donate_state else ()
         fn = functools.partial(step, axis_name=self.axis_name)
-        # On CPU: Eigen convolutions (fer_jax.conv.cpu_compiler_options); jax.pmap takes none.
+        # On CPU: Eigen convolutions (fer_jax.model.conv.cpu_compiler_options); jax.pmap takes none.
         options = conv.cpu_compiler_options(self.devices[0].platform)
         if self.num_devices == 1:
             return Compiled(jax.jit(fn, donate_argnums=donate, compiler_options=options))

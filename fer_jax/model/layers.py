@@ -1,7 +1,7 @@
 """Layers of the network that Flax does not provide in the form we need.
 
 `Conv` takes explicit symmetric padding (PyTorch's `padding=p`; Flax's 'SAME' pads
-asymmetrically at stride 2) and a selectable implementation (`fer_jax.conv`), `AngleLinear` is
+asymmetrically at stride 2) and a selectable implementation (`fer_jax.model.conv`), `AngleLinear` is
 SphereFace's bias-free cosine classifier.
 """
 
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fer_jax import conv, losses
+from fer_jax.model import conv, losses
 
 # PyTorch-style He init (fan_out, normal), as torchvision's ResNets.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")

@@ -5,10 +5,11 @@
 section of a training config) for its type and its range or set of choices, then the few rules
 that tie fields together, and raises `UserError` with one line naming the field (its full
 dotted path), the value and what is allowed. A field that is not in the schema names the
-closest known one. The choices come from the code that uses them (`fer_jax.train`,
-`fer_jax.parallel`, `fer_jax.conv`, `fer_jax.resnet`, `fer_jax.cbam`, ...), imported on first
-use. `check_mode` checks that the config suits `fer_jax.main --mode`, and `unknown_override` turns
-ml_collections' error for a `--config.FIELD=...` that names no field into the same kind of line.
+closest known one. The choices come from the code that uses them (`fer_jax.training.state`,
+`fer_jax.training.trainer`, `fer_jax.training.parallel`, `fer_jax.model.conv`,
+`fer_jax.model.resnet`, `fer_jax.model.cbam`, ...), imported on first use. `check_mode` checks
+that the config suits `fer_jax.main --mode`, and `unknown_override` turns ml_collections' error
+for a `--config.FIELD=...` that names no field into the same kind of line.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import ml_collections
 
 from fer_jax.user_errors import UserError
 
-MARGINS = (1, 5)  # A-Softmax margin m: fer_jax.losses.chebyshev has cos(m theta) for these.
+MARGINS = (1, 5)  # A-Softmax margin m: fer_jax.model.losses.chebyshev has cos(m theta) for these.
 NORMALIZE = ("unit", "symmetric")  # or (mean, std): data_pipelines.plan.normalize_affine
-CBAM_NONE = "none"  # model.cbam: the plain ResNet18 (fer_jax.resnet.model_from_config)
+CBAM_NONE = "none"  # model.cbam: the plain ResNet18 (fer_jax.model.resnet.model_from_config)
 MAX_SEED = 2**31 - 1
 
 
@@ -131,24 +132,13 @@ def _section(value: Any) -> bool:
 
 
 @functools.cache
-def schemas() -> tuple[Section, Section]:
-    """`(training schema, cross-validation schema)`, built from the code's own constants."""
-    from data_pipelines import files, folds, labels
-    from fer_jax import (
-        cbam,
-        conv,
-        input_data,
-        optim,
-        parallel,
-        replicas,
-        resnet,
-        synthetic_data,
-        train,
-    )
+def _recipe_sections() -> dict[str, Section]:
+    """The `model`, `loss` and `optimizer` sections."""
+    from data_pipelines import labels
+    from fer_jax.model import cbam, conv, resnet
+    from fer_jax.training import optim
+    from fer_jax.training.state import LAMBDA_UNITS
 
-    splits = sorted(
-        {s for names in files.SPLITS.values() for s in names} | set(synthetic_data.SPLIT_SEEDS)
-    )
     model: Schema = {
         "num_classes": choice([labels.NUM_CLASSES]),  # the datasets' 7 expressions
         "width": integer(1),
@@ -164,7 +154,7 @@ def schemas() -> tuple[Section, Section]:
         "lambda_gamma": number(0),
         "lambda_power": number(0),
         "lambda_min": number(0),
-        "lambda_per": choice(train.LAMBDA_UNITS),
+        "lambda_per": choice(LAMBDA_UNITS),
         "lambda_run_epochs": number(0, low_open=True, required=False),  # lambda_per='run'
     }
     optimizer: Schema = {
@@ -179,6 +169,18 @@ def schemas() -> tuple[Section, Section]:
         "decay_rate": number(0, 1, low_open=True),
         "warmup_epochs": number(0),
     }
+    return {"model": Section(model), "loss": Section(loss), "optimizer": Section(optimizer)}
+
+
+def schemas() -> tuple[Section, Section]:
+    """`(training schema, cross-validation schema)`, built from the code's own constants."""
+    from data_pipelines import files, folds
+    from fer_jax.training import input_data, parallel, replicas, synthetic_data
+    from fer_jax.training.trainer import EVAL_CROPS, INPUT_PIPELINES
+
+    splits = sorted(
+        {s for names in files.SPLITS.values() for s in names} | set(synthetic_data.SPLIT_SEEDS)
+    )
     synthetic: Schema = {
         "train": integer(0),
         "public_test": integer(0),
@@ -209,22 +211,20 @@ def schemas() -> tuple[Section, Section]:
             f"one of {', '.join(map(repr, NORMALIZE))} or (mean, std) with std > 0",
             _normalize_ok,
         ),
-        "input_pipeline": choice(["", *train.INPUT_PIPELINES]),
+        "input_pipeline": choice(["", *INPUT_PIPELINES]),
         "steps_per_dispatch": integer(0),
         "half_precision": boolean(),
         "parallelism": choice(parallel.MODES),
         "cross_device_bn": boolean(),
         "peak_tflops": number(0, required=False),
         "dataset": choice([*files.SPLITS, "synthetic"]),
-        "model": Section(model),
-        "loss": Section(loss),
-        "optimizer": Section(optimizer),
+        **_recipe_sections(),
         "num_epochs": integer(1),
         "batch_size": integer(1),
         "eval_batch_size": integer(1),
         "log_every_steps": integer(1),
         "eval_every_epochs": integer(0),
-        "select_crops": choice(train.EVAL_CROPS, required=False),
+        "select_crops": choice(EVAL_CROPS, required=False),
         "checkpoint_every_epochs": integer(1),
         "checkpoint_every_steps": integer(0),
         "keep_checkpoints": integer(1),
@@ -307,7 +307,7 @@ def _check_section(config: Any, schema: Schema, path: str, known: Sequence[str])
 def _split_names(config: Any) -> tuple[str, ...]:
     """The splits `config.dataset` has (a synthetic dataset: those of its `synthetic` sizes)."""
     from data_pipelines import files
-    from fer_jax import synthetic_data
+    from fer_jax.training import synthetic_data
 
     if config["dataset"] == "synthetic":
         return tuple(s for s in synthetic_data.SPLIT_SEEDS if config["synthetic"][s] > 0)
@@ -316,7 +316,7 @@ def _split_names(config: Any) -> tuple[str, ...]:
 
 def _check_data(config: Any, path: str, data_source: str) -> None:
     """The dataset's fields fit together: a synthetic dataset has sizes. (Whether the data is
-    there, in `manual_dir` or a built TFDS dataset, is `fer_jax.data_check`'s to say.)"""
+    there, in `manual_dir` or a built TFDS dataset, is `fer_jax.training.data_check`'s to say.)"""
     if config["dataset"] == "synthetic" and "synthetic" not in config:
         raise UserError(
             f"{path}.synthetic is missing; {path}.dataset='synthetic' needs its split sizes"
@@ -356,7 +356,7 @@ def validate(config: Any) -> None:
 
     A config with `folds` is a cross-validation config (`configs/jaffe.py`), any other a
     training config; the `jaffe` section of a training config is checked as the former.
-    `fer_jax.replicas.check` then checks what replicas may override.
+    `fer_jax.training.replicas.check` then checks what replicas may override.
     """
     training, cv = schemas()
     schema = (cv if "folds" in config else training).fields
@@ -374,8 +374,8 @@ def validate(config: Any) -> None:
             # The CV stage reads its data as the parent run does (cross_validate.py).
             _check_replicas(config["jaffe"], "config.jaffe")
             _check_data(config["jaffe"], "config.jaffe", config["data_source"])
-    if importlib.util.find_spec("fer_jax.replicas") is not None:
-        from fer_jax import replicas
+    if importlib.util.find_spec("fer_jax.training.replicas") is not None:
+        from fer_jax.training import replicas
 
         if hasattr(replicas, "check"):
             try:

@@ -4,7 +4,7 @@ Input `(B, 44, 44, C)` float (C = 1 by default), NHWC. Stem 3x3 conv -> BN -> Re
 then 4 stages of 2 BasicBlocks (widths w, 2w, 4w, 8w; strides 1, 2, 2, 2; 44 -> 44 -> 22 -> 11
 -> 6), a 4x4/4 VALID average pool (top-left 4x4 of the 6x6 map, as PyTorch's
 `avg_pool2d(out, 4)`), dropout, and a Dense (softmax) or AngleLinear (A-Softmax) classifier.
-Submodule names mirror the PyTorch reference so that `fer_jax.convert` is a renaming.
+Submodule names mirror the PyTorch reference so that `fer_jax.model.convert` is a renaming.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fer_jax import conv
-from fer_jax.batch_norm import BatchNorm
-from fer_jax.cbam import CBAM
-from fer_jax.layers import AngleLinear, Conv
+from fer_jax.model import conv
+from fer_jax.model.batch_norm import BatchNorm
+from fer_jax.model.cbam import CBAM
+from fer_jax.model.layers import AngleLinear, Conv
 
 HEADS = ("softmax", "a_softmax")
 STAGE_STRIDES = (1, 2, 2, 2)
@@ -76,7 +76,7 @@ class ResNet18(nn.Module):
       dropout_rate: dropout before the classifier. Default 0.5, the reference PyTorch FER
         ResNet18's `F.dropout(out, p=0.5)`; the paper does not state it.
       bn_axis_name: mapped axis over which BatchNorm averages batch statistics, or None.
-      conv_impl: implementation of the convolutions, see `fer_jax.conv.conv2d`.
+      conv_impl: implementation of the convolutions, see `fer_jax.model.conv.conv2d`.
       dtype: computation dtype (e.g. bfloat16); parameters and BatchNorm statistics stay float32.
     """
 

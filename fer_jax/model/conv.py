@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fer_jax import mesh_axes
+from fer_jax.model import mesh_axes
 
 IMPLS = ("xla", "matmul_grad", "phase_dx", "shifted_sums", "winograd", "auto")
 """Accepted values of ``conv2d(impl=...)``.
@@ -57,7 +57,7 @@ IMPLS = ("xla", "matmul_grad", "phase_dx", "shifted_sums", "winograd", "auto")
 (``"auto:bf16"``): the operands of their matmuls (Winograd's 16 per tile, the weight
 gradient's) are rounded to bfloat16 and accumulated in float32 (``preferred_element_type``);
 everything else, transforms included, stays in the input's dtype. That pays only where the CPU
-multiplies bfloat16 natively (AMX: 2-5x at 256-512 channels); ``fer_jax.resnet``'s
+multiplies bfloat16 natively (AMX: 2-5x at 256-512 channels); ``fer_jax.model.resnet``'s
 ``matmul_dtype='auto'`` picks it there alone.
 """
 
@@ -89,8 +89,8 @@ def cpu_compiler_options(backend: str | None = None) -> dict[str, str]:
     convolution at 44x44 is 3-4x slower than Eigen's (and its forward ~10-40% slower on a 2-core
     x86). This keeps YNNPACK for dots only; same as ``XLA_FLAGS=
     --xla_cpu_experimental_ynn_fusion_type=individual_dot``. The training and evaluation steps
-    (``fer_jax.parallel``) and the recognizer compile with it. Empty (no-op) off CPU, and where
-    this XLA does not know the (experimental) option: it is probed once with a tiny compile.
+    (``fer_jax.training.parallel``) and the recognizer compile with it. Empty (no-op) off CPU, and
+    where this XLA does not know the (experimental) option: it is probed once with a tiny compile.
     """
     backend = jax.default_backend() if backend is None else backend
     if backend != "cpu" or not _cpu_options_supported():

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fer_jax import replicas
+from fer_jax.training import replicas
 
 
 def sgd_pytorch(
@@ -53,8 +53,8 @@ def learning_rate_schedule(config, steps_per_epoch: int, hparams=None) -> optax.
       once `epoch > decay_start` (0-based epochs), else `lr`: 0.01, x0.9 every 5 epochs after 80.
     - 'cosine': cosine decay to 0 over `num_epochs`, after `warmup_epochs` of linear warmup.
     - 'constant'.
-    `hparams` (`fer_jax.replicas.hparams`, possibly traced) supply the learning rate and decay
-    rate instead of the config.
+    `hparams` (`fer_jax.training.replicas.hparams`, possibly traced) supply the learning rate and
+    decay rate instead of the config.
     """
     opt = config.optimizer
     lr = _hparam(config, hparams, "optimizer.learning_rate")

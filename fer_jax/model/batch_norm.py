@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fer_jax import mesh_axes
+from fer_jax.model import mesh_axes
 
 REDUCE_IMPLS = ("xla", "matmul", "auto")
 

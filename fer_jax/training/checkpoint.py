@@ -7,9 +7,9 @@ Layout of a workdir:
 `state` holds the step, params, BatchNorm statistics, optimizer state and dropout key; `meta`
 (JSON) the model description and the data position (epoch, step in epoch).
 
-Replica runs (`config.replicas = K > 1`, `fer_jax.replicas`) save the stacked state (a leading
-axis K on every leaf) with `meta['replicas'] = K`. Their best checkpoint holds each replica as
-it was at its own best select-split accuracy (`meta['select_accuracy']`, `['replica_steps']`,
+Replica runs (`config.replicas = K > 1`, `fer_jax.training.replicas`) save the stacked state (a
+leading axis K on every leaf) with `meta['replicas'] = K`. Their best checkpoint holds each replica
+as it was at its own best select-split accuracy (`meta['select_accuracy']`, `['replica_steps']`,
 `['replica_epochs']`: lists of K); `chosen_replica` is the one that scored best there.
 
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
@@ -38,8 +38,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization, traverse_util
 
-from fer_jax import pretrained, replicas
-from fer_jax.resnet import ResNet18, model_from_config
+from fer_jax.model import pretrained
+from fer_jax.model.resnet import ResNet18, model_from_config
+from fer_jax.training import replicas
 
 STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "dropout_key")
 
@@ -83,7 +84,7 @@ def _check_shared(path: str) -> None:
     if jax.process_index() == 0:
         with open(probe, "w"):
             pass
-    multihost_utils.sync_global_devices(f"fer_jax.checkpoint shared workdir {token}")
+    multihost_utils.sync_global_devices(f"fer_jax.training.checkpoint shared workdir {token}")
     seen = np.asarray(multihost_utils.process_allgather(np.int32(os.path.exists(probe))))
     if jax.process_index() == 0:
         os.remove(probe)
@@ -390,7 +391,7 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     """`(variables {'params', 'batch_stats'} as numpy, meta, source)` from a run or checkpoint.
 
     `pretrained`, `pretrained:NAME` or a path ending in `.npz` is the model shipped in the
-    package (`fer_jax.pretrained`; float32 variables): the one place where every checkpoint
+    package (`fer_jax.model.pretrained`; float32 variables): the one place where every checkpoint
     argument (predict, export, evaluate, `config.init_from`) learns that word.
     """
     if pretrained.is_reference(path):

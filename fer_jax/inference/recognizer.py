@@ -36,8 +36,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from data_pipelines.crops import CENTRE_CROP_INDEX, CROP_SIZE, NUM_CROPS, five_crop_offsets
 from data_pipelines.faces import DEFAULT_MARGIN, crop_face, detect_faces
 from data_pipelines.labels import CLASS_NAMES
-from fer_jax import conv
-from fer_jax.resnet import BLOCKS_PER_STAGE, STAGE_STRIDES, ResNet18
+from fer_jax.model import conv
+from fer_jax.model.resnet import BLOCKS_PER_STAGE, STAGE_STRIDES, ResNet18
 
 FACE_SIZE = 48
 DEFAULT_BATCH_SIZE = 32
@@ -383,8 +383,8 @@ class Recognizer:
         Of a replica run: the replica chosen on the select split (`replica=None`), replica k
         (`replica=k`), or all of them averaged (`replica='ensemble'`).
         """
-        from fer_jax import pretrained
-        from fer_jax.checkpoint import load_for_inference  # Orbax etc. only when needed.
+        from fer_jax.model import pretrained
+        from fer_jax.training.checkpoint import load_for_inference  # Orbax etc. only when needed.
 
         is_pretrained, name = pretrained.parse_reference(path)
         if is_pretrained and "class_names" not in kwargs:  # those the weights file records
@@ -395,13 +395,13 @@ class Recognizer:
 
     @classmethod
     def pretrained(cls, name: str | None = None, **kwargs: Any) -> Recognizer:
-        """The model shipped in the package (`fer_jax.pretrained`): the default one, or `name`
+        """The model shipped in the package (`fer_jax.model.pretrained`): the default one, or `name`
         (a model name or an `.npz` path): `from_checkpoint('pretrained')`.
 
         Raises:
-          fer_jax.pretrained.PretrainedError: the weights are not installed, or corrupt.
+          fer_jax.model.pretrained.PretrainedError: the weights are not installed, or corrupt.
         """
-        from fer_jax import pretrained
+        from fer_jax.model import pretrained
 
         reference = pretrained.REFERENCE if name is None else f"{pretrained.REFERENCE}:{name}"
         return cls.from_checkpoint(reference, **kwargs)

@@ -24,8 +24,8 @@ lines print one `error: ...` line and exit with status 2) naming the file and th
 
 Everywhere a checkpoint path is accepted, `pretrained` means the default model, `pretrained:NAME`
 another one (a name, or a path to an `.npz`), and a path ending in `.npz` that file
-(`fer_jax.checkpoint.load_variables`): `python -m fer_jax.predict photo.jpg` (the default
-there), `--checkpoint=pretrained` of `fer_jax.main --mode=evaluate` and `fer_jax.export`,
+(`fer_jax.training.checkpoint.load_variables`): `python -m fer_jax.predict photo.jpg` (the default
+there), `--checkpoint=pretrained` of `fer_jax.main --mode=evaluate` and `fer_jax.inference.export`,
 `--config.init_from=pretrained`, `Recognizer.pretrained()`.
 
 Names are looked up in `fer_jax/weights/` (found from this file's path: editable and regular
@@ -33,9 +33,9 @@ installs alike), or in the directory `$FER_JAX_WEIGHTS_DIR` names when it is set
 weights kept outside the package).
 
 Make the file from a finished run (its best checkpoint, as `fer_jax.main` selected it;
-`fer_jax/pretrained/__main__.py`):
+`fer_jax/inference/save_pretrained.py`):
 
-    python -m fer_jax.pretrained --from=runs/fer2013 --out=fer_jax/weights/NAME.npz \
+    python -m fer_jax.inference.save_pretrained --from=runs/fer2013 --out=fer_jax/weights/NAME.npz \
         [--results=runs/fer2013/results.json]
 """
 
@@ -235,7 +235,8 @@ def save(
     Args:
       variables: `{'params': ..., 'batch_stats': ...}` nested dicts of float arrays (numpy or
         jax; one model, not a replica run's stack).
-      model_config: the config's `model` section (`fer_jax.resnet.model_from_config` builds the
+      model_config: the config's `model` section (`fer_jax.model.resnet.model_from_config` builds
+      the
         network from it).
       meta: provenance, stored as given (JSON types): e.g. `source`, `step`, `accuracies`.
       class_names: one per output (default: the FER2013 classes).
@@ -305,7 +306,9 @@ def _hint(path: str) -> str:
     """What to do about a bad file: reinstall a packaged one, rewrite one of the user's."""
     if os.path.dirname(path) == os.path.abspath(weights_dir()):
         return "reinstall fer_jax"
-    return "write it again: python -m fer_jax.pretrained --from=RUN_DIR --out=" + path
+    return (
+        "write it again: python -m fer_jax.inference.save_pretrained --from=RUN_DIR --out=" + path
+    )
 
 
 def read_manifest(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -379,7 +382,7 @@ def _check_against_model(path: str, metadata: Mapping[str, Any], arrays: Mapping
     """Raises unless the arrays are exactly the variables of the model in the metadata."""
     import jax
 
-    from fer_jax.resnet import model_from_config
+    from fer_jax.model.resnet import model_from_config
 
     try:
         model = model_from_config(metadata["model"], dropout_rate=0.0)
@@ -417,7 +420,7 @@ def load(
         checkpoint loaders) skip it.
 
     Returns:
-      The model config (`fer_jax.resnet.model_from_config` input); the variables
+      The model config (`fer_jax.model.resnet.model_from_config` input); the variables
       `{'params', 'batch_stats'}` as float32 numpy (params: the stored bfloat16 values
       exactly); the metadata (`model`, `class_names`, `provenance`, `leaves`, ...) with the
       file's `path` and `sha256` added.
@@ -454,8 +457,8 @@ def load(
 
 
 def load_as_checkpoint(reference: str) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """`(variables, meta, source)` as `fer_jax.checkpoint.load_variables` returns them, for a
-    checkpoint argument naming pretrained weights (`parse_reference`). `meta` has the
+    """`(variables, meta, source)` as `fer_jax.training.checkpoint.load_variables` returns them, for
+    a checkpoint argument naming pretrained weights (`parse_reference`). `meta` has the
     checkpoint fields its callers read (`model`, `step`, `epoch`) and `pretrained`: the file's
     metadata."""
     _, name_or_path = parse_reference(reference)

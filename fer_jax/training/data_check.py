@@ -95,7 +95,7 @@ def stages(
     splits = tuple(dict.fromkeys([config.train_split, config.select_split, config.report_split]))
     out = [Stage(mode, f"{name} training", f"{name} (training)", config, "config", splits)]
     if config.get("cross_validate"):
-        from fer_jax import cross_validate
+        from fer_jax.training import cross_validate
 
         cv = cross_validate.config_from_parent(config, workdir)
         cv_name = NAMES.get(cv.dataset, cv.dataset)
@@ -388,7 +388,7 @@ def _workdir_lines(
     config: ml_collections.ConfigDict, mode: str, workdir: str, allow_config_changes: bool
 ) -> list[str]:
     """What the workdir holds: a run to resume (its recipe unchanged), a lock, permissions."""
-    from fer_jax import run_config, workdir_lock
+    from fer_jax.training import run_config, workdir_lock
 
     path = os.path.abspath(os.path.expanduser(workdir))
     existing = path
@@ -443,7 +443,7 @@ def _workdir_lines(
 
 def _checkpoint_exists(path: str) -> bool:
     """A run/checkpoint directory exists, or `pretrained[:NAME]` / an `.npz` is installed."""
-    from fer_jax import pretrained
+    from fer_jax.model import pretrained
 
     is_pretrained, name = pretrained.parse_reference(path)
     if is_pretrained:

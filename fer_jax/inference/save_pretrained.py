@@ -1,14 +1,14 @@
-r"""`python -m fer_jax.pretrained`: a run's selected checkpoint as the weights file shipped in
-the package (format and loader: `fer_jax.pretrained`).
+r"""`python -m fer_jax.inference.save_pretrained`: a run's selected checkpoint as the weights file
+shipped in the package (format and loader: `fer_jax.model.pretrained`).
 
-    python -m fer_jax.pretrained --from=runs/fer2013 --out=fer_jax/weights/NAME.npz \
+    python -m fer_jax.inference.save_pretrained --from=runs/fer2013 --out=fer_jax/weights/NAME.npz \
         [--results=runs/fer2013/results.json] [--replica=k] [--param_dtype=bfloat16]
 
 `--from` is a run directory (its best checkpoint, chosen on the select split, else its latest)
 or one checkpoint directory. The accuracies of the run's `results.json` (`--results`, default
 `RUN/results.json` when there) go into the provenance; it must report the same step. Separate
-from `fer_jax.pretrained` itself because it reads Orbax checkpoints (`fer_jax.checkpoint`),
-which in turn loads `pretrained` weights through that module.
+from `fer_jax.model.pretrained` itself because it reads Orbax checkpoints
+(`fer_jax.training.checkpoint`), which in turn loads `pretrained` weights through that module.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fer_jax import checkpoint
-from fer_jax.pretrained import PARAM_DTYPES, manifest_path, read_manifest, save
+from fer_jax.model.pretrained import PARAM_DTYPES, manifest_path, read_manifest, save
+from fer_jax.training import checkpoint
 from fer_jax.user_errors import UserError, run_cli
 
 
@@ -98,7 +98,7 @@ def convert(
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (module docstring); returns the exit status (2: an error in the input)."""
     parser = argparse.ArgumentParser(
-        prog="python -m fer_jax.pretrained",
+        prog="python -m fer_jax.inference.save_pretrained",
         description="Write a run's selected checkpoint as the weights file shipped in fer_jax.",
     )
     parser.add_argument(

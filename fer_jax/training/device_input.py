@@ -32,7 +32,8 @@ from data_pipelines.crops import (
     ten_crop_pixel_indices,
 )
 from data_pipelines.plan import check_arrays, normalize_affine
-from fer_jax.parallel import DataParallel
+from fer_jax.training import metrics
+from fer_jax.training.parallel import DataParallel
 
 PLAN_KEYS = ("index", "top", "left", "flip")
 
@@ -203,11 +204,11 @@ def put_eval_arrays(
 
 
 def eval_split_fn(
-    eval_step: Callable[..., dict[str, jax.Array]], layout: Layout, crops: int = NUM_CROPS
-) -> Callable[..., dict[str, jax.Array]]:
-    """`evaluate(state, images, labels, mask, *, axis_name)` -> `eval_step`'s sums over the
-    whole split (e.g. confusion, loss, count), the ten crops (`crops=10`) or the centre crop
-    alone (`crops=1`, a tenth of the compute) gathered on the device."""
+    eval_step: Callable[..., Any], layout: Layout, crops: int = NUM_CROPS
+) -> Callable[..., Any]:
+    """`evaluate(state, images, labels, mask, *, axis_name)` -> `eval_step`'s metrics merged
+    over the whole split (`fer_jax.training.metrics.merge`), of the ten crops (`crops=10`) or
+    the centre crop alone (`crops=1`, a tenth of the compute) gathered on the device."""
     pixels = ten_crop_pixel_indices(layout.height, layout.width, layout.crop).astype(np.int32)
     if crops == 1:
         pixels = pixels[CENTRE_CROP_INDEX, None]
@@ -221,7 +222,7 @@ def eval_split_fn(
             return eval_step(state, batch, axis_name=axis_name)
 
         def body(total, xs):
-            return jax.tree.map(jnp.add, total, sums(*xs)), None
+            return metrics.merge(total, sums(*xs)), None
 
         shapes = jax.eval_shape(sums, images[0], labels[0], mask[0])
         zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)

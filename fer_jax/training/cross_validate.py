@@ -17,7 +17,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import checkpoint, evaluate, input_data, train
+from fer_jax.training import checkpoint, evaluate, input_data
+from fer_jax.training.loop import fit
+from fer_jax.training.trainer import Trainer
 
 
 def config_from_parent(
@@ -58,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     folds = data_pipelines.jaffe_folds(
         labels, arrays["subject"], k=config.folds, protocol=config.fold_protocol, seed=config.seed
     )
-    trainer = train.Trainer.create(config)
+    trainer = Trainer.create(config)
     fold_results = []
     for k, (train_idx, test_idx) in enumerate(folds):
         fold_dir = os.path.join(workdir, f"fold_{k}")
@@ -72,7 +74,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 len(train_idx),
                 len(test_idx),
             )
-            out = train.fit(trainer, fold_dir, images[train_idx], labels[train_idx])
+            out = fit(trainer, fold_dir, images[train_idx], labels[train_idx])
             state = trainer.parallel.replicate(out["state"])
             metrics = trainer.evaluate(state, images[test_idx], labels[test_idx])
             result = {"fold": k, "test_indices": np.asarray(test_idx).tolist(), **metrics}

@@ -1,4 +1,4 @@
-"""PyTorch state dicts <-> Flax variables for `fer_jax.resnet.ResNet18`.
+"""PyTorch state dicts <-> Flax variables for `fer_jax.model.resnet.ResNet18`.
 
 The PyTorch layout is the public CIFAR-style ResNet18 for FER with the official CBAM module in
 each block: `conv1.weight`, `bn1.*`, `layer{1-4}.{0,1}.{conv1,bn1,conv2,bn2}.*`,
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fer_jax.resnet import ResNet18
+from fer_jax.model.resnet import ResNet18
 
 # Flax module name -> PyTorch module name; anything else maps to itself.
 _MODULE_NAMES = {

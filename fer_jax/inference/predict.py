@@ -1,0 +1,577 @@
+r"""Recognise facial expressions in photos, folders of photos and videos.
+
+    python -m fer_jax.predict [--checkpoint=runs/fer2013] photo.jpg photos/ clip.mp4 \
+        [--json | --csv] [--output=results.csv] [--annotate=out/] [--attention=out/] \
+        [--every=10] [--box=X,Y,W,H ... | --boxes=boxes.json]
+    python -m fer_jax.predict --example
+
+Without `--checkpoint` (or with `--checkpoint=pretrained`) the model shipped in the package is
+used (`fer_jax.model.pretrained`). `--example` adds the bundled photo
+`fer_jax/examples/astronaut.jpg` (Eileen Collins, NASA, public domain) to the inputs: a first
+command that needs no dataset, no training and no download.
+
+Each face found (OpenCV Haar cascade, or the given boxes) is printed with its box `x, y, w, h`
+(pixels of the EXIF-rotated image), the probability of each class and the top label: a table by
+default, `--json` or `--csv` for machines. Videos are sampled every `--every`-th frame; their rows
+carry the frame index and time. A folder contributes its image and video files (by extension, not
+recursively). An unreadable input is reported on stderr by name and the others are still
+processed; the exit status is then 1.
+
+`--annotate DIR` writes each image with boxes and labels (`<name>.png`) and each video annotated
+(`<name>_annotated.avi`, MJPG, every frame; frames between samples show the last sample's faces).
+`--attention DIR` writes, per image or sampled frame, the image with each face's CBAM spatial
+attention (mean of the four stage maps, `fer_jax.inference.recognizer`) blended over the region the
+centre crop covers (`<name>_attention.png`), and per face a strip of the centre crop and its four
+stage maps (`<name>_face<k>_stages.png`). Heat maps are min-max normalised per map for display (blue
+low, red high).
+
+`--boxes FILE` is JSON mapping an input path (or its file name) to `[[x, y, w, h], ...]`.
+
+Compiled programs are kept in a persistent XLA cache (`--compilation_cache`, shared with
+`fer_jax.main`), so a second run starts in about 2 s on a CPU
+(experiments/results/predict_startup/). A checkpoint that cannot be loaded is a user error: one
+`error: ...` line and exit status 2 (`--verbose`: with the traceback; `fer_jax.user_errors`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
+
+import cv2
+import jax
+import numpy as np
+from PIL import Image
+
+from data_pipelines.crops import CROP_SIZE
+from fer_jax.inference.recognizer import (
+    CROP_CHOICES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MARGIN,
+    DEFAULT_MAX_SIDE,
+    DEFAULT_MIN_FACE,
+    FACE_SIZE,
+    Face,
+    ImageError,
+    Recognizer,
+    read_image,
+    to_gray,
+)
+from fer_jax.user_errors import UserError, run_cli
+
+DEFAULT_COMPILATION_CACHE = "~/.cache/fer_jax/jax"  # as fer_jax.main's --compilation_cache
+VIDEO_EXTENSIONS = frozenset({".avi", ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".mpg", ".mpeg"})
+VIDEO_CODEC = "MJPG"
+PANEL_SIZE = 176
+EXAMPLE_IMAGE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "astronaut.jpg"
+)
+BOX_COLOUR = (0, 255, 0)  # RGB.
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def is_video(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+
+
+def _is_image_name(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in Image.registered_extensions()
+
+
+def expand_inputs(paths: Sequence[str]) -> list[str]:
+    """The files to process: files as given, folders replaced by their sorted image/video files."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            names = sorted(os.listdir(path))
+            files += [
+                os.path.join(path, n)
+                for n in names
+                if os.path.isfile(os.path.join(path, n)) and (_is_image_name(n) or is_video(n))
+            ]
+        else:
+            files.append(path)
+    return files
+
+
+def parse_box(text: str) -> list[int]:
+    """'X,Y,W,H' -> [x, y, w, h]."""
+    try:
+        box = [int(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise argparse.ArgumentTypeError(f"a box is X,Y,W,H in integer pixels, got {text!r}")
+    return box
+
+
+def load_boxes_file(path: str) -> dict[str, list[list[float]]]:
+    """Reads `--boxes`: JSON `{image path or file name: [[x, y, w, h], ...]}`."""
+    try:
+        with open(path) as f:
+            boxes = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the boxes file: {e}") from e
+    if not isinstance(boxes, dict):
+        raise ValueError(f"{path}: expected a JSON object {{image: [[x, y, w, h], ...]}}")
+    return boxes
+
+
+def boxes_for(path: str, boxes: dict[str, Any] | None, default: list[list[int]] | None) -> Any:
+    """The caller's boxes for `path` (by path, normalised path or file name), else `default`."""
+    if boxes:
+        for key in (path, os.path.normpath(path), os.path.basename(path)):
+            if key in boxes:
+                return boxes[key]
+    return default
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image.copy()
+
+
+def annotate(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
+    """The image (`(H, W)` or `(H, W, 3)` uint8) as RGB with each face's box and top label."""
+    out = _rgb(image)
+    thickness = max(1, round(max(out.shape[:2]) / 400))
+    scale = max(0.4, max(out.shape[:2]) / 1000)
+    for face in faces:
+        x, y, w, h = face.box
+        cv2.rectangle(out, (x, y), (x + w, y + h), BOX_COLOUR, thickness)
+        text = f"{face.label} {float(np.max(face.probabilities)):.2f}"
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+        top = y - th - base - 2 if y - th - base - 2 >= 0 else y + h
+        cv2.rectangle(out, (x, top), (x + tw + 2, top + th + base + 2), BOX_COLOUR, cv2.FILLED)
+        cv2.putText(
+            out, text, (x + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness
+        )
+    return out
+
+
+def heat_map(attention: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`(h, w)` map -> `(size[1], size[0], 3)` RGB uint8 jet colours, min-max normalised."""
+    low, high = float(attention.min()), float(attention.max())
+    unit = (attention - low) / (high - low) if high > low else np.zeros_like(attention)
+    resized = cv2.resize(unit.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+    coloured = cv2.applyColorMap(np.round(resized * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return cv2.cvtColor(coloured, cv2.COLOR_BGR2RGB)
+
+
+def centre_crop_square(box: Sequence[int], margin: float) -> tuple[int, int, int]:
+    """`(left, top, side)` in image pixels of the face's centre 44x44 crop.
+
+    The 48x48 face is the square of side `max(w, h) * (1 + 2 * margin)` centred on the box
+    (`data_pipelines.faces.crop_face`); its centre crop starts 2/48 of that side in.
+    """
+    x, y, w, h = box
+    side = max(w, h) * (1 + 2 * margin)
+    inner = side * CROP_SIZE / FACE_SIZE
+    return round(x + w / 2 - inner / 2), round(y + h / 2 - inner / 2), max(1, round(inner))
+
+
+def attention_overlay(
+    image: np.ndarray, faces: Sequence[Face], margin: float = DEFAULT_MARGIN, alpha: float = 0.5
+) -> np.ndarray:
+    """The image as RGB with each face's mean attention map blended over its centre crop."""
+    out = _rgb(image)
+    height, width = out.shape[:2]
+    for face in faces:
+        if face.attention is None:
+            raise ValueError("faces carry no attention maps; predict with attention=True")
+        left, top, side = centre_crop_square(face.box, margin)
+        heat = heat_map(face.attention.mean(axis=0), (side, side))
+        x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + side, width), min(top + side, height)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        patch = heat[y0 - top : y1 - top, x0 - left : x1 - left]
+        region = out[y0:y1, x0:x1].astype(np.float32)
+        out[y0:y1, x0:x1] = np.round((1 - alpha) * region + alpha * patch).astype(np.uint8)
+    return out
+
+
+def attention_panels(
+    face_crop: np.ndarray, attention: np.ndarray, alpha: float = 0.5
+) -> np.ndarray:
+    """A strip: the centre 44x44 of a 48x48 face crop, then its 4 stage maps blended over it."""
+    offset = (FACE_SIZE - CROP_SIZE) // 2
+    centre = face_crop[offset : offset + CROP_SIZE, offset : offset + CROP_SIZE]
+    size = (PANEL_SIZE, PANEL_SIZE)
+    base = _rgb(cv2.resize(centre, size, interpolation=cv2.INTER_LINEAR)).astype(np.float32)
+    panels = [base.astype(np.uint8)]
+    for stage_map in attention:
+        blended = (1 - alpha) * base + alpha * heat_map(stage_map, size)
+        panels.append(np.round(blended).astype(np.uint8))
+    titles = ["face"] + [f"stage {k + 1}" for k in range(len(attention))]
+    for panel, title in zip(panels, titles, strict=True):
+        cv2.putText(panel, title, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+    return np.concatenate(panels, axis=1)
+
+
+def write_png(path: str, rgb: np.ndarray) -> None:
+    if not cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"{path}: cannot write the image")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class Reporter:
+    """Writes the results as a table, JSON or CSV to `out`; messages go to `err`."""
+
+    def __init__(self, fmt: str, class_names: Sequence[str], out: TextIO, err: TextIO):
+        self.fmt, self.class_names, self.out, self.err = fmt, tuple(class_names), out, err
+        self.records: list[dict[str, Any]] = []
+        self.failed = 0
+        self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        if self._csv is not None:
+            self._csv.writerow(
+                ["source", "frame", "time_s", "face", "x", "y", "w", "h", *self.class_names]
+                + ["label"]
+            )
+
+    def error(self, source: str, message: str) -> None:
+        self.failed += 1
+        self.err.write(f"error: {message}\n")
+        if self.fmt == "json":
+            self.records.append({"source": source, "error": message})
+
+    def message(self, text: str) -> None:
+        self.err.write(f"{text}\n")
+
+    def faces(
+        self,
+        source: str,
+        faces: Sequence[Face],
+        frame: int | None = None,
+        time_s: float | None = None,
+    ) -> None:
+        where = source if frame is None else f"{source} frame {frame} ({time_s:.2f} s)"
+        if self.fmt == "json":
+            entry: dict[str, Any] = {"source": source}
+            if frame is not None:
+                entry |= {"frame": frame, "time_s": round(time_s, 4)}
+            entry["faces"] = [self._face_dict(f) for f in faces]
+            self.records.append(entry)
+        elif self.fmt == "csv":
+            for k, face in enumerate(faces):
+                self._csv.writerow(
+                    [source, "" if frame is None else frame]
+                    + ["" if time_s is None else f"{time_s:.4f}", k, *face.box]
+                    + [f"{p:.6f}" for p in face.probabilities]
+                    + [face.label]
+                )
+        elif faces:
+            self.out.write(self._table(where, faces))
+        self.out.flush()
+
+    def _face_dict(self, face: Face) -> dict[str, Any]:
+        return {
+            "box": list(face.box),
+            "probabilities": {
+                n: float(p) for n, p in zip(self.class_names, face.probabilities, strict=True)
+            },
+            "label": face.label,
+        }
+
+    def _table(self, where: str, faces: Sequence[Face]) -> str:
+        widths = [max(len(n), 5) for n in self.class_names]
+        header = ["face", "box (x, y, w, h)".ljust(22)]
+        header += [n.rjust(w) for n, w in zip(self.class_names, widths, strict=True)] + ["label"]
+        lines = [f"{where}: {len(faces)} face{'s' if len(faces) != 1 else ''}", "  ".join(header)]
+        for k, face in enumerate(faces):
+            row = [str(k).ljust(4), ", ".join(str(v) for v in face.box).ljust(22)]
+            row += [f"{p:.3f}".rjust(w) for p, w in zip(face.probabilities, widths, strict=True)]
+            lines.append("  ".join(row + [face.label]))
+        return "\n".join(lines) + "\n\n"
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            json.dump(self.records, self.out, indent=1)
+            self.out.write("\n")
+        self.out.flush()
+
+
+# ----------------------------------------------------------------------------- processing
+
+
+class OutputNames:
+    """Unique output stems per input (two `a.jpg` in different folders give `a` and `a_2`)."""
+
+    def __init__(self):
+        self._used: dict[str, int] = {}
+
+    def stem(self, path: str) -> str:
+        stem = os.path.splitext(os.path.basename(path))[0] or "image"
+        count = self._used.get(stem, 0) + 1
+        self._used[stem] = count
+        return stem if count == 1 else f"{stem}_{count}"
+
+
+def _write_attention(
+    directory: str, stem: str, image: np.ndarray, faces: Sequence[Face], recognizer: Recognizer
+) -> None:
+    write_png(
+        os.path.join(directory, f"{stem}_attention.png"),
+        attention_overlay(image, faces, recognizer.margin),
+    )
+    crops = recognizer.crop_faces(to_gray(image), np.asarray([f.box for f in faces]))
+    for k, (face, crop) in enumerate(zip(faces, crops, strict=True)):
+        write_png(
+            os.path.join(directory, f"{stem}_face{k}_stages.png"),
+            attention_panels(crop, face.attention),
+        )
+
+
+def process_image(
+    path: str, recognizer: Recognizer, reporter: Reporter, args: argparse.Namespace, stem: str
+) -> None:
+    image = read_image(path)
+    boxes = boxes_for(path, args.boxes, args.box)
+    faces = recognizer.recognize(
+        to_gray(image), boxes=boxes, attention=bool(args.attention), name=path
+    )
+    if not faces:
+        reporter.message(f"{path}: no face found")
+    reporter.faces(path, faces)
+    if args.annotate:
+        write_png(os.path.join(args.annotate, f"{stem}.png"), annotate(image, faces))
+    if args.attention and faces:
+        _write_attention(args.attention, stem, image, faces, recognizer)
+
+
+def video_frames(capture: cv2.VideoCapture, every: int, decode_all: bool) -> Iterator[Any]:
+    """Yields `(index, sampled, rgb frame or None)`; frames not sampled are decoded if asked."""
+    index = 0
+    while True:
+        sampled = index % every == 0
+        if sampled or decode_all:
+            ok, frame = capture.read()
+            if not ok:
+                return
+            yield index, sampled, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        else:
+            if not capture.grab():
+                return
+            yield index, False, None
+        index += 1
+
+
+def process_video(
+    path: str, recognizer: Recognizer, reporter: Reporter, args: argparse.Namespace, stem: str
+) -> None:
+    from tqdm import tqdm  # Only videos show a progress bar.
+
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+        raise ImageError(f"{path}: cannot open the video (not a video, or no codec for it)")
+    writer = None
+    try:
+        fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+        boxes = boxes_for(path, args.boxes, args.box)
+        faces: list[Face] = []
+        decode_all = bool(args.annotate)
+        bar = tqdm(  # Shown when stderr is a terminal.
+            total=total, unit="frame", desc=os.path.basename(path), disable=args.quiet or None
+        )
+        found_any, frames = False, 0
+        with bar:
+            for index, sampled, frame in video_frames(capture, args.every, decode_all):
+                bar.update(1)
+                frames += 1
+                if sampled:
+                    faces = recognizer.recognize(
+                        to_gray(frame),
+                        boxes=boxes,
+                        attention=bool(args.attention),
+                        name=f"{path} frame {index}",
+                    )
+                    found_any |= bool(faces)
+                    if faces or args.format == "json":
+                        with tqdm.external_write_mode(file=reporter.out):
+                            reporter.faces(path, faces, frame=index, time_s=index / fps)
+                    if args.attention and faces:
+                        name = f"{stem}_frame{index:06d}"
+                        _write_attention(args.attention, name, frame, faces, recognizer)
+                if frame is not None and args.annotate:
+                    if writer is None:
+                        writer = _open_writer(args.annotate, stem, fps, frame.shape)
+                    writer.write(cv2.cvtColor(annotate(frame, faces), cv2.COLOR_RGB2BGR))
+        if frames == 0:
+            raise ImageError(f"{path}: the video has no readable frame")
+        if not found_any:
+            reporter.message(f"{path}: no face found in any sampled frame")
+    finally:
+        capture.release()
+        if writer is not None:
+            writer.release()
+
+
+def _open_writer(directory: str, stem: str, fps: float, shape: tuple[int, ...]) -> Any:
+    path = os.path.join(directory, f"{stem}_annotated.avi")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*VIDEO_CODEC), fps, shape[1::-1])
+    if not writer.isOpened():
+        raise OSError(f"{path}: cannot open a {VIDEO_CODEC} video writer")
+    return writer
+
+
+def run(args: argparse.Namespace, recognizer: Recognizer, out: TextIO, err: TextIO) -> int:
+    """Processes `args.paths`; returns the exit status (0, or 1 if an input failed)."""
+    reporter = Reporter(args.format, recognizer.class_names, out, err)
+    for directory in (args.annotate, args.attention):
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+    names = OutputNames()
+    for path in expand_inputs(args.paths):
+        if not os.path.exists(path):
+            reporter.error(path, f"{path}: no such file or directory")
+            continue
+        process = process_video if is_video(path) else process_image
+        try:
+            process(path, recognizer, reporter, args, names.stem(path))
+        except (ImageError, OSError) as e:
+            reporter.error(path, str(e))
+    reporter.close()
+    return 1 if reporter.failed else 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fer_jax.predict",
+        description="Recognise facial expressions in images, folders and videos.",
+    )
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="images, folders or videos")
+    parser.add_argument(
+        "--example",
+        action="store_true",
+        help="also run on the bundled photo fer_jax/examples/astronaut.jpg (NASA, public "
+        "domain): `python -m fer_jax.predict --example` needs no data and no download",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default="pretrained",
+        help="run directory (best, else latest), checkpoint directory, or 'pretrained' (the "
+        "model shipped in the package: the default; 'pretrained:NAME' or a .npz file for "
+        "another, fer_jax.model.pretrained)",
+    )
+    parser.add_argument(
+        "--replica",
+        default=None,
+        help="of a replica run (config.replicas > 1): a replica index k, or 'ensemble' (their "
+        "probabilities averaged); default: the replica chosen on the select split",
+    )
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--json", dest="format", action="store_const", const="json")
+    fmt.add_argument("--csv", dest="format", action="store_const", const="csv")
+    parser.set_defaults(format="table")
+    parser.add_argument("--output", help="write the results to this file instead of stdout")
+    parser.add_argument("--annotate", metavar="DIR", help="write annotated images/videos here")
+    parser.add_argument("--attention", metavar="DIR", help="write attention overlays here")
+    parser.add_argument("--every", type=int, default=10, help="video: every n-th frame")
+    boxes = parser.add_mutually_exclusive_group()
+    boxes.add_argument(
+        "--box", type=parse_box, action="append", help="X,Y,W,H face box (repeatable), all inputs"
+    )
+    boxes.add_argument("--boxes", help="JSON {path or file name: [[x, y, w, h], ...]}")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="face-crop margin")
+    parser.add_argument(
+        "--max_side", type=int, default=DEFAULT_MAX_SIDE, help="detect on a copy this size"
+    )
+    parser.add_argument(
+        "--min_face", type=int, default=DEFAULT_MIN_FACE, help="smallest face side, pixels"
+    )
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument(
+        "--crops",
+        type=int,
+        choices=CROP_CHOICES,
+        default=10,
+        help="10: average the ten 44x44 crops (the paper's evaluation); 1: the centre crop "
+        "alone, ~10x less compute per face",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--compilation_cache",
+        default=DEFAULT_COMPILATION_CACHE,
+        help="persistent XLA compilation cache ('' disables; $JAX_COMPILATION_CACHE_DIR wins)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the traceback of an error in the input"
+    )
+    args = parser.parse_args(argv)
+    if args.example:
+        args.paths = [*args.paths, EXAMPLE_IMAGE]
+    if not args.paths:
+        parser.error("give images, folders or videos to recognise, or --example")
+    if args.every < 1:
+        parser.error(f"--every must be >= 1, got {args.every}")
+    if args.boxes:
+        try:
+            args.boxes = load_boxes_file(args.boxes)
+        except ValueError as e:
+            parser.error(str(e))
+    return args
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Keeps every compiled program in the persistent cache `directory` ('' = none), unless
+    $JAX_COMPILATION_CACHE_DIR names one; the programs here compile in well under JAX's
+    default 1 s threshold for caching, so the threshold is 0."""
+    if directory and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def load_recognizer(args: argparse.Namespace) -> Recognizer:
+    """The recognizer of `args.checkpoint`; UserError if the checkpoint cannot be loaded."""
+    from fer_jax.training.checkpoint import (
+        CheckpointError,  # Orbax only when a checkpoint is loaded.
+    )
+
+    replica = args.replica
+    if replica is not None and replica != "ensemble":
+        if not replica.isdigit():
+            raise UserError(f"--replica must be a replica index or 'ensemble', got {replica!r}")
+        replica = int(replica)
+    if replica == "ensemble" and args.attention:
+        raise UserError("--attention needs one model: give --replica=k, not the ensemble")
+    try:
+        return Recognizer.from_checkpoint(
+            args.checkpoint,
+            replica,
+            crops=args.crops,
+            batch_size=args.batch_size,
+            margin=args.margin,
+            max_side=args.max_side,
+            min_face=args.min_face,
+        )
+    except (OSError, ValueError, CheckpointError) as e:
+        raise UserError(f"cannot load the checkpoint {args.checkpoint}: {e}") from e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (2: an error in the input, e.g. the
+    checkpoint; 1: an input file failed)."""
+    args = parse_args(argv)
+
+    def predict() -> int:
+        use_compilation_cache(args.compilation_cache)
+        recognizer = load_recognizer(args)
+        with contextlib.ExitStack() as stack:
+            out: TextIO = sys.stdout
+            if args.output:
+                out = stack.enter_context(open(args.output, "w", newline=""))
+            return run(args, recognizer, out, sys.stderr)
+
+    return run_cli(predict, sys.argv[1:] if argv is None else argv)

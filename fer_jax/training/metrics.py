@@ -1,0 +1,149 @@
+"""The run's metrics, accumulated with `clu.metrics`.
+
+Evaluation: `eval_step` turns each batch into an `EvalMetrics` collection (the confusion
+matrix, the masked mean cross-entropy, the accuracy) inside the compiled function; batches,
+devices and splits are combined with `merge` (sums: order-independent counts, so the result
+does not depend on how the split was batched), and `report` turns a split's collection into
+`fer_jax.training.evaluate.metrics_from_confusion`'s report.
+
+Training: `train_summaries` accumulates the per-step metrics of one log interval into a
+`TrainMetrics` collection per replica, after checking that every step's loss is finite.
+
+The writers are the project's own (`fer_jax.training.summary_writer`), not
+`clu.metric_writers`: clu's writers and `clu.periodic_actions` import TensorFlow at import
+time, and training must run without it. `clu.metrics` and `clu.parameter_overview` do not.
+"""
+
+# No `from __future__ import annotations`: clu reads the collections' annotations as classes.
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+
+from fer_jax.training import evaluate
+
+
+@flax.struct.dataclass
+class Confusion(clu_metrics.Metric):
+    """`(K, K)` float32 counts of a split: rows the true class, columns the predicted one."""
+
+    counts: jax.Array
+
+    @classmethod
+    def from_model_output(
+        cls, *, logits: jax.Array, labels: jax.Array, mask: jax.Array, **_: Any
+    ) -> "Confusion":
+        num_classes = logits.shape[-1]
+        truth = jax.nn.one_hot(labels, num_classes) * mask.astype(jnp.float32)[:, None]
+        pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
+        return cls(counts=truth.T @ pred)
+
+    def merge(self, other: "Confusion") -> "Confusion":
+        return type(self)(counts=self.counts + other.counts)
+
+    def compute(self) -> jax.Array:
+        return self.counts
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+    """One split's (or batch's) evaluation: `confusion`, `loss` (mean cross-entropy of the
+    averaged crops' logits) and `accuracy`, over the examples whose mask is set."""
+
+    confusion: Confusion
+    loss: clu_metrics.Average.from_output("loss")
+    accuracy: clu_metrics.Accuracy
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    """Means over training steps of what `train_step` returns (`lambda` is A-Softmax's)."""
+
+    loss: clu_metrics.Average.from_output("loss")
+    accuracy: clu_metrics.Average.from_output("accuracy")
+    feature_norm: clu_metrics.Average.from_output("feature_norm")
+    learning_rate: clu_metrics.Average.from_output("learning_rate")
+    lambda_: clu_metrics.Average.from_output("lambda")
+
+
+def eval_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> EvalMetrics:
+    """`EvalMetrics` of `(B, K)` logits, `(B,)` int32 labels and a `(B,)` mask (padding
+    rows 0)."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return EvalMetrics.single_from_model_output(
+        logits=logits, labels=labels.astype(jnp.int32), mask=mask, loss=loss
+    )
+
+
+def merge(total: Any, new: Any) -> Any:
+    """`total` and `new` combined: collections (or dicts of them, as the replicas' step
+    returns; stacked collections merge element-wise) by `merge`."""
+    if isinstance(total, Mapping):
+        return {name: merge(total[name], new[name]) for name in total}
+    return total.merge(new)
+
+
+def _report_one(metrics: EvalMetrics) -> dict[str, Any]:
+    return evaluate.metrics_from_confusion(
+        np.asarray(metrics.confusion.counts), loss_sum=float(metrics.loss.total)
+    )
+
+
+def report(totals: EvalMetrics | Mapping[str, EvalMetrics], num_examples: int) -> dict:
+    """The report (`evaluate.metrics_from_confusion`) of a split's host-side totals, checking
+    that all `num_examples` were counted. Replicas' totals (`{'replicas': stacked,
+    'ensemble': ...}`) give `{'replicas': [report of each], 'ensemble': report}`."""
+    counted = (totals["ensemble"] if isinstance(totals, Mapping) else totals).loss.count
+    counted = int(np.ravel(counted)[0])
+    if counted != num_examples:
+        raise RuntimeError(f"evaluated {counted} examples, expected {num_examples}")
+    if not isinstance(totals, Mapping):
+        return _report_one(totals)
+    stacked = totals["replicas"]
+    num_replicas = np.shape(stacked.loss.count)[0]
+    return {
+        "replicas": [
+            _report_one(jax.tree.map(lambda x, k=k: x[k], stacked)) for k in range(num_replicas)
+        ],
+        "ensemble": _report_one(totals["ensemble"]),
+    }
+
+
+def per_replica(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """A `report` as one report per replica (one without replicas)."""
+    return report["replicas"] if "replicas" in report else [report]
+
+
+def train_summaries(
+    history: Sequence[Mapping[str, Any]], num_replicas: int, step: int
+) -> list[dict[str, float]]:
+    """Per replica, the means of the training metrics over `history` (one dict per dispatch
+    ending at global step `step`: scalars, or arrays with a leading step axis; with replicas a
+    trailing replica axis), as `train_<name>` scalars. A non-finite loss raises
+    `FloatingPointError` naming its step (and replica): the run stops before saving it."""
+    stacked = jax.device_get(list(history))
+    k = num_replicas
+    per_step = {  # (steps, K) float32
+        name: np.concatenate([np.asarray(h[name], np.float32).reshape(-1, k) for h in stacked])
+        for name in stacked[0]
+    }
+    bad_steps, bad_replicas = np.nonzero(~np.isfinite(per_step["loss"]))
+    if bad_steps.size:
+        first = step - len(per_step["loss"]) + int(bad_steps[0]) + 1
+        value = per_step["loss"][bad_steps[0], bad_replicas[0]]
+        which = f" of replica {int(bad_replicas[0])}" if k > 1 else ""
+        raise FloatingPointError(
+            f"non-finite training loss{which} ({value}) at step {first}; stopping. "
+            "The last good checkpoint is kept in the workdir."
+        )
+    summaries = []
+    for replica in range(k):
+        outputs = {name: v[:, replica] for name, v in per_step.items()}
+        means = TrainMetrics.single_from_model_output(**outputs).compute()
+        summaries.append({f"train_{name.rstrip('_')}": float(v) for name, v in means.items()})
+    return summaries

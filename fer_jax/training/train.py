@@ -1,0 +1,127 @@
+"""`train_and_evaluate(config, workdir)`: a whole training job (in the style of
+flax/examples/imagenet), resumed after any interruption from the checkpoints in `workdir`.
+
+It loads the splits, trains (`loop.fit`: the state and steps of `state` and `steps`, compiled
+by `trainer.Trainer`), then evaluates the model chosen on the select split on the report split
+(ten-crop and centre crop) and writes `results.json`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fer_jax.training import (
+    checkpoint,
+    input_data,
+    replicas,
+    run_config,
+)
+from fer_jax.training.loop import fit
+from fer_jax.training.metrics import per_replica
+from fer_jax.training.run_writers import write_final_reports
+from fer_jax.training.trainer import Trainer
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_changes: bool = False
+) -> dict[str, Any]:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+    Writes TensorBoard events, per-evaluation JSON metrics and confusion-matrix PNGs, and
+    Orbax checkpoints (latest few + best by `config.select_split` accuracy). Returns the
+    final summary (also `workdir/results.json`): the selected model's `config.report_split`
+    metrics, and where it came from. (The JAFFE cross-validation that may follow is run by
+    `fer_jax.main`, above both this module and `cross_validate`.)
+    """
+    workdir = checkpoint.prepare_workdir(workdir)
+    is_main = jax.process_index() == 0
+    # config.json: written at the first start; a resume with another recipe is refused.
+    run_config.save_or_compare(config, workdir, allow_changes=allow_config_changes)
+    splits = input_data.load_splits(
+        config, [config.train_split, config.select_split, config.report_split]
+    )
+    train_images, train_labels = splits[config.train_split]
+    trainer = Trainer.create(config)
+    summary = fit(
+        trainer,
+        workdir,
+        train_images,
+        train_labels,
+        select=splits[config.select_split],
+        select_name=config.select_split,
+    )
+    best = checkpoint.restore_best_or_latest(workdir, summary["template"])
+    state = trainer.parallel.replicate(best.state)
+    report = trainer.evaluate(state, *splits[config.report_split])
+    centre = trainer.evaluate(state, *splits[config.report_split], crops=1)
+    results = _results(config, best, report, summary["performance"], centre=centre)
+    if is_main:
+        write_final_reports(workdir, config.report_split, results, report)
+    logging.info(
+        "%s accuracy of the model chosen on %s (step %d): %.4f",
+        config.report_split,
+        config.select_split,
+        results["selected_step"],
+        results[config.report_split]["accuracy"],
+    )
+    if trainer.replicas > 1:
+        logging.info(
+            "%d replicas: %s accuracy %.4f +- %.4f (ensemble %.4f)",
+            trainer.replicas,
+            config.report_split,
+            results["mean_accuracy"],
+            results["std_accuracy"],
+            results["ensemble_accuracy"],
+        )
+    return results
+
+
+def _results(
+    config: ml_collections.ConfigDict,
+    best: checkpoint.Restored,
+    report: dict[str, Any],
+    performance: dict[str, Any] | None,
+    *,
+    centre: dict[str, Any],
+) -> dict[str, Any]:
+    """`results.json`: the report split's ten-crop metrics of the model chosen on the select
+    split (with replicas: of the replica that scored best there), its centre-crop metrics
+    ('centre_crop', from `centre`), and per replica, their mean, standard deviation (ddof=1;
+    None for one) and the ensemble's accuracy."""
+    per = per_replica(report)
+    selections = checkpoint.replica_selections(best)
+    chosen = checkpoint.chosen_replica(best.meta)
+    entries = [
+        {
+            "replica": k,
+            "seed": seed,
+            "overrides": fields,
+            **selections[k],
+            config.report_split: metrics,
+        }
+        for k, (seed, fields, metrics) in enumerate(
+            zip(replicas.seeds(config), replicas.overrides(config), per, strict=True)
+        )
+    ]
+    accuracies = np.array([m["accuracy"] for m in per])
+    results = {
+        "report_split": config.report_split,
+        "selected_on": config.select_split,
+        **selections[chosen],
+        config.report_split: per[chosen],
+        "centre_crop": per_replica(centre)[chosen],
+        "replicas": entries,
+        "mean_accuracy": float(accuracies.mean()),
+        "std_accuracy": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else None,
+        "ensemble_accuracy": report.get("ensemble", per[0])["accuracy"],
+        "performance": performance,
+    }
+    if len(per) > 1:
+        results["selected_replica"] = chosen
+        results["ensemble"] = report["ensemble"]
+    return results
