@@ -1,6 +1,7 @@
 """Config sections shared by `fer2013.py` and `jaffe.py` (model, loss, optimizer, run fields).
 
-Both configs import this module and neither imports the other.
+Both configs import this module; `fer2013.py` also imports `jaffe.py` (the cross-validation
+stage it may run), and `fer2013_cpu.py` and `synthetic.py` start from `fer2013.py`.
 """
 
 import ml_collections

@@ -7,6 +7,7 @@ in subprocesses that share the session's persistent compilation cache.
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,25 @@ def test_synthetic_run_learns_and_reports_the_selected_model(finished_run):
     assert report["accuracy"] > 0.6  # chance is 1/7
     assert np.allclose(np.sum(report["confusion_normalized"], axis=1), 1.0)
     assert sum(map(sum, report["confusion_counts"])) == 70
+
+
+def test_rerunning_a_finished_run_keeps_its_speed_figures(finished_run, tmp_path):
+    """A finished run trains no step when run again; its results keep the figures of the call
+    that trained, and the same selected model's report."""
+    from configs import synthetic
+    from fer_jax.training import train
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    with open(workdir / "results.json") as f:
+        before = json.load(f)
+    config = synthetic.get_config()
+    config.num_epochs, config.checkpoint_every_steps, config.steps_per_dispatch = 3, 4, 3
+    results = train.train_and_evaluate(config, str(workdir))
+    assert before["performance"]["steps_timed"] == 42
+    assert results["performance"] == before["performance"]
+    assert results["selected_step"] == before["selected_step"]
+    assert results["private_test"]["accuracy"] == before["private_test"]["accuracy"]
 
 
 def test_cli_writes_checkpoints_events_metrics_and_plots(finished_run):

@@ -25,7 +25,7 @@ lines print one `error: ...` line and exit with status 2) naming the file and th
 Everywhere a checkpoint path is accepted, `pretrained` means the default model, `pretrained:NAME`
 another one (a name, or a path to an `.npz`), and a path ending in `.npz` that file
 (`fer_jax.training.checkpoint.load_variables`): `python -m fer_jax.predict photo.jpg` (the default
-there), `--checkpoint=pretrained` of `fer_jax.main --mode=evaluate` and `fer_jax.inference.export`,
+there), `--checkpoint=pretrained` of `fer_jax.main --mode=evaluate` and `fer_jax.export`,
 `--config.init_from=pretrained`, `Recognizer.pretrained()`.
 
 Names are looked up in `fer_jax/weights/` (found from this file's path: editable and regular

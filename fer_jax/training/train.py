@@ -8,6 +8,8 @@ by `trainer.Trainer`), then evaluates the model chosen on the select split on th
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import jax
@@ -59,7 +61,10 @@ def train_and_evaluate(
     state = trainer.parallel.replicate(best.state)
     report = trainer.evaluate(state, *splits[config.report_split])
     centre = trainer.evaluate(state, *splits[config.report_split], crops=1)
-    results = _results(config, best, report, summary["performance"], centre=centre)
+    performance = summary["performance"]
+    if performance is None:  # finished before this call: keep the figures of the run that trained
+        performance = _previous_performance(workdir)
+    results = _results(config, best, report, performance, centre=centre)
     if is_main:
         write_final_reports(workdir, config.report_split, results, report)
     logging.info(
@@ -125,3 +130,12 @@ def _results(
         results["selected_replica"] = chosen
         results["ensemble"] = report["ensemble"]
     return results
+
+
+def _previous_performance(workdir: str) -> dict[str, Any] | None:
+    """`results.json`'s speed figures from the call that trained (None if there are none)."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            return json.load(f).get("performance")
+    except (OSError, ValueError):
+        return None
