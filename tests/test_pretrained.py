@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import ml_dtypes
@@ -24,6 +22,7 @@ from fer_jax.model import pretrained
 from fer_jax.training import checkpoint
 from fer_jax.training.state import create_model, create_train_state
 from fer_jax.user_errors import UserError
+from tests.test_cli_errors import _run
 from tests.test_recognizer import random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,17 +62,6 @@ def _copy(saved, tmp_path, name="copy"):
     for suffix in (".npz", ".json"):
         (tmp_path / f"{name}{suffix}").write_bytes(source.with_suffix(suffix).read_bytes())
     return tmp_path / f"{name}.npz"
-
-
-def _run(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-    )
 
 
 # ----------------------------------------------------------------------------- the file
