@@ -5,7 +5,18 @@
 
 (`manual_dir` holds Kaggle's `fer2013.csv`, or `fer2013.tar.gz`.) FER2013 Training only, the
 model chosen on PublicTest, reported on PrivateTest (ten-crop, and the centre crop); no JAFFE
-stage. 20 epochs: ~3 h at ~48 training images/s (2-core AMD EPYC Zen 5), ~5-6 h at ~28-33.
+stage. 20 epochs: ~3 h at ~48 training images/s (2-core AMD EPYC Zen 5), ~5-6 h at ~28-33,
+~7 h at ~24 (Zen 4).
+
+The shipped model (`fer_jax/weights/`, README's model card) is this recipe cut to what one
+~2-hour session of a 2-core Zen 4 trains, `--config.num_epochs=6` (the cosine and lambda
+schedules follow the run's own length). A later cycle continues from it on any machine, with a
+fresh optimizer, a lower peak rate and lambda held at the value this run ends at:
+
+    python -m fer_jax.main --config=configs/fer2013_cpu.py --workdir=runs/fer2013_cpu_cycle2 \
+        --config.data_source=files --config.manual_dir=/path/to/fer2013 \
+        --config.init_from=pretrained --config.num_epochs=6 --config.optimizer.learning_rate=0.01 \
+        --config.loss.lambda_base=48 --config.loss.lambda_min=48
 
 What differs from `configs/fer2013.py` (300 epochs), and the measurement behind each:
 - Network and head unchanged: width 64, CBAM channel-first, A-Softmax (m = 4). A-Softmax with

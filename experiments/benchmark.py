@@ -31,7 +31,8 @@ first step's loss of every JAX contestant from the same initial state and batch 
 agree to float32 rounding), and the input pipeline's images/s and crops/s
 (`experiments/pipeline_throughput.py` on a built FER2013 when `--data_dir` has one, else the
 same tf.data pipelines on in-memory arrays of FER2013's size). Prints a markdown table and
-writes it with the raw figures to `--out` (experiments/results/benchmark_<host>/ by default).
+writes it with the raw figures to `--out` (default experiments/results/benchmark_cpu/; name
+the CPU in `--out` for a result you keep).
 """
 
 from __future__ import annotations

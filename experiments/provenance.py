@@ -48,16 +48,31 @@ def git_state(repo: str = REPO) -> dict[str, Any]:
     return {"commit": "unknown", "dirty": None, "source": None}
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or `platform.processor()`)."""
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides CPU kernel speed
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name, family/model numbers and vector flags from /proc/cpuinfo, e.g.
+    'AMD EPYC (family 25, model 17; avx2 avx512f avx512_bf16)': names like 'AMD EPYC' alone do
+    not tell a Zen 3 from a Zen 5. `platform.processor()` where there is no /proc/cpuinfo."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    if "model name" not in fields:
+        return platform.processor() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    vector = " ".join(f for f in VECTOR_FLAGS if f in flags) or "no AVX2"
+    return (
+        f"{fields['model name']} (family {fields.get('cpu family', '?')}, "
+        f"model {fields.get('model', '?')}; {vector})"
+    )
 
 
 def hardware(with_jax: bool = True) -> dict[str, Any]:

@@ -552,3 +552,15 @@ def test_model_card_training_time_sums_the_sessions_and_skips_the_gaps(tmp_path,
         writer.close()
     assert model_card.training_wall_seconds(str(tmp_path)) == pytest.approx(400.0)
     assert model_card.training_wall_seconds(str(tmp_path), tag="no_such_tag") is None
+
+
+def test_cpu_model_names_family_model_and_vector_flags(tmp_path):
+    from experiments import provenance
+
+    cpuinfo = tmp_path / "cpuinfo"
+    block = "model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: {m}\nflags\t\t: fpu {f}\n\n"
+    cpuinfo.write_text(block.format(m=17, f="avx2 avx512f avx512_bf16") + block.format(m=1, f=""))
+    got = provenance.cpu_model(str(cpuinfo))
+    assert got == "AMD EPYC (family 25, model 17; avx2 avx512f avx512_bf16)"
+    cpuinfo.write_text(block.format(m=1, f="sse2"))
+    assert provenance.cpu_model(str(cpuinfo)).endswith("model 1; no AVX2)")
