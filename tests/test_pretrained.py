@@ -27,6 +27,7 @@ from tests.test_recognizer import random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROVENANCE = {"source": "runs/test", "step": 42, "accuracies": {"private_test_accuracy": 0.5}}
+SHIPPED_EXAMPLE_LABEL = "happy"  # the shipped model on the bundled photo: p = 0.987
 
 
 def _config():
@@ -284,3 +285,22 @@ def test_evaluate_pretrained_on_a_files_split_writes_its_report(saved, tmp_path,
     metrics = json.loads((workdir / "eval" / f"{report}.json").read_text())
     assert metrics["num_examples"] == 12
     assert f"{report}: " in result.stdout
+
+
+# ----------------------------------------------------------------------------- the shipped model
+
+
+def test_the_shipped_model_matches_its_manifest_and_reads_the_example_photo(monkeypatch):
+    """The real weights in `fer_jax/weights/` (full width): size within the package budget,
+    checksum verified on load, provenance from a run chosen on PublicTest, and the same label
+    on the bundled photo as when they were made."""
+    monkeypatch.delenv(pretrained.WEIGHTS_DIR_ENV, raising=False)
+    path = pretrained.resolve(None)
+    assert os.path.getsize(path) <= 25 * 2**20
+    meta = pretrained.read_manifest(None)["meta"]
+    assert meta["model"]["width"] == 64 and meta["class_names"] == list(CLASS_NAMES)
+    assert meta["provenance"]["accuracies"]["selected_on"] == "public_test"
+    recognizer = Recognizer.pretrained()
+    (face,) = recognizer.predict(EXAMPLE_IMAGE)
+    assert face.label == SHIPPED_EXAMPLE_LABEL, face.probabilities
+    np.testing.assert_allclose(face.probabilities.sum(), 1, atol=1e-5)
