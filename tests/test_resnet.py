@@ -182,11 +182,18 @@ def test_bf16_matmuls_train_like_float32_at_small_width():
     scale = float(jnp.max(jnp.abs(y32)))
     np.testing.assert_allclose(y16, y32, atol=3e-2 * scale)
     assert not np.array_equal(np.asarray(y16), np.asarray(y32))
-    cosines = []
-    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
-        assert a.dtype == jnp.float32
-        cosines.append(float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)))
-    # Measured: mean 0.985, min 0.87 (a 4-element CBAM bias); batch 4 in training mode, where
-    # BatchNorm's backward amplifies rounding. half_precision (bf16 everywhere) gave mean 0.92,
-    # min -1 on the same network and batch.
-    assert np.mean(cosines) > 0.97 and min(cosines) > 0.8
+
+    def cosine(a: jax.Array, b: jax.Array) -> float:
+        return float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
+
+    leaves16, leaves32 = jax.tree.leaves(g16), jax.tree.leaves(g32)
+    assert all(a.dtype == jnp.float32 for a in leaves16)
+    flat16, flat32 = (jnp.concatenate([g.ravel() for g in ls]) for ls in (leaves16, leaves32))
+    whole = cosine(flat16, flat32)
+    # Per leaf only where a cosine means something (>= 16 elements): a 1-element leaf's cosine
+    # is its sign, and the 1-element SpatialGate BatchNorm bias flipped sign on a Zen 4
+    # (AVX512_BF16): -0.0005 against float32's 0.03 (the tree's gradient RMS is 0.09).
+    per_leaf = [cosine(a, b) for a, b in zip(leaves16, leaves32, strict=True) if a.size >= 16]
+    # Measured (Zen 4): whole 0.992; leaves >= 16 elements mean 0.986, min 0.92 (a BatchNorm
+    # bias). half_precision (bf16 everywhere) gave a per-leaf mean of 0.92, min -1.
+    assert whole > 0.98 and np.mean(per_leaf) > 0.96 and min(per_leaf) > 0.8
