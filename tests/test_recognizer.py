@@ -139,7 +139,21 @@ def test_predict_faces_is_batched_padded_and_compiled_once_per_bucket(recognizer
     as_float = recognizer.predict_faces(faces[..., None].astype(np.float32) / 255)
     np.testing.assert_allclose(probabilities, as_float, atol=1e-6)
     assert recognizer.predict_faces(faces[:0]).shape == (0, 7)
-    assert recognizer._probabilities._cache_size() == 2  # Buckets 1 and 2: compiled once each.
+    # Bucket 1 (the plain-XLA twin) and bucket 2 (the model's convolutions): compiled once each.
+    assert [fn._cache_size() for fn in recognizer._probabilities] == [1, 1]
+
+
+def test_one_face_chunks_run_plain_xla_convolutions_and_agree_with_the_cpu_forms():
+    model, variables = small_model()
+    recognizer = rec.Recognizer(model.clone(conv_impl="auto"), variables, batch_size=2)
+    one, many = recognizer._probabilities
+    assert one.__wrapped__.args[0].conv_impl == "xla"
+    assert many.__wrapped__.args[0].conv_impl == "auto"
+    faces = _faces(2)
+    together = recognizer.predict_faces(faces)
+    alone = np.concatenate([recognizer.predict_faces(faces[i : i + 1]) for i in range(2)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert [fn._cache_size() for fn in recognizer._probabilities] == [1, 1]
 
 
 @pytest.mark.parametrize(

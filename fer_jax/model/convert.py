@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fer_jax.model.resnet import ResNet18
+from fer_jax.model.resnet import ResNet18, variable_shapes
 
 # Flax module name -> PyTorch module name; anything else maps to itself.
 _MODULE_NAMES = {
@@ -122,7 +121,7 @@ def from_torch(
     linear = sd["linear.weight"]
     num_classes = linear.shape[0] if head == "softmax" else linear.shape[-1]
     model = ResNet18(num_classes=num_classes, width=width, cbam=cbam, head=head, **model_kwargs)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 44, 44, 1), jnp.float32))
+    shapes = variable_shapes(model)
 
     expected, missing, variables = set(), [], {}
     for collection in ("params", "batch_stats"):

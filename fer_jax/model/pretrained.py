@@ -380,15 +380,14 @@ def _decode(path: str, data: bytes) -> tuple[dict[str, np.ndarray], dict[str, An
 
 def _check_against_model(path: str, metadata: Mapping[str, Any], arrays: Mapping) -> None:
     """Raises unless the arrays are exactly the variables of the model in the metadata."""
-    import jax
 
-    from fer_jax.model.resnet import model_from_config
+    from fer_jax.model.resnet import model_from_config, variable_shapes
 
     try:
         model = model_from_config(metadata["model"], dropout_rate=0.0)
     except (KeyError, TypeError, ValueError) as e:
         raise PretrainedError(f"{path}: its model description is unusable ({e})") from e
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 44, 44, 1), np.float32))
+    shapes = variable_shapes(model)
     want = {
         key: shape
         for collection in COLLECTIONS
