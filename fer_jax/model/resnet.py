@@ -157,8 +157,10 @@ def matmul_bf16(matmul_dtype: str, backend: str | None = None) -> bool:
     Measured on an Intel Xeon with AMX (jax 0.10.2, the Winograd matmul shapes at batch 64):
     bfloat16 with float32 accumulation 1.2x / 1.6x / 2.7x / 5x float32's GFLOP/s at 64 / 128 /
     256 / 512 channels. Without native bf16 multiplies it is slower: 0.58-0.69x float32 on an
-    AVX2 AMD EPYC, Zen 3 (`experiments/results/bf16_matmul_cpu_epyc_zen3/`). AVX512-BF16
-    without AMX is not measured, so 'auto' leaves it off there.
+    AVX2 AMD EPYC, Zen 3 (`experiments/results/bf16_matmul_cpu_epyc_zen3/`). With AVX512-BF16
+    and no AMX (a Zen 4 EPYC) the whole train step ran 1.19x, ten-crop evaluation 1.12x
+    (`experiments/results/bf16_train_step_cpu_epyc_zen4/`), but no loss curve has been compared
+    there yet, so 'auto' leaves it off.
     """
     if matmul_dtype not in MATMUL_DTYPES:
         raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
