@@ -3,7 +3,7 @@
     python -m experiments.model_card --run=/var/tmp/fer_jax-runs/fer2013_cpu \
         --manual_dir=~/data/fer2013 --out=experiments/results/fer2013_cpu_<cpu> \
         --train_command="python -m fer_jax.main ..." \
-        [--weights=fer_jax/weights/cbam_resnet18_fer2013.npz]
+        [--weights=fer_jax/weights/cbam_resnet18_fer2013.npz] [--skip float32:public_test:10]
 
 1. Converts the run's selected checkpoint (chosen on its select split) to the package's weights
    file (`fer_jax.model.pretrained`: bfloat16 parameters, float32 BatchNorm statistics).
@@ -17,7 +17,8 @@
    time, the table), each evaluation's JSON and PNG (`eval/`),
    and the run's `summary.md` / `curves.png` (`experiments.run_summary`), `results.json` and
    `config.json`.
-About 15-20 minutes on a 2-core CPU (a ten-crop split is ~36k crops).
+About 15-20 minutes on a 2-core CPU (a ten-crop split is ~36k crops); `--skip` leaves out
+evaluations (the card then says 'not evaluated').
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ def _from_results(results: dict[str, Any], out: str) -> dict[str, Any]:
     return found
 
 
-def _evaluate_all(config, sources: dict[str, str], out: str, found: dict[str, Any]) -> None:
-    """Adds `EVALUATIONS` to `found` (`{precision: {split: {crops: metrics}}}`); `sources` maps
+def _evaluate_all(
+    config, sources: dict[str, str], out: str, found: dict[str, Any], evaluations=EVALUATIONS
+) -> None:
+    """Adds `evaluations` to `found` (`{precision: {split: {crops: metrics}}}`); `sources` maps
     each precision to a checkpoint argument."""
     from fer_jax.training import checkpoint, input_data
 
@@ -97,7 +100,7 @@ def _evaluate_all(config, sources: dict[str, str], out: str, found: dict[str, An
     splits = input_data.load_splits(config, list(SPLITS))
     for precision, source in sources.items():
         state = trainer.parallel.replicate(checkpoint.init_from(source, template, config))
-        for key in (e for e in EVALUATIONS if e[0] == precision):
+        for key in (e for e in evaluations if e[0] == precision):
             metrics = trainer.evaluate(state, *splits[key[1]], crops=key[2])
             _record(found, out, key, metrics)
 
@@ -207,7 +210,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data_source", default="files")
     parser.add_argument("--manual_dir", default=None)
     parser.add_argument("--data_dir", default=None)
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        help="evaluations to leave out (the card says 'not evaluated'), each "
+        "PRECISION:SPLIT:CROPS, e.g. float32:public_test:10 (~7 min on 2 cores)",
+    )
     args = parser.parse_args(argv)
+    known = {f"{p}:{s}:{c}": (p, s, c) for p, s, c in EVALUATIONS}
+    unknown = sorted(set(args.skip) - set(known))
+    if unknown:
+        parser.error(f"--skip: {unknown} are not among the evaluations {sorted(known)}")
+    evaluations = tuple(e for name, e in known.items() if name not in args.skip)
     from fer_jax import host_memory
     from fer_jax.inference.save_pretrained import convert
 
@@ -222,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = json.load(f)
     found = _from_results(results, args.out)
     sources = {"float32": args.run, "bfloat16": f"pretrained:{args.weights}"}
-    _evaluate_all(config, sources, args.out, found)
+    _evaluate_all(config, sources, args.out, found, evaluations)
     summary = run_summary.write_summary(args.run, args.out)
     wall_s = training_wall_seconds(args.run)
     md, data = _card(

@@ -536,6 +536,17 @@ def test_profile_kinds_follow_the_module_path_and_direction():
     assert profile_step.torch_kind("aten::native_batch_norm") == "BatchNorm"
 
 
+def test_model_card_refuses_to_skip_an_evaluation_it_does_not_make(tmp_path, capsys):
+    from experiments import model_card
+
+    argv = ["--run", str(tmp_path), "--out", str(tmp_path / "card"), "--train_command", "x"]
+    with pytest.raises(SystemExit):
+        model_card.main([*argv, "--skip", "float32:public_test:10", "float32:private_test:10"])
+    assert "--skip: ['float32:private_test:10'] are not among" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="results.json is missing"):  # A valid --skip passes.
+        model_card.main([*argv, "--skip", "float32:public_test:10"])
+
+
 def test_model_card_training_time_sums_the_sessions_and_skips_the_gaps(tmp_path, monkeypatch):
     """Two sessions of one resumed run (two event files): 300 s + 100 s of training logs, with
     a 2.7 h pause between them that is not training time."""
