@@ -10,8 +10,9 @@ stage. 20 epochs: ~3 h at ~48 training images/s (2-core AMD EPYC Zen 5), ~5-6 h 
 
 The shipped model (`fer_jax/weights/`, README's model card) is this recipe cut to what one
 ~2-hour session of a 2-core Zen 4 trains, `--config.num_epochs=6` (the cosine and lambda
-schedules follow the run's own length). A later cycle continues from it on any machine, with a
-fresh optimizer, a lower peak rate and lambda held at the value this run ends at:
+schedules follow the run's own length), then one more such cycle from those weights with a
+fresh optimizer, a lower peak rate and lambda held at the value the first run ends at. The
+next cycle continues from the shipped model the same way, on any machine:
 
     python -m fer_jax.main --config=configs/fer2013_cpu.py --workdir=runs/fer2013_cpu_cycle2 \
         --config.data_source=files --config.manual_dir=/path/to/fer2013 \
