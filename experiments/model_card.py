@@ -89,7 +89,11 @@ def _from_results(results: dict[str, Any], out: str) -> dict[str, Any]:
 
 
 def _evaluate_all(
-    config, sources: dict[str, str], out: str, found: dict[str, Any], evaluations=EVALUATIONS
+    config,
+    sources: dict[str, str],
+    out: str,
+    found: dict[str, Any],
+    evaluations: tuple = EVALUATIONS,
 ) -> None:
     """Adds `evaluations` to `found` (`{precision: {split: {crops: metrics}}}`); `sources` maps
     each precision to a checkpoint argument."""

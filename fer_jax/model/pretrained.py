@@ -380,7 +380,6 @@ def _decode(path: str, data: bytes) -> tuple[dict[str, np.ndarray], dict[str, An
 
 def _check_against_model(path: str, metadata: Mapping[str, Any], arrays: Mapping) -> None:
     """Raises unless the arrays are exactly the variables of the model in the metadata."""
-
     from fer_jax.model.resnet import model_from_config, variable_shapes
 
     try:
