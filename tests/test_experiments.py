@@ -13,6 +13,7 @@ import pytest
 from experiments import (
     asoftmax_collapse,
     benchmark,
+    compare_curves,
     paper_tables,
     profile_step,
     tb_curves,
@@ -195,6 +196,50 @@ def test_tb_curves_reads_simple_and_tensor_scalars(tmp_path):
     drawn = tb_curves.plot_curves(str(tmp_path), str(tmp_path / "c.png"))
     assert drawn == {"train_loss": 8, "train_accuracy": 8, "train_learning_rate": 8}
     assert os.path.getsize(tmp_path / "c.png") > 1000
+
+
+def test_compare_curves_pairs_the_common_steps_and_finds_the_largest_gap(tmp_path):
+    a = {"train_loss": ([25, 50, 75, 100], [1.0, 1.1, 1.2, 1.3])}
+    b = {"train_loss": ([25, 50, 100, 125], [1.0, 1.15, 1.28, 0.0])}
+    points = compare_curves.common_points(a, b, ["train_loss"], max_step=110)
+    assert points == {"train_loss": [(25, 1.0, 1.0), (50, 1.1, 1.15), (100, 1.3, 1.28)]}
+    summary = compare_curves.summarize(points)["train_loss"]
+    assert summary["steps"] == 3 and summary["max_gap_step"] == 50
+    assert summary["max_abs_gap"] == pytest.approx(0.05)
+    assert summary["mean_abs_gap"] == pytest.approx(0.07 / 3)
+    with pytest.raises(KeyError, match="second run logged no 'train_accuracy'"):
+        compare_curves.common_points(a | {"train_accuracy": ([1], [0.5])}, b, ["train_accuracy"])
+
+
+def test_compare_curves_writes_its_table_from_two_runs(tmp_path):
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name)
+        _write_run(str(tmp_path / name), cv=False)
+    summary = compare_curves.main(
+        [
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--labels",
+            "f32",
+            "bf16",
+            "--out",
+            str(tmp_path / "cmp"),
+        ]
+    )
+    assert summary["train_loss"]["steps"] == 8 and summary["train_loss"]["max_abs_gap"] == 0
+    assert "| 4 | 0.50000 | 0.50000 | +0.00000 |" in (tmp_path / "cmp" / "curves.md").read_text()
+    assert os.path.getsize(tmp_path / "cmp" / "curves.png") > 1000
+    with pytest.raises(SystemExit, match="logged no 'nope'"):
+        compare_curves.main(
+            [
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--tags",
+                "nope",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
 
 
 def test_flop_count_of_a_conv_and_a_dense_layer():

@@ -188,16 +188,22 @@ def test_init_from_pretrained_loads_into_a_fresh_train_state(saved, weights_env)
         checkpoint.init_from("pretrained", template, config)
 
 
-def test_converter_writes_a_runs_selected_checkpoint_with_its_accuracies(saved, tmp_path):
-    _, _, variables = saved
-    config = _config()
+def _write_run(tmp_path, config, variables, step=7):
+    """A run directory whose best checkpoint (at `step`) holds `variables`; returns its path."""
     model = create_model(config)
     shapes = jax.eval_shape(lambda: create_train_state(config, model, steps_per_epoch=1))
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes).replace(**variables)
     run = tmp_path / "run"
     checkpoints = checkpoint.Checkpoints(str(run), config)
-    checkpoints.maybe_save_best(7, state, {"epoch": 1}, 0.4)
+    checkpoints.maybe_save_best(step, state, {"epoch": 1}, 0.4)
     checkpoints.close()
+    return run
+
+
+def test_converter_writes_a_runs_selected_checkpoint_with_its_accuracies(saved, tmp_path):
+    _, _, variables = saved
+    config = _config()
+    run = _write_run(tmp_path, config, variables)
     results = {"selected_step": 7, "selected_on": "public_test", "select_accuracy": 0.4}
     results |= {"report_split": "private_test", "private_test": {"accuracy": 0.35}}
     (run / "results.json").write_text(json.dumps(results))
@@ -208,6 +214,7 @@ def test_converter_writes_a_runs_selected_checkpoint_with_its_accuracies(saved, 
     jax.tree.map(np.testing.assert_array_equal, loaded["params"], _bf16(variables["params"]))
     provenance = meta["provenance"]
     assert provenance["step"] == 7 and provenance["epoch"] == 1
+    assert "trained_matmul_dtype" not in provenance
     assert provenance["accuracies"] == {
         "selected_on": "public_test",
         "select_accuracy": 0.4,
@@ -215,6 +222,22 @@ def test_converter_writes_a_runs_selected_checkpoint_with_its_accuracies(saved, 
     }
     (run / "results.json").write_text(json.dumps({**results, "selected_step": 9}))
     assert convert_main([f"--from={run}", f"--out={out}"]) == 2  # results of another step
+
+
+def test_a_run_trained_with_bfloat16_matmuls_ships_float32_ones_unless_asked(saved, tmp_path):
+    _, _, variables = saved
+    config = _config()
+    config.model.matmul_dtype = "bfloat16"
+    run = _write_run(tmp_path, config, variables)
+    out = tmp_path / "weights" / "mine.npz"
+    assert convert_main([f"--from={run}", f"--out={out}"]) == 0
+    model_config, _, meta = pretrained.load(out)
+    assert model_config == {**config.model.to_dict(), "matmul_dtype": "float32"}
+    assert meta["provenance"]["trained_matmul_dtype"] == "bfloat16"
+    assert convert_main([f"--from={run}", f"--out={out}", "--matmul_dtype=bfloat16"]) == 0
+    model_config, _, meta = pretrained.load(out)
+    assert model_config["matmul_dtype"] == "bfloat16"
+    assert "trained_matmul_dtype" not in meta["provenance"]
 
 
 # ----------------------------------------------------------------------------- the example photo

@@ -2,7 +2,8 @@ r"""`python -m fer_jax.inference.save_pretrained`: a run's selected checkpoint a
 shipped in the package (format and loader: `fer_jax.model.pretrained`).
 
     python -m fer_jax.inference.save_pretrained --from=runs/fer2013 --out=fer_jax/weights/NAME.npz \
-        [--results=runs/fer2013/results.json] [--replica=k] [--param_dtype=bfloat16]
+        [--results=runs/fer2013/results.json] [--replica=k] [--param_dtype=bfloat16] \
+        [--matmul_dtype=float32]
 
 `--from` is a run directory (its best checkpoint, chosen on the select split, else its latest)
 or one checkpoint directory. The accuracies of the run's `results.json` (`--results`, default
@@ -21,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fer_jax.model.pretrained import PARAM_DTYPES, manifest_path, read_manifest, save
+from fer_jax.model.resnet import MATMUL_DTYPES
 from fer_jax.training import checkpoint
 from fer_jax.user_errors import UserError, run_cli
 
@@ -49,11 +51,15 @@ def convert(
     results: str | None = None,
     replica: int | None = None,
     param_dtype: str = "bfloat16",
+    matmul_dtype: str | None = "float32",
 ) -> tuple[str, dict[str, Any]]:
     """Writes a run's selected checkpoint (or one checkpoint) as shipped weights `out`.
 
     `results` (default: `source/results.json` when `source` is a run directory holding one) must
     describe the same checkpoint (its `selected_step`); its accuracies go into the provenance.
+    `matmul_dtype`: the shipped model's `model.matmul_dtype`, what its users' CPU convolution
+    forms compute with (None: the run's). The default, float32, is exact on every CPU; a run
+    trained with bfloat16 operands keeps that in the provenance (`trained_matmul_dtype`).
     Returns `(out, manifest)`.
     """
     variables, ckpt_meta, where = checkpoint.load_variables(source)
@@ -77,6 +83,11 @@ def convert(
     }
     if checkpoint.replica_count(ckpt_meta) > 1:
         provenance["replica"] = index
+    model = dict(ckpt_meta["model"])
+    trained = model.get("matmul_dtype", "float32")
+    if matmul_dtype is not None and matmul_dtype != trained:
+        model["matmul_dtype"] = matmul_dtype
+        provenance["trained_matmul_dtype"] = trained
     if results is not None:
         try:
             with open(results) as f:
@@ -91,7 +102,7 @@ def convert(
             )
         provenance["results_file"] = os.path.normpath(results)
         provenance["accuracies"] = _accuracies(run_results)
-    save(variables, ckpt_meta["model"], out, meta=provenance, param_dtype=param_dtype)
+    save(variables, model, out, meta=provenance, param_dtype=param_dtype)
     return out, read_manifest(out)
 
 
@@ -115,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--replica", type=int, help="of a replica run (default: the chosen one)")
     parser.add_argument("--param_dtype", choices=PARAM_DTYPES, default="bfloat16")
     parser.add_argument(
+        "--matmul_dtype",
+        choices=MATMUL_DTYPES,
+        default="float32",
+        help="model.matmul_dtype of the shipped model (what its users' CPU forms compute with)",
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="show the traceback of an error in the input"
     )
     args = parser.parse_args(argv)
@@ -128,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results=args.results,
             replica=args.replica,
             param_dtype=args.param_dtype,
+            matmul_dtype=args.matmul_dtype,
         )
         provenance = manifest["meta"]["provenance"]
         print(f"wrote {path} ({manifest['bytes'] / 1e6:.1f} MB, sha256 {manifest['sha256']})")
