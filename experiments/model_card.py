@@ -10,7 +10,9 @@
 2. Evaluates both, the float32 checkpoint and the bfloat16 file, on the select and report splits
    (PublicTest and PrivateTest), with ten crops and with the centre crop (`EVALUATIONS`: the
    float32 PrivateTest figures are the run's own, the bfloat16 ten-crop PublicTest is skipped),
-   with the run's own config (its `config.json`) and the data source given here.
+   with the run's own config (its `config.json`) and the data source given here; the shipped
+   file with its own `model.matmul_dtype` (float32 where the run trained with bfloat16 matmul
+   operands: as its users run it).
 3. Writes under `--out`: `model_card.json` (every accuracy, per-class accuracies, confusion
    matrices, what bfloat16 storage cost in points), `model_card.md` (the README's model card:
    recipe, the training command (`--train_command`, as it was run) and this one, CPU and wall
@@ -89,20 +91,21 @@ def _from_results(results: dict[str, Any], out: str) -> dict[str, Any]:
 
 
 def _evaluate_all(
-    config,
+    configs: dict[str, ml_collections.ConfigDict],
     sources: dict[str, str],
     out: str,
     found: dict[str, Any],
     evaluations: tuple = EVALUATIONS,
 ) -> None:
     """Adds `evaluations` to `found` (`{precision: {split: {crops: metrics}}}`); `sources` maps
-    each precision to a checkpoint argument."""
+    each precision to a checkpoint argument, `configs` to the config it is evaluated with."""
     from fer_jax.training import checkpoint, input_data
 
-    trainer = Trainer.create(config)
-    template = create_train_state(config, trainer.model, steps_per_epoch=1)
-    splits = input_data.load_splits(config, list(SPLITS))
+    splits = input_data.load_splits(next(iter(configs.values())), list(SPLITS))
     for precision, source in sources.items():
+        config = configs[precision]
+        trainer = Trainer.create(config)
+        template = create_train_state(config, trainer.model, steps_per_epoch=1)
         state = trainer.parallel.replicate(checkpoint.init_from(source, template, config))
         for key in (e for e in evaluations if e[0] == precision):
             metrics = trainer.evaluate(state, *splits[key[1]], crops=key[2])
@@ -136,8 +139,10 @@ def _card(
     cmd: str,
     wall_s: float | None,
     train_cmd: str,
+    matmul: dict[str, str],
 ):
-    """The markdown model card and its figures (`model_card.json`)."""
+    """The markdown model card and its figures (`model_card.json`); `matmul` maps each
+    precision to the `model.matmul_dtype` it was evaluated with."""
     acc = {
         p: {s: {c: m["accuracy"] for c, m in by.items()} for s, by in found[p].items()}
         for p in found
@@ -177,6 +182,15 @@ def _card(
         f"{cost('private_test', 10)}; centre crop {cost('private_test', 1)}; "
         f"PublicTest centre crop {cost('public_test', 1)}.",
         "- The float32 PrivateTest figures are the run's own report of its selected model.",
+        *(
+            []
+            if matmul["float32"] == matmul["bfloat16"]
+            else [
+                f"- Matmul operands: the float32 checkpoint's figures are computed as the run "
+                f"trained (`model.matmul_dtype={matmul['float32']}`), the shipped model's as "
+                f"its users run it (`{matmul['bfloat16']}`); the cost above includes both."
+            ]
+        ),
         f"- Selected on PublicTest: step {results.get('selected_step')}, epoch "
         f"{results.get('selected_epoch')} of {perf.get('num_epochs')}.",
         f"- Training: {wall_s / 3600 if wall_s else float('nan'):.1f} h of wall time (summed "
@@ -197,6 +211,7 @@ def _card(
         "shipped_private_test_ten_crop": shipped,
         "training_wall_seconds": wall_s,
         "train_command": train_cmd,
+        "matmul_dtype": matmul,
         "run_results": results,
         "provenance": provenance.provenance(with_jax=False),
     }
@@ -235,17 +250,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: {results_path} is missing: the run has not finished")
     host_memory.reuse_scratch_memory()
     os.makedirs(args.out, exist_ok=True)
-    convert(args.run, args.weights)
+    _, manifest = convert(args.run, args.weights)
     config = _config(args.run, args.data_source, args.manual_dir, args.data_dir)
+    shipped_config = config.copy_and_resolve_references()
+    shipped_config.model.matmul_dtype = manifest["meta"]["model"]["matmul_dtype"]
     with open(results_path) as f:
         results = json.load(f)
     found = _from_results(results, args.out)
     sources = {"float32": args.run, "bfloat16": f"pretrained:{args.weights}"}
-    _evaluate_all(config, sources, args.out, found, evaluations)
+    configs = {"float32": config, "bfloat16": shipped_config}
+    _evaluate_all(configs, sources, args.out, found, evaluations)
     summary = run_summary.write_summary(args.run, args.out)
     wall_s = training_wall_seconds(args.run)
+    matmul = {p: c.model.get("matmul_dtype", "float32") for p, c in configs.items()}
     md, data = _card(
-        found, summary, results, provenance.command_line(argv), wall_s, args.train_command
+        found, summary, results, provenance.command_line(argv), wall_s, args.train_command, matmul
     )
     with open(os.path.join(args.out, "model_card.md"), "w") as f:
         f.write(md)
