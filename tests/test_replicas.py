@@ -327,7 +327,7 @@ from configs import synthetic
 from fer_jax.training import synthetic_data
 from fer_jax.training.loop import fit
 from fer_jax.training.parallel import DataParallel
-from fer_jax.training.state import create_model
+from fer_jax.training.state import create_model, create_train_state
 from fer_jax.training.trainer import Trainer
 
 data = synthetic_data.make_split(16, seed=0)
@@ -355,15 +355,23 @@ for mode, n, pipeline, replica_map in cases:
     state = fit(trainer, tempfile.mkdtemp(), data["image"], data["label"])["state"]
     leaves = jax.tree.leaves((state.params, state.batch_stats))
     out[f"{mode}{n}_{pipeline}_{replica_map}"] = [np.asarray(x).tolist() for x in leaves]
+init = create_train_state(config, trainer.model, 1)  # every case's (same seeds)
+out["init"] = [np.asarray(x).tolist() for x in jax.tree.leaves((init.params, init.batch_stats))]
 json.dump(out, sys.stdout)
 """
 
 
 def test_replicas_train_alike_on_one_and_two_devices_in_every_mode():
     runs = as_arrays(run_on_cpu_devices(MULTI_DEVICE_SCRIPT, 2))
+    init = runs.pop("init")
     reference = runs.pop("shard_map1_device_unroll")
     assert len(runs) == 2
     # Replica axis x data axis, one step (dropout off: its masks depend on the device count).
+    # The steps are compared, each leaf within 1% of its largest update: a reduction over the
+    # wrong axis changes updates by tens of percent, while rounding that flips one ReLU of one
+    # image (1 vs 2 devices) moved one replica's updates by up to 0.34% (Intel Xeon, AMX).
     for name, leaves in runs.items():
-        for got, want in zip(leaves, reference, strict=True):
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+        for got, want, start in zip(leaves, reference, init, strict=True):
+            step = want - start
+            atol = 1e-2 * np.abs(step).max() + 1e-9
+            np.testing.assert_allclose(got - start, step, rtol=1e-4, atol=atol, err_msg=name)
