@@ -32,8 +32,9 @@ def model_config(cbam: str | None, head: str) -> ml_collections.ConfigDict:
             # 'auto': CPU-fast forms (Winograd, matmul weight gradients) on CPU, XLA's on GPU.
             "conv_impl": "auto",
             # Operands of those forms' matmuls: 'float32', 'bfloat16' (float32 accumulation), or
-            # 'auto': bfloat16 on a CPU with AMX only (fer_jax.model.resnet.matmul_bf16). Opt-in
-            # until measured end to end on an AMX machine.
+            # 'auto': bfloat16 on a CPU with AMX-BF16 or AVX512-BF16 (resnet.matmul_bf16).
+            # float32 here: exact parity with the PyTorch reference; the CPU recipe
+            # (configs/fer2013_cpu.py) takes 'auto'.
             "matmul_dtype": "float32",
         }
     )
