@@ -102,9 +102,13 @@ def _evaluate_all(
     from fer_jax.training import checkpoint, input_data
 
     splits = input_data.load_splits(next(iter(configs.values())), list(SPLITS))
+    trainers = {}  # one per model config: the same compiled steps serve both where they agree
     for precision, source in sources.items():
         config = configs[precision]
-        trainer = Trainer.create(config)
+        key = json.dumps(config.model.to_dict(), sort_keys=True)
+        if key not in trainers:
+            trainers[key] = Trainer.create(config)
+        trainer = trainers[key]
         template = create_train_state(config, trainer.model, steps_per_epoch=1)
         state = trainer.parallel.replicate(checkpoint.init_from(source, template, config))
         for key in (e for e in evaluations if e[0] == precision):

@@ -51,15 +51,15 @@ def convert(
     results: str | None = None,
     replica: int | None = None,
     param_dtype: str = "bfloat16",
-    matmul_dtype: str | None = "float32",
+    matmul_dtype: str = "float32",
 ) -> tuple[str, dict[str, Any]]:
     """Writes a run's selected checkpoint (or one checkpoint) as shipped weights `out`.
 
     `results` (default: `source/results.json` when `source` is a run directory holding one) must
     describe the same checkpoint (its `selected_step`); its accuracies go into the provenance.
     `matmul_dtype`: the shipped model's `model.matmul_dtype`, what its users' CPU convolution
-    forms compute with (None: the run's). The default, float32, is exact on every CPU; a run
-    trained with bfloat16 operands keeps that in the provenance (`trained_matmul_dtype`).
+    forms compute with. The default, float32, is exact on every CPU; a run trained with other
+    operands keeps what it used in the provenance (`trained_matmul_dtype`).
     Returns `(out, manifest)`.
     """
     variables, ckpt_meta, where = checkpoint.load_variables(source)
@@ -85,7 +85,7 @@ def convert(
         provenance["replica"] = index
     model = dict(ckpt_meta["model"])
     trained = model.get("matmul_dtype", "float32")
-    if matmul_dtype is not None and matmul_dtype != trained:
+    if matmul_dtype != trained:
         model["matmul_dtype"] = matmul_dtype
         provenance["trained_matmul_dtype"] = trained
     if results is not None:
