@@ -15,6 +15,7 @@ from experiments import (
     benchmark,
     compare_curves,
     paper_tables,
+    photo_framing,
     profile_step,
     tb_curves,
 )
@@ -620,3 +621,38 @@ def test_cpu_model_names_family_model_and_vector_flags(tmp_path):
     assert got == "AMD EPYC (family 25, model 17; avx2 avx512f avx512_bf16)"
     cpuinfo.write_text(block.format(m=1, f="sse2"))
     assert provenance.cpu_model(str(cpuinfo)).endswith("model 1; no AVX2)")
+
+
+class _AlwaysHappy:
+    """A recogniser that calls every face happy (label 3): accuracy = the share of happy faces."""
+
+    def predict_faces(self, faces: np.ndarray) -> np.ndarray:
+        return np.tile(np.eye(7, dtype=np.float32)[3], (len(faces), 1))
+
+
+def test_photo_framing_finds_a_real_face_in_its_own_frame_and_scores_each_margin():
+    from PIL import Image
+
+    from data_pipelines.faces import crop_face
+    from fer_jax.inference.recognizer import find_faces, to_gray
+
+    gray = to_gray(np.asarray(Image.open("fer_jax/examples/astronaut.jpg")))
+    face = crop_face(gray, find_faces(gray)[0], margin=0.0, size=48)  # framed by the detector
+    photo, frame = photo_framing.as_photo(face, 4, 0.5)
+    assert photo.shape == (384, 384) and frame == (96, 96, 192)
+    images = np.stack([face, np.full_like(face, 128)])  # a face, and a blank with none
+    r = photo_framing.measure_split(_AlwaysHappy(), images, np.array([3, 0]), [0.0, 0.2], 4, 0.5)
+    assert (r["faces"], r["detected"]) == (2, 1)
+    assert (r["given_accuracy"], r["given_accuracy_detected"]) == (0.5, 1.0)
+    assert r["photo_accuracy"] == {"0.0": 1.0, "0.2": 1.0}
+    # The detector finds the face where it framed it: the same box, to a few percent.
+    assert 0.95 < r["median_box_over_frame"] < 1.05
+    assert max(abs(v) for v in r["median_centre_offset"]) < 0.03
+    expected = (1 / r["median_box_over_frame"] - 1) / 2
+    assert r["margin_matching_frame"] == pytest.approx(expected)
+
+
+def test_photo_framing_box_geometry_is_relative_to_the_frame():
+    # A 40 px box centred at (30, 25) on the 20 px frame centred at (10, 20).
+    ratio, dx, dy = photo_framing.frame_geometry(np.array([10, 5, 40, 40]), (0, 10, 20))
+    assert (ratio, dx, dy) == (2.0, 1.0, 0.25)

@@ -227,8 +227,9 @@ def _check_astronaut(faces: list[rec.Face], reference: np.ndarray | None = None)
 def test_predict_on_a_real_photo_matches_the_manual_pipeline(recognizer, astronaut):
     faces = recognizer.predict(astronaut)
     gray = _gray(astronaut)
-    boxes = detect_faces(gray, min_size=(40, 40))
-    crop = crop_face(gray, boxes[0])  # The JAFFE preprocessing's crop.
+    x, y, w, h = detect_faces(gray, min_size=(40, 40))[0]
+    # By default the face is the detector's box itself (PHOTO_MARGIN: FER2013's framing).
+    crop = cv2.resize(gray[y : y + h, x : x + w], (48, 48), interpolation=cv2.INTER_AREA)
     _check_astronaut(faces, recognizer.predict_faces(crop[None])[0])
     assert faces[0].attention is None
 
@@ -311,7 +312,7 @@ def test_given_boxes_replace_detection(recognizer, astronaut):
 def test_attention_on_a_photo(recognizer, astronaut):
     faces = recognizer.predict(astronaut, attention=True)
     assert len(faces) == 1 and faces[0].attention.shape == (4, 44, 44)
-    crop = crop_face(_gray(astronaut), faces[0].box)
+    crop = crop_face(_gray(astronaut), faces[0].box, margin=recognizer.margin)
     np.testing.assert_allclose(faces[0].attention, recognizer.attention_maps(crop[None])[0])
 
 

@@ -167,7 +167,7 @@ def metadata(model: ResNet18, class_names: Sequence[str]) -> dict[str, Any]:
             "shape": ["batch", FACE_SIZE, FACE_SIZE, 1],
             "dtype": "float32",
             "range": [0.0, 1.0],
-            "description": "gray 48x48 face crops (uint8 / 255), JAFFE margin rule",
+            "description": "gray 48x48 face crops (uint8 / 255), data_pipelines.faces.crop_face",
         },
         "output": {
             "name": OUTPUT_NAME,

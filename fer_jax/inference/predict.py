@@ -53,10 +53,10 @@ from data_pipelines.crops import CROP_SIZE
 from fer_jax.inference.recognizer import (
     CROP_CHOICES,
     DEFAULT_BATCH_SIZE,
-    DEFAULT_MARGIN,
     DEFAULT_MAX_SIDE,
     DEFAULT_MIN_FACE,
     FACE_SIZE,
+    PHOTO_MARGIN,
     Face,
     ImageError,
     Recognizer,
@@ -181,7 +181,7 @@ def centre_crop_square(box: Sequence[int], margin: float) -> tuple[int, int, int
 
 
 def attention_overlay(
-    image: np.ndarray, faces: Sequence[Face], margin: float = DEFAULT_MARGIN, alpha: float = 0.5
+    image: np.ndarray, faces: Sequence[Face], margin: float = PHOTO_MARGIN, alpha: float = 0.5
 ) -> np.ndarray:
     """The image as RGB with each face's mean attention map blended over its centre crop."""
     out = _rgb(image)
@@ -484,7 +484,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--box", type=parse_box, action="append", help="X,Y,W,H face box (repeatable), all inputs"
     )
     boxes.add_argument("--boxes", help="JSON {path or file name: [[x, y, w, h], ...]}")
-    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="face-crop margin")
+    parser.add_argument(
+        "--margin", type=float, default=PHOTO_MARGIN, help="face-crop margin (fraction of the box)"
+    )
     parser.add_argument(
         "--max_side", type=int, default=DEFAULT_MAX_SIDE, help="detect on a copy this size"
     )
