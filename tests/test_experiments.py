@@ -656,3 +656,16 @@ def test_photo_framing_box_geometry_is_relative_to_the_frame():
     # A 40 px box centred at (30, 25) on the 20 px frame centred at (10, 20).
     ratio, dx, dy = photo_framing.frame_geometry(np.array([10, 5, 40, 40]), (0, 10, 20))
     assert (ratio, dx, dy) == (2.0, 1.0, 0.25)
+
+
+def test_photo_framing_eye_spacing_of_a_real_face_and_of_none():
+    from PIL import Image
+
+    from fer_jax.inference.recognizer import find_faces, to_gray
+
+    gray = to_gray(np.asarray(Image.open("fer_jax/examples/astronaut.jpg")))
+    x, y, w, h = find_faces(gray)[0]
+    spacing, height = photo_framing.eye_spacing(gray[y : y + h, x : x + w])
+    # A frontal face's eyes: ~0.3-0.5 of the face box apart, ~0.3-0.45 of it down.
+    assert 0.3 < spacing < 0.55 and 0.3 < height < 0.45
+    assert photo_framing.eye_spacing(np.full((96, 96), 128, np.uint8)) is None
