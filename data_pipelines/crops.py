@@ -6,15 +6,23 @@ top-right (0, W-c), bottom-left (H-c, 0), bottom-right (H-c, W-c) and centre
 the image followed by the same five crops of its horizontal mirror (not the mirrored crops: the
 mirror's top-left crop is the mirror of the image's top-right crop), exactly as
 `torchvision.transforms.TenCrop(c)` does.
+
+Training crops are gathered by flat pixel index in both input pipelines: a plain or mirrored
+window (`crop_pixel_offsets`), or, with zoom or rotation, an integer fixed-point affine map per
+crop (`crop_affine`, on the host) that `affine_crop_pixels` turns into pixel indices with integer
+arithmetic alone, the same in numpy, jax.numpy and TensorFlow.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 CROP_SIZE = 44
 NUM_CROPS = 10
 CENTRE_CROP_INDEX = 4  # the centre crop's place among `ten_crop`'s ten
+FIXED_POINT_ONE = 1 << 16  # 1.0 in `crop_affine`'s fixed point: 16 fractional bits
 
 
 def five_crop_offsets(height: int, width: int, crop: int = CROP_SIZE) -> list[tuple[int, int]]:
@@ -52,6 +60,81 @@ def crop_pixel_offsets(width: int, crop: int = CROP_SIZE) -> np.ndarray:
     pipelines (tf.data and on-device) are gathered with these."""
     i, j = np.mgrid[:crop, :crop]
     return np.stack([i * width + j, i * width + crop - 1 - j])
+
+
+def crop_affine(
+    top: np.ndarray,
+    left: np.ndarray,
+    flip: np.ndarray,
+    scale: np.ndarray,
+    angle: np.ndarray,
+    crop: int = CROP_SIZE,
+) -> np.ndarray:
+    """Each training crop as an integer fixed-point affine map from crop to image pixels.
+
+    Output pixel (i, j) of the crop x crop crop reads image row `(a*i + b*j + e) // 2**16` and
+    column `(d*i + f*j + g) // 2**16` (floor, i.e. an arithmetic shift by 16; then clipped to
+    the image: edge pixels repeat), where the crop's centre maps to the centre of the window at
+    (top, left), and about it the map scales by `scale` (> 1 zooms out: the crop covers
+    `scale` times as many image pixels across, more of the face), turns the sampling axes by
+    `angle` degrees counterclockwise as displayed (rows down; the face appears turned
+    clockwise), and mirrors the crop horizontally where `flip`. e and g hold +2**15, so the
+    floor rounds to the nearest pixel. At scale 1 and angle 0 the map is the window itself,
+    pixel for pixel (`crop_pixel_offsets`).
+
+    Args:
+      top, left: int crop offsets; flip: bool; scale: > 0; angle: degrees (all broadcast).
+
+    Returns:
+      (..., 6) int32 [a, b, e, d, f, g].
+    """
+    turn = np.deg2rad(angle)
+    mirror = np.where(flip, -1.0, 1.0)
+    cos, sin = scale * np.cos(turn), scale * np.sin(turn)
+    # (row, col) = window centre + [[cos, -sin], [sin, cos]] @ (i - centre, mirror * (j - centre))
+    a, b, d, f = (
+        np.rint(x * FIXED_POINT_ONE).astype(np.int64)
+        for x in (cos, -sin * mirror, sin, cos * mirror)
+    )
+    # In integers, 2 * centre = crop - 1: the crop's centre lands on the window's to 2**-17 px,
+    # and a flipped map is exactly the mirror image of the unflipped one.
+    top, left = np.asarray(top, np.int64), np.asarray(left, np.int64)
+    half = FIXED_POINT_ONE // 2
+    e = ((2 * top + crop - 1) * FIXED_POINT_ONE - (a + b) * (crop - 1)) // 2 + half
+    g = ((2 * left + crop - 1) * FIXED_POINT_ONE - (d + f) * (crop - 1)) // 2 + half
+    # int32 headroom: every partial sum of a*i + b*j + e is at most this (~2**23 for 44 of 48).
+    reach = np.maximum(
+        (abs(a) + abs(b)) * (crop - 1) + abs(e), (abs(d) + abs(f)) * (crop - 1) + abs(g)
+    )
+    if np.max(reach, initial=0) >= 2**31:
+        raise ValueError(f"crop affine maps overflow int32: {np.max(reach)} >= 2**31")
+    return np.stack(np.broadcast_arrays(a, b, e, d, f, g), axis=-1).astype(np.int32)
+
+
+def affine_crop_pixels(
+    maps: Any, height: int, width: int, crop: int = CROP_SIZE, xp: Any = np
+) -> Any:
+    """Flat pixel indices (row * width + col) of the crops `crop_affine` describes.
+
+    Integer arithmetic only, one body for every array library, so that the tf.data and the
+    on-device pipelines gather exactly the same pixels.
+
+    Args:
+      maps: (..., 6) int32 [a, b, e, d, f, g] (`crop_affine`), a numpy, jax or tf array.
+      height, width: the image's size in pixels.
+      crop: side of the crop.
+      xp: the array module with `minimum` and `maximum` (numpy, jax.numpy or tensorflow).
+
+    Returns:
+      (..., crop, crop) int32 indices into the flattened (H * W) image.
+    """
+    i, j = np.mgrid[:crop, :crop].astype(np.int32)
+    a, b, e, d, f, g = (maps[..., k, None, None] for k in range(6))
+    rows = (a * i + b * j + e) // FIXED_POINT_ONE
+    cols = (d * i + f * j + g) // FIXED_POINT_ONE
+    rows = xp.minimum(xp.maximum(rows, 0), height - 1)
+    cols = xp.minimum(xp.maximum(cols, 0), width - 1)
+    return rows * width + cols
 
 
 def ten_crop_pixel_indices(height: int, width: int, crop: int = CROP_SIZE) -> np.ndarray:

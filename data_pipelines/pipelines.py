@@ -10,6 +10,8 @@ Training (`train_dataset_from_arrays`), one epoch at a time, forever (or `num_ep
   permutation of the N examples (the last N % B are dropped that epoch), then per example a crop
   offset (top, left), each uniform in 0..H-c / 0..W-c inclusive (0..4 for 44 of 48; no padding),
   and a horizontal flip with probability 0.5 (`epoch_plan`). It depends only on (seed, epoch).
+  Optional random zoom and rotation (`zoom`, `rotate`, off by default) make each crop an
+  integer affine map of the image (`plan` module docstring), drawn after those.
 - Batch k (0-based) of a dataset started at (start_epoch, start_step) is global step
   g = start_epoch * steps_per_epoch + start_step + k, i.e. epoch g // steps_per_epoch and step
   g % steps_per_epoch; it equals the batch an uninterrupted run yields at that step.
@@ -33,6 +35,7 @@ import numpy as np
 
 from data_pipelines.crops import (
     CROP_SIZE,
+    affine_crop_pixels,
     crop_pixel_offsets,
     five_crop_offsets,
     ten_crop_pixel_indices,
@@ -40,6 +43,7 @@ from data_pipelines.crops import (
 from data_pipelines.plan import (
     Normalize,
     check_arrays,
+    check_augmentation,
     epoch_plan,
     eval_steps,
     normalize_affine,
@@ -88,6 +92,8 @@ def train_dataset_from_arrays(
     normalize: Normalize = "unit",
     crop: int = CROP_SIZE,
     flip: bool = True,
+    zoom: float = 0.0,
+    rotate: float = 0.0,
     return_index: bool = False,
 ) -> tf.data.Dataset:
     """Augmented training batches, epoch after epoch, from (start_epoch, start_step).
@@ -103,6 +109,8 @@ def train_dataset_from_arrays(
       normalize: 'unit', 'symmetric' or (mean, std) (module docstring).
       crop: side of the random square crop.
       flip: random horizontal flips with probability 0.5 (else never).
+      zoom: crop scale uniform in [1 - zoom, 1 + zoom] (`epoch_plan`); 0 = none.
+      rotate: crop angle uniform in [-rotate, rotate] degrees; 0 = none.
       return_index: also yield 'index', the (B,) int64 example indices.
 
     Returns:
@@ -118,21 +126,32 @@ def train_dataset_from_arrays(
     if seed < 0 or start_epoch < 0:
         raise ValueError(f"seed and start_epoch must be >= 0, got {seed} and {start_epoch}")
     five_crop_offsets(height, width, crop)  # Checks that the crop fits.
+    check_augmentation(zoom, rotate)
     norm = normalizer(normalize)
     flat_images = tf.constant(images.reshape(n * height * width, channels))
     labels_t = tf.constant(labels.astype(np.int32))
+    # The plan's arrays, in make_batch's argument order: 'affine' with zoom or rotation.
+    keys = ("index", "top", "left", "flip") + (("affine",) if zoom > 0 or rotate > 0 else ())
+    types = [tf.int64, tf.int32, tf.int32, tf.bool, tf.int32][: len(keys)]
+    shapes = [[steps, batch_size]] * 4 + [[steps, batch_size, 6]]
 
     def plan(epoch: np.int64) -> tuple[np.ndarray, ...]:
         p = epoch_plan(
-            n, batch_size, seed=seed, epoch=int(epoch), image_shape=(height, width), crop=crop
+            n,
+            batch_size,
+            seed=seed,
+            epoch=int(epoch),
+            image_shape=(height, width),
+            crop=crop,
+            flip=flip,
+            zoom=zoom,
+            rotate=rotate,
         )
-        return p["index"], p["top"], p["left"], p["flip"] & flip
+        return tuple(p[k] for k in keys)
 
     def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
-        out = tf.numpy_function(
-            plan, [epoch], [tf.int64, tf.int32, tf.int32, tf.bool], stateful=False
-        )
-        out = [tf.ensure_shape(t, [steps, batch_size]) for t in out]
+        out = tf.numpy_function(plan, [epoch], types, stateful=False)
+        out = [tf.ensure_shape(t, shape) for t, shape in zip(out, shapes, strict=False)]
         skip = tf.where(epoch == start_epoch, tf.constant(start_step, tf.int64), 0)
         return tf.data.Dataset.from_tensor_slices(tuple(out)).skip(skip)
 
@@ -140,10 +159,15 @@ def train_dataset_from_arrays(
     dtype = tf.int32 if n * height * width < 2**31 else tf.int64
     offsets = tf.constant(crop_pixel_offsets(width, crop), dtype)
 
-    def make_batch(index, top, left, flipped) -> dict[str, tf.Tensor]:
-        corner = (tf.cast(index, dtype) * height + tf.cast(top, dtype)) * width
-        corner += tf.cast(left, dtype)  # (B,) flat index of each crop's top-left pixel
-        pixel = corner[:, None, None] + tf.gather(offsets, tf.cast(flipped, tf.int32))
+    def make_batch(index, top, left, flipped, maps=None) -> dict[str, tf.Tensor]:
+        if maps is None:
+            corner = (tf.cast(index, dtype) * height + tf.cast(top, dtype)) * width
+            corner += tf.cast(left, dtype)  # (B,) flat index of each crop's top-left pixel
+            pixel = corner[:, None, None] + tf.gather(offsets, tf.cast(flipped, tf.int32))
+        else:  # (B, crop, crop) indices within each image, from the integer maps
+            within = affine_crop_pixels(maps, height, width, crop, tf)
+            pixel = tf.cast(index, dtype)[:, None, None] * (height * width)
+            pixel += tf.cast(within, dtype)
         batch = {
             "image": norm(tf.gather(flat_images, pixel)),
             "label": tf.gather(labels_t, index),

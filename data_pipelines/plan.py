@@ -9,6 +9,15 @@ examples (the last N % B are dropped that epoch), then per example a crop offset
 each uniform in 0..H-c / 0..W-c inclusive (0..4 for 44 of 48; no padding), and a horizontal flip
 with probability 0.5. It depends only on (seed, epoch).
 
+Zoom and rotation (`zoom`, `rotate`; both 0 by default, and then the plan is the above alone):
+after those draws, per example a scale s uniform in [1 - zoom, 1 + zoom] (s > 1 zooms out: the
+crop covers s times as much of the image across) and an angle uniform in [-rotate, rotate]
+degrees, so the permutation, offsets and flips stay those of the plain plan. Each crop is then
+one integer fixed-point affine map (`crops.crop_affine`: about the centre of its window at
+(top, left), scaled by s, turned by the angle, mirrored where flipped; pixels beyond the image
+repeat its edge), from which both pipelines compute the same pixel indices with integer
+arithmetic alone (`crops.affine_crop_pixels`).
+
 Normalisation (`normalize`): 'unit' x / 255 in [0, 1]; 'symmetric' x / 127.5 - 1 in [-1, 1];
 or a (mean, std) pair applied after 'unit': (x / 255 - mean) / std. `normalize_affine` gives it
 as `x * scale + offset`, the one form every pipeline applies.
@@ -18,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipelines.crops import CROP_SIZE
+from data_pipelines.crops import CROP_SIZE, crop_affine
 
 Normalize = str | tuple[float, float]
 
@@ -40,6 +49,12 @@ def eval_steps(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
+def check_augmentation(zoom: float, rotate: float) -> None:
+    """Raises ValueError unless 0 <= zoom < 1 (scales stay positive) and rotate >= 0 degrees."""
+    if not (0 <= zoom < 1 and 0 <= rotate < np.inf):
+        raise ValueError(f"zoom must be in [0, 1) and rotate >= 0, got {zoom} and {rotate}")
+
+
 def epoch_plan(
     num_examples: int,
     batch_size: int,
@@ -48,26 +63,42 @@ def epoch_plan(
     epoch: int,
     image_shape: tuple[int, int] = (48, 48),
     crop: int = CROP_SIZE,
+    flip: bool = True,
+    zoom: float = 0.0,
+    rotate: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """The random choices of one training epoch, a pure function of its arguments.
+
+    Args:
+      flip: random horizontal flips (else none; the draws are made either way).
+      zoom: the scale s of each crop is uniform in [1 - zoom, 1 + zoom]; 0 <= zoom < 1.
+      rotate: each crop's angle is uniform in [-rotate, rotate] degrees; rotate >= 0.
 
     Returns:
       'index' (S, B) int64 example indices (a permutation prefix), 'top' and 'left' (S, B) int32
       crop offsets in 0..H-crop and 0..W-crop inclusive, 'flip' (S, B) bool; S = steps per epoch.
+      With zoom or rotate > 0 also 'affine' (S, B, 6) int32, each crop's map
+      (`crops.crop_affine`), which then defines the crop.
     """
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    check_augmentation(zoom, rotate)
     steps = steps_per_epoch(num_examples, batch_size)
     height, width = image_shape
     rng = np.random.default_rng([seed, epoch])
     shape = (steps, batch_size)
     index = rng.permutation(num_examples)[: steps * batch_size].reshape(shape)
-    return {
+    plan = {
         "index": index.astype(np.int64),
         "top": rng.integers(0, height - crop, size=shape, endpoint=True).astype(np.int32),
         "left": rng.integers(0, width - crop, size=shape, endpoint=True).astype(np.int32),
-        "flip": rng.random(shape) < 0.5,
+        "flip": (rng.random(shape) < 0.5) & flip,
     }
+    if zoom > 0 or rotate > 0:
+        scale = rng.uniform(1 - zoom, 1 + zoom, shape)
+        angle = rng.uniform(-rotate, rotate, shape)
+        plan["affine"] = crop_affine(plan["top"], plan["left"], plan["flip"], scale, angle, crop)
+    return plan
 
 
 def check_arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

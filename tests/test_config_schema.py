@@ -70,6 +70,9 @@ def test_wrong_type():
         ("optimizer.momentum", 1.0, "a number in [0, 1)"),
         ("replicas", 0, "an integer >= 1"),
         ("jaffe.folds", 1, "an integer >= 2"),
+        ("augment.zoom", 0.6, "a number in [0, 0.5]"),
+        ("augment.rotate", -1.0, "a number in [0, 45]"),
+        ("jaffe.augment.rotate", 46.0, "a number in [0, 45]"),
     ],
 )
 def test_out_of_range(path, value, allowed):
@@ -204,3 +207,16 @@ def test_mode_must_suit_the_config():
     config_schema.check_mode(fer2013.get_config(), "evaluate", "public_test")
     with pytest.raises(UserError, match="--split=test is not a split of fer2013"):
         config_schema.check_mode(fer2013.get_config(), "evaluate", "test")
+
+
+def test_augment_is_off_by_default_and_optional():
+    config = fer2013.get_config()
+    assert config.augment.to_dict() == {"zoom": 0.0, "rotate": 0.0}
+    assert config.jaffe.augment.to_dict() == {"zoom": 0.0, "rotate": 0.0}
+    config.augment.zoom, config.augment.rotate = 0.5, 45.0
+    validate(config)
+    validate(_from_dict(lambda d: d.pop("augment")))  # a config from before it existed
+    config = _from_dict(lambda d: d["augment"].update(zoom="0.2"))
+    assert _error(config) == (
+        "config.augment.zoom is '0.2' (type str); allowed: a number in [0, 0.5]"
+    )

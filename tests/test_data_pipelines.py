@@ -12,6 +12,12 @@ import tensorflow as tf
 
 import data_pipelines
 from data_pipelines import pipelines
+from data_pipelines.crops import (
+    FIXED_POINT_ONE,
+    affine_crop_pixels,
+    crop_affine,
+    crop_pixel_offsets,
+)
 
 N, B = 40, 8  # 5 steps per epoch.
 
@@ -263,3 +269,131 @@ def test_package_attributes():
     assert set(data_pipelines.__all__) <= set(dir(data_pipelines))
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         data_pipelines.no_such_name  # noqa: B018
+
+
+# --- Zoom and rotation: integer affine crops. -------------------------------------------------
+
+
+def _plain_plan(num_examples: int, batch_size: int, seed: int, epoch: int) -> dict:
+    """The plan as drawn before zoom and rotation existed: permutation, top, left, flip."""
+    rng = np.random.default_rng([seed, epoch])
+    shape = (num_examples // batch_size, batch_size)
+    index = rng.permutation(num_examples)[: shape[0] * batch_size].reshape(shape)
+    top = rng.integers(0, 4, size=shape, endpoint=True)
+    left = rng.integers(0, 4, size=shape, endpoint=True)
+    return {"index": index, "top": top, "left": left, "flip": rng.random(shape) < 0.5}
+
+
+def _rows_cols(maps: np.ndarray, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """The (row, col) each crop pixel of `maps` reads from a size x size image."""
+    return np.divmod(affine_crop_pixels(maps, size, size), size)
+
+
+def test_zero_zoom_and_rotation_is_the_plain_plan_and_the_draws_come_after_it():
+    want = _plain_plan(1000, 50, seed=4, epoch=7)
+    for plan in (
+        data_pipelines.epoch_plan(1000, 50, seed=4, epoch=7),
+        data_pipelines.epoch_plan(1000, 50, seed=4, epoch=7, zoom=0.0, rotate=0.0),
+    ):
+        assert plan.keys() == want.keys()
+        assert [plan[k].dtype for k in want] == [np.int64, np.int32, np.int32, np.bool_]
+        for key in want:
+            np.testing.assert_array_equal(plan[key], want[key])
+    augmented = data_pipelines.epoch_plan(1000, 50, seed=4, epoch=7, zoom=0.2, rotate=10)
+    assert augmented.keys() == {*want, "affine"}
+    assert augmented["affine"].shape == (20, 50, 6) and augmented["affine"].dtype == np.int32
+    for key in want:
+        np.testing.assert_array_equal(augmented[key], want[key])
+
+
+def test_unit_maps_are_exactly_the_plain_and_mirrored_windows():
+    top, left, flip = (x.ravel() for x in np.meshgrid(range(5), range(5), [False, True]))
+    maps = crop_affine(top, left, flip, 1.0, 0.0)
+    want = (top * 48 + left)[:, None, None] + crop_pixel_offsets(48)[flip.astype(int)]
+    np.testing.assert_array_equal(affine_crop_pixels(maps, 48, 48), want)
+
+
+def test_scales_angles_and_flips_in_the_maps_follow_the_options():
+    plan = data_pipelines.epoch_plan(20_000, 100, seed=1, epoch=0, zoom=0.2, rotate=10)
+    a, b, _, d, f, _ = np.moveaxis(plan["affine"].astype(np.float64), -1, 0)
+    scale = np.hypot(a, d) / FIXED_POINT_ONE
+    angle = np.degrees(np.arctan2(d, a))
+    assert 0.8 - 1e-4 < scale.min() < 0.81 and 1.19 < scale.max() < 1.2 + 1e-4
+    assert -10 - 1e-2 < angle.min() < -9.9 and 9.9 < angle.max() < 10 + 1e-2
+    assert abs(scale.mean() - 1) < 0.005 and abs(angle.mean()) < 0.1
+    mirror = np.where(plan["flip"], -1, 1)
+    np.testing.assert_array_equal(f, a * mirror)  # the column axis is mirrored where flipped
+    np.testing.assert_array_equal(b, -d * mirror)
+
+
+def test_zoom_out_by_1_25_covers_1_25_times_the_columns_about_the_window_centre():
+    # A 96x96 image, window at (26, 26): no clipping, so the spans are the map's own.
+    rows, cols = _rows_cols(crop_affine(26, 26, False, 1.25, 0.0), 96)
+    centre, offset = 26 + 21.5, np.arange(44) - 21.5
+    assert abs(np.ptp(cols) - 1.25 * 43) < 1 and abs(np.ptp(rows) - 1.25 * 43) < 1
+    assert np.all(np.abs(cols - (centre + 1.25 * offset)[None, :]) <= 0.5 + 1e-3)
+    assert np.all(np.abs(rows - (centre + 1.25 * offset)[:, None]) <= 0.5 + 1e-3)
+    rows, cols = _rows_cols(crop_affine(26, 26, False, 0.8, 0.0), 96)
+    assert abs(np.ptp(cols) - 0.8 * 43) < 1  # zoom in
+
+
+def test_a_quarter_turn_is_the_window_turned_clockwise_and_small_angles_match_the_rotation():
+    rows, cols = _rows_cols(crop_affine(3, 1, False, 1.0, 90.0))
+    i, j = np.mgrid[:44, :44]
+    np.testing.assert_array_equal(rows, 3 + 43 - j)  # np.rot90(window, -1)
+    np.testing.assert_array_equal(cols, 1 + i)
+    u, v = i - 21.5, j - 21.5
+    for scale, angle in [(0.9, 10.0), (1.1, -7.5), (0.85, 33.0)]:
+        rows, cols = _rows_cols(crop_affine(26, 20, False, scale, angle), 96)
+        t = np.radians(angle)
+        want_rows = 26 + 21.5 + scale * (u * np.cos(t) - v * np.sin(t))
+        want_cols = 20 + 21.5 + scale * (u * np.sin(t) + v * np.cos(t))
+        assert np.all(np.abs(rows - want_rows) <= 0.5 + 1e-3)
+        assert np.all(np.abs(cols - want_cols) <= 0.5 + 1e-3)
+        flipped = affine_crop_pixels(crop_affine(26, 20, True, scale, angle), 96, 96)
+        np.testing.assert_array_equal(np.divmod(flipped, 96), (rows[:, ::-1], cols[:, ::-1]))
+    rows, _ = _rows_cols(crop_affine(2, 2, False, 1.0, 10.0))
+    assert rows[0, -1] < rows[0, 0]  # a positive angle: rightwards in the crop is up the image
+
+
+def test_every_index_stays_inside_the_image_and_the_edge_repeats():
+    plan = data_pipelines.epoch_plan(4000, 100, seed=0, epoch=0, zoom=0.5, rotate=45)
+    rows, cols = _rows_cols(plan["affine"])
+    assert rows.min() == cols.min() == 0 and rows.max() == cols.max() == 47
+    _, cols = _rows_cols(crop_affine(2, 2, False, 1.5, 0.0))  # 64.5 columns across, centred
+    assert np.all(cols[:, :7] == 0) and np.all(cols[:, -7:] == 47)
+    assert np.all((cols[:, 7:-7] > 0) & (cols[:, 7:-7] < 47))
+    with pytest.raises(ValueError, match="overflow int32"):
+        crop_affine(2**15, 0, False, 1.0, 0.0)
+    with pytest.raises(ValueError, match="zoom must be in"):
+        data_pipelines.epoch_plan(N, B, seed=0, epoch=0, zoom=1.0)
+    with pytest.raises(ValueError, match="rotate >= 0"):
+        data_pipelines.train_dataset_from_arrays(
+            _coordinate_images(), np.zeros(N, np.int64), batch_size=B, seed=0, rotate=-1.0
+        )
+
+
+def test_zoomed_and_rotated_tf_batches_gather_exactly_the_planned_pixels():
+    images, labels = _coordinate_images(), (np.arange(N) * 3) % 7
+    ds = data_pipelines.train_dataset_from_arrays(
+        images, labels, batch_size=B, seed=5, zoom=0.2, rotate=10, return_index=True
+    )
+    batches = _take(ds, 2 * 5)
+    for epoch in range(2):
+        plan = data_pipelines.epoch_plan(N, B, seed=5, epoch=epoch, zoom=0.2, rotate=10)
+        rows, cols = _rows_cols(plan["affine"])
+        for step in range(5):
+            pixels = _as_uint8(batches[epoch * 5 + step]["image"])
+            np.testing.assert_array_equal(batches[epoch * 5 + step]["index"], plan["index"][step])
+            np.testing.assert_array_equal(pixels[..., 0], rows[step])
+            np.testing.assert_array_equal(pixels[..., 1], cols[step])
+            np.testing.assert_array_equal(
+                pixels[..., 2], np.broadcast_to(plan["index"][step][:, None, None], (B, 44, 44))
+            )
+    plain = _take(data_pipelines.train_dataset_from_arrays(images, labels, batch_size=B, seed=5), 1)
+    assert not np.array_equal(plain[0]["image"], batches[0]["image"])
+    unflipped = data_pipelines.train_dataset_from_arrays(
+        images, labels, batch_size=B, seed=5, zoom=0.2, flip=False
+    )
+    for batch in _take(unflipped, 5):  # columns still increase along every crop row
+        assert np.all(np.diff(_as_uint8(batch["image"])[..., 1], axis=-1) >= 0)

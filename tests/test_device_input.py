@@ -14,7 +14,8 @@ import pytest
 
 from configs import synthetic
 from data_pipelines.plan import epoch_plan
-from fer_jax.training import device_input, synthetic_data
+from fer_jax.training import device_input, feed, replicas, synthetic_data
+from fer_jax.training.device_input import plan_chunk
 from fer_jax.training.feed import dispatches
 from fer_jax.training.parallel import DataParallel
 from fer_jax.training.state import create_model, create_train_state
@@ -33,6 +34,7 @@ BATCHES_SCRIPT = textwrap.dedent(
     from fer_jax.training.parallel import AXIS, DataParallel
 
     N, B, SEED = 150, 32, 3  # 150 is not a multiple of 4: the last device's shard is padded
+    ZOOM_ROTATE = {"zoom": 0.2, "rotate": 10.0}
     data = synthetic_data.make_split(N, seed=0)
     data["image"] = np.random.default_rng(0).integers(0, 256, data["image"].shape, np.uint8)
     labels = data["label"].astype(np.int32)
@@ -57,11 +59,12 @@ BATCHES_SCRIPT = textwrap.dedent(
             fn = jax.jit(jax.shard_map(functools.partial(gather, axis_name=AXIS),
                                        mesh=parallel.mesh, in_specs=(P(AXIS), P(), P()),
                                        out_specs=P(AXIS), check_vma=False))
-        for epoch in (0, 5):
-            plan = epoch_plan(N, B, seed=SEED, epoch=epoch)
+        # Plain crops (the fast path), then zoomed and rotated ones (integer affine maps).
+        for epoch, augment in [(0, {}), (5, {}), (0, ZOOM_ROTATE), (5, ZOOM_ROTATE)]:
+            plan = epoch_plan(N, B, seed=SEED, epoch=epoch, **augment)
             ds = data_pipelines.train_dataset_from_arrays(
                 data["image"], labels, batch_size=B, seed=SEED, start_epoch=epoch,
-                num_epochs=1, normalize="unit")
+                num_epochs=1, normalize="unit", **augment)
             for step, want in enumerate(ds.as_numpy_iterator()):
                 row = parallel.place(device_input.plan_chunk(plan, step, 1), None)
                 row = jax.tree.map(lambda x: x[:, 0] if mode == "pmap" and n > 1 else x[0],
@@ -70,14 +73,71 @@ BATCHES_SCRIPT = textwrap.dedent(
                 got = {k: np.asarray(v).reshape(want[k].shape) for k, v in got.items()}
                 for key in ("image", "label"):
                     if not np.array_equal(got[key], want[key]):
-                        failures.append(f"{mode}{n} epoch {epoch} step {step} {key}")
+                        failures.append(f"{mode}{n} {augment} epoch {epoch} step {step} {key}")
     json.dump(failures, sys.stdout)
     """
 ).replace("import json, sys", "import functools, json, sys")
 
 
-def test_device_batches_equal_the_tf_data_batches_on_1_2_and_4_devices():
+def test_device_batches_equal_the_tf_data_batches_on_1_2_and_4_devices_zoomed_or_not():
     assert run_on_cpu_devices(BATCHES_SCRIPT, 4) == []
+
+
+def test_replica_plans_with_zoom_and_rotation_gather_each_replicas_own_crops():
+    """Replicas' plans `(L, K, B)` with maps `(L, K, B, 6)`, gathered as `train_chunk_fn` does
+    (vmapped over K), give each replica the crops of its own plan."""
+    parallel = DataParallel("shard_map", jax.devices()[:1])
+    data = synthetic_data.make_split(40, seed=2)
+    arrays = device_input.put_train_arrays(parallel, data["image"], data["label"].astype(np.int32))
+    plans = [epoch_plan(40, 8, seed=s, epoch=1, zoom=0.3, rotate=20) for s in (0, 1)]
+    rows = device_input.plan_chunk(replicas.stack_plans(plans), 2, 1)
+    assert rows.keys() == {"index", "affine"} and rows["affine"].shape == (1, 2, 8, 6)
+
+    def gather(row):
+        return device_input.gather_train_batch(
+            arrays.images, arrays.labels, row, arrays.layout, None
+        )
+
+    both = jax.vmap(gather)(jax.tree.map(lambda x: x[0], rows))
+    for k, plan in enumerate(plans):
+        one = gather(jax.tree.map(lambda x: x[0], device_input.plan_chunk(plan, 2, 1)))
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(np.asarray(both[key][k]), np.asarray(one[key]))
+    assert not np.array_equal(np.asarray(both["image"][0]), np.asarray(both["image"][1]))
+
+
+@pytest.mark.parametrize("pipeline", ["device", "tf_data"])
+def test_config_augment_reaches_the_plans_of_both_input_pipelines(pipeline, monkeypatch):
+    import data_pipelines
+
+    config = synthetic.get_config()
+    config.model.width = 4
+    config.batch_size = 8
+    config.replicas = 2
+    config.input_pipeline = pipeline
+    config.augment.zoom, config.augment.rotate = 0.25, 12.0
+    trainer = Trainer.create(config)
+    data = synthetic_data.make_split(40, seed=2)
+    seen = []
+    if pipeline == "device":
+        monkeypatch.setattr(feed, "plan_chunk", lambda *a: seen.append(a) or plan_chunk(*a))
+    else:
+        make = data_pipelines.train_dataset_from_arrays
+        monkeypatch.setattr(
+            data_pipelines,
+            "train_dataset_from_arrays",
+            lambda *a, **kw: seen.append(kw) or make(*a, **kw),
+        )
+    next(feed.train_feed(trainer, data["image"], data["label"], 0, 5, 5))
+    if pipeline == "device":
+        ((plan, start, length),) = seen
+        for k, seed in enumerate(replicas.seeds(config)):
+            want = epoch_plan(40, 8, seed=seed, epoch=0, zoom=0.25, rotate=12.0)
+            np.testing.assert_array_equal(plan["affine"][:, k], want["affine"])
+    else:
+        assert [(kw["seed"], kw["zoom"], kw["rotate"]) for kw in seen] == [
+            (seed, 0.25, 12.0) for seed in replicas.seeds(config)
+        ]
 
 
 def test_calls_end_at_epochs_and_checkpoints_and_resume_on_the_same_boundaries():

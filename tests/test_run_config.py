@@ -123,3 +123,8 @@ def test_fields_added_since_an_old_run_count_as_their_old_meaning():
     same = {**old, "replicas": 1, "replica_seeds": [], "replica_overrides": [], "replica_map": ""}
     assert run_config.differences(old, same) == []
     assert run_config.differences(old, {**old, "replicas": 2}) == [("replicas", 1, 2)]
+    off = {**old, "augment": {"zoom": 0.0, "rotate": 0.0}}  # a run from before config.augment
+    assert run_config.differences(old, off) == []
+    on = {**old, "augment": {"zoom": 0.2, "rotate": 0.0}}
+    assert run_config.differences(old, on) == [("augment.zoom", 0.0, 0.2)]
+    assert run_config.changes_result("augment.zoom")

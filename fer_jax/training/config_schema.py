@@ -211,6 +211,8 @@ def schemas() -> tuple[Section, Section]:
             f"one of {', '.join(map(repr, NORMALIZE))} or (mean, std) with std > 0",
             _normalize_ok,
         ),
+        # data_pipelines.plan.epoch_plan's zoom (a fraction) and rotate (degrees).
+        "augment": Section({"zoom": number(0, 0.5), "rotate": number(0, 45)}, required=False),
         "input_pipeline": choice(["", *INPUT_PIPELINES]),
         "steps_per_dispatch": integer(0),
         "half_precision": boolean(),

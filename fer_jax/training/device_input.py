@@ -1,13 +1,13 @@
 """Training and evaluation input that lives on the accelerator(s): no host pipeline per step.
 
 The uint8 training set goes to the devices once, split over them along the example axis. Each
-epoch's plan (`data_pipelines.plan.epoch_plan`: permutation, crop offsets, flips; the same
-function of (seed, epoch) that the tf.data pipeline uses) is sent per dispatch as small int32
-arrays, and the compiled step gathers the crops on the device and runs `len(plan)` training
-steps in one call (`lax.scan`). Under data parallelism every device gathers the crops of the
-global batch whose images it holds, and one `psum_scatter` hands each device its contiguous
-slice of the batch (the rows the tf.data pipeline would have given it), so both input modes
-train on exactly the same batches.
+epoch's plan (`data_pipelines.plan.epoch_plan`: permutation, crop offsets, flips, and with zoom or
+rotation each crop's integer affine map; the same function of (seed, epoch) that the tf.data
+pipeline uses) is sent per dispatch as small int32 arrays, and the compiled step gathers the crops
+on the device and runs `len(plan)` training steps in one call (`lax.scan`). Under data parallelism
+every device gathers the crops of the global batch whose images it holds, and one `psum_scatter`
+hands each device its contiguous slice of the batch (the rows the tf.data pipeline would have given
+it), so both input modes train on exactly the same batches.
 
 Evaluation splits go to the devices once too, padded to whole batches of `eval_batch_size`
 (split over the devices along the batch axis), and a whole split is evaluated in one call,
@@ -28,6 +28,7 @@ from data_pipelines.crops import (
     CENTRE_CROP_INDEX,
     CROP_SIZE,
     NUM_CROPS,
+    affine_crop_pixels,
     crop_pixel_offsets,
     ten_crop_pixel_indices,
 )
@@ -36,6 +37,7 @@ from fer_jax.training import metrics
 from fer_jax.training.parallel import DataParallel
 
 PLAN_KEYS = ("index", "top", "left", "flip")
+AFFINE_PLAN_KEYS = ("index", "affine")  # a plan with zoom or rotation: the maps hold the rest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +104,10 @@ def put_train_arrays(
 
 
 def plan_chunk(plan: dict[str, np.ndarray], start: int, length: int) -> dict[str, np.ndarray]:
-    """Steps [start, start + length) of an epoch plan as int32 arrays `(length, B)`."""
-    return {k: plan[k][start : start + length].astype(np.int32) for k in PLAN_KEYS}
+    """Steps [start, start + length) of an epoch plan as int32 arrays `(length, B)` (and
+    'affine' `(length, B, 6)`): those of `PLAN_KEYS`, or of `AFFINE_PLAN_KEYS` if it has maps."""
+    keys = AFFINE_PLAN_KEYS if "affine" in plan else PLAN_KEYS
+    return {k: plan[k][start : start + length].astype(np.int32) for k in keys}
 
 
 def gather_train_batch(
@@ -118,7 +122,8 @@ def gather_train_batch(
     Args:
       images: (rows_per_device, H * W, C) uint8, this device's examples.
       labels: (N',) int32, all labels.
-      row: one plan step, each (B,) int32 over the global batch ('flip' 0/1).
+      row: one plan step over the global batch, `plan_chunk`'s keys: each (B,) int32 ('flip'
+        0/1), 'affine' (B, 6) int32.
       layout: shapes and normalisation.
       axis_name: the data-parallel axis, or None on one device.
 
@@ -126,10 +131,13 @@ def gather_train_batch(
       {'image': (B / D, c, c, C) float32, 'label': (B / D,) int32}: this device's slice of
       the global batch (rows d * B / D ... in device order), normalised.
     """
-    offsets = jnp.asarray(crop_pixel_offsets(layout.width, layout.crop), jnp.int32)
     index = row["index"]
-    corner = row["top"] * layout.width + row["left"]
-    pixels = corner[:, None, None] + offsets[row["flip"]]  # (B, c, c)
+    if "affine" in row:
+        pixels = affine_crop_pixels(row["affine"], layout.height, layout.width, layout.crop, jnp)
+    else:
+        offsets = jnp.asarray(crop_pixel_offsets(layout.width, layout.crop), jnp.int32)
+        corner = row["top"] * layout.width + row["left"]
+        pixels = corner[:, None, None] + offsets[row["flip"]]  # (B, c, c)
     if axis_name is None:
         crops = images[index[:, None, None], pixels].astype(jnp.float32)
         batch_labels = labels[index]

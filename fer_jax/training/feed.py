@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import ml_collections
 import numpy as np
 
 from data_pipelines.plan import epoch_plan
@@ -38,6 +39,12 @@ def dispatches(
         step = end
 
 
+def augmentation(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """`epoch_plan`'s `zoom` and `rotate` from `config.augment` (a config without it: 0, none)."""
+    augment = config.get("augment", {"zoom": 0.0, "rotate": 0.0})
+    return {"zoom": float(augment["zoom"]), "rotate": float(augment["rotate"])}
+
+
 def train_feed(
     trainer: Trainer,
     images: np.ndarray,
@@ -51,6 +58,7 @@ def train_feed(
     same batches (`data_pipelines.plan.epoch_plan`), those of each replica's seed."""
     config, parallel = trainer.config, trainer.parallel
     seeds = replicas.seeds(config)
+    augment = augmentation(config)
     if trainer.input_pipeline == "tf_data":
         import data_pipelines
 
@@ -65,6 +73,7 @@ def train_feed(
                 num_epochs=config.num_epochs - start_step // steps_per_epoch,
                 num_devices=num_devices,
                 normalize=config.normalize,
+                **augment,
             )
 
         fn = trainer.train_fn()
@@ -98,6 +107,7 @@ def train_feed(
                     seed=seed,
                     epoch=epoch,
                     image_shape=images.shape[1:3],
+                    **augment,
                 )
                 for seed in seeds
             ]

@@ -53,7 +53,14 @@ NEUTRAL_SECTIONS = ("", "jaffe")  # where RESULT_NEUTRAL applies: the top level,
 ABSENT = "<absent>"
 # Fields added after runs were first written, and the value their absence from an older
 # `config.json` stands for (what those runs trained with): no change, if the new value is it.
-ADDED_FIELDS = {"replicas": 1, "replica_seeds": [], "replica_overrides": [], "replica_map": ""}
+ADDED_FIELDS = {
+    "replicas": 1,
+    "replica_seeds": [],
+    "replica_overrides": [],
+    "replica_map": "",
+    "zoom": 0.0,  # config.augment
+    "rotate": 0.0,
+}
 
 
 def changes_result(path: str) -> bool:
