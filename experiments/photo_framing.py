@@ -35,6 +35,7 @@ and `raw.json` to `--out` (default experiments/results/photo_framing_<platform>/
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from typing import Any
@@ -87,7 +88,8 @@ def measure_split(
     resampled = np.zeros_like(images)  # the exact frame, through the upscale and the crop's resize
     for i, face in enumerate(images):
         photo, frame = as_photo(face, scale, pad)
-        resampled[i] = crop_face(photo, (*frame[:2], frame[2], frame[2]), margin=0.0, size=48)
+        x0, y0, side = frame
+        resampled[i] = crop_face(photo, (x0, y0, side, side), margin=0.0, size=images.shape[1])
         boxes = find_faces(photo)
         if not len(boxes):
             continue
@@ -118,13 +120,17 @@ def measure_split(
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _eye_cascade() -> cv2.CascadeClassifier:
+    return cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, EYE_CASCADE))
+
+
 def eye_spacing(face: np.ndarray) -> tuple[float, float] | None:
     """`(distance between the eye centres, their mean height)`, each over the side, of a square
     (S, S) uint8 face; None unless OpenCV's eye cascade finds exactly two eyes in its upper 60%,
     at least 15% of the side apart."""
     side = face.shape[0]
-    cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, EYE_CASCADE))
-    found = cascade.detectMultiScale(face, 1.1, 5, minSize=(side // 10, side // 10))
+    found = _eye_cascade().detectMultiScale(face, 1.1, 5, minSize=(side // 10, side // 10))
     centres = sorted((x + w / 2, y + h / 2) for x, y, w, h in found if y + h / 2 < 0.6 * side)
     if len(centres) != 2 or centres[1][0] - centres[0][0] < 0.15 * side:
         return None
