@@ -107,8 +107,13 @@ def run_fields(config: ml_collections.ConfigDict) -> None:
     config.manual_dir = ""  # the downloaded files; 'tfds' builds from them first if needed
     config.normalize = "unit"  # pixels / 255
     # Training crops beyond the random 44x44 window and flip (data_pipelines.plan), off at 0:
-    # scale uniform in [1 - zoom, 1 + zoom] (> 1 zooms out) and angle in [-rotate, rotate] deg.
-    config.augment = ml_collections.ConfigDict({"zoom": 0.0, "rotate": 0.0})
+    # scale uniform in [1 - zoom, 1 + zoom] (> 1 zooms out) and angle in [-rotate, rotate] deg;
+    # `erase`: probability of blanking a random box of each crop (torchvision's RandomErasing).
+    config.augment = ml_collections.ConfigDict({"zoom": 0.0, "rotate": 0.0, "erase": 0.0})
+    # Exponential moving average of the weights and BatchNorm statistics, decay per step
+    # (0: none). With it, selection, the report, checkpoints read for inference, export and
+    # `init_from` all use the average (fer_jax.training.state.ema_view).
+    config.ema_decay = 0.0
     # 'device': the uint8 training set lives on the accelerator(s), each epoch's crops and
     # flips are gathered there and `steps_per_dispatch` steps run per call (lax.scan);
     # 'tf_data': tf.data feeds one batch per step. '' = 'device': the fast path on an H200, and

@@ -10,7 +10,8 @@ mirror's top-left crop is the mirror of the image's top-right crop), exactly as
 Training crops are gathered by flat pixel index in both input pipelines: a plain or mirrored
 window (`crop_pixel_offsets`), or, with zoom or rotation, an integer fixed-point affine map per
 crop (`crop_affine`, on the host) that `affine_crop_pixels` turns into pixel indices with integer
-arithmetic alone, the same in numpy, jax.numpy and TensorFlow.
+arithmetic alone, the same in numpy, jax.numpy and TensorFlow. Random erasing blanks a
+rectangle of a training crop (`erase_keep`: integer comparisons, the same in every library).
 """
 
 from __future__ import annotations
@@ -135,6 +136,51 @@ def affine_crop_pixels(
     rows = xp.minimum(xp.maximum(rows, 0), height - 1)
     cols = xp.minimum(xp.maximum(cols, 0), width - 1)
     return rows * width + cols
+
+
+# Random erasing's box, as torchvision's `RandomErasing` draws it: area a fraction of the crop's
+# uniform in ERASE_AREA, aspect ratio (height / width) log-uniform in ERASE_RATIO.
+ERASE_AREA = (0.02, 0.33)
+ERASE_RATIO = (0.3, 3.3)
+ERASE_TRIES = 10  # torchvision's: a box that does not fit is drawn again, then none
+
+
+def erase_boxes(rng: np.random.Generator, shape: tuple[int, ...], p: float, crop: int) -> np.ndarray:
+    """Random erasing boxes of `shape` crops, drawn from `rng` (torchvision's scheme).
+
+    Each crop is erased with probability `p`; its box covers an area uniform in `ERASE_AREA`
+    of the crop with a log-uniform aspect ratio in `ERASE_RATIO`, at a uniform position; a box
+    that does not fit is drawn again, up to `ERASE_TRIES` times, then the crop is left whole.
+
+    Returns:
+      (*shape, 4) int32 [top, left, bottom, right) in crop pixels; all 0 (empty) where a crop is
+      not erased.
+    """
+    erase = rng.random(shape) < p
+    height = np.zeros(shape, np.int64)
+    width = np.zeros(shape, np.int64)
+    lo, hi = np.log(ERASE_RATIO[0]), np.log(ERASE_RATIO[1])
+    for _ in range(ERASE_TRIES):
+        area = rng.uniform(*ERASE_AREA, shape) * crop * crop
+        ratio = np.exp(rng.uniform(lo, hi, shape))
+        h = np.rint(np.sqrt(area * ratio)).astype(np.int64)
+        w = np.rint(np.sqrt(area / ratio)).astype(np.int64)
+        fits = (h < crop) & (w < crop) & (height == 0)
+        height, width = np.where(fits, h, height), np.where(fits, w, width)
+    height, width = np.where(erase, height, 0), np.where(erase, width, 0)
+    top = rng.integers(0, crop - height, endpoint=True)
+    left = rng.integers(0, crop - width, endpoint=True)
+    return np.stack([top, left, top + height, left + width], axis=-1).astype(np.int32)
+
+
+def erase_keep(boxes: Any, crop: int = CROP_SIZE) -> Any:
+    """`(..., crop, crop)` bool, False inside each crop's erasing box [top, bottom) x
+    [left, right) (`erase_boxes`). Comparisons only: numpy, jax.numpy and TensorFlow arrays
+    give the same mask."""
+    i, j = np.mgrid[:crop, :crop].astype(np.int32)
+    top, left, bottom, right = (boxes[..., k, None, None] for k in range(4))
+    inside = (i >= top) & (i < bottom) & (j >= left) & (j < right)
+    return ~inside
 
 
 def ten_crop_pixel_indices(height: int, width: int, crop: int = CROP_SIZE) -> np.ndarray:

@@ -11,7 +11,8 @@ Training (`train_dataset_from_arrays`), one epoch at a time, forever (or `num_ep
   offset (top, left), each uniform in 0..H-c / 0..W-c inclusive (0..4 for 44 of 48; no padding),
   and a horizontal flip with probability 0.5 (`epoch_plan`). It depends only on (seed, epoch).
   Optional random zoom and rotation (`zoom`, `rotate`, off by default) make each crop an
-  integer affine map of the image (`plan` module docstring), drawn after those.
+  integer affine map of the image (`plan` module docstring), drawn after those; optional random
+  erasing (`erase`) blanks a box of each crop, drawn last.
 - Batch k (0-based) of a dataset started at (start_epoch, start_step) is global step
   g = start_epoch * steps_per_epoch + start_step + k, i.e. epoch g // steps_per_epoch and step
   g % steps_per_epoch; it equals the batch an uninterrupted run yields at that step.
@@ -36,6 +37,7 @@ import numpy as np
 from data_pipelines.crops import (
     CROP_SIZE,
     affine_crop_pixels,
+    erase_keep,
     crop_pixel_offsets,
     five_crop_offsets,
     ten_crop_pixel_indices,
@@ -94,6 +96,7 @@ def train_dataset_from_arrays(
     flip: bool = True,
     zoom: float = 0.0,
     rotate: float = 0.0,
+    erase: float = 0.0,
     return_index: bool = False,
 ) -> tf.data.Dataset:
     """Augmented training batches, epoch after epoch, from (start_epoch, start_step).
@@ -111,6 +114,7 @@ def train_dataset_from_arrays(
       flip: random horizontal flips with probability 0.5 (else never).
       zoom: crop scale uniform in [1 - zoom, 1 + zoom] (`epoch_plan`); 0 = none.
       rotate: crop angle uniform in [-rotate, rotate] degrees; 0 = none.
+      erase: probability of erasing a random box of each crop (`epoch_plan`); 0 = none.
       return_index: also yield 'index', the (B,) int64 example indices.
 
     Returns:
@@ -126,14 +130,19 @@ def train_dataset_from_arrays(
     if seed < 0 or start_epoch < 0:
         raise ValueError(f"seed and start_epoch must be >= 0, got {seed} and {start_epoch}")
     five_crop_offsets(height, width, crop)  # Checks that the crop fits.
-    check_augmentation(zoom, rotate)
+    check_augmentation(zoom, rotate, erase)
     norm = normalizer(normalize)
     flat_images = tf.constant(images.reshape(n * height * width, channels))
     labels_t = tf.constant(labels.astype(np.int32))
-    # The plan's arrays, in make_batch's argument order: 'affine' with zoom or rotation.
-    keys = ("index", "top", "left", "flip") + (("affine",) if zoom > 0 or rotate > 0 else ())
-    types = [tf.int64, tf.int32, tf.int32, tf.bool, tf.int32][: len(keys)]
-    shapes = [[steps, batch_size]] * 4 + [[steps, batch_size, 6]]
+    # The plan's arrays, in make_batch's argument order: 'affine' with zoom or rotation,
+    # 'erase' with erasing.
+    keys = ("index", "top", "left", "flip")
+    types = [tf.int64, tf.int32, tf.int32, tf.bool]
+    shapes = [[steps, batch_size]] * 4
+    if zoom > 0 or rotate > 0:
+        keys, types, shapes = keys + ("affine",), types + [tf.int32], shapes + [[steps, batch_size, 6]]
+    if erase > 0:
+        keys, types, shapes = keys + ("erase",), types + [tf.int32], shapes + [[steps, batch_size, 4]]
 
     def plan(epoch: np.int64) -> tuple[np.ndarray, ...]:
         p = epoch_plan(
@@ -146,6 +155,7 @@ def train_dataset_from_arrays(
             flip=flip,
             zoom=zoom,
             rotate=rotate,
+            erase=erase,
         )
         return tuple(p[k] for k in keys)
 
@@ -159,7 +169,9 @@ def train_dataset_from_arrays(
     dtype = tf.int32 if n * height * width < 2**31 else tf.int64
     offsets = tf.constant(crop_pixel_offsets(width, crop), dtype)
 
-    def make_batch(index, top, left, flipped, maps=None) -> dict[str, tf.Tensor]:
+    def make_batch(index, top, left, flipped, *extra) -> dict[str, tf.Tensor]:
+        named = dict(zip(keys[4:], extra, strict=True))
+        maps, boxes = named.get("affine"), named.get("erase")
         if maps is None:
             corner = (tf.cast(index, dtype) * height + tf.cast(top, dtype)) * width
             corner += tf.cast(left, dtype)  # (B,) flat index of each crop's top-left pixel
@@ -168,10 +180,10 @@ def train_dataset_from_arrays(
             within = affine_crop_pixels(maps, height, width, crop, tf)
             pixel = tf.cast(index, dtype)[:, None, None] * (height * width)
             pixel += tf.cast(within, dtype)
-        batch = {
-            "image": norm(tf.gather(flat_images, pixel)),
-            "label": tf.gather(labels_t, index),
-        }
+        crops = tf.gather(flat_images, pixel)  # (B, crop, crop, C) uint8
+        if boxes is not None:
+            crops *= tf.cast(erase_keep(boxes, crop), tf.uint8)[..., None]
+        batch = {"image": norm(crops), "label": tf.gather(labels_t, index)}
         if return_index:
             batch["index"] = index
         return _split_devices(batch, num_devices)

@@ -18,6 +18,10 @@ one integer fixed-point affine map (`crops.crop_affine`: about the centre of its
 repeat its edge), from which both pipelines compute the same pixel indices with integer
 arithmetic alone (`crops.affine_crop_pixels`).
 
+Random erasing (`erase`, a probability; 0 by default): drawn after all of the above, per
+example a box (`crops.erase_boxes`: torchvision's `RandomErasing` scheme) whose pixels both
+pipelines set to 0 (black) before normalisation (`crops.erase_keep`).
+
 Normalisation (`normalize`): 'unit' x / 255 in [0, 1]; 'symmetric' x / 127.5 - 1 in [-1, 1];
 or a (mean, std) pair applied after 'unit': (x / 255 - mean) / std. `normalize_affine` gives it
 as `x * scale + offset`, the one form every pipeline applies.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipelines.crops import CROP_SIZE, crop_affine
+from data_pipelines.crops import CROP_SIZE, crop_affine, erase_boxes
 
 Normalize = str | tuple[float, float]
 
@@ -49,10 +53,13 @@ def eval_steps(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def check_augmentation(zoom: float, rotate: float) -> None:
-    """Raises ValueError unless 0 <= zoom < 1 (scales stay positive) and rotate >= 0 degrees."""
+def check_augmentation(zoom: float, rotate: float, erase: float = 0.0) -> None:
+    """Raises ValueError unless 0 <= zoom < 1 (scales stay positive), rotate >= 0 degrees and
+    0 <= erase <= 1 (a probability)."""
     if not (0 <= zoom < 1 and 0 <= rotate < np.inf):
         raise ValueError(f"zoom must be in [0, 1) and rotate >= 0, got {zoom} and {rotate}")
+    if not 0 <= erase <= 1:
+        raise ValueError(f"erase must be a probability in [0, 1], got {erase}")
 
 
 def epoch_plan(
@@ -66,6 +73,7 @@ def epoch_plan(
     flip: bool = True,
     zoom: float = 0.0,
     rotate: float = 0.0,
+    erase: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """The random choices of one training epoch, a pure function of its arguments.
 
@@ -73,16 +81,18 @@ def epoch_plan(
       flip: random horizontal flips (else none; the draws are made either way).
       zoom: the scale s of each crop is uniform in [1 - zoom, 1 + zoom]; 0 <= zoom < 1.
       rotate: each crop's angle is uniform in [-rotate, rotate] degrees; rotate >= 0.
+      erase: each crop is randomly erased with this probability (`crops.erase_boxes`).
 
     Returns:
       'index' (S, B) int64 example indices (a permutation prefix), 'top' and 'left' (S, B) int32
       crop offsets in 0..H-crop and 0..W-crop inclusive, 'flip' (S, B) bool; S = steps per epoch.
       With zoom or rotate > 0 also 'affine' (S, B, 6) int32, each crop's map
-      (`crops.crop_affine`), which then defines the crop.
+      (`crops.crop_affine`), which then defines the crop. With erase > 0 also 'erase'
+      (S, B, 4) int32 boxes [top, left, bottom, right) in crop pixels (empty: not erased).
     """
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    check_augmentation(zoom, rotate)
+    check_augmentation(zoom, rotate, erase)
     steps = steps_per_epoch(num_examples, batch_size)
     height, width = image_shape
     rng = np.random.default_rng([seed, epoch])
@@ -98,6 +108,8 @@ def epoch_plan(
         scale = rng.uniform(1 - zoom, 1 + zoom, shape)
         angle = rng.uniform(-rotate, rotate, shape)
         plan["affine"] = crop_affine(plan["top"], plan["left"], plan["flip"], scale, angle, crop)
+    if erase > 0:
+        plan["erase"] = erase_boxes(rng, shape, erase, crop)
     return plan
 
 

@@ -4,8 +4,11 @@ Layout of a workdir:
   checkpoints/<step>/{state,meta}  the last `config.keep_checkpoints` saves (every epoch, and
                                    every `checkpoint_every_steps` if set)
   best/<step>/{state,meta}         the best so far by `config.select_split` accuracy
-`state` holds the step, params, BatchNorm statistics, optimizer state and dropout key; `meta`
-(JSON) the model description and the data position (epoch, step in epoch).
+`state` holds the step, params, BatchNorm statistics, optimizer state and dropout key, and with
+`config.ema_decay > 0` their moving average ('ema'); `meta` (JSON) the model description and the
+data position (epoch, step in epoch). Where a checkpoint is read for its weights (`load_variables`:
+predict, evaluate, export, `init_from`), a moving average is what it gives: the weights that
+selection chose.
 
 Replica runs (`config.replicas = K > 1`, `fer_jax.training.replicas`) save the stacked state (a
 leading axis K on every leaf) with `meta['replicas'] = K`. Their best checkpoint holds each replica
@@ -45,6 +48,7 @@ if TYPE_CHECKING:  # Orbax is imported where a run directory is read or written:
     import orbax.checkpoint as ocp  # 'pretrained' (~0.15 s of a `predict` start).
 
 STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "dropout_key")
+EMA_FIELD = "ema"  # saved too where the state has a moving average (`state.start_ema`)
 
 
 class CheckpointError(RuntimeError):
@@ -115,8 +119,12 @@ def _check_same_checkpoint(kind: int, step: int | None, what: str) -> None:
         )
 
 
+def _fields(state: Any) -> tuple[str, ...]:
+    return STATE_FIELDS + ((EMA_FIELD,) if getattr(state, EMA_FIELD, None) is not None else ())
+
+
 def _to_tree(state: Any) -> dict[str, Any]:
-    return {k: serialization.to_state_dict(getattr(state, k)) for k in STATE_FIELDS}
+    return {k: serialization.to_state_dict(getattr(state, k)) for k in _fields(state)}
 
 
 def _check_compatible(template_tree: Any, tree: Any, source: str) -> None:
@@ -146,7 +154,7 @@ def _from_tree(template: Any, tree: Mapping[str, Any], source: str) -> Any:
     _check_compatible(template_tree, dict(tree), source)
     fields = {
         k: serialization.from_state_dict(getattr(template, k), jax.device_get(tree[k]))
-        for k in STATE_FIELDS
+        for k in _fields(template)
     }
     return template.replace(**fields)
 
@@ -396,7 +404,8 @@ def _resolve(path: str) -> tuple[ocp.CheckpointManager, int | None]:
 
 
 def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """`(variables {'params', 'batch_stats'} as numpy, meta, source)` from a run or checkpoint.
+    """`(variables {'params', 'batch_stats'} as numpy, meta, source)` from a run or checkpoint:
+    its moving average where it has one (`meta['ema'] = True` then).
 
     `pretrained`, `pretrained:NAME` or a path ending in `.npz` is the model shipped in the
     package (`fer_jax.model.pretrained`; float32 variables): the one place where every checkpoint
@@ -417,6 +426,8 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
                     "checkpoint %s is unreadable (%s); trying the previous one.", source, e
                 )
                 continue
+            if EMA_FIELD in tree:
+                tree, meta = tree[EMA_FIELD], {**meta, "ema": True}
             variables = {k: jax.device_get(tree[k]) for k in ("params", "batch_stats")}
             found = (s, (variables, meta, source))
             break
@@ -447,7 +458,7 @@ def take_replica(
 
 def init_from(path: str, template: Any, config: ml_collections.ConfigDict) -> Any:
     """`template` with params and BatchNorm statistics from another run (or `pretrained`:
-    `load_variables`); fresh optimizer.
+    `load_variables`); fresh optimizer; a moving average (if the template has one) starts there.
 
     Replicas: a run with as many replicas starts each from its namesake; otherwise from the
     source's replica chosen on its select split (or its only model), copied to every replica.
@@ -463,8 +474,14 @@ def init_from(path: str, template: Any, config: ml_collections.ConfigDict) -> An
             variables = replicas.stack([variables] * k)
     params = _from_tree_part(template.params, variables["params"], source)
     batch_stats = _from_tree_part(template.batch_stats, variables["batch_stats"], source)
-    logging.info("Initialised params and BatchNorm statistics from %s", source)
-    return template.replace(params=params, batch_stats=batch_stats)
+    logging.info(
+        "Initialised params and BatchNorm statistics from %s%s",
+        source,
+        " (its moving average)" if meta.get("ema") else "",
+    )
+    ema = None if template.ema is None else {"params": params, "batch_stats": batch_stats}
+    ema = jax.tree.map(np.copy, ema)
+    return template.replace(params=params, batch_stats=batch_stats, ema=ema)
 
 
 def _from_tree_part(template: Any, tree: Any, source: str) -> Any:

@@ -211,8 +211,17 @@ def schemas() -> tuple[Section, Section]:
             f"one of {', '.join(map(repr, NORMALIZE))} or (mean, std) with std > 0",
             _normalize_ok,
         ),
-        # data_pipelines.plan.epoch_plan's zoom (a fraction) and rotate (degrees).
-        "augment": Section({"zoom": number(0, 0.5), "rotate": number(0, 45)}, required=False),
+        # data_pipelines.plan.epoch_plan's zoom (a fraction), rotate (degrees), erase (a
+        # probability).
+        "augment": Section(
+            {
+                "zoom": number(0, 0.5),
+                "rotate": number(0, 45),
+                "erase": number(0, 1, required=False),
+            },
+            required=False,
+        ),
+        "ema_decay": number(0, 1, high_open=True, required=False),
         "input_pipeline": choice(["", *INPUT_PIPELINES]),
         "steps_per_dispatch": integer(0),
         "half_precision": boolean(),

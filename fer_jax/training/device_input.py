@@ -2,7 +2,7 @@
 
 The uint8 training set goes to the devices once, split over them along the example axis. Each
 epoch's plan (`data_pipelines.plan.epoch_plan`: permutation, crop offsets, flips, and with zoom or
-rotation each crop's integer affine map; the same function of (seed, epoch) that the tf.data
+rotation each crop's integer affine map, with erasing each crop's box; the same function of (seed, epoch) that the tf.data
 pipeline uses) is sent per dispatch as small int32 arrays, and the compiled step gathers the crops
 on the device and runs `len(plan)` training steps in one call (`lax.scan`). Under data parallelism
 every device gathers the crops of the global batch whose images it holds, and one `psum_scatter`
@@ -30,6 +30,7 @@ from data_pipelines.crops import (
     NUM_CROPS,
     affine_crop_pixels,
     crop_pixel_offsets,
+    erase_keep,
     ten_crop_pixel_indices,
 )
 from data_pipelines.plan import check_arrays, normalize_affine
@@ -105,8 +106,10 @@ def put_train_arrays(
 
 def plan_chunk(plan: dict[str, np.ndarray], start: int, length: int) -> dict[str, np.ndarray]:
     """Steps [start, start + length) of an epoch plan as int32 arrays `(length, B)` (and
-    'affine' `(length, B, 6)`): those of `PLAN_KEYS`, or of `AFFINE_PLAN_KEYS` if it has maps."""
+    'affine' `(length, B, 6)`): those of `PLAN_KEYS`, or of `AFFINE_PLAN_KEYS` if it has maps;
+    and 'erase' `(length, B, 4)` if it has erasing boxes."""
     keys = AFFINE_PLAN_KEYS if "affine" in plan else PLAN_KEYS
+    keys += ("erase",) if "erase" in plan else ()
     return {k: plan[k][start : start + length].astype(np.int32) for k in keys}
 
 
@@ -123,7 +126,7 @@ def gather_train_batch(
       images: (rows_per_device, H * W, C) uint8, this device's examples.
       labels: (N',) int32, all labels.
       row: one plan step over the global batch, `plan_chunk`'s keys: each (B,) int32 ('flip'
-        0/1), 'affine' (B, 6) int32.
+        0/1), 'affine' (B, 6) int32, 'erase' (B, 4) int32.
       layout: shapes and normalisation.
       axis_name: the data-parallel axis, or None on one device.
 
@@ -153,6 +156,11 @@ def gather_train_batch(
         per_device = index.shape[0] // jax.lax.psum(1, axis_name)
         my_rows = jax.lax.dynamic_slice_in_dim(index, device * per_device, per_device)
         batch_labels = labels[my_rows]
+    if "erase" in row:  # on this device's rows of the batch: the boxes' matching slice
+        boxes = row["erase"]
+        if axis_name is not None:
+            boxes = jax.lax.dynamic_slice_in_dim(boxes, device * per_device, per_device)
+        crops = jnp.where(erase_keep(boxes, layout.crop)[..., None], crops, 0.0)
     return {"image": crops * layout.scale + layout.offset, "label": batch_labels}
 
 

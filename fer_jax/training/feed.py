@@ -40,9 +40,10 @@ def dispatches(
 
 
 def augmentation(config: ml_collections.ConfigDict) -> dict[str, float]:
-    """`epoch_plan`'s `zoom` and `rotate` from `config.augment` (a config without it: 0, none)."""
-    augment = config.get("augment", {"zoom": 0.0, "rotate": 0.0})
-    return {"zoom": float(augment["zoom"]), "rotate": float(augment["rotate"])}
+    """`epoch_plan`'s `zoom`, `rotate` and `erase` from `config.augment` (a field or section
+    absent, as in configs from before it: 0, none)."""
+    augment = config.get("augment", {})
+    return {k: float(augment.get(k, 0.0)) for k in ("zoom", "rotate", "erase")}
 
 
 def train_feed(

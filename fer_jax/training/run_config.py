@@ -60,6 +60,8 @@ ADDED_FIELDS = {
     "replica_map": "",
     "zoom": 0.0,  # config.augment
     "rotate": 0.0,
+    "erase": 0.0,
+    "ema_decay": 0.0,
 }
 
 

@@ -36,6 +36,9 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     dropout_key: jax.Array  # (2,) uint32
+    # `config.ema_decay > 0`: {'params', 'batch_stats'}, their exponential moving average
+    # (`update_ema`), which evaluation uses (`ema_view`); else None.
+    ema: Any
     # `fer_jax.training.replicas.OVERRIDABLE` values, float32 scalars: set from the config (not
     # checkpointed) and taken by the step as arrays, so replicas may differ in them.
     hparams: dict[str, jax.Array]
@@ -103,11 +106,39 @@ def create_train_state(
                 "batch_stats": variables["batch_stats"],
                 "opt_state": recipe.tx(hparams).init(params),
                 "dropout_key": jax.random.fold_in(jax.random.PRNGKey(one.seed), 1),
+                "ema": start_ema(config, params, variables["batch_stats"]),
                 "hparams": hparams,
             }
         )
     state = fields[0] if len(fields) == 1 else replicas.stack(fields)
     return TrainState(**state, apply_fn=model.apply, recipe=recipe)
+
+
+def start_ema(config: ml_collections.ConfigDict, params: Any, batch_stats: Any) -> Any:
+    """The moving average's start, a copy of the weights (None: `config.ema_decay` is 0)."""
+    if not config.get("ema_decay", 0.0):
+        return None
+    return jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
+
+
+def update_ema(state: TrainState, decay: float) -> Any:
+    """The average after a step: `ema <- d * ema + (1 - d) * new`, of the params and BatchNorm
+    statistics, with `d = min(decay, (1 + t) / (10 + t))` at step t (a short memory early on,
+    so an average from a random start does not linger there; timm's warm-up)."""
+    if state.ema is None:
+        return None
+    t = state.step.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+    new = {"params": state.params, "batch_stats": state.batch_stats}
+    return jax.tree.map(lambda e, x: d * e + (1.0 - d) * x, state.ema, new)
+
+
+def ema_view(state: TrainState) -> TrainState:
+    """`state` with the moving average in place of the weights and statistics, for evaluation
+    (as is, without an average). Works on stacked replica states too."""
+    if state.ema is None:
+        return state
+    return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
 
 
 LAMBDA_UNITS = ("step", "epoch", "run")

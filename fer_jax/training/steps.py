@@ -14,7 +14,7 @@ from fer_jax.training import (
     replicas,
 )
 from fer_jax.training.metrics import EvalMetrics, eval_metrics
-from fer_jax.training.state import TrainState
+from fer_jax.training.state import TrainState, update_ema
 
 
 def train_step(
@@ -78,6 +78,7 @@ def train_step(
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
+    new_state = new_state.replace(ema=update_ema(new_state, config.get("ema_decay", 0.0)))
     return new_state, metrics
 
 

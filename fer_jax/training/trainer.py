@@ -19,7 +19,7 @@ from fer_jax.training import (
     replicas,
 )
 from fer_jax.training.parallel import Compiled, DataParallel
-from fer_jax.training.state import TrainState, create_model
+from fer_jax.training.state import TrainState, create_model, ema_view
 from fer_jax.training.steps import eval_step, replica_eval_step, train_step
 
 INPUT_PIPELINES = ("device", "tf_data")
@@ -178,9 +178,11 @@ class Trainer:
     ) -> dict:
         """The report (`metrics.report`) of replicated `state` on the ten crops
         (`crops=10`) or the centre crop alone (`crops=1`); with replicas
-        `{'replicas': [metrics of each], 'ensemble': metrics}`."""
+        `{'replicas': [metrics of each], 'ensemble': metrics}`. With a moving average of the
+        weights (`config.ema_decay`) it is the average that is evaluated."""
         if crops not in EVAL_CROPS:
             raise ValueError(f"crops must be one of {EVAL_CROPS}, got {crops!r}")
+        state = ema_view(state)
         if self.input_pipeline == "device":
             arrays = self._device_eval_arrays(images, labels)
             fn = self._eval_fn(arrays.layout, crops)
