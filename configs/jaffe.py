@@ -1,12 +1,16 @@
-"""JAFFE 5-fold cross-validation, fine-tuned from a FER2013 run (the paper: 30 epochs per fold).
+"""JAFFE 5-fold cross-validation, fine-tuned from a FER2013 model (the paper: 30 epochs per fold).
 
     python -m fer_jax.main --mode=cross_validate --config=configs/jaffe.py \
-        --workdir=runs/jaffe --config.init_from=runs/fer2013 \
-        --config.data_dir=~/tensorflow_datasets --config.manual_dir=/path/to/jaffedbase
+        --workdir=runs/jaffe --config.init_from=pretrained \
+        --config.data_source=files --config.manual_dir=/path/to/jaffedbase
 
+`init_from`: `pretrained` (the shipped model), a FER2013 run or one of its checkpoints.
 `configs/fer2013.py` runs this automatically after FER2013 training (`cross_validate=True`),
-with `init_from` set to the FER2013 run's best checkpoint. The model fields must match the
-FER2013 run's (override them the same way, e.g. `--config.model.head=softmax`).
+from the FER2013 run's best checkpoint. The model fields, A-Softmax's margin and lambda here are
+defaults only: the fine-tuning takes them from the model it starts from (lambda held where its
+training ended) unless the command line sets them (`fer_jax.training.cross_validate`);
+`--mode=check` prints what it takes and the fold plan. `fold_protocol='subject'`: the
+subject-independent folds, in a workdir of their own.
 """
 
 import ml_collections

@@ -145,7 +145,9 @@ ERASE_RATIO = (0.3, 3.3)
 ERASE_TRIES = 10  # torchvision's: a box that does not fit is drawn again, then none
 
 
-def erase_boxes(rng: np.random.Generator, shape: tuple[int, ...], p: float, crop: int) -> np.ndarray:
+def erase_boxes(
+    rng: np.random.Generator, shape: tuple[int, ...], p: float, crop: int
+) -> np.ndarray:
     """Random erasing boxes of `shape` crops, drawn from `rng` (torchvision's scheme).
 
     Each crop is erased with probability `p`; its box covers an area uniform in `ERASE_AREA`

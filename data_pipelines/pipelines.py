@@ -37,8 +37,8 @@ import numpy as np
 from data_pipelines.crops import (
     CROP_SIZE,
     affine_crop_pixels,
-    erase_keep,
     crop_pixel_offsets,
+    erase_keep,
     five_crop_offsets,
     ten_crop_pixel_indices,
 )
@@ -139,10 +139,10 @@ def train_dataset_from_arrays(
     keys = ("index", "top", "left", "flip")
     types = [tf.int64, tf.int32, tf.int32, tf.bool]
     shapes = [[steps, batch_size]] * 4
-    if zoom > 0 or rotate > 0:
-        keys, types, shapes = keys + ("affine",), types + [tf.int32], shapes + [[steps, batch_size, 6]]
-    if erase > 0:
-        keys, types, shapes = keys + ("erase",), types + [tf.int32], shapes + [[steps, batch_size, 4]]
+    for key, size, on in (("affine", 6, zoom > 0 or rotate > 0), ("erase", 4, erase > 0)):
+        if on:
+            keys, types = keys + (key,), types + [tf.int32]
+            shapes = shapes + [[steps, batch_size, size]]
 
     def plan(epoch: np.int64) -> tuple[np.ndarray, ...]:
         p = epoch_plan(

@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import sys
+from collections.abc import Sequence
 
 import jax
 from absl import app, flags, logging
@@ -164,24 +165,45 @@ def evaluate_checkpoint(config, workdir: str, path: str, split: str, crops: int 
             evaluate.write_report(os.path.join(workdir, "eval"), name, report)
     for name, report in reports.items():
         logging.info("%s of %s: accuracy %.4f", name, path, report["accuracy"])
-        print(f"{name}: {100 * report['accuracy']:.2f}% ({report['num_examples']} images)")
+        print(
+            f"{name}: {100 * report['accuracy']:.2f}% ({report['num_examples']} images; "
+            f"mean class accuracy {100 * report['mean_class_accuracy']:.2f}%)"
+        )
     return metrics
 
 
-def train_then_cross_validate(config, workdir: str, *, allow_config_changes: bool = False) -> dict:
+def train_then_cross_validate(
+    config, workdir: str, *, allow_config_changes: bool = False, user_set: Sequence[str] = ()
+) -> dict:
     """The main job: train on `config.dataset`, then (`config.cross_validate`) fine-tune the
-    selected model on JAFFE's folds in `workdir/cross_validation`; returns `results.json`."""
+    selected model on JAFFE's folds in `workdir/cross_validation`; returns `results.json`.
+    `user_set`: the fields the command line set (`user_set_fields`; `jaffe.*` for the folds)."""
     from fer_jax.training import cross_validate, evaluate, train
 
     results = train.train_and_evaluate(config, workdir, allow_config_changes=allow_config_changes)
     if config.get("cross_validate"):
         cv_config = cross_validate.config_from_parent(config, workdir)
         results["cross_validation"] = cross_validate.run(
-            cv_config, os.path.join(workdir, "cross_validation")
+            cv_config,
+            os.path.join(workdir, "cross_validation"),
+            user_set=[f.removeprefix("jaffe.") for f in user_set if f.startswith("jaffe.")],
+            allow_config_changes=allow_config_changes,
         )
         if jax.process_index() == 0:
             evaluate.write_json(os.path.join(workdir, "results.json"), results)
     return results
+
+
+def user_set_fields() -> list[str]:
+    """The config fields the command line set, dotted without `config.` (e.g. 'model.head'):
+    each `--config.FIELD=VALUE` and the config argument's `cbam=`/`head=`
+    (`configs/jaffe.py:head=softmax`). A cross-validation takes the others of the model and
+    the loss from the model it fine-tunes (`fer_jax.training.cross_validate`)."""
+    flag = FLAGS["config"]
+    fields = list(config_flags.get_override_values(flag))
+    _, _, arg = config_flags.get_config_filename(flag).partition(":")
+    fields += [f"model.{item.partition('=')[0]}" for item in arg.split(",") if item]
+    return fields
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -246,6 +268,11 @@ def main(argv: list[str]) -> None:
             checkpoint=FLAGS.checkpoint,
             allow_config_changes=FLAGS.allow_config_changes,
         )
+        from fer_jax.training import cross_validate  # the fine-tuning settings, the fold plan
+
+        report[-1:-1] = data_check.cross_validation_lines(
+            config, mode, FLAGS.workdir, user_set_fields()
+        )
         print("\n".join(report))
         return
     # Every stage's data, before hours of the first one (FER2013, then JAFFE).
@@ -273,14 +300,22 @@ def main(argv: list[str]) -> None:
         with workdir_lock.hold(workdir):
             if FLAGS.mode == "train":
                 train_then_cross_validate(
-                    config, workdir, allow_config_changes=FLAGS.allow_config_changes
+                    config,
+                    workdir,
+                    allow_config_changes=FLAGS.allow_config_changes,
+                    user_set=user_set_fields(),
                 )
             elif FLAGS.mode == "evaluate":
                 evaluate_checkpoint(
                     config, workdir, FLAGS.checkpoint or workdir, FLAGS.split, int(FLAGS.crops)
                 )
             else:
-                cross_validate.run(config, workdir)
+                cross_validate.run(
+                    config,
+                    workdir,
+                    user_set=user_set_fields(),
+                    allow_config_changes=FLAGS.allow_config_changes,
+                )
     except Interrupted as e:  # SIGTERM / Ctrl-C: checkpointed; the shell's 128 + signal
         print(f"fer_jax: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)

@@ -209,13 +209,22 @@ def test_mode_must_suit_the_config():
         config_schema.check_mode(fer2013.get_config(), "evaluate", "test")
 
 
-def test_augment_is_off_by_default_and_optional():
+def test_augment_and_ema_are_off_by_default_and_optional():
     config = fer2013.get_config()
-    assert config.augment.to_dict() == {"zoom": 0.0, "rotate": 0.0}
-    assert config.jaffe.augment.to_dict() == {"zoom": 0.0, "rotate": 0.0}
-    config.augment.zoom, config.augment.rotate = 0.5, 45.0
+    off = {"zoom": 0.0, "rotate": 0.0, "erase": 0.0}
+    assert config.augment.to_dict() == off and config.jaffe.augment.to_dict() == off
+    assert config.ema_decay == 0.0 and config.jaffe.ema_decay == 0.0
+    config.augment.zoom, config.augment.rotate, config.augment.erase = 0.5, 45.0, 1.0
+    config.ema_decay = 0.9999
     validate(config)
     validate(_from_dict(lambda d: d.pop("augment")))  # a config from before it existed
+    validate(_from_dict(lambda d: (d["augment"].pop("erase"), d.pop("ema_decay"))))
+    assert _error(_from_dict(lambda d: d.update(ema_decay=1.0))) == (
+        "config.ema_decay is 1.0; allowed: a number in [0, 1)"
+    )
+    assert _error(_from_dict(lambda d: d["augment"].update(erase=1.5))) == (
+        "config.augment.erase is 1.5; allowed: a number in [0, 1]"
+    )
     config = _from_dict(lambda d: d["augment"].update(zoom="0.2"))
     assert _error(config) == (
         "config.augment.zoom is '0.2' (type str); allowed: a number in [0, 0.5]"

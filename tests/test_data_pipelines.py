@@ -17,6 +17,8 @@ from data_pipelines.crops import (
     affine_crop_pixels,
     crop_affine,
     crop_pixel_offsets,
+    erase_boxes,
+    erase_keep,
 )
 
 N, B = 40, 8  # 5 steps per epoch.
@@ -397,3 +399,64 @@ def test_zoomed_and_rotated_tf_batches_gather_exactly_the_planned_pixels():
     )
     for batch in _take(unflipped, 5):  # columns still increase along every crop row
         assert np.all(np.diff(_as_uint8(batch["image"])[..., 1], axis=-1) >= 0)
+
+
+# --- Random erasing. --------------------------------------------------------------------------
+
+
+def test_erasing_off_is_the_plain_plan_and_its_draws_come_after_zoom_and_rotation():
+    plain = data_pipelines.epoch_plan(1000, 50, seed=4, epoch=7, zoom=0.2, rotate=10)
+    assert data_pipelines.epoch_plan(1000, 50, seed=4, epoch=7, zoom=0.2, rotate=10, erase=0.0)[
+        "affine"
+    ].shape == (20, 50, 6)
+    erased = data_pipelines.epoch_plan(1000, 50, seed=4, epoch=7, zoom=0.2, rotate=10, erase=0.5)
+    assert erased.keys() == {*plain, "erase"}
+    assert erased["erase"].shape == (20, 50, 4) and erased["erase"].dtype == np.int32
+    for key in plain:
+        np.testing.assert_array_equal(erased[key], plain[key])
+    assert "erase" not in data_pipelines.epoch_plan(40, 8, seed=0, epoch=0, erase=0.0)
+
+
+def test_erasing_boxes_follow_torchvisions_area_ratio_and_probability():
+    boxes = erase_boxes(np.random.default_rng(0), (200, 100), 0.5, 44)
+    top, left, bottom, right = np.moveaxis(boxes, -1, 0)
+    height, width = bottom - top, right - left
+    erased = height > 0
+    assert abs(erased.mean() - 0.5) < 0.02  # 20,000 draws: ~7 standard deviations
+    assert np.all((height > 0) == (width > 0))
+    assert np.all((top >= 0) & (left >= 0) & (bottom <= 44) & (right <= 44))
+    assert np.all((height < 44) & (width < 44))
+    area = height[erased] * width[erased] / 44**2
+    # Rounding each side to whole pixels moves the area a little past torchvision's bounds.
+    assert 0.01 < area.min() < 0.03 and 0.3 < area.max() < 0.42
+    assert 0.16 < np.median(area) < 0.19  # uniform in [0.02, 0.33]: median 0.175
+    ratio = height[erased] / width[erased]
+    assert ratio.min() < 0.4 and ratio.max() > 2.5 and 0.8 < np.median(ratio) < 1.25
+    always = erase_boxes(np.random.default_rng(1), (1000,), 1.0, 44)
+    assert np.all(always[:, 2] > always[:, 0])  # a box that fits is found for every crop
+
+
+def test_erase_keep_is_false_exactly_inside_the_box():
+    keep = erase_keep(np.array([[2, 5, 6, 7], [0, 0, 0, 0]], np.int32), 10)
+    want = np.ones((2, 10, 10), bool)
+    want[0, 2:6, 5:7] = False
+    np.testing.assert_array_equal(keep, want)
+    keep_tf = erase_keep(tf.constant([[2, 5, 6, 7]], tf.int32), 10)
+    np.testing.assert_array_equal(keep_tf.numpy(), want[:1])
+
+
+def test_erased_tf_batches_are_the_planned_crops_with_their_boxes_black():
+    images, labels = _coordinate_images(), (np.arange(N) * 3) % 7
+    images[..., 0] += 1  # no pixel of channel 0 is 0 before erasing
+    kwargs = {"batch_size": B, "seed": 5, "zoom": 0.2, "rotate": 10}
+    whole = _take(data_pipelines.train_dataset_from_arrays(images, labels, **kwargs), 5)
+    erased = _take(data_pipelines.train_dataset_from_arrays(images, labels, erase=0.7, **kwargs), 5)
+    plan = data_pipelines.epoch_plan(N, B, seed=5, epoch=0, zoom=0.2, rotate=10, erase=0.7)
+    for step in range(5):
+        keep = erase_keep(plan["erase"][step], 44)[..., None]
+        want = np.where(keep, whole[step]["image"], 0)
+        np.testing.assert_array_equal(erased[step]["image"], want)
+        np.testing.assert_array_equal(erased[step]["label"], whole[step]["label"])
+    assert 0.3 < (~erase_keep(plan["erase"], 44)).any((-1, -2)).mean() < 0.95
+    with pytest.raises(ValueError, match="erase must be a probability"):
+        data_pipelines.train_dataset_from_arrays(images, labels, batch_size=B, seed=0, erase=1.5)

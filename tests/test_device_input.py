@@ -35,6 +35,7 @@ BATCHES_SCRIPT = textwrap.dedent(
 
     N, B, SEED = 150, 32, 3  # 150 is not a multiple of 4: the last device's shard is padded
     ZOOM_ROTATE = {"zoom": 0.2, "rotate": 10.0}
+    ERASE = {"erase": 0.6}
     data = synthetic_data.make_split(N, seed=0)
     data["image"] = np.random.default_rng(0).integers(0, 256, data["image"].shape, np.uint8)
     labels = data["label"].astype(np.int32)
@@ -59,8 +60,10 @@ BATCHES_SCRIPT = textwrap.dedent(
             fn = jax.jit(jax.shard_map(functools.partial(gather, axis_name=AXIS),
                                        mesh=parallel.mesh, in_specs=(P(AXIS), P(), P()),
                                        out_specs=P(AXIS), check_vma=False))
-        # Plain crops (the fast path), then zoomed and rotated ones (integer affine maps).
-        for epoch, augment in [(0, {}), (5, {}), (0, ZOOM_ROTATE), (5, ZOOM_ROTATE)]:
+        # Plain crops (the fast path), then zoomed and rotated ones (integer affine maps), then
+        # either with random erasing (each device erases its own rows of the batch).
+        for epoch, augment in [(0, {}), (5, {}), (0, ZOOM_ROTATE), (5, ZOOM_ROTATE),
+                               (1, ERASE), (2, {**ZOOM_ROTATE, **ERASE})]:
             plan = epoch_plan(N, B, seed=SEED, epoch=epoch, **augment)
             ds = data_pipelines.train_dataset_from_arrays(
                 data["image"], labels, batch_size=B, seed=SEED, start_epoch=epoch,
@@ -79,7 +82,7 @@ BATCHES_SCRIPT = textwrap.dedent(
 ).replace("import json, sys", "import functools, json, sys")
 
 
-def test_device_batches_equal_the_tf_data_batches_on_1_2_and_4_devices_zoomed_or_not():
+def test_device_batches_equal_the_tf_data_batches_on_1_2_and_4_devices_zoomed_erased_or_not():
     assert run_on_cpu_devices(BATCHES_SCRIPT, 4) == []
 
 
@@ -115,7 +118,7 @@ def test_config_augment_reaches_the_plans_of_both_input_pipelines(pipeline, monk
     config.batch_size = 8
     config.replicas = 2
     config.input_pipeline = pipeline
-    config.augment.zoom, config.augment.rotate = 0.25, 12.0
+    config.augment.zoom, config.augment.rotate, config.augment.erase = 0.25, 12.0, 0.5
     trainer = Trainer.create(config)
     data = synthetic_data.make_split(40, seed=2)
     seen = []
@@ -132,11 +135,12 @@ def test_config_augment_reaches_the_plans_of_both_input_pipelines(pipeline, monk
     if pipeline == "device":
         ((plan, start, length),) = seen
         for k, seed in enumerate(replicas.seeds(config)):
-            want = epoch_plan(40, 8, seed=seed, epoch=0, zoom=0.25, rotate=12.0)
+            want = epoch_plan(40, 8, seed=seed, epoch=0, zoom=0.25, rotate=12.0, erase=0.5)
             np.testing.assert_array_equal(plan["affine"][:, k], want["affine"])
+            np.testing.assert_array_equal(plan["erase"][:, k], want["erase"])
     else:
-        assert [(kw["seed"], kw["zoom"], kw["rotate"]) for kw in seen] == [
-            (seed, 0.25, 12.0) for seed in replicas.seeds(config)
+        assert [(kw["seed"], kw["zoom"], kw["rotate"], kw["erase"]) for kw in seen] == [
+            (seed, 0.25, 12.0, 0.5) for seed in replicas.seeds(config)
         ]
 
 

@@ -10,7 +10,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "fer_jax")
 LAYERS = {"model": 0, "training": 1, "inference": 2}  # a layer imports only those below it
-COMMANDS = {"fer_jax.main", "fer_jax.predict", "fer_jax.export"}
+COMMANDS = {"fer_jax.main", "fer_jax.predict", "fer_jax.export", "fer_jax.serve"}
 
 
 def _modules() -> dict[str, ast.Module]:

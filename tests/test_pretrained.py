@@ -240,6 +240,22 @@ def test_a_run_trained_with_bfloat16_matmuls_ships_float32_ones_unless_asked(sav
     assert "trained_matmul_dtype" not in meta["provenance"]
 
 
+def test_the_shipped_file_records_what_auto_resolved_to_and_the_loss_it_ended_at(saved, tmp_path):
+    _, _, variables = saved
+    config = _config()
+    config.model.matmul_dtype = "auto"
+    config.loss.lambda_base, config.loss.lambda_min = 48.0, 48.0
+    run = _write_run(tmp_path, config, variables)
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    results = {"selected_step": 7, "matmul_dtype_resolved": "bfloat16"}
+    (run / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "weights" / "mine.npz"
+    assert convert_main([f"--from={run}", f"--out={out}"]) == 0
+    provenance = pretrained.load(out)[2]["provenance"]
+    assert provenance["trained_matmul_dtype"] == "bfloat16"  # not 'auto'
+    assert provenance["loss"] == {"margin": 4, "lambda": 48.0}
+
+
 # ----------------------------------------------------------------------------- the example photo
 
 

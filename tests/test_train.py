@@ -237,3 +237,42 @@ def test_evaluate_mode_with_tf_data_reproduces_the_device_evaluation(finished_ru
         metrics = json.load(f)
     with open(os.path.join(finished_run, "results.json")) as f:
         assert metrics["accuracy"] == json.load(f)["private_test"]["accuracy"]
+
+
+def test_a_run_with_an_ema_selects_reports_and_serves_the_average(tmp_path):
+    """With `ema_decay` (and random erasing) the checkpoints hold the average; every read of a
+    run's weights (evaluate, predict, export, init_from) gets it, and the run's report is the
+    average's: `--mode=evaluate` reproduces it."""
+    workdir = str(tmp_path / "ema")
+    flags = [
+        "--config.cross_validate=False",
+        "--config.ema_decay=0.9",
+        "--config.augment.erase=0.5",
+    ]
+    proc = _cli(workdir, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step, tree, _ = _final_state(workdir)
+    assert set(tree) == {*checkpoint.STATE_FIELDS, "ema"}
+    kernels = [t["params"]["linear"]["kernel"] for t in (tree, tree["ema"])]
+    assert not np.array_equal(*kernels)
+    variables, meta, _ = checkpoint.load_variables(os.path.join(workdir, "checkpoints", str(step)))
+    assert meta["ema"] is True
+    for collection in ("params", "batch_stats"):
+        jax.tree.map(np.testing.assert_array_equal, variables[collection], tree["ema"][collection])
+    evaluate = ["--mode=evaluate", f"--checkpoint={workdir}", "--split=private_test"]
+    proc = _cli(str(tmp_path / "eval"), *evaluate)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "eval" / "eval" / "private_test_evaluate.json") as f:
+        evaluated = json.load(f)["accuracy"]
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert evaluated == json.load(f)["private_test"]["accuracy"]
+    # A new run from this one starts its own average at the weights it loads (the average).
+    from configs import synthetic
+
+    config = synthetic.get_config()
+    config.ema_decay = 0.99
+    template = create_train_state(config, create_model(config), 14)
+    state = checkpoint.init_from(workdir, template, config)
+    jax.tree.map(np.testing.assert_array_equal, state.ema["params"], state.params)
+    best, _, _ = checkpoint.load_variables(workdir)
+    jax.tree.map(np.testing.assert_array_equal, state.params, best["params"])

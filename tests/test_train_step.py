@@ -62,3 +62,43 @@ def test_train_step_reports_lambda_and_the_classifier_input_norm():
     assert expected_norm > 0
     _, metrics = step(state, batch)
     assert float(metrics["lambda"]) == pytest.approx(float(losses.sphereface_lambda(0.1)))
+
+
+def _ema_setup(decay: float):
+    config = synthetic.get_config()
+    config.model.width = 4
+    config.ema_decay = decay
+    model = create_model(config)
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": jnp.asarray(rng.random((8, 44, 44, 1), np.float32)),
+        "label": jnp.asarray(rng.integers(0, 7, 8), jnp.int32),
+    }
+    return config, model, create_train_state(config, model, steps_per_epoch=10), batch
+
+
+def test_ema_starts_at_the_weights_and_follows_its_warmed_up_decay():
+    config, _, state, batch = _ema_setup(0.9)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        state.ema,
+        {"params": state.params, "batch_stats": state.batch_stats},
+    )
+    step = jax.jit(functools.partial(train_step, config=config, axis_name=None))
+    ema = state.ema
+    for t in range(1, 4):  # decay min(0.9, (1 + t) / (10 + t)) after step t
+        state, _ = step(state, batch)
+        d = min(0.9, (1 + t) / (10 + t))
+        new = {"params": state.params, "batch_stats": state.batch_stats}
+        ema = jax.tree.map(lambda e, x, d=d: d * e + (1 - d) * x, ema, new)
+        close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+        jax.tree.map(close, state.ema, ema)
+    lag = jax.tree.map(lambda a, b: np.abs(a - b).max(), state.ema["params"], state.params)
+    assert max(jax.tree.leaves(lag)) > 0  # the average lags the weights
+
+
+def test_no_ema_by_default_and_the_step_leaves_it_none():
+    config, _, state, batch = _ema_setup(0.0)
+    assert state.ema is None
+    state, _ = jax.jit(functools.partial(train_step, config=config, axis_name=None))(state, batch)
+    assert state.ema is None

@@ -226,6 +226,16 @@ def write_png(path: str, rgb: np.ndarray) -> None:
 # ----------------------------------------------------------------------------- output
 
 
+def face_record(face: Face, class_names: Sequence[str]) -> dict[str, Any]:
+    """One face as `--json` writes it: 'box' [x, y, w, h], 'probabilities' {name: p}, 'label'."""
+    probabilities = zip(class_names, face.probabilities, strict=True)
+    return {
+        "box": list(face.box),
+        "probabilities": {n: float(p) for n, p in probabilities},
+        "label": face.label,
+    }
+
+
 class Reporter:
     """Writes the results as a table, JSON or CSV to `out`; messages go to `err`."""
 
@@ -261,7 +271,7 @@ class Reporter:
             entry: dict[str, Any] = {"source": source}
             if frame is not None:
                 entry |= {"frame": frame, "time_s": round(time_s, 4)}
-            entry["faces"] = [self._face_dict(f) for f in faces]
+            entry["faces"] = [face_record(f, self.class_names) for f in faces]
             self.records.append(entry)
         elif self.fmt == "csv":
             for k, face in enumerate(faces):
@@ -274,15 +284,6 @@ class Reporter:
         elif faces:
             self.out.write(self._table(where, faces))
         self.out.flush()
-
-    def _face_dict(self, face: Face) -> dict[str, Any]:
-        return {
-            "box": list(face.box),
-            "probabilities": {
-                n: float(p) for n, p in zip(self.class_names, face.probabilities, strict=True)
-            },
-            "label": face.label,
-        }
 
     def _table(self, where: str, faces: Sequence[Face]) -> str:
         widths = [max(len(n), 5) for n in self.class_names]
@@ -446,18 +447,8 @@ def run(args: argparse.Namespace, recognizer: Recognizer, out: TextIO, err: Text
     return 1 if reporter.failed else 0
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m fer_jax.predict",
-        description="Recognise facial expressions in images, folders and videos.",
-    )
-    parser.add_argument("paths", nargs="*", metavar="PATH", help="images, folders or videos")
-    parser.add_argument(
-        "--example",
-        action="store_true",
-        help="also run on the bundled photo fer_jax/examples/astronaut.jpg (NASA, public "
-        "domain): `python -m fer_jax.predict --example` needs no data and no download",
-    )
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose and configure the model (`model_options`)."""
     parser.add_argument(
         "--checkpoint",
         default="pretrained",
@@ -471,6 +462,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="of a replica run (config.replicas > 1): a replica index k, or 'ensemble' (their "
         "probabilities averaged); default: the replica chosen on the select split",
     )
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument(
+        "--crops",
+        type=int,
+        choices=CROP_CHOICES,
+        default=10,
+        help="10: average the ten 44x44 crops (the paper's evaluation); 1: the centre crop "
+        "alone, ~10x less compute per face",
+    )
+    parser.add_argument(
+        "--no_adjust",
+        dest="adjust",
+        action="store_false",
+        help="the model's own probabilities, without the class-prior logit adjustment that "
+        "the shipped model applies by default (fer_jax.inference.prior_adjustment)",
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fer_jax.predict",
+        description="Recognise facial expressions in images, folders and videos.",
+    )
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="images, folders or videos")
+    parser.add_argument(
+        "--example",
+        action="store_true",
+        help="also run on the bundled photo fer_jax/examples/astronaut.jpg (NASA, public "
+        "domain): `python -m fer_jax.predict --example` needs no data and no download",
+    )
+    _add_model_options(parser)
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="format", action="store_const", const="json")
     fmt.add_argument("--csv", dest="format", action="store_const", const="csv")
@@ -492,15 +514,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--min_face", type=int, default=DEFAULT_MIN_FACE, help="smallest face side, pixels"
-    )
-    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument(
-        "--crops",
-        type=int,
-        choices=CROP_CHOICES,
-        default=10,
-        help="10: average the ten 44x44 crops (the paper's evaluation); 1: the centre crop "
-        "alone, ~10x less compute per face",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -535,31 +548,38 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def load_recognizer(args: argparse.Namespace) -> Recognizer:
-    """The recognizer of `args.checkpoint`; UserError if the checkpoint cannot be loaded."""
+def load_recognizer(
+    checkpoint: str,
+    replica: str | None = None,
+    *,
+    attention: bool = False,
+    **options: Any,
+) -> Recognizer:
+    """The recognizer of `checkpoint` as the command line loads it (`replica`: 'k' or
+    'ensemble'; `options` are `Recognizer.from_checkpoint`'s: adjust, crops,
+    batch_size, margin, max_side, min_face); UserError if the checkpoint cannot be loaded."""
     from fer_jax.training.checkpoint import (
         CheckpointError,  # Orbax only when a checkpoint is loaded.
     )
 
-    replica = args.replica
     if replica is not None and replica != "ensemble":
         if not replica.isdigit():
             raise UserError(f"--replica must be a replica index or 'ensemble', got {replica!r}")
         replica = int(replica)
-    if replica == "ensemble" and args.attention:
+    if replica == "ensemble" and attention:
         raise UserError("--attention needs one model: give --replica=k, not the ensemble")
     try:
-        return Recognizer.from_checkpoint(
-            args.checkpoint,
-            replica,
-            crops=args.crops,
-            batch_size=args.batch_size,
-            margin=args.margin,
-            max_side=args.max_side,
-            min_face=args.min_face,
-        )
+        return Recognizer.from_checkpoint(checkpoint, replica, **options)
     except (OSError, ValueError, CheckpointError) as e:
-        raise UserError(f"cannot load the checkpoint {args.checkpoint}: {e}") from e
+        raise UserError(f"cannot load the checkpoint {checkpoint}: {e}") from e
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`load_recognizer`'s arguments from the parsed command line."""
+    names = ("adjust", "crops", "batch_size", "margin", "max_side", "min_face")
+    return {"checkpoint": args.checkpoint, "replica": args.replica} | {
+        n: getattr(args, n) for n in names
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -569,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def predict() -> int:
         use_compilation_cache(args.compilation_cache)
-        recognizer = load_recognizer(args)
+        recognizer = load_recognizer(attention=bool(args.attention), **model_options(args))
         with contextlib.ExitStack() as stack:
             out: TextIO = sys.stdout
             if args.output:

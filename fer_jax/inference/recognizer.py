@@ -334,6 +334,7 @@ class Recognizer:
         min_face: int = DEFAULT_MIN_FACE,
         ensemble: bool = False,
         crops: int = NUM_CROPS,
+        logit_offsets: Sequence[float] | None = None,
     ):
         """Wraps a model and its weights; compiles nothing until the first call.
 
@@ -348,6 +349,8 @@ class Recognizer:
           margin: face-crop margin, as `data_pipelines.faces.crop_face` (`PHOTO_MARGIN`).
           max_side: longer side in pixels of the copy that face detection runs on.
           min_face: smallest detected face side in image pixels.
+          logit_offsets: `(num_classes,)` added to the logits before the softmax (the class-
+            prior adjustment, `fer_jax.inference.prior_adjustment`), or None: the model's own.
         """
         if len(class_names) != model.num_classes:
             raise ValueError(
@@ -372,6 +375,14 @@ class Recognizer:
         if crops not in CROP_CHOICES:
             raise ValueError(f"crops must be one of {CROP_CHOICES}, got {crops!r}")
         self.crops = crops
+        if logit_offsets is not None:
+            logit_offsets = np.asarray(logit_offsets, np.float32)
+            if logit_offsets.shape != (model.num_classes,):
+                raise ValueError(
+                    f"logit_offsets must have shape ({model.num_classes},), got "
+                    f"{logit_offsets.shape}"
+                )
+        self.logit_offsets = logit_offsets
         probabilities = ensemble_probabilities if ensemble else ten_crop_probabilities
         # Chunks of one face (a photo's, a video frame's) run the plain XLA convolutions, which
         # trace in ~0.15 s instead of the CPU forms' ~0.5 s and run as fast at that size; bigger
@@ -389,20 +400,33 @@ class Recognizer:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, replica: int | str | None = None, **kwargs: Any
+        cls,
+        path: str | os.PathLike,
+        replica: int | str | None = None,
+        *,
+        adjust: bool = True,
+        **kwargs: Any,
     ) -> Recognizer:
         """Loads a run directory (best, else latest checkpoint), one checkpoint directory, or
         `'pretrained'` (the model shipped in the package; `Recognizer.pretrained`).
 
         Of a replica run: the replica chosen on the select split (`replica=None`), replica k
-        (`replica=k`), or all of them averaged (`replica='ensemble'`).
+        (`replica=k`), or all of them averaged (`replica='ensemble'`). `adjust`: apply the
+        class-prior logit adjustment that a shipped model's manifest records (the default:
+        rare expressions such as disgust are then recognised; `prior_adjustment`); False: the
+        model's own output.
         """
+        from fer_jax.inference import prior_adjustment
         from fer_jax.model import pretrained
         from fer_jax.training.checkpoint import load_for_inference  # Orbax etc. only when needed.
 
         is_pretrained, name = pretrained.parse_reference(path)
-        if is_pretrained and "class_names" not in kwargs:  # those the weights file records
-            kwargs["class_names"] = pretrained.read_manifest(name)["meta"]["class_names"]
+        if is_pretrained:
+            manifest = pretrained.read_manifest(name)
+            if "class_names" not in kwargs:  # those the weights file records
+                kwargs["class_names"] = manifest["meta"]["class_names"]
+            if adjust and "logit_offsets" not in kwargs:
+                kwargs["logit_offsets"] = prior_adjustment.from_manifest(manifest)
         ensemble = replica == "ensemble"
         model, variables = load_for_inference(os.fspath(path), "all" if ensemble else replica)
         return cls(model, variables, ensemble=ensemble, **kwargs)
@@ -441,8 +465,11 @@ class Recognizer:
         return np.concatenate(outputs)
 
     def predict_faces(self, faces: np.ndarray) -> np.ndarray:
-        """Probabilities `(N, num_classes)` float32 of cropped faces (`faces_to_input` layouts)."""
-        return self._batched(self._probabilities, faces)
+        """Probabilities `(N, num_classes)` float32 of cropped faces (`faces_to_input` layouts),
+        with `logit_offsets` applied where set."""
+        from fer_jax.inference.prior_adjustment import adjust
+
+        return adjust(self._batched(self._probabilities, faces), self.logit_offsets)
 
     def attention_maps(self, faces: np.ndarray) -> np.ndarray:
         """Spatial-attention maps `(N, 4, 44, 44)` float32 of cropped faces (module docstring)."""

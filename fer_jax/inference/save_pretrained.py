@@ -102,6 +102,16 @@ def convert(
             )
         provenance["results_file"] = os.path.normpath(results)
         provenance["accuracies"] = _accuracies(run_results)
+        resolved = run_results.get("matmul_dtype_resolved")
+        if resolved and provenance.get("trained_matmul_dtype") == "auto":
+            provenance["trained_matmul_dtype"] = resolved  # what 'auto' was where it trained
+    # A-Softmax's margin and the lambda its training ended at, from the run's config.json: what
+    # fine-tuning it holds (`fer_jax.training.cross_validate.read_source`).
+    from fer_jax.training.cross_validate import SHIPPED_RECIPE, read_source
+
+    trained = read_source(source, "--from")
+    if not trained.origin.get("loss", SHIPPED_RECIPE).startswith(SHIPPED_RECIPE):
+        provenance["loss"] = {"margin": trained.margin, "lambda": trained.lam}
     save(variables, model, out, meta=provenance, param_dtype=param_dtype)
     return out, read_manifest(out)
 

@@ -290,13 +290,35 @@ def save(
         "meta": metadata,
     }
 
-    def write_manifest(tmp: str) -> None:
+    _write_manifest(path, manifest)
+    return path
+
+
+def _write_manifest(npz_path: str, manifest: Mapping[str, Any]) -> None:
+    def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.write("\n")
 
-    _write_atomic(directory, manifest_path(path), write_manifest)
-    return path
+    _write_atomic(os.path.dirname(npz_path), manifest_path(npz_path), write)
+
+
+def set_logit_adjustment(
+    name_or_path: str | os.PathLike | None, adjustment: Mapping[str, Any] | None
+) -> str:
+    """Records (or with None removes) a model's post-hoc logit adjustment in its manifest:
+    `{'tau', 'prior', ...provenance}` (`fer_jax.inference.prior_adjustment`). The weights file
+    and its checked metadata are unchanged; returns the manifest's path."""
+    path = resolve(name_or_path)
+    manifest = read_manifest(name_or_path)
+    if adjustment is None:
+        manifest.pop("logit_adjustment", None)
+    else:
+        if not {"tau", "prior"} <= set(adjustment):
+            raise ValueError(f"a logit adjustment needs tau and prior, got {sorted(adjustment)}")
+        manifest["logit_adjustment"] = _jsonable(dict(adjustment))
+    _write_manifest(path, manifest)
+    return manifest_path(path)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -415,8 +415,8 @@ def check_mode(config: Any, mode: str, split: str | None = None) -> None:
             )
         if not config["init_from"]:
             raise UserError(
-                "config.init_from is empty; --mode=cross_validate fine-tunes the run it names: "
-                "--config.init_from=RUN_DIR"
+                "config.init_from is empty; --mode=cross_validate fine-tunes the model it names: "
+                "--config.init_from=pretrained (the shipped model) or RUN_DIR"
             )
     if mode == "evaluate" and split is not None:
         have = _split_names(config)

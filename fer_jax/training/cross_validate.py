@@ -1,15 +1,36 @@
-"""JAFFE k-fold cross-validation: fine-tune from a FER2013 run on each fold, test on the rest.
+"""JAFFE k-fold cross-validation: fine-tune a FER2013 model on each fold, test on the rest.
+
+The model fine-tuned (`config.init_from`) is the shipped one (`pretrained`), a FER2013 run or
+one of its checkpoints. It is fine-tuned the way it was trained (`fine_tuning_config`): every
+model field (head, width, CBAM, dropout, conv forms, the matmul dtype it trained with) and
+A-Softmax's margin come from it, and lambda is held at the value its training ended at, unless
+the command line sets them (`--config.model.head=...`, `--config.loss.lambda_base=...`: then
+the config's values, and, for lambda, the config's whole schedule). Where the source records
+them (`read_source`):
+
+- `pretrained`: the model and its `provenance.trained_matmul_dtype` from the weights' manifest;
+  its loss from `provenance.loss` (`{'margin', 'lambda'}`) where recorded, else the shipped
+  model's recipe (`SHIPPED_MARGIN`, `SHIPPED_LAMBDA`);
+- a run or checkpoint directory: the run's `config.json` (model and loss; lambda where its
+  schedule ends after `num_epochs`), else the shipped recipe's loss and the config's model.
+
+The run logs these settings and where each came from; `--mode=check` prints them with the fold
+plan (`fer_jax.training.data_check.cross_validation_lines`), and `summary.json` records them
+(`fine_tuning`).
 
 Each fold trains in its own sub-workdir `fold_<k>/` (resuming independently, like any run)
 and is evaluated once, at the end, on its held-out images: there is no validation split, so
 nothing is selected on the test fold. The summary (`summary.json`, `confusion.png`) gives
 per-fold accuracy, their mean and standard deviation, and the pooled confusion matrix.
+`config.json` in the workdir holds the fine-tuning config, so a resume trains the same recipe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,9 +38,45 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax.training import checkpoint, evaluate, input_data
+from data_pipelines.folds import jaffe_folds
+from data_pipelines.labels import CLASS_NAMES
+from fer_jax.model import pretrained
+from fer_jax.training import checkpoint, evaluate, input_data, run_config
 from fer_jax.training.loop import fit
 from fer_jax.training.trainer import Trainer
+from fer_jax.user_errors import UserError
+
+# The shipped model's loss (configs/fer2013_cpu.py's cycles: margin 4, `--config.loss.
+# lambda_base=48 --config.loss.lambda_min=48`; 48 is also where the paper's 300-epoch schedule
+# ends), taken for a source that does not record its own: the manifest of the shipped weights
+# has no loss, and neither has a bare checkpoint directory without its run's config.json.
+SHIPPED_MARGIN = 4
+SHIPPED_LAMBDA = 48.0
+SHIPPED_RECIPE = "the shipped model's recipe (cross_validate.SHIPPED_LAMBDA)"
+LAMBDA_FIELDS = (
+    "lambda_base",
+    "lambda_gamma",
+    "lambda_power",
+    "lambda_min",
+    "lambda_per",
+    "lambda_run_epochs",
+)
+NETWORK_FIELDS = ("num_classes", "width", "cbam", "head")  # what the weights' shapes fix
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """How the model a cross-validation fine-tunes was trained, and where each value was read.
+
+    `model` is its model section with the matmul dtype it trained with (empty: unknown, the
+    config's model is used and checked against the weights when they are loaded).
+    """
+
+    name: str  # e.g. 'pretrained (/.../cbam_resnet18_fer2013.npz)'
+    model: dict[str, Any]
+    margin: int
+    lam: float  # A-Softmax's lambda where its training ended
+    origin: dict[str, str]  # 'model', 'matmul_dtype', 'loss' -> where it was read
 
 
 def config_from_parent(
@@ -38,6 +95,194 @@ def config_from_parent(
     return cv
 
 
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}); it describes the model to fine-tune") from e
+    return data if isinstance(data, dict) else None
+
+
+def _lambda_at_end(run: Mapping[str, Any], steps_per_epoch: int | None) -> float:
+    """A-Softmax's lambda at the last step of a run of config `run` (its JSON), as
+    `state.lambda_schedule` gives it; a per-step clock without the run's steps per epoch:
+    `lambda_min`, where it is within a few FER2013 epochs."""
+    from fer_jax.training.state import lambda_schedule
+
+    loss = ml_collections.ConfigDict(dict(run["loss"]))
+    if loss.lambda_per == "step" and not steps_per_epoch:
+        return float(loss.lambda_min)
+    spe = steps_per_epoch or 1  # the per-epoch and per-run clocks do not depend on it
+    epochs = int(run["num_epochs"])
+    return float(lambda_schedule(loss, spe, epochs)(epochs * spe))
+
+
+def source_from_config(
+    run: Mapping[str, Any], name: str, where: str, steps_per_epoch: int | None = None
+) -> Source:
+    """The `Source` of a run trained with config `run` (a dict, e.g. its `config.json`, read
+    from `where`); `steps_per_epoch` where known (a per-step lambda clock needs it)."""
+    lam = _lambda_at_end(run, steps_per_epoch)
+    origin = {"model": where, "matmul_dtype": where, "loss": f"{where}: where its schedule ends"}
+    return Source(name, dict(run["model"]), int(run["loss"]["margin"]), lam, origin)
+
+
+def _pretrained_source(reference: str) -> Source:
+    _, name_or_path = pretrained.parse_reference(reference)
+    meta = pretrained.read_manifest(name_or_path).get("meta", {})
+    path = pretrained.resolve(name_or_path)
+    model = dict(meta.get("model", {}))
+    provenance = meta.get("provenance", {})
+    origin = {"model": "its metadata", "matmul_dtype": "its metadata"}
+    if provenance.get("trained_matmul_dtype"):
+        model["matmul_dtype"] = provenance["trained_matmul_dtype"]
+        origin["matmul_dtype"] = "its provenance's trained_matmul_dtype, what it trained with"
+    loss = provenance.get("loss")
+    if isinstance(loss, Mapping) and "lambda" in loss:
+        margin, lam = int(loss.get("margin", SHIPPED_MARGIN)), float(loss["lambda"])
+        origin["loss"] = "its provenance's loss"
+    else:
+        margin, lam = SHIPPED_MARGIN, SHIPPED_LAMBDA
+        origin["loss"] = f"{SHIPPED_RECIPE}: its metadata does not record its loss"
+    return Source(f"{reference} ({path})", model, margin, lam, origin)
+
+
+def read_source(init_from: str, field: str = "config.init_from") -> Source:
+    """How the model at `init_from` (`pretrained[:NAME]`, a run or a checkpoint directory) was
+    trained, from its files (module docstring); UserError if there is nothing there."""
+    if pretrained.is_reference(init_from):
+        return _pretrained_source(init_from)
+    path = os.path.abspath(os.path.expanduser(init_from))
+    if not os.path.exists(path):
+        raise UserError(
+            f"{field}={init_from} does not exist; it names the model to fine-tune: pretrained "
+            "(the shipped model), a FER2013 run directory or one of its checkpoints"
+        )
+    run = path
+    if os.path.basename(path).isdigit():  # RUN/best/<step> or RUN/checkpoints/<step>
+        run = os.path.dirname(os.path.dirname(path))
+    saved = _read_json(os.path.join(run, run_config.CONFIG_FILE))
+    if saved is None or "model" not in saved or "loss" not in saved:
+        origin = {"loss": f"{SHIPPED_RECIPE}: no {run_config.CONFIG_FILE} in {run}"}
+        return Source(init_from, {}, SHIPPED_MARGIN, SHIPPED_LAMBDA, origin)
+    results = _read_json(os.path.join(run, "results.json")) or {}
+    steps = (results.get("performance") or {}).get("steps_per_epoch")
+    where = os.path.join(run, run_config.CONFIG_FILE)
+    return source_from_config(saved, init_from, where, steps_per_epoch=steps)
+
+
+def fine_tuning_config(
+    config: ml_collections.ConfigDict, source: Source, user_set: Collection[str] = ()
+) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """`(config to fine-tune with, its settings)`: `config` with the model fields, A-Softmax's
+    margin and lambda (held) of `source`, except the fields in `user_set` (dotted, e.g.
+    'model.head', 'loss.lambda_base': those the command line set). The settings say, per field,
+    the value and where it came from (`summary.json`'s `fine_tuning`, `settings_lines`).
+
+    Raises:
+      UserError: the command line sets a network field (`NETWORK_FIELDS`) that the source's
+        weights cannot have.
+    """
+    out = ml_collections.ConfigDict(config.to_dict())
+    origin: dict[str, str] = {}
+    for key in out.model.keys():
+        if key not in source.model:
+            continue
+        field, value = f"model.{key}", source.model[key]
+        if field in user_set:
+            if key in NETWORK_FIELDS and out.model[key] != value:
+                raise UserError(
+                    f"config.{field}={out.model[key]!r} (set on the command line) does not fit "
+                    f"the model it fine-tunes, {source.name}, whose {key} is {value!r}: leave "
+                    f"--config.{field} out, or fine-tune another model"
+                )
+            continue
+        out.model[key] = value
+        origin[field] = source.origin["matmul_dtype" if key == "matmul_dtype" else "model"]
+    loss: dict[str, Any] = {}
+    if out.model.head == "a_softmax":
+        if "loss.margin" not in user_set:
+            out.loss.margin = source.margin
+            origin["loss.margin"] = source.origin["loss"]
+        set_lambda = [f"loss.{f}" for f in LAMBDA_FIELDS if f"loss.{f}" in user_set]
+        if not set_lambda:
+            out.loss.lambda_base = out.loss.lambda_min = source.lam
+            origin["loss.lambda"] = source.origin["loss"]
+        loss = {"margin": out.loss.margin, "lambda_held": None if set_lambda else source.lam}
+        loss.update({f: out.loss[f] for f in LAMBDA_FIELDS if f in out.loss})
+    settings = {
+        "source": source.name,
+        "model": out.model.to_dict(),
+        "loss": loss or None,  # None: the softmax head has no margin or lambda
+        "origin": origin,
+        "set_on_command_line": sorted(f for f in user_set if f.split(".")[0] in ("model", "loss")),
+    }
+    return out, settings
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _field(config: ml_collections.ConfigDict, dotted: str) -> str:
+    """`dotted` ('model.head') and its value in `config`, for the settings lines."""
+    section, _, name = dotted.partition(".")
+    return f"{dotted} {_value(config[section][name])}"
+
+
+def settings_lines(settings: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """What `fine_tuning_config` chose, one line per origin, for the log and `--mode=check`."""
+    by_origin: dict[str, list[str]] = {}
+    for field, where in settings["origin"].items():
+        if field == "loss.lambda":
+            held = _value(settings["loss"]["lambda_held"])
+            text = f"lambda held at {held} (loss.lambda_base = loss.lambda_min = {held})"
+        else:
+            text = _field(config, field)
+        by_origin.setdefault(where, []).append(text)
+    lines = [f"fine-tuning {settings['source']}; what the command line does not set comes from it:"]
+    lines += [f"  {', '.join(texts)}: {where}" for where, texts in by_origin.items()]
+    set_here = settings["set_on_command_line"]
+    if set_here:
+        lines.append(f"  {', '.join(_field(config, f) for f in set_here)}: the command line")
+    loss = settings["loss"]
+    if loss is None:
+        lines.append("  no margin or lambda: head softmax")
+    elif loss["lambda_held"] is None:
+        schedule = ", ".join(f"{f} {_value(loss[f])}" for f in LAMBDA_FIELDS if f in loss)
+        lines.append(f"  lambda: the config's schedule ({schedule}), as the command line set it")
+    o = config.optimizer
+    lines.append(
+        f"  {o.name} at {_value(o.learning_rate)} ({o.schedule}), {config.num_epochs} epochs a "
+        f"fold, batch {config.batch_size}: the config"
+    )
+    return lines
+
+
+def fold_plan_lines(
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    labels: np.ndarray,
+    subjects: np.ndarray,
+    config: ml_collections.ConfigDict,
+) -> list[str]:
+    """The folds: each one's training and test sizes, test images per class, test subjects."""
+    labels, subjects = np.asarray(labels), np.asarray(subjects)
+    lines = [
+        f"fold plan: {len(folds)} folds ({config.fold_protocol}, seed {config.seed}) of "
+        f"{labels.size} images, {np.unique(subjects).size} subjects:"
+    ]
+    for k, (train, test) in enumerate(folds):
+        counts = np.bincount(labels[test], minlength=len(CLASS_NAMES))
+        per_class = ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, counts, strict=True))
+        who = np.unique(subjects[test])
+        shown = ", ".join(who) if who.size <= 4 else f"{who.size} subjects"
+        lines.append(f"  fold {k}: train {len(train)}, test {len(test)} ({per_class}; {shown})")
+    return lines
+
+
 def _fold_result(path: str) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
@@ -45,21 +290,34 @@ def _fold_result(path: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) every fold of `config` in `workdir`; returns the summary."""
-    import data_pipelines
-
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    user_set: Collection[str] = (),
+    allow_config_changes: bool = False,
+) -> dict[str, Any]:
+    """Runs (or resumes) every fold of `config` in `workdir`, fine-tuning `config.init_from`
+    as `fine_tuning_config` says (`user_set`: the fields the command line set); returns the
+    summary."""
     if not config.init_from:
         raise ValueError(
-            "config.init_from must name the FER2013 run (workdir or checkpoint) to fine-tune"
+            "config.init_from must name the FER2013 model (pretrained, a run or a checkpoint) "
+            "to fine-tune"
         )
+    config, settings = fine_tuning_config(config, read_source(config.init_from), user_set)
+    for line in settings_lines(settings, config):
+        logging.info("%s", line)
     workdir = checkpoint.prepare_workdir(workdir)
+    run_config.save_or_compare(config, workdir, allow_changes=allow_config_changes)
     is_main = jax.process_index() == 0  # every process trains; process 0 writes the reports
     arrays = input_data.load_split_arrays(config, "train")
     images, labels = arrays["image"], arrays["label"]
-    folds = data_pipelines.jaffe_folds(
+    folds = jaffe_folds(
         labels, arrays["subject"], k=config.folds, protocol=config.fold_protocol, seed=config.seed
     )
+    for line in fold_plan_lines(folds, labels, arrays["subject"], config):
+        logging.info("%s", line)
     trainer = Trainer.create(config)
     fold_results = []
     for k, (train_idx, test_idx) in enumerate(folds):
@@ -95,6 +353,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "std_accuracy": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else 0.0,
         "pooled": pooled_metrics,
         "init_from": config.init_from,
+        "fine_tuning": settings,
     }
     if is_main:
         evaluate.write_json(os.path.join(workdir, "summary.json"), summary)
@@ -105,10 +364,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f"{config.folds}-fold CV ({config.fold_protocol}): "
             f"{100 * summary['mean_accuracy']:.2f} ± {100 * summary['std_accuracy']:.2f}%",
         )
-    logging.info(
-        "Cross-validation: %.4f ± %.4f over %d folds",
-        summary["mean_accuracy"],
-        summary["std_accuracy"],
-        len(folds),
-    )
+    for line in summary_lines(summary):
+        logging.info("%s", line)
     return summary
+
+
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The summary in words: mean ± std, each fold, per-class recall, the pooled matrix."""
+    pooled = summary["pooled"]
+    folds = ", ".join(f"{100 * a:.2f}" for a in summary["fold_accuracy"])
+    names = pooled["class_names"]
+    recall = ", ".join(f"{n} {100 * pooled['per_class_accuracy'][n]:.1f}" for n in names)
+    width = max(len(n) for n in names)
+    lines = [
+        f"Cross-validation ({summary['protocol']}): {100 * summary['mean_accuracy']:.2f}% ± "
+        f"{100 * summary['std_accuracy']:.2f} over {summary['folds']} folds ({folds}); mean "
+        f"class recall {100 * pooled.get('mean_class_accuracy', np.nan):.2f}% ({recall})",
+        "Pooled confusion matrix (rows: true class, columns: predicted; "
+        + " ".join(n[:3] for n in names)
+        + "):",
+    ]
+    for name, row in zip(names, pooled["confusion_counts"], strict=True):
+        lines.append(f"  {name:>{width}} " + " ".join(f"{c:3d}" for c in row))
+    return lines

@@ -35,9 +35,10 @@ import os
 import pathlib
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import ml_collections
+import numpy as np
 
 from data_pipelines import fer2013_csv, files, jaffe_files
 from fer_jax.user_errors import UserError
@@ -248,8 +249,6 @@ def _check_folds(found: Found) -> None:
 def fold_train_sizes(found: Found) -> list[int] | None:
     """Training images of each fold, where the labels and subjects are known without reading
     the photos (JAFFE listed by name); None otherwise."""
-    import numpy as np
-
     from data_pipelines import folds
 
     config = found.stage.config
@@ -484,3 +483,51 @@ def describe(
     lines += _workdir_lines(config, mode, workdir, allow_config_changes)
     lines.append("check passed: nothing was compiled, trained or written")
     return lines
+
+
+def _fold_plan_lines(config: ml_collections.ConfigDict, stage: Stage) -> list[str]:
+    """The fold plan of a stage whose images are listed by name (without reading them)."""
+    from data_pipelines.folds import jaffe_folds
+    from fer_jax.training.cross_validate import fold_plan_lines
+
+    found = find(stage)
+    if found.jaffe is None:
+        plan = f"{config.folds} folds ({config.fold_protocol})"
+        return [f"fold plan: {plan}, made when the data is read"]
+    labels = np.asarray([item.label for item in found.jaffe])
+    subjects = np.asarray([item.subject for item in found.jaffe])
+    split = jaffe_folds(
+        labels, subjects, k=config.folds, protocol=config.fold_protocol, seed=config.seed
+    )
+    return fold_plan_lines(split, labels, subjects, config)
+
+
+def cross_validation_lines(
+    config: ml_collections.ConfigDict, mode: str, workdir: str, user_set: Collection[str] = ()
+) -> list[str]:
+    """`--mode=check`'s report of the cross-validation stage of `mode` (none: []): the
+    fine-tuning settings (`fer_jax.training.cross_validate.fine_tuning_config`) and the fold
+    plan. Reads no image and no weights."""
+    from fer_jax.model import pretrained
+    from fer_jax.training import cross_validate as cv_module
+
+    if mode == "cross_validate":
+        cv, field = config, "config.init_from"
+    elif mode == "train" and config.get("cross_validate"):
+        cv, field = cv_module.config_from_parent(config, workdir), "config.jaffe.init_from"
+        user_set = [f.removeprefix("jaffe.") for f in user_set if f.startswith("jaffe.")]
+    else:
+        return []
+    stage = next(s for s in stages(config, mode, workdir) if s.kind == "cross_validate")
+    if mode == "train" and not config.jaffe.init_from:
+        where = "the config of stage 1"
+        source = cv_module.source_from_config(
+            config.to_dict(), "the model selected in stage 1", where
+        )
+    elif pretrained.is_reference(cv.init_from) or os.path.exists(os.path.expanduser(cv.init_from)):
+        source = cv_module.read_source(cv.init_from, field)
+    else:  # data_check warns that it is not there (yet)
+        settings = f"fine-tuning {cv.init_from}: its settings are read from it when the run starts"
+        return [settings] + _fold_plan_lines(cv, stage)
+    tuned, settings = cv_module.fine_tuning_config(cv, source, user_set)
+    return cv_module.settings_lines(settings, tuned) + _fold_plan_lines(tuned, stage)

@@ -1,13 +1,14 @@
 """Training and evaluation input that lives on the accelerator(s): no host pipeline per step.
 
 The uint8 training set goes to the devices once, split over them along the example axis. Each
-epoch's plan (`data_pipelines.plan.epoch_plan`: permutation, crop offsets, flips, and with zoom or
-rotation each crop's integer affine map, with erasing each crop's box; the same function of (seed, epoch) that the tf.data
-pipeline uses) is sent per dispatch as small int32 arrays, and the compiled step gathers the crops
-on the device and runs `len(plan)` training steps in one call (`lax.scan`). Under data parallelism
-every device gathers the crops of the global batch whose images it holds, and one `psum_scatter`
-hands each device its contiguous slice of the batch (the rows the tf.data pipeline would have given
-it), so both input modes train on exactly the same batches.
+epoch's plan (`data_pipelines.plan.epoch_plan`: permutation, crop offsets, flips, with zoom or
+rotation each crop's integer affine map, with erasing each crop's box; the same function of
+(seed, epoch) that the tf.data pipeline uses) is sent per dispatch as small int32 arrays, and the
+compiled step gathers the crops on the device and runs `len(plan)` training steps in one call
+(`lax.scan`). Under data parallelism every device gathers the crops of the global batch whose
+images it holds, and one `psum_scatter` hands each device its contiguous slice of the batch (the
+rows the tf.data pipeline would have given it), so both input modes train on exactly the same
+batches.
 
 Evaluation splits go to the devices once too, padded to whole batches of `eval_batch_size`
 (split over the devices along the batch axis), and a whole split is evaluated in one call,

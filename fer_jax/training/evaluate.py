@@ -17,7 +17,9 @@ CLASS_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"
 
 
 def metrics_from_confusion(confusion: np.ndarray, *, loss_sum: float | None = None) -> dict:
-    """`(K, K)` counts -> accuracy, per-class accuracy (recall), row-normalised matrix, counts."""
+    """`(K, K)` counts -> accuracy, per-class accuracy (recall) and its mean over the classes
+    present (`mean_class_accuracy`, balanced accuracy: what a rare class's misses cost),
+    row-normalised matrix, counts."""
     confusion = np.asarray(confusion, np.float64)
     total = confusion.sum()
     per_class_total = confusion.sum(axis=1)
@@ -35,6 +37,7 @@ def metrics_from_confusion(confusion: np.ndarray, *, loss_sum: float | None = No
         "accuracy": float(np.trace(confusion) / total) if total else float("nan"),
         "num_examples": int(round(total)),
         "per_class_accuracy": {n: float(a) for n, a in zip(names, per_class, strict=True)},
+        "mean_class_accuracy": float(np.nanmean(per_class)) if total else float("nan"),
         "confusion_counts": np.rint(confusion).astype(int).tolist(),
         "confusion_normalized": normalised.tolist(),
         "class_names": list(names),
@@ -47,6 +50,8 @@ def metrics_from_confusion(confusion: np.ndarray, *, loss_sum: float | None = No
 def scalar_metrics(metrics: dict) -> dict[str, float]:
     """The scalars of `metrics_from_confusion`'s output, for TensorBoard."""
     out = {"accuracy": metrics["accuracy"]}
+    if "mean_class_accuracy" in metrics:
+        out["mean_class_accuracy"] = metrics["mean_class_accuracy"]
     if "loss" in metrics:
         out["loss"] = metrics["loss"]
     for name, value in metrics["per_class_accuracy"].items():

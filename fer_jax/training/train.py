@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from fer_jax.model.resnet import matmul_bf16
 from fer_jax.training import (
     checkpoint,
     input_data,
@@ -68,11 +69,12 @@ def train_and_evaluate(
     if is_main:
         write_final_reports(workdir, config.report_split, results, report)
     logging.info(
-        "%s accuracy of the model chosen on %s (step %d): %.4f",
+        "%s accuracy of the model chosen on %s (step %d): %.4f (mean class accuracy %.4f)",
         config.report_split,
         config.select_split,
         results["selected_step"],
         results[config.report_split]["accuracy"],
+        results[config.report_split].get("mean_class_accuracy", float("nan")),
     )
     if trainer.replicas > 1:
         logging.info(
@@ -124,6 +126,10 @@ def _results(
         "mean_accuracy": float(accuracies.mean()),
         "std_accuracy": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else None,
         "ensemble_accuracy": report.get("ensemble", per[0])["accuracy"],
+        # What `model.matmul_dtype` ('auto' depends on the CPU) resolved to where this ran.
+        "matmul_dtype_resolved": (
+            "bfloat16" if matmul_bf16(config.model.get("matmul_dtype", "float32")) else "float32"
+        ),
         "performance": performance,
     }
     if len(per) > 1:

@@ -1,0 +1,298 @@
+"""The recogniser behind the API: admission, decoding and detection threads, one batching worker.
+
+A request goes through three stages:
+
+1. Admission (`Service.admit`): at most `max_pending` requests are in progress at once; one more
+   is answered 503 at once (a burst waits in no unbounded queue and cannot exhaust memory).
+2. Decoding and face detection (`Service.find`) on a pool of `workers` threads (Pillow and
+   OpenCV release the GIL): the image's gray pixels, its face boxes (detected, or the caller's),
+   and the 48x48 crops. Detection runs one image at a time: the Haar cascade object that
+   `data_pipelines.faces` shares is not thread-safe (two threads in its `detectMultiScale` fail
+   with a C++ range error), and it already spreads one image over the cores.
+3. The model (`Batcher`): one thread runs it; the crops of every request that is waiting when
+   it becomes free go through it as one batch of up to `batch_size` faces (the recogniser's
+   `predict_faces`, which pads to a power of two). Nothing waits for a batch to fill: one
+   request alone goes at once, and under load requests gather while the previous batch runs.
+   Requests for ten crops and for one are batched apart (they are different programs).
+
+The answer is the record `python -m fer_jax.predict --json` prints for one image, built by the
+same code (`fer_jax.inference.predict.face_record`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from fer_jax.inference.predict import face_record
+from fer_jax.inference.recognizer import (
+    FACE_SIZE,
+    Face,
+    ImageError,
+    Recognizer,
+    check_boxes,
+    find_faces,
+)
+from fer_jax.serve.uploads import Limits, UploadError, decode
+
+DEFAULT_MAX_PENDING = 32
+MAX_BOXES = 64  # caller-given boxes per request
+
+
+@dataclasses.dataclass
+class BatchStats:
+    """What the batching worker has done: model calls, requests and faces through it."""
+
+    batches: int = 0
+    requests: int = 0
+    faces: int = 0
+    largest_batch: int = 0  # requests in the largest batch
+    model_seconds: float = 0.0
+
+
+class Batcher:
+    """One thread runs `predictors[key](faces)`; the requests with the same key that wait when
+    it is free go as one batch of at most `max_faces` faces (a larger request goes alone).
+
+    `submit` is thread-safe and returns a `concurrent.futures.Future` of the request's own rows
+    of the batch's output. A failing batch fails its requests' futures, not the thread.
+    """
+
+    def __init__(
+        self, predictors: Mapping[Any, Callable[[np.ndarray], np.ndarray]], max_faces: int
+    ):
+        if max_faces < 1:
+            raise ValueError(f"max_faces must be >= 1, got {max_faces}")
+        self._predictors = dict(predictors)
+        self.max_faces = max_faces
+        self.stats = BatchStats()
+        self._queue: deque = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="fer_jax-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: Any, faces: np.ndarray) -> concurrent.futures.Future:
+        """Queues `faces` (a leading batch axis) for `predictors[key]`."""
+        if key not in self._predictors:
+            raise ValueError(f"no predictor {key!r}; there are {sorted(self._predictors)}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._queue.append((key, faces, future))
+            self._ready.notify()
+        return future
+
+    def close(self) -> None:
+        """Stops the thread after the batch it is running; requests still queued are cancelled."""
+        with self._ready:
+            self._closed = True
+            for _, _, future in self._queue:
+                future.cancel()
+            self._queue.clear()
+            self._ready.notify_all()
+        self._thread.join()
+
+    def _take(self) -> tuple[Any, list[tuple[np.ndarray, concurrent.futures.Future]]] | None:
+        """The next batch: the oldest request and the waiting ones with its key that fit."""
+        with self._ready:
+            while not self._queue and not self._closed:
+                self._ready.wait()
+            if self._closed:
+                return None
+            key, faces, future = self._queue.popleft()
+            batch, total, others = [(faces, future)], len(faces), deque()
+            while self._queue:
+                item = self._queue.popleft()
+                if item[0] == key and total + len(item[1]) <= self.max_faces:
+                    batch.append(item[1:])
+                    total += len(item[1])
+                else:
+                    others.append(item)
+            self._queue.extend(others)
+        return key, batch
+
+    def _run(self) -> None:
+        while (taken := self._take()) is not None:
+            key, batch = taken
+            batch = [(f, future) for f, future in batch if future.set_running_or_notify_cancel()]
+            if batch:
+                self._predict(key, batch)
+
+    def _predict(self, key: Any, batch: list[tuple[np.ndarray, concurrent.futures.Future]]):
+        start = time.perf_counter()
+        try:
+            outputs = self._predictors[key](np.concatenate([faces for faces, _ in batch]))
+        except Exception as e:  # noqa: BLE001 - the batch's requests get it, the thread goes on
+            for _, future in batch:
+                future.set_exception(e)
+            return
+        stats = self.stats
+        stats.model_seconds += time.perf_counter() - start
+        stats.batches += 1
+        stats.requests += len(batch)
+        stats.faces += len(outputs)
+        stats.largest_batch = max(stats.largest_batch, len(batch))
+        ends = np.cumsum([len(faces) for faces, _ in batch])[:-1]
+        for (_, future), rows in zip(batch, np.split(outputs, ends), strict=True):
+            future.set_result(rows)
+
+
+class Service:
+    """Recognises the faces of uploaded images with `recognizers` (`{crops: Recognizer}`, the
+    same model with ten crops and with one) for many concurrent requests (module docstring).
+
+    Args:
+      recognizers: one per `crops` value served; they share `batch_size`, `class_names`.
+      limits: bytes and pixels one request may send.
+      max_pending: requests in progress at once; more are answered 503.
+      workers: decoding and detection threads (default: the CPU count).
+      model_name: what `health` reports as the model (e.g. the `--checkpoint`).
+    """
+
+    def __init__(
+        self,
+        recognizers: Mapping[int, Recognizer],
+        *,
+        limits: Limits = Limits(),  # noqa: B008 - frozen
+        max_pending: int = DEFAULT_MAX_PENDING,
+        workers: int | None = None,
+        model_name: str = "",
+    ):
+        if not recognizers:
+            raise ValueError("no recognizer to serve")
+        first = next(iter(recognizers.values()))
+        if any(r.batch_size != first.batch_size for r in recognizers.values()):
+            raise ValueError("the recognizers must share one batch_size")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.recognizers = dict(recognizers)
+        self.class_names = first.class_names
+        self.batch_size = first.batch_size
+        self.limits = limits
+        self.max_pending = max_pending
+        self.model_name = model_name
+        self.rejected = 0
+        self.warm_seconds: float | None = None
+        self.batcher = Batcher(
+            {crops: r.predict_faces for crops, r in self.recognizers.items()}, self.batch_size
+        )
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers or os.cpu_count() or 2, thread_name_prefix="fer_jax-decode"
+        )
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._detecting = threading.Lock()  # one detectMultiScale at a time (module docstring)
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Holds one of the `max_pending` places for a request; UploadError 503 when full."""
+        with self._lock:
+            if self._pending >= self.max_pending:
+                self.rejected += 1
+                raise UploadError(
+                    503,
+                    f"the server is busy: {self._pending} requests in progress, at most "
+                    f"{self.max_pending}; retry in a moment",
+                )
+            self._pending += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def warm(self) -> float:
+        """Compiles and runs every program a request can need (each recogniser's batch-size
+        buckets, the face detector); returns the seconds it took."""
+        start = time.perf_counter()
+        for recognizer in self.recognizers.values():
+            sizes = {recognizer.bucket(n) for n in range(1, recognizer.batch_size + 1)}
+            for size in sorted(sizes):
+                recognizer.predict_faces(np.zeros((size, FACE_SIZE, FACE_SIZE), np.uint8))
+        find_faces(np.full((64, 64), 128, np.uint8))  # loads the Haar cascade
+        self.warm_seconds = time.perf_counter() - start
+        return self.warm_seconds
+
+    def find(
+        self, data: bytes, crops: int, boxes: list[list[int]] | None, name: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`(boxes (N, 4), 48x48 crops (N, 48, 48))` of the faces of an encoded image."""
+        if crops not in self.recognizers:
+            raise UploadError(400, f"crops must be one of {sorted(self.recognizers)}, got {crops}")
+        if boxes is not None and len(boxes) > MAX_BOXES:
+            raise UploadError(400, f"{len(boxes)} face boxes; at most {MAX_BOXES} per request")
+        gray = decode(data, self.limits, name)
+        recognizer = self.recognizers[crops]
+        if boxes is None:
+            with self._detecting:
+                found = find_faces(gray, max_side=recognizer.max_side, min_face=recognizer.min_face)
+        else:
+            try:
+                found = check_boxes(boxes, gray.shape, name)
+            except ImageError as e:
+                raise UploadError(400, str(e)) from None
+        return found, recognizer.crop_faces(gray, found)
+
+    async def predict(
+        self, data: bytes, *, crops: int, boxes: list[list[int]] | None, name: str
+    ) -> dict[str, Any]:
+        """The `predict --json` record of the image `data` (`{'source', 'faces'}`).
+
+        Raises:
+          UploadError: a bad image or box (4xx), or 422 when no face is found.
+        """
+        loop = asyncio.get_running_loop()
+        found, faces = await loop.run_in_executor(self._pool, self.find, data, crops, boxes, name)
+        if not len(found):
+            raise UploadError(
+                422,
+                f"{name}: no face found (faces are found frontal and at least "
+                f"{self.recognizers[crops].min_face} pixels wide; or give boxes: box=X,Y,W,H)",
+                source=name,
+            )
+        probabilities = await asyncio.wrap_future(self.batcher.submit(crops, faces))
+        return self.record(name, found, probabilities)
+
+    def record(self, source: str, boxes: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+        """The JSON record of one image, as `python -m fer_jax.predict --json` writes it."""
+        faces = [
+            Face(
+                box=tuple(int(v) for v in box),
+                probabilities=p,
+                label=self.class_names[int(np.argmax(p))],
+            )
+            for box, p in zip(boxes, probabilities, strict=True)
+        ]
+        return {"source": source, "faces": [face_record(f, self.class_names) for f in faces]}
+
+    def health(self) -> dict[str, Any]:
+        """The service's state: model, limits, load, and what the batcher has done."""
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "class_names": list(self.class_names),
+            "crops": sorted(self.recognizers),
+            "batch_size": self.batch_size,
+            "warm_seconds": None if self.warm_seconds is None else round(self.warm_seconds, 2),
+            "limits": {**dataclasses.asdict(self.limits), "max_pending": self.max_pending},
+            "pending": self._pending,
+            "rejected": self.rejected,
+            "batches": dataclasses.asdict(self.batcher.stats),
+        }
+
+    def close(self) -> None:
+        """Stops the threads (requests in progress are answered first)."""
+        self._pool.shutdown(wait=True)
+        self.batcher.close()
