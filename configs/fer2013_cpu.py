@@ -23,6 +23,21 @@ the same way, on any machine:
         --config.loss.lambda_base=48 --config.loss.lambda_min=48 \
         --config.augment.zoom=0.15 --config.augment.rotate=10
 
+Cycle 6, being measured (started on a 2-core AMD EPYC Zen 5; resumed where its workdir
+survives): one 10-epoch continuation instead of another 6-epoch restart, with half an epoch of
+warm-up, random erasing of half the crops and a moving average of the weights (selection,
+report and shipping use the average):
+
+    python -m fer_jax.main --config=configs/fer2013_cpu.py --workdir=runs/fer2013_cpu_cycle6 \
+        --config.data_source=files --config.manual_dir=/path/to/fer2013 \
+        --config.init_from=pretrained --config.num_epochs=10 \
+        --config.optimizer.learning_rate=0.01 --config.optimizer.warmup_epochs=0.5 \
+        --config.loss.lambda_base=48 --config.loss.lambda_min=48 \
+        --config.augment.zoom=0.15 --config.augment.rotate=10 --config.augment.erase=0.5 \
+        --config.ema_decay=0.999
+
+Erasing and the average stay off in this config until that run says whether they help.
+
 What differs from `configs/fer2013.py` (300 epochs), and the measurement behind each:
 - Network and head unchanged: width 64, CBAM channel-first, A-Softmax (m = 4). A-Softmax with
   a large lambda is a weight-normalised softmax, and it trained normally in short CPU runs

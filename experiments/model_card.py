@@ -3,7 +3,8 @@
     python -m experiments.model_card --run=/var/tmp/fer_jax-runs/fer2013_cpu \
         --manual_dir=~/data/fer2013 --out=experiments/results/fer2013_cpu_<cpu> \
         --train_command="python -m fer_jax.main ..." \
-        [--weights=fer_jax/weights/cbam_resnet18_fer2013.npz] [--skip float32:public_test:10]
+        [--weights=fer_jax/weights/cbam_resnet18_fer2013.npz] [--skip float32:public_test:10] \
+        [--peers=experiments/results/peers_<cpu>]
 
 1. Converts the run's selected checkpoint (chosen on its select split) to the package's weights
    file (`fer_jax.model.pretrained`: bfloat16 parameters, float32 BatchNorm statistics).
@@ -19,6 +20,9 @@
    time, the table), each evaluation's JSON and PNG (`eval/`),
    and the run's `summary.md` / `curves.png` (`experiments.run_summary`), `results.json` and
    `config.json`.
+4. The peer line: the `fer` package's model next to this one, read from a full
+   `experiments.peers` run on the report split (`--peers`, its folder: `raw.json`); without
+   it the card says the peer was not compared. A smoke or `--limit` run is refused.
 About 15-20 minutes on a 2-core CPU (a ten-crop split is ~36k crops); `--skip` leaves out
 evaluations (the card then says 'not evaluated').
 """
@@ -51,7 +55,52 @@ EVALUATIONS = (
     ("bfloat16", "private_test", 10),
     ("bfloat16", "private_test", 1),
 )
-PEER = "the `fer` package's model (one 64x64 crop), measured side by side: 65.48%"
+PEER_FER = "fer, FER() (TFLite, its default)"  # experiments.peers' name of fer's default model
+PEER_OURS = "fer_jax, ten crops, no_adjust"  # this card's figures: the model's own output
+
+
+def peer(folder: str | None, report_split: str = "private_test") -> dict[str, Any] | None:
+    """The `fer` package's figures next to this model's from an `experiments.peers` results
+    folder (None: not compared): accuracy, mean class recall and faces/s of both.
+
+    Raises SystemExit when the run is a smoke run, a `--limit` run or of another split."""
+    if folder is None:
+        return None
+    path = os.path.join(folder, "raw.json")
+    with open(path) as f:
+        raw = json.load(f)
+    if raw.get("smoke") or raw.get("limit") or raw.get("split") != report_split:
+        raise SystemExit(
+            f"error: {path} is not a full {report_split} comparison (smoke "
+            f"{raw.get('smoke')}, limit {raw.get('limit')}, split {raw.get('split')})"
+        )
+    faces = raw["results"]["faces"]
+    fields = ("accuracy", "mean_class_recall", "faces_per_s")
+    return {
+        "folder": folder,
+        "fer_version": raw["fer"]["version"],
+        "cpu_model": raw["hardware"]["cpu_model"],
+        "fer": {k: faces[PEER_FER][k] for k in fields},
+        "fer_jax": {k: faces[PEER_OURS][k] for k in fields},
+    }
+
+
+def peer_line(compared: dict[str, Any] | None) -> str:
+    """The card's peer bullet (without its leading '- ')."""
+    if compared is None:
+        return (
+            "Peer: the `fer` package's model not compared for this card (`python -m "
+            "experiments.peers`, then `--peers`)"
+        )
+    fer, ours = compared["fer"], compared["fer_jax"]
+    return (
+        f"Peer: the `fer` package's model (fer {compared['fer_version']}, `FER()`, one 64x64 "
+        f"crop) on the same faces, measured side by side (`{compared['folder']}`): "
+        f"{100 * fer['accuracy']:.2f}% (mean class recall {100 * fer['mean_class_recall']:.2f}%)"
+        f", {fer['faces_per_s']:.0f} faces/s; this model there, ten crops: "
+        f"{100 * ours['accuracy']:.2f}% ({100 * ours['mean_class_recall']:.2f}%), "
+        f"{ours['faces_per_s']:.1f} faces/s; CPU: {compared['cpu_model']}"
+    )
 
 
 def _name(precision: str, split: str, crops: int) -> str:
@@ -116,6 +165,16 @@ def _evaluate_all(
             _record(found, out, key, metrics)
 
 
+def resolved_matmul_dtype(matmul_dtype: str) -> str:
+    """`matmul_dtype` as the card records it: 'auto' with what it resolves to on this machine
+    (where the evaluations ran), e.g. 'auto (bfloat16 here)'."""
+    from fer_jax.model.resnet import matmul_bf16
+
+    if matmul_dtype != "auto":
+        return matmul_dtype
+    return f"auto ({'bfloat16' if matmul_bf16(matmul_dtype) else 'float32'} here)"
+
+
 MAX_LOG_GAP_S = 1800  # longer between two training logs: the run was stopped there
 
 
@@ -144,9 +203,11 @@ def _card(
     wall_s: float | None,
     train_cmd: str,
     matmul: dict[str, str],
+    compared: dict[str, Any] | None = None,
 ):
     """The markdown model card and its figures (`model_card.json`); `matmul` maps each
-    precision to the `model.matmul_dtype` it was evaluated with."""
+    precision to the `model.matmul_dtype` it was evaluated with ('auto' with what it resolved
+    to), `compared` is `peer`'s."""
     acc = {
         p: {s: {c: m["accuracy"] for c, m in by.items()} for s, by in found[p].items()}
         for p in found
@@ -201,7 +262,7 @@ def _card(
         f"over the sessions it resumed in); {perf.get('train_images_per_s') or 0:.1f} training "
         f"images/s in its last session; CPU: {hardware['cpu_model']}, "
         f"{hardware['cpu_count']} cores.",
-        f"- Peer: {PEER}.",
+        f"- {peer_line(compared)}.",
         "- Confusion matrix: `eval/private_test_bfloat16_ten_crop_confusion.png`.",
         "",
         f"Trained with: `{train_cmd}`",
@@ -216,6 +277,7 @@ def _card(
         "training_wall_seconds": wall_s,
         "train_command": train_cmd,
         "matmul_dtype": matmul,
+        "peer": compared,
         "run_results": results,
         "provenance": provenance.provenance(with_jax=False),
     }
@@ -233,6 +295,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data_source", default="files")
     parser.add_argument("--manual_dir", default=None)
     parser.add_argument("--data_dir", default=None)
+    parser.add_argument(
+        "--peers", default=None, help="an experiments.peers results folder (a full run)"
+    )
     parser.add_argument(
         "--skip",
         nargs="*",
@@ -252,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results_path = os.path.join(args.run, "results.json")
     if not os.path.isfile(results_path):
         raise SystemExit(f"error: {results_path} is missing: the run has not finished")
+    compared = peer(args.peers)  # before the evaluations: a wrong folder fails in seconds
     host_memory.reuse_scratch_memory()
     os.makedirs(args.out, exist_ok=True)
     _, manifest = convert(args.run, args.weights)
@@ -266,9 +332,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _evaluate_all(configs, sources, args.out, found, evaluations)
     summary = run_summary.write_summary(args.run, args.out)
     wall_s = training_wall_seconds(args.run)
-    matmul = {p: c.model.get("matmul_dtype", "float32") for p, c in configs.items()}
+    matmul = {
+        p: resolved_matmul_dtype(c.model.get("matmul_dtype", "float32")) for p, c in configs.items()
+    }
     md, data = _card(
-        found, summary, results, provenance.command_line(argv), wall_s, args.train_command, matmul
+        found,
+        summary,
+        results,
+        provenance.command_line(argv),
+        wall_s,
+        args.train_command,
+        matmul,
+        compared,
     )
     with open(os.path.join(args.out, "model_card.md"), "w") as f:
         f.write(md)

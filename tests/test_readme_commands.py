@@ -1,21 +1,34 @@
-"""The commands in README.md and docs/*.md run as written: the docs cannot drift from the code.
+"""The commands and Python blocks of README.md and docs/*.md run as written: the docs cannot
+drift from the code.
 
 Every `python -m fer_jax.<module> ...` or `python -m experiments.<module> ...` command in a code
 block (fenced, except ```python blocks, or indented by 4 spaces; backslash line continuations
-and multi-line quotes joined) is run against tiny data in the real formats:
+and multi-line quotes joined), and in README.md's inline code too, is run against tiny data in
+the real formats:
+- `fer_jax.predict` and `fer_jax.export` on the shipped model (no `--checkpoint`, or
+  `--checkpoint=pretrained`) run for real, in a fresh working directory (seconds: the shipped
+  weights, a one-face photo, the StableHLO export); what they write (`--annotate`,
+  `--out_dir`) must be there, and every photo must have its face found;
 - `fer_jax.main` with `--mode=check` in place of its `--mode=X` (and `--check_mode=X`, so the
-  data of that mode is what is checked): config, flags and data are checked, nothing is trained;
+  data of that mode is what is checked): config, flags and data are checked, nothing is trained
+  (a training costs hours);
 - any other module with `--help` first; each `--flag` the command uses must be in the help.
 Each must exit 0. A failure names the command (the test id is its first 60 characters) and
 shows its output.
+
+README.md's ```python blocks run too, each in its own process, unchanged but for the
+placeholders and two things the test provides: the names a block takes as given (`GIVEN`:
+`faces`, a face crop) and smaller sizes for the training recipe (`SMALL_RECIPE`: width 8, one
+epoch, on the tiny FER2013), so that the block that trains does so in seconds.
 
 For README writers, the placeholders a command may use (and what the test puts there):
     ~/data/fer2013   a folder holding Kaggle's fer2013.csv  -> a tiny fer2013.csv
     ~/data/jaffe     the jaffedbase folder of JAFFE TIFFs   -> a tiny jaffedbase folder
     runs/NAME        a workdir or run directory             -> a fresh temporary directory
-    photo.jpg        a photo                                -> a small JPEG
-Anything else is used as written (relative paths from the repository root); `~` is a fresh
-home directory (no ~/tensorflow_datasets). So write, e.g.:
+    photo.jpg        a photo                                -> the bundled one-face photo
+Anything else is used as written (relative paths from the repository root, or from a fresh
+directory for the commands run for real); `~` is a fresh home directory (no
+~/tensorflow_datasets). So write, e.g.:
 
     python -m fer_jax.main --config=configs/fer2013.py --workdir=runs/fer2013 \\
         --config.manual_dir=~/data/fer2013 --config.jaffe.manual_dir=~/data/jaffe
@@ -27,12 +40,11 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from tests.test_data_check import write_fer2013_dir, write_jaffe_dir
 
@@ -45,6 +57,30 @@ COMMAND = re.compile(r"\bpython3? -m ((?:fer_jax|experiments)\.\w+)")
 FENCE = re.compile(r"^ {0,3}(```+|~~~+)\s*([\w+-]*)")
 SUBCOMMAND = re.compile(r"[a-z][a-z0-9_-]*")  # a bare word: a subcommand, not a file name
 ENDS = ("&&", "||", ";", "|")  # where a command ends (a `|` inside [--a | --b] does not)
+INLINE = re.compile(r"`(python3? -m (?:fer_jax|experiments)\.\w+[^`]*)`")
+# Run for real when they use the shipped model: seconds, not hours.
+REAL = ("fer_jax.predict", "fer_jax.export")
+OUTPUT_FLAGS = ("--annotate", "--attention", "--out_dir")  # what a real run must have written
+PHOTO = REPO / "fer_jax" / "examples" / "astronaut.jpg"  # one face, public domain
+# Names README's Python blocks use as given (their comments say what they are), with a value.
+GIVEN = {"faces": "np.random.default_rng(0).integers(0, 256, (1, 48, 48), np.uint8)"}
+# The training recipe at a size that trains in seconds; everything else as the block says.
+SMALL_RECIPE = """
+import configs.fer2013_cpu as _recipe
+
+_get_config = _recipe.get_config
+
+
+def _small(arg=None):
+    config = _get_config(arg)
+    config.model.width, config.model.conv_impl = 8, "xla"
+    config.num_epochs, config.batch_size, config.eval_batch_size = 1, 32, 32
+    config.steps_per_dispatch = 1
+    return config
+
+
+_recipe.get_config = _small
+"""
 
 
 def code_lines(text: str) -> list[tuple[int, str]]:
@@ -120,12 +156,49 @@ def split_command(command: str) -> tuple[str, list[str]]:
     return tokens[2], args
 
 
+def inline_commands(text: str) -> list[tuple[int, str]]:
+    """`(line number, command)` of each `python -m fer_jax.*|experiments.*` command in the
+    inline code of Markdown `text` (outside code blocks; a span may wrap onto the next line)."""
+    in_blocks = {number for number, _ in code_lines(text) if number}
+    in_blocks |= {number for number, _ in python_blocks(text, lines=True)}
+    out = []
+    for match in INLINE.finditer(text):
+        number = text.count("\n", 0, match.start()) + 1
+        if number not in in_blocks:
+            out.append((number, " ".join(match[1].split())))
+    return out
+
+
+def python_blocks(text: str, lines: bool = False) -> list[tuple[int, str]]:
+    """`(line number, code)` of each ```python block of Markdown `text` (with `lines`: one
+    entry per line of them instead)."""
+    out, start, code = [], None, []
+    for number, line in enumerate(text.splitlines(), 1):
+        match = FENCE.match(line)
+        if start is None and match and match[2].lower() in ("python", "py"):
+            start, code = number, []
+        elif start is not None and line.strip().startswith("```"):
+            out += (
+                [(start + 1 + i, c) for i, c in enumerate(code)]
+                if lines
+                else [(start, "\n".join(code))]
+            )
+            start = None
+        elif start is not None:
+            code.append(line)
+    return out
+
+
 def _documented() -> list:
     params = []
     for doc in DOCS:
         if not doc.is_file():
             continue
-        for number, command in extract_commands(doc.read_text(encoding="utf-8")):
+        text = doc.read_text(encoding="utf-8")
+        found = extract_commands(text)
+        if doc.name == "README.md":
+            found += [(n, c) for n, c in inline_commands(text)]
+        for number, command in found:
             where = f"{doc.relative_to(REPO)}:{number}"
             params.append(pytest.param(command, where, id=" ".join(command.split())[:60]))
     return params
@@ -177,7 +250,7 @@ def test_extraction_joins_continuations_and_skips_python_blocks():
 def fixtures(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("readme")
     photo = root / "photo.jpg"
-    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(photo)
+    shutil.copy(PHOTO, photo)
     return {
         "fer2013": str(write_fer2013_dir(root / "fer2013")),
         "jaffe": str(write_jaffe_dir(root / "jaffedbase")),
@@ -196,32 +269,114 @@ def _flags(args: list[str]) -> list[str]:
     return [m[1] for a in args for m in re.finditer(r"(?:^|[\[|])--?([A-Za-z_]\w*)", a)]
 
 
+def runs_for_real(module: str, args: list[str]) -> bool:
+    """A command of `REAL` on the shipped model, written as a user types it (no `[--a | --b]`
+    alternatives)."""
+    checkpoints = [a.split("=", 1)[1] for a in args if a.startswith("--checkpoint=")]
+    alternatives = any(a.startswith("[") or a.endswith("]") or a == "|" for a in args)
+    return module in REAL and all(c == "pretrained" for c in checkpoints) and not alternatives
+
+
+def _environment(fixtures: dict[str, str]) -> dict[str, str]:
+    """The tests' environment with a fresh HOME, every compile kept in the session's persistent
+    cache (conftest's; the shipped model's programs are shared between the real runs)."""
+    os.makedirs(fixtures["home"], exist_ok=True)
+    return {
+        **os.environ,
+        "HOME": fixtures["home"],
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
 @pytest.mark.parametrize("command, where", COMMANDS + EXAMPLES)
 def test_documented_command_runs(command, where, fixtures, tmp_path):
     module, args = split_command(command)
     args = [substitute(a, fixtures, tmp_path) for a in args]
+    real = runs_for_real(module, args)
+    cwd = tmp_path / "cwd" if real else REPO
+    cwd.mkdir(exist_ok=True)
     if module == "fer_jax.main":
         modes = [a.split("=", 1)[1] for a in args if a.startswith("--mode=")]
         args = [a for a in args if not a.startswith("--mode=")] + ["--mode=check"]
         args += [f"--check_mode={m}" for m in modes[-1:] if m != "check"]
-    else:  # --help after a leading subcommand, if any (`python -m M sub --flag` -> sub's help)
+    elif not real:  # --help after a leading subcommand, if any (`M sub --flag` -> sub's help)
         words = next((i for i, a in enumerate(args) if not SUBCOMMAND.fullmatch(a)), len(args))
         args = [*args[:words], "--help", *args[words:]]
-    os.makedirs(fixtures["home"], exist_ok=True)
     result = subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "HOME": fixtures["home"]},
+        env=_environment(fixtures),
     )
     shown = f"{where}: {command}\nran: {shlex.join([module, *args])}\n"
     assert result.returncode == 0, shown + result.stdout[-2000:] + result.stderr[-3000:]
-    if module != "fer_jax.main":
+    if real:
+        assert "no face found" not in result.stderr, shown + result.stderr[-2000:]
+        for flag, value in (a.split("=", 1) for a in args if a.startswith(OUTPUT_FLAGS)):
+            written = cwd / value
+            assert written.is_dir() and any(written.iterdir()), shown + f"{flag}: nothing written"
+    elif module != "fer_jax.main":
         unknown = [
             f
             for f in _flags(args)
             if f != "help" and not re.search(rf"--(\[no\])?{f}\b", result.stdout)
         ]
         assert not unknown, shown + f"flags not in --help: {unknown}\n" + result.stdout[-3000:]
+
+
+def test_the_shipped_model_commands_run_for_real():
+    """`predict --example` (README's first command) and the shipped model's export are among
+    the commands run for real, not as `--help`."""
+    real = {
+        split_command(c.values[0])[0]
+        for c in COMMANDS
+        if runs_for_real(*split_command(c.values[0]))
+    }
+    commands = [" ".join(c.values[0].split()) for c in COMMANDS]
+    assert any(c.endswith("python -m fer_jax.predict --example") for c in commands)
+    assert real == set(REAL), real
+
+
+def test_inline_commands_are_found_outside_code_blocks_and_across_a_line_break():
+    text = (
+        "Export: `python -m fer_jax.export --checkpoint=pretrained\n--out_dir=exported` writes.\n"
+        "\n"
+        "    python -m fer_jax.predict `python -m fer_jax.main --in=block`\n"
+    )
+    assert inline_commands(text) == [
+        (1, "python -m fer_jax.export --checkpoint=pretrained --out_dir=exported")
+    ]
+
+
+README_PYTHON = python_blocks((REPO / "README.md").read_text(encoding="utf-8"))
+
+
+def test_the_readme_has_python_blocks():
+    assert len(README_PYTHON) >= 2
+
+
+@pytest.mark.parametrize(
+    "line, code", README_PYTHON, ids=[f"README.md:{n}" for n, _ in README_PYTHON]
+)
+def test_readme_python_block_runs(line, code, fixtures, tmp_path):
+    given = [
+        f"{name} = {value}" for name, value in GIVEN.items() if re.search(rf"\b{name}\b", code)
+    ]
+    script = "\n".join(
+        ["import numpy as np", SMALL_RECIPE, *given, substitute(code, fixtures, tmp_path)]
+    )
+    (tmp_path / "block.py").write_text(script, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "block.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_environment(fixtures),
+    )
+    shown = f"README.md:{line}:\n{code}\n"
+    assert result.returncode == 0, shown + result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.strip(), shown + "printed nothing"
+    assert "no face found" not in result.stderr, shown + result.stderr[-2000:]

@@ -3,7 +3,7 @@ r"""The pretrained model shipped inside the package: one weights file, its manif
 Why: a newcomer's first command (`python -m fer_jax.predict --example`, or a photo of their
 own) should work with no dataset, no training run and no download. The trained network travels
 with the package as `fer_jax/weights/<name>.npz`, small enough for a wheel (the full-width
-CBAM-ResNet18, 11.26M parameters, is ~22.5 MB in bfloat16), and is checked before use.
+CBAM-ResNet18, 11.26M parameters, is ~22.6 MB in bfloat16), and is checked before use.
 
 Files, for a model `<name>` (`DEFAULT_NAME` is the one the tools use):
   `<name>.npz`   a NumPy zip (uncompressed, no pickles): `params/<module>/.../<leaf>` as

