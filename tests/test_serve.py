@@ -516,7 +516,19 @@ def test_the_openapi_schema_describes_the_endpoints(client):
     assert {p["name"] for p in predict["parameters"]} == {"crops", "box"}
     assert {"200", "400", "413", "415", "422", "503"} <= set(predict["responses"])
     assert "/healthz" in schema["paths"]
-    assert client.get("/docs").status_code == 200
+
+
+def test_the_api_page_loads_its_scripts_from_the_server_not_a_cdn(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert "/docs/static/swagger-ui-bundle.js" in sources and sources
+    assert not [s for s in sources if "://" in s or s.startswith("//")], sources
+    assert "/openapi.json" in page.text
+    for url in [s for s in sources if s.endswith((".js", ".css"))]:
+        answer = client.get(url)
+        assert answer.status_code == 200 and len(answer.text) > 1000, url
+    assert client.get("/docs/static/../app.py").status_code == 404
 
 
 # ----------------------------------------------------------------------------- the command

@@ -114,11 +114,13 @@ def create_app(service: Service) -> FastAPI:
         title="fer_jax",
         summary="Facial expression recognition: the seven FER2013 expressions of each face.",
         version="1",
+        docs_url=None,
         redoc_url=None,
     )
     app.state.service = service
     _add_error_handlers(app)
     _add_page(app)
+    _add_docs(app)
     _add_api(app, service)
     return app
 
@@ -163,6 +165,38 @@ def _add_page(app: FastAPI) -> None:
         if name not in files:
             return _problem(404, f"no static file {name!r}")
         return Response(files[name], media_type=STATIC[name], headers=headers)
+
+
+# Swagger UI's files, served from the swagger-ui-bundle package (FastAPI's default /docs loads
+# them from a CDN): the API page works offline, as the page at / does.
+DOCS_FILES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
+
+
+def _add_docs(app: FastAPI) -> None:
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
+
+    files = {name: (swagger_ui_path / name).read_bytes() for name in DOCS_FILES}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title="fer_jax API",
+            swagger_js_url="/docs/static/swagger-ui-bundle.js",
+            swagger_css_url="/docs/static/swagger-ui.css",
+            swagger_favicon_url="/docs/static/favicon-32x32.png",
+        )
+
+    @app.get("/docs/static/{name}", include_in_schema=False)
+    async def docs_static(name: str) -> Response:
+        if name not in files:
+            return _problem(404, f"no API page file {name!r}")
+        return Response(files[name], media_type=DOCS_FILES[name])
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:
