@@ -23,6 +23,7 @@ import numpy as np
 CROP_SIZE = 44
 NUM_CROPS = 10
 CENTRE_CROP_INDEX = 4  # the centre crop's place among `ten_crop`'s ten
+CROP_CHOICES = (NUM_CROPS, 1)  # evaluation: the ten crops (the paper's), or the centre crop alone
 FIXED_POINT_ONE = 1 << 16  # 1.0 in `crop_affine`'s fixed point: 16 fractional bits
 
 
@@ -36,23 +37,23 @@ def five_crop_offsets(height: int, width: int, crop: int = CROP_SIZE) -> list[tu
     return [(0, 0), (0, right), (bottom, 0), (bottom, right), centre]
 
 
-def ten_crop(images: np.ndarray, crop: int = CROP_SIZE) -> np.ndarray:
-    """The ten crops of each image, in TenCrop order (module docstring).
+def ten_crop(images: Any, crop: int = CROP_SIZE) -> Any:
+    """The ten crops of each image, in TenCrop order (module docstring): one gather by
+    `ten_crop_pixel_indices`, the same for numpy and jax.numpy arrays.
 
     Args:
       images: (N, H, W, C) array, any dtype.
       crop: side of the square crops in pixels.
 
     Returns:
-      (N, 10, crop, crop, C), same dtype.
+      (N, 10, crop, crop, C), same dtype and array library.
     """
-    images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"expected (N, H, W, C) images, got shape {images.shape}")
-    offsets = five_crop_offsets(images.shape[1], images.shape[2], crop)
-    mirror = images[:, :, ::-1]
-    crops = [x[:, t : t + crop, s : s + crop] for x in (images, mirror) for t, s in offsets]
-    return np.stack(crops, axis=1)
+    n, height, width, channels = images.shape
+    return images.reshape(n, height * width, channels)[
+        :, ten_crop_pixel_indices(height, width, crop)
+    ]
 
 
 def crop_pixel_offsets(width: int, crop: int = CROP_SIZE) -> np.ndarray:
@@ -186,10 +187,14 @@ def erase_keep(boxes: Any, crop: int = CROP_SIZE) -> Any:
 
 
 def ten_crop_pixel_indices(height: int, width: int, crop: int = CROP_SIZE) -> np.ndarray:
-    """Flat pixel indices (row * width + col) of `ten_crop`'s outputs: (10, crop, crop) int64.
+    """Flat pixel indices (row * width + col) of the ten crops: (10, crop, crop) int32.
 
-    `images.reshape(N, H * W, C)[:, idx]` equals `ten_crop(images, crop)`; the tf.data pipeline
-    gathers with these so it matches the numpy reference by construction.
+    `images.reshape(N, H * W, C)[:, idx]` is `ten_crop(images, crop)`; both input pipelines
+    and the recogniser gather with these. The mirror's crop at (top, left) is the image's
+    window at (top, W - crop - left), read right to left.
     """
-    grid = np.arange(height * width, dtype=np.int64).reshape(1, height, width, 1)
-    return ten_crop(grid, crop)[0, ..., 0]
+    plain, mirrored = crop_pixel_offsets(width, crop)
+    offsets = five_crop_offsets(height, width, crop)
+    crops = [top * width + left + plain for top, left in offsets]
+    crops += [top * width + width - crop - left + mirrored for top, left in offsets]
+    return np.stack(crops).astype(np.int32)

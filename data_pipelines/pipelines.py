@@ -35,6 +35,7 @@ from collections.abc import Callable
 import numpy as np
 
 from data_pipelines.crops import (
+    CENTRE_CROP_INDEX,
     CROP_SIZE,
     affine_crop_pixels,
     crop_pixel_offsets,
@@ -228,7 +229,7 @@ def eval_dataset_from_arrays(
         raise ValueError(f"crops must be 'ten' or 'centre', got {crops!r}")
     crop_pixels = ten_crop_pixel_indices(height, width, crop)
     if crops == "centre":
-        crop_pixels = crop_pixels[4]
+        crop_pixels = crop_pixels[CENTRE_CROP_INDEX]
     norm = normalizer(normalize)
     flat_images = tf.constant(images.reshape(n, height * width, channels))
     labels_t = tf.constant(labels.astype(np.int32))

@@ -237,18 +237,13 @@ def launch(run: Run, *, rerun: bool = False) -> dict[str, Any]:
     return record
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def collect(workdir: str) -> dict[str, Any]:
     """A run's figures: `{'fer2013': results.json or None, 'cv': summary.json or None}`."""
+    from fer_jax.training.evaluate import read_json
+
     return {
-        "fer2013": _read_json(os.path.join(workdir, "results.json")),
-        "cv": _read_json(os.path.join(workdir, "cross_validation", "summary.json")),
+        "fer2013": read_json(os.path.join(workdir, "results.json")),
+        "cv": read_json(os.path.join(workdir, "cross_validation", "summary.json")),
     }
 
 

@@ -37,8 +37,9 @@ def main() -> None:
     ap.add_argument("--out", help="results folder")
     args = ap.parse_args()
 
+    from data_pipelines.crops import CROP_CHOICES
     from fer_jax.inference import export
-    from fer_jax.inference.recognizer import CROP_CHOICES, Recognizer
+    from fer_jax.inference.recognizer import Recognizer
     from fer_jax.model import conv
     from fer_jax.model.resnet import ResNet18
 

@@ -29,17 +29,11 @@ import re
 from typing import Any
 
 from experiments import provenance, tb_curves
+from fer_jax.training.evaluate import read_json
 
 SPLIT_NAMES = {"train": "Training", "public_test": "PublicTest", "private_test": "PrivateTest"}
 FINAL_TRAIN_TAGS = ("train_loss", "train_accuracy", "train_feature_norm", "train_lambda")
 _EPOCH_FILE = re.compile(r"^(?P<split>.+)_epoch(?P<epoch>\d+)\.json$")
-
-
-def _read_json(path: str) -> Any:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _split_name(split: str | None) -> str:
@@ -62,15 +56,15 @@ def eval_history(workdir: str, split: str | None = None) -> tuple[str | None, li
         split = max(found, key=lambda s: len(found[s]), default=None)
     rows = []
     for epoch, name in sorted(found.get(split, [])):
-        metrics = _read_json(os.path.join(directory, name))
+        metrics = read_json(os.path.join(directory, name))
         rows.append({"epoch": epoch, "accuracy": metrics["accuracy"], "loss": metrics.get("loss")})
     return split, rows
 
 
 def summarize(workdir: str) -> dict[str, Any]:
     """The figures of a run's workdir (what `summary.json` holds); see the module docstring."""
-    results = _read_json(os.path.join(workdir, "results.json"))
-    config = _read_json(os.path.join(workdir, "config.json")) or {}
+    results = read_json(os.path.join(workdir, "results.json"))
+    config = read_json(os.path.join(workdir, "config.json")) or {}
     complete = results is not None
     results = results or {}
     select = results.get("selected_on") or config.get("select_split")

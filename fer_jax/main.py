@@ -42,16 +42,14 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import sys
-from collections.abc import Sequence
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from data_pipelines.crops import CROP_CHOICES
 from fer_jax import host_memory, user_errors
 from fer_jax.training import config_schema, data_check, workdir_lock
-from fer_jax.training.state import create_train_state
-from fer_jax.training.trainer import Trainer
 from fer_jax.user_errors import UserError
 
 FLAGS = flags.FLAGS
@@ -80,7 +78,7 @@ flags.DEFINE_string("split", "private_test", "evaluate: the split to evaluate.")
 flags.DEFINE_enum(
     "crops",
     "10",
-    ["10", "1"],
+    [str(c) for c in CROP_CHOICES],
     "evaluate: 10 averages the ten 44x44 crops (the paper's evaluation); 1 the centre crop alone.",
 )
 flags.DEFINE_string(
@@ -139,61 +137,6 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def evaluate_checkpoint(config, workdir: str, path: str, split: str, crops: int = 10) -> dict:
-    """Ten-crop (or `crops=1`: centre-crop) metrics of a checkpoint on `split`, written to
-    `workdir/eval/` (`<split>_evaluate[_centre_crop].json` and its confusion-matrix PNG).
-
-    With `config.replicas = K` matching a replica run: each replica's and the ensemble's;
-    with K = 1, a replica run's replica chosen on its select split (`checkpoint.init_from`).
-    """
-    from fer_jax.training import checkpoint, evaluate, input_data
-
-    trainer = Trainer.create(config)
-    template = create_train_state(config, trainer.model, steps_per_epoch=1)
-    state = trainer.parallel.replicate(checkpoint.init_from(path, template, config))
-    images, labels = input_data.load_splits(config, [split])[split]
-    metrics = trainer.evaluate(state, images, labels, crops=crops)
-    suffix = "" if crops == 10 else "_centre_crop"
-    reports = {f"{split}_evaluate{suffix}": metrics}
-    if "replicas" in metrics:
-        reports = {
-            f"{split}_evaluate_replica_{k}{suffix}": m for k, m in enumerate(metrics["replicas"])
-        }
-        reports[f"{split}_evaluate_ensemble{suffix}"] = metrics["ensemble"]
-    if jax.process_index() == 0:
-        for name, report in reports.items():
-            evaluate.write_report(os.path.join(workdir, "eval"), name, report)
-    for name, report in reports.items():
-        logging.info("%s of %s: accuracy %.4f", name, path, report["accuracy"])
-        print(
-            f"{name}: {100 * report['accuracy']:.2f}% ({report['num_examples']} images; "
-            f"mean class accuracy {100 * report['mean_class_accuracy']:.2f}%)"
-        )
-    return metrics
-
-
-def train_then_cross_validate(
-    config, workdir: str, *, allow_config_changes: bool = False, user_set: Sequence[str] = ()
-) -> dict:
-    """The main job: train on `config.dataset`, then (`config.cross_validate`) fine-tune the
-    selected model on JAFFE's folds in `workdir/cross_validation`; returns `results.json`.
-    `user_set`: the fields the command line set (`user_set_fields`; `jaffe.*` for the folds)."""
-    from fer_jax.training import cross_validate, evaluate, train
-
-    results = train.train_and_evaluate(config, workdir, allow_config_changes=allow_config_changes)
-    if config.get("cross_validate"):
-        cv_config = cross_validate.config_from_parent(config, workdir)
-        results["cross_validation"] = cross_validate.run(
-            cv_config,
-            os.path.join(workdir, "cross_validation"),
-            user_set=[f.removeprefix("jaffe.") for f in user_set if f.startswith("jaffe.")],
-            allow_config_changes=allow_config_changes,
-        )
-        if jax.process_index() == 0:
-            evaluate.write_json(os.path.join(workdir, "results.json"), results)
-    return results
-
-
 def user_set_fields() -> list[str]:
     """The config fields the command line set, dotted without `config.` (e.g. 'model.head'):
     each `--config.FIELD=VALUE` and the config argument's `cbam=`/`head=`
@@ -220,27 +163,13 @@ def parse_flags(argv: list[str]) -> list[str]:
         one_line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise UserError(config_schema.bad_override_value(one_line) or one_line) from e
     except (AttributeError, KeyError, TypeError) as e:
-        message = _unknown_override(argv)
+        message = config_schema.unknown_override_in_file(argv, FLAGS["config"].parser.parse)
         if message is None:
             raise
         raise UserError(message) from e
 
 
 _HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "h", "?")
-
-
-def _unknown_override(argv: list[str]) -> str | None:
-    """`config_schema.unknown_override` on the config file named in `argv` (loaded again)."""
-    path = None
-    for i, arg in enumerate(argv):
-        if arg.startswith(("--config=", "-config=")):
-            path = arg.split("=", 1)[1]
-        elif arg in ("--config", "-config") and i + 1 < len(argv):
-            path = argv[i + 1]
-    if path is None:
-        return None
-    config = FLAGS["config"].parser.parse(path)
-    return config_schema.unknown_override(argv, config)
 
 
 def main(argv: list[str]) -> None:
@@ -267,11 +196,7 @@ def main(argv: list[str]) -> None:
             split=FLAGS.split,
             checkpoint=FLAGS.checkpoint,
             allow_config_changes=FLAGS.allow_config_changes,
-        )
-        from fer_jax.training import cross_validate  # the fine-tuning settings, the fold plan
-
-        report[-1:-1] = data_check.cross_validation_lines(
-            config, mode, FLAGS.workdir, user_set_fields()
+            user_set=user_set_fields(),
         )
         print("\n".join(report))
         return
@@ -283,7 +208,7 @@ def main(argv: list[str]) -> None:
         initialize_distributed()
     else:  # on CPU: scratch memory kept between steps (not tried with cross-process collectives)
         host_memory.reuse_scratch_memory()
-    from fer_jax.training import checkpoint, cross_validate
+    from fer_jax.training import checkpoint, cross_validate, train
 
     logging.get_absl_handler().addFilter(_QuietLibraries())
     logging.info(
@@ -299,14 +224,14 @@ def main(argv: list[str]) -> None:
     try:
         with workdir_lock.hold(workdir):
             if FLAGS.mode == "train":
-                train_then_cross_validate(
+                cross_validate.train_then_cross_validate(
                     config,
                     workdir,
                     allow_config_changes=FLAGS.allow_config_changes,
                     user_set=user_set_fields(),
                 )
             elif FLAGS.mode == "evaluate":
-                evaluate_checkpoint(
+                train.evaluate_checkpoint(
                     config, workdir, FLAGS.checkpoint or workdir, FLAGS.split, int(FLAGS.crops)
                 )
             else:

@@ -7,7 +7,8 @@ import pytest
 
 from configs import fer2013 as fer2013_config
 from data_pipelines import synthetic
-from fer_jax.training import input_data
+from fer_jax.training import config_schema, input_data
+from fer_jax.user_errors import UserError
 
 ROWS = synthetic.fer2013_rows((6, 3, 2), seed=4)
 SPLITS = ["train", "public_test", "private_test"]
@@ -43,9 +44,9 @@ def test_files_and_tfds_sources_give_the_same_splits(manual_dir, tmp_path):
 
 
 def test_unknown_data_source_is_an_error_naming_field_value_and_choices():
-    with pytest.raises(ValueError) as e:
-        input_data.load_split_arrays(_config(data_source="csv"), "train")
-    assert str(e.value) == "config.data_source is 'csv'; expected one of 'tfds', 'files'"
+    with pytest.raises(UserError) as e:
+        config_schema.validate(_config(data_source="csv"))
+    assert str(e.value) == "config.data_source is 'csv'; allowed: one of 'tfds', 'files'"
 
 
 def test_files_source_without_manual_dir_is_an_error_naming_it():

@@ -93,6 +93,13 @@ def test_train_summaries_are_the_means_per_replica():
     assert first["train_loss"] == pytest.approx(2.0) and second["train_loss"] == pytest.approx(20.0)
 
 
+def test_every_metric_the_step_returns_is_summarised():
+    """The metrics are named once, by `train_step`: a new one reaches the summaries."""
+    history = [{**h, "new_metric": h["loss"] * 2} for h in _history([[1.0, 2.0]])]
+    (summary,) = metrics.train_summaries(history, num_replicas=1, step=2)
+    assert summary["train_new_metric"] == pytest.approx(3.0)
+
+
 def test_non_finite_loss_stops_with_the_step_and_replica():
     history = _history([[1.0], [np.nan], [np.inf]])
     with pytest.raises(FloatingPointError, match="at step 9"):

@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from fer_jax.training import checkpoint, replicas, synthetic_data
+from fer_jax.training import checkpoint, config_schema, replicas, synthetic_data
 from fer_jax.training.loop import fit
 from fer_jax.training.state import create_model, create_train_state
 from fer_jax.training.trainer import Trainer
+from fer_jax.user_errors import UserError
 from tests import test_train
 from tests.test_parallel import as_arrays, run_on_cpu_devices
 
@@ -153,15 +154,15 @@ def test_each_replica_equals_the_plain_run_of_its_seed_and_overrides(
         ([{"seed": 4}, {}], "replica_seeds"),
         ([{"optimizer.learning_rat": 0.1}, {}], "optimizer.learning_rate"),
         ([{"loss.margin": 2.5}, {}], "loss.margin"),
-        ([{}], "2 replicas"),
+        ([{}], "replicas=2"),
     ],
 )
 def test_a_field_that_changes_the_program_is_refused_by_name(overrides, field):
     config = _config()
     config.replicas = 2
     config.replica_overrides = tuple(overrides)
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        Trainer.create(config)
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        config_schema.validate(config)
 
 
 @pytest.mark.parametrize("seeds", [(1,), (1, 2, 3), (1, -2)])
@@ -169,8 +170,8 @@ def test_bad_replica_seeds_are_refused(seeds):
     config = _config()
     config.replicas = 2
     config.replica_seeds = seeds
-    with pytest.raises(ValueError, match="replica_seeds"):
-        replicas.check(config)
+    with pytest.raises(UserError, match="replica_seeds"):
+        config_schema.validate(config)
 
 
 def test_one_replica_keeps_the_plain_state_and_checkpoint_layout():

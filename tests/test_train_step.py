@@ -11,8 +11,10 @@ import pytest
 
 from configs import synthetic
 from fer_jax.model import losses
+from fer_jax.training import config_schema
 from fer_jax.training.state import create_model, create_train_state, lambda_schedule
 from fer_jax.training.steps import train_step
+from fer_jax.user_errors import UserError
 
 
 def _loss_config(unit: str):
@@ -34,8 +36,10 @@ def test_lambda_schedule_counts_optimizer_steps_or_epochs(unit):
 
 
 def test_unknown_lambda_unit_is_rejected_by_name():
-    with pytest.raises(ValueError, match="config.loss.lambda_per"):
-        lambda_schedule(_loss_config("iteration"), 10)
+    config = synthetic.get_config()
+    config.loss.lambda_per = "iteration"
+    with pytest.raises(UserError, match="config.loss.lambda_per is 'iteration'"):
+        config_schema.validate(config)
 
 
 def test_train_step_reports_lambda_and_the_classifier_input_norm():

@@ -49,9 +49,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from data_pipelines.crops import CROP_SIZE
+from data_pipelines.crops import CROP_CHOICES, CROP_SIZE
 from fer_jax.inference.recognizer import (
-    CROP_CHOICES,
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_SIDE,
     DEFAULT_MIN_FACE,

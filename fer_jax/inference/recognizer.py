@@ -33,7 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_pipelines.crops import CENTRE_CROP_INDEX, CROP_SIZE, NUM_CROPS, five_crop_offsets
+from data_pipelines.crops import (
+    CENTRE_CROP_INDEX,
+    CROP_CHOICES,
+    CROP_SIZE,
+    NUM_CROPS,
+    five_crop_offsets,
+    ten_crop,
+)
 from data_pipelines.faces import crop_face, detect_faces
 from data_pipelines.labels import CLASS_NAMES
 from fer_jax.model import conv
@@ -227,21 +234,6 @@ def check_boxes(boxes: Any, shape: tuple[int, ...], name: str = "<array>") -> np
 # ----------------------------------------------------------------------------- model functions
 
 
-def ten_crop(faces: jax.Array) -> jax.Array:
-    """`(B, 48, 48, C)` -> `(B, 10, 44, 44, C)`, as `data_pipelines.ten_crop` (TenCrop order)."""
-    height, width = faces.shape[1], faces.shape[2]
-    mirror = jax.lax.rev(faces, (2,))
-    crop = lambda image, top, left: jax.lax.slice_in_dim(  # noqa: E731
-        jax.lax.slice_in_dim(image, top, top + CROP_SIZE, axis=1), left, left + CROP_SIZE, axis=2
-    )
-    offsets = five_crop_offsets(height, width, CROP_SIZE)
-    crops = [crop(image, top, left) for image in (faces, mirror) for top, left in offsets]
-    return jnp.stack(crops, axis=1)
-
-
-CROP_CHOICES = (10, 1)  # ten crops (the paper's evaluation), or the centre crop alone
-
-
 def ten_crop_probabilities(
     model: ResNet18, variables: Any, faces: jax.Array, crops: int = NUM_CROPS
 ) -> jax.Array:
@@ -251,8 +243,6 @@ def ten_crop_probabilities(
     the centre crop alone: a tenth of the compute (the trade-off: README, Use it on your
     photos).
     """
-    if crops not in CROP_CHOICES:
-        raise ValueError(f"crops must be one of {CROP_CHOICES}, got {crops!r}")
     images = ten_crop(faces)  # (B, 10, 44, 44, C); the centre crop is the fifth
     images = images if crops == NUM_CROPS else images[:, CENTRE_CROP_INDEX, None]
     batch = images.shape[0]

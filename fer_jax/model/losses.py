@@ -63,6 +63,8 @@ def angular_logits(features: jax.Array, kernel: jax.Array) -> jax.Array:
     return cos * norm[:, None]
 
 
+MARGINS = (1, 5)  # the A-Softmax margins m, lowest and highest, that `psi` computes
+
 _CHEBYSHEV = {
     0: lambda c: jnp.ones_like(c),
     1: lambda c: c,
@@ -82,8 +84,6 @@ def chebyshev(cos: jax.Array, m: int | jax.Array) -> jax.Array:
     if isinstance(m, jax.Array | np.ndarray | np.number):
         m = jnp.asarray(m)
         return jnp.select([m == d for d in _CHEBYSHEV], [p(cos) for p in _CHEBYSHEV.values()])
-    if m not in _CHEBYSHEV:
-        raise ValueError(f"A-Softmax margin m must be an integer in 1..5, got {m!r}")
     return _CHEBYSHEV[m](cos)
 
 
@@ -108,11 +108,9 @@ def a_softmax_logits(
 ) -> jax.Array:
     """Training logits of A-Softmax, `(B, K)` float32: margin applied to the target column.
 
-    `margin` is an int in 1..5, or an array holding one (a replica's, checked by its config).
+    `margin` is an int in `MARGINS` (1..5), or an array holding one (a replica's); the
+    config's is checked by `fer_jax.training.config_schema`.
     """
-    traced = isinstance(margin, jax.Array | np.ndarray | np.number)
-    if not traced and (not isinstance(margin, int) or not 1 <= margin <= 5):
-        raise ValueError(f"A-Softmax margin must be an integer in 1..5, got {margin!r}")
     cos, norm = cosine(features, kernel)
     onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=cos.dtype)
     target = (lam * cos + psi(cos, margin)) / (1.0 + lam)

@@ -19,8 +19,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from data_pipelines.crops import CROP_CHOICES
 from fer_jax.inference import predict
-from fer_jax.inference.recognizer import CROP_CHOICES, Recognizer
+from fer_jax.inference.recognizer import Recognizer
 from fer_jax.serve.service import DEFAULT_MAX_PENDING, Service
 from fer_jax.serve.uploads import (
     DEFAULT_MAX_BYTES,

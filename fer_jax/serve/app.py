@@ -18,8 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from data_pipelines.crops import CROP_CHOICES
 from fer_jax.inference.predict import parse_box
-from fer_jax.inference.recognizer import CROP_CHOICES
 from fer_jax.serve.service import MAX_BOXES, Service
 from fer_jax.serve.uploads import (
     MULTIPART,

@@ -3,13 +3,15 @@
 `validate(config)` checks every field of a training config (`configs/fer2013.py`,
 `configs/synthetic.py`) or a cross-validation config (`configs/jaffe.py`, and the `jaffe`
 section of a training config) for its type and its range or set of choices, then the few rules
-that tie fields together, and raises `UserError` with one line naming the field (its full
-dotted path), the value and what is allowed. A field that is not in the schema names the
-closest known one. The choices come from the code that uses them (`fer_jax.training.state`,
-`fer_jax.training.trainer`, `fer_jax.training.parallel`, `fer_jax.model.conv`,
-`fer_jax.model.resnet`, `fer_jax.model.cbam`, ...), imported on first use. `check_mode` checks
-that the config suits `fer_jax.main --mode`, and `unknown_override` turns ml_collections' error
-for a `--config.FIELD=...` that names no field into the same kind of line.
+that tie fields together (a replica's overrides are held to their fields' own rules), and
+raises `UserError` with one line naming the field (its full dotted path), the value and what
+is allowed. A field that is not in the schema names the closest known one. The choices come
+from the code that uses them (`fer_jax.training.state`, `fer_jax.training.trainer`,
+`fer_jax.training.parallel`, `fer_jax.model.losses`, `fer_jax.model.resnet`, ...), imported on
+first use; that code does not check them again. `check_mode` checks that the config suits
+`fer_jax.main --mode`, and `unknown_override` (`unknown_override_in_file`: against the config
+file loaded again) turns ml_collections' error for a `--config.FIELD=...` that names no field
+into the same kind of line.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,7 +28,6 @@ import ml_collections
 
 from fer_jax.user_errors import UserError
 
-MARGINS = (1, 5)  # A-Softmax margin m: fer_jax.model.losses.chebyshev has cos(m theta) for these.
 NORMALIZE = ("unit", "symmetric")  # or (mean, std): data_pipelines.plan.normalize_affine
 CBAM_NONE = "none"  # model.cbam: the plain ResNet18 (fer_jax.model.resnet.model_from_config)
 MAX_SEED = 2**31 - 1
@@ -135,7 +135,7 @@ def _section(value: Any) -> bool:
 def _recipe_sections() -> dict[str, Section]:
     """The `model`, `loss` and `optimizer` sections."""
     from data_pipelines import labels
-    from fer_jax.model import cbam, conv, resnet
+    from fer_jax.model import cbam, conv, losses, resnet
     from fer_jax.training import optim
     from fer_jax.training.state import LAMBDA_UNITS
 
@@ -149,7 +149,7 @@ def _recipe_sections() -> dict[str, Section]:
         "matmul_dtype": choice(resnet.MATMUL_DTYPES, required=False),
     }
     loss: Schema = {
-        "margin": integer(*MARGINS),
+        "margin": integer(*losses.MARGINS),
         "lambda_base": number(0, low_open=True),
         "lambda_gamma": number(0),
         "lambda_power": number(0),
@@ -174,9 +174,9 @@ def _recipe_sections() -> dict[str, Section]:
 
 def schemas() -> tuple[Section, Section]:
     """`(training schema, cross-validation schema)`, built from the code's own constants."""
-    from data_pipelines import files, folds
+    from data_pipelines import crops, files, folds
     from fer_jax.training import input_data, parallel, replicas, synthetic_data
-    from fer_jax.training.trainer import EVAL_CROPS, INPUT_PIPELINES
+    from fer_jax.training.trainer import INPUT_PIPELINES
 
     splits = sorted(
         {s for names in files.SPLITS.values() for s in names} | set(synthetic_data.SPLIT_SEEDS)
@@ -235,7 +235,7 @@ def schemas() -> tuple[Section, Section]:
         "eval_batch_size": integer(1),
         "log_every_steps": integer(1),
         "eval_every_epochs": integer(0),
-        "select_crops": choice(EVAL_CROPS, required=False),
+        "select_crops": choice(crops.CROP_CHOICES, required=False),
         "checkpoint_every_epochs": integer(1),
         "checkpoint_every_steps": integer(0),
         "keep_checkpoints": integer(1),
@@ -351,7 +351,11 @@ def _check_splits(config: Any, path: str) -> None:
             )
 
 
-def _check_replicas(config: Any, path: str) -> None:
+def _check_replicas(config: Any, path: str, schema: Schema) -> None:
+    """One seed and one dict of overrides per replica, each override a field of
+    `fer_jax.training.replicas.OVERRIDABLE` holding what the field itself may hold."""
+    from fer_jax.training.replicas import OVERRIDABLE
+
     k = config.get("replicas", 1)
     for key in ("replica_seeds", "replica_overrides"):
         listed = config.get(key, [])
@@ -360,6 +364,28 @@ def _check_replicas(config: Any, path: str) -> None:
                 f"{path}.{key} lists {len(listed)} entries for {path}.replicas={k}; "
                 "allowed: one per replica, or none"
             )
+    for i, fields in enumerate(config.get("replica_overrides", [])):
+        for name, value in fields.items():
+            where = f"{path}.replica_overrides[{i}][{name!r}]"
+            if name not in OVERRIDABLE:
+                why = _not_overridable(config, name, OVERRIDABLE)
+                raise UserError(f"{where}: {name!r} cannot differ between replicas: {why}")
+            section, key = name.split(".")
+            rule = schema[section].fields[key]
+            if not rule.type_ok(value) or not rule.ok(value):
+                raise UserError(f"{where} is {_describe(value)}; allowed: {rule.allowed}")
+
+
+def _not_overridable(config: Any, name: str, overridable: Sequence[str]) -> str:
+    """Why `name` cannot be a replica's override, and what can."""
+    if name == "seed":
+        return "per-replica seeds go in config.replica_seeds"
+    if _lookup(config, name.split(".")) is None:
+        return "it changes the program or its shapes; replicas may differ only in " + ", ".join(
+            overridable
+        )
+    close = difflib.get_close_matches(name, overridable, n=1)
+    return "no such overridable field" + (f"; did you mean {close[0]!r}?" if close else "")
 
 
 def validate(config: Any) -> None:
@@ -367,13 +393,12 @@ def validate(config: Any) -> None:
 
     A config with `folds` is a cross-validation config (`configs/jaffe.py`), any other a
     training config; the `jaffe` section of a training config is checked as the former.
-    `fer_jax.training.replicas.check` then checks what replicas may override.
     """
     training, cv = schemas()
     schema = (cv if "folds" in config else training).fields
     known = sorted(schema_paths(schema))
     _check_section(config, schema, "config", known)
-    _check_replicas(config, "config")
+    _check_replicas(config, "config", schema)
     _check_data(config, "config", config["data_source"])
     if schema is training.fields:
         _check_splits(config, "config")
@@ -383,16 +408,8 @@ def validate(config: Any) -> None:
                     "config.jaffe is missing; config.cross_validate=True fine-tunes on it"
                 )
             # The CV stage reads its data as the parent run does (cross_validate.py).
-            _check_replicas(config["jaffe"], "config.jaffe")
+            _check_replicas(config["jaffe"], "config.jaffe", cv.fields)
             _check_data(config["jaffe"], "config.jaffe", config["data_source"])
-    if importlib.util.find_spec("fer_jax.training.replicas") is not None:
-        from fer_jax.training import replicas
-
-        if hasattr(replicas, "check"):
-            try:
-                replicas.check(config)
-            except ValueError as e:
-                raise UserError(str(e)) from e
 
 
 MODES = ("train", "evaluate", "cross_validate")  # fer_jax.main --mode
@@ -469,6 +486,27 @@ def _lookup(config: Any, parts: Sequence[str]) -> tuple[str, bool] | None:
             return ".".join(parts[: i + 1]), False
         node = node[part]
     return None
+
+
+def config_file_argument(argv: Sequence[str], flag: str = "config") -> str | None:
+    """The value of `--config=PATH` (or `--config PATH`) in `argv`; None if absent."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg.startswith((f"--{flag}=", f"-{flag}=")):
+            path = arg.split("=", 1)[1]
+        elif arg in (f"--{flag}", f"-{flag}") and i + 1 < len(argv):
+            path = argv[i + 1]
+    return path
+
+
+def unknown_override_in_file(
+    argv: Sequence[str], load: Callable[[str], Any], flag: str = "config"
+) -> str | None:
+    """`unknown_override` against the config file `argv` names, loaded again with `load` (the
+    config flag's own parser): ml_collections reports a `--config.FIELD=...` that names no
+    field with a bare AttributeError, KeyError or TypeError. None if `argv` names no file."""
+    path = config_file_argument(argv, flag)
+    return None if path is None else unknown_override(argv, load(path), flag)
 
 
 def unknown_override(argv: Sequence[str], config: Any, flag: str = "config") -> str | None:

@@ -23,12 +23,14 @@ and is evaluated once, at the end, on its held-out images: there is no validatio
 nothing is selected on the test fold. The summary (`summary.json`, `confusion.png`) gives
 per-fold accuracy, their mean and standard deviation, and the pooled confusion matrix.
 `config.json` in the workdir holds the fine-tuning config, so a resume trains the same recipe.
+
+`train_then_cross_validate` is `fer_jax.main --mode=train`'s job: a training run, then this
+cross-validation of the model it selected (`config.cross_validate`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -41,8 +43,15 @@ from absl import logging
 from data_pipelines.folds import jaffe_folds
 from data_pipelines.labels import CLASS_NAMES
 from fer_jax.model import pretrained
-from fer_jax.training import checkpoint, evaluate, input_data, run_config
+from fer_jax.training import (
+    checkpoint,
+    config_schema,
+    evaluate,
+    input_data,
+    run_config,
+)
 from fer_jax.training.loop import fit
+from fer_jax.training.train import train_and_evaluate
 from fer_jax.training.trainer import Trainer
 from fer_jax.user_errors import UserError
 
@@ -97,10 +106,7 @@ def config_from_parent(
 
 def _read_json(path: str) -> dict[str, Any] | None:
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None
+        data = evaluate.read_json(path)
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is unreadable ({e}); it describes the model to fine-tune") from e
     return data if isinstance(data, dict) else None
@@ -283,13 +289,6 @@ def fold_plan_lines(
     return lines
 
 
-def _fold_result(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -300,11 +299,7 @@ def run(
     """Runs (or resumes) every fold of `config` in `workdir`, fine-tuning `config.init_from`
     as `fine_tuning_config` says (`user_set`: the fields the command line set); returns the
     summary."""
-    if not config.init_from:
-        raise ValueError(
-            "config.init_from must name the FER2013 model (pretrained, a run or a checkpoint) "
-            "to fine-tune"
-        )
+    config_schema.check_mode(config, "cross_validate")  # config.init_from names the model
     config, settings = fine_tuning_config(config, read_source(config.init_from), user_set)
     for line in settings_lines(settings, config):
         logging.info("%s", line)
@@ -323,7 +318,7 @@ def run(
     for k, (train_idx, test_idx) in enumerate(folds):
         fold_dir = os.path.join(workdir, f"fold_{k}")
         result_path = os.path.join(fold_dir, "result.json")
-        result = _fold_result(result_path)
+        result = evaluate.read_json(result_path)
         if result is None:
             logging.info(
                 "Fold %d/%d: %d training, %d test images.",
@@ -387,3 +382,27 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     for name, row in zip(names, pooled["confusion_counts"], strict=True):
         lines.append(f"  {name:>{width}} " + " ".join(f"{c:3d}" for c in row))
     return lines
+
+
+def train_then_cross_validate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    allow_config_changes: bool = False,
+    user_set: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The main job: train on `config.dataset`, then (`config.cross_validate`) fine-tune the
+    selected model on JAFFE's folds in `workdir/cross_validation`; returns `results.json`.
+    `user_set`: the fields the command line set (`jaffe.*` for the folds)."""
+    results = train_and_evaluate(config, workdir, allow_config_changes=allow_config_changes)
+    if config.get("cross_validate"):
+        cv_config = config_from_parent(config, workdir)
+        results["cross_validation"] = run(
+            cv_config,
+            os.path.join(workdir, "cross_validation"),
+            user_set=[f.removeprefix("jaffe.") for f in user_set if f.startswith("jaffe.")],
+            allow_config_changes=allow_config_changes,
+        )
+        if jax.process_index() == 0:
+            evaluate.write_json(os.path.join(workdir, "results.json"), results)
+    return results

@@ -458,9 +458,11 @@ def describe(
     split: str = "private_test",
     checkpoint: str | None = None,
     allow_config_changes: bool = False,
+    user_set: Collection[str] = (),
 ) -> list[str]:
-    """`--mode=check`'s report of what `fer_jax.main --mode=mode` would run; compiles,
-    trains and writes nothing. Raises UserError (one line) where the run would fail at once."""
+    """`--mode=check`'s report of what `fer_jax.main --mode=mode` would run (`user_set`: the
+    fields the command line set, as `cross_validation_lines` takes them); compiles, trains
+    and writes nothing. Raises UserError (one line) where the run would fail at once."""
     import jax
 
     found = check(config, mode, workdir, split, count=True)
@@ -481,6 +483,7 @@ def describe(
             )
     lines.append(f"devices: {len(devices)} x {', '.join(kinds)} ({devices[0].platform}): {devices}")
     lines += _workdir_lines(config, mode, workdir, allow_config_changes)
+    lines += cross_validation_lines(config, mode, workdir, user_set)
     lines.append("check passed: nothing was compiled, trained or written")
     return lines
 

@@ -226,11 +226,9 @@ def eval_split_fn(
     """`evaluate(state, images, labels, mask, *, axis_name)` -> `eval_step`'s metrics merged
     over the whole split (`fer_jax.training.metrics.merge`), of the ten crops (`crops=10`) or
     the centre crop alone (`crops=1`, a tenth of the compute) gathered on the device."""
-    pixels = ten_crop_pixel_indices(layout.height, layout.width, layout.crop).astype(np.int32)
+    pixels = ten_crop_pixel_indices(layout.height, layout.width, layout.crop)
     if crops == 1:
         pixels = pixels[CENTRE_CROP_INDEX, None]
-    elif crops != NUM_CROPS:
-        raise ValueError(f"crops must be {NUM_CROPS} or 1, got {crops!r}")
 
     def evaluate(state, images, labels, mask, *, axis_name):
         def sums(x, y, m):

@@ -60,6 +60,15 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
+def read_json(path: str) -> Any:
+    """The JSON in `path`; None if there is no such file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
 def write_json(path: str, data: Any) -> None:
     """Writes JSON atomically (temp file + rename): a reader never sees half a file."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -6,8 +6,9 @@ devices and splits are combined with `merge` (sums: order-independent counts, so
 does not depend on how the split was batched), and `report` turns a split's collection into
 `fer_jax.training.evaluate.metrics_from_confusion`'s report.
 
-Training: `train_summaries` accumulates the per-step metrics of one log interval into a
-`TrainMetrics` collection per replica, after checking that every step's loss is finite.
+Training: `train_summaries` averages each per-step metric that `train_step` returns (whatever
+their names) over one log interval with `clu.metrics.Average`, per replica, after checking that
+every step's loss is finite.
 
 The writers are the project's own (`fer_jax.training.summary_writer`), not
 `clu.metric_writers`: clu's writers and `clu.periodic_actions` import TensorFlow at import
@@ -58,17 +59,6 @@ class EvalMetrics(clu_metrics.Collection):
     confusion: Confusion
     loss: clu_metrics.Average.from_output("loss")
     accuracy: clu_metrics.Accuracy
-
-
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-    """Means over training steps of what `train_step` returns (`lambda` is A-Softmax's)."""
-
-    loss: clu_metrics.Average.from_output("loss")
-    accuracy: clu_metrics.Average.from_output("accuracy")
-    feature_norm: clu_metrics.Average.from_output("feature_norm")
-    learning_rate: clu_metrics.Average.from_output("learning_rate")
-    lambda_: clu_metrics.Average.from_output("lambda")
 
 
 def eval_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> EvalMetrics:
@@ -141,9 +131,10 @@ def train_summaries(
             f"non-finite training loss{which} ({value}) at step {first}; stopping. "
             "The last good checkpoint is kept in the workdir."
         )
-    summaries = []
-    for replica in range(k):
-        outputs = {name: v[:, replica] for name, v in per_step.items()}
-        means = TrainMetrics.single_from_model_output(**outputs).compute()
-        summaries.append({f"train_{name.rstrip('_')}": float(v) for name, v in means.items()})
-    return summaries
+    return [
+        {
+            f"train_{name}": float(clu_metrics.Average.from_model_output(v[:, replica]).compute())
+            for name, v in per_step.items()
+        }
+        for replica in range(k)
+    ]

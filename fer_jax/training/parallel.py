@@ -62,8 +62,6 @@ class DataParallel:
     """Compiles step functions for `mode` over `devices` and places state and batches."""
 
     def __init__(self, mode: str, devices: list[jax.Device] | None = None):
-        if mode not in MODES:
-            raise ValueError(f"config.parallelism must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.devices = list(devices if devices is not None else jax.devices())
         self.num_devices = len(self.devices)

@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from fer_jax.training import evaluate
 from fer_jax.user_errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -126,10 +127,7 @@ def save_or_compare(
     text = to_json(config)
     new = json.loads(text)
     try:
-        with open(path) as f:
-            old = json.load(f)
-    except FileNotFoundError:
-        old = None
+        old = evaluate.read_json(path)
     except (OSError, ValueError) as e:
         if not allow_changes:
             raise UserError(

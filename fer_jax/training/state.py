@@ -163,15 +163,11 @@ def lambda_schedule(
     `hparams` (a replica's, `fer_jax.training.replicas.hparams`) when given.
     """
     c = loss_config
-    if c.lambda_per not in LAMBDA_UNITS:
-        raise ValueError(
-            f"config.loss.lambda_per must be one of {LAMBDA_UNITS}, got {c.lambda_per!r}"
-        )
     if c.lambda_per == "step":
         per = 1.0
     elif c.lambda_per == "epoch":
         per = 1.0 / steps_per_epoch
-    else:
+    else:  # 'run'
         if not num_epochs:
             raise ValueError("config.loss.lambda_per='run' needs the run's num_epochs")
         run_epochs = c.get("lambda_run_epochs", DEFAULT_LAMBDA_RUN_EPOCHS)

@@ -57,7 +57,7 @@ def train_step(
     (loss, (logits, features, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params
     )
-    metrics = {
+    metrics = {  # the training metrics, named here only: `metrics.train_summaries` averages each
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         # Mean |x| of the classifier's input: A-Softmax's failure mode is driving it to 0

@@ -1,5 +1,6 @@
 """`train_and_evaluate(config, workdir)`: a whole training job (in the style of
-flax/examples/imagenet), resumed after any interruption from the checkpoints in `workdir`.
+flax/examples/imagenet), resumed after any interruption from the checkpoints in `workdir`;
+`evaluate_checkpoint`: a trained model's report on one split (`fer_jax.main --mode=evaluate`).
 
 It loads the splits, trains (`loop.fit`: the state and steps of `state` and `steps`, compiled
 by `trainer.Trainer`), then evaluates the model chosen on the select split on the report split
@@ -8,7 +9,6 @@ by `trainer.Trainer`), then evaluates the model chosen on the select split on th
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -17,9 +17,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from fer_jax import host_memory
 from fer_jax.model.resnet import matmul_bf16
 from fer_jax.training import (
     checkpoint,
+    config_schema,
+    evaluate,
     input_data,
     replicas,
     run_config,
@@ -27,6 +30,7 @@ from fer_jax.training import (
 from fer_jax.training.loop import fit
 from fer_jax.training.metrics import per_replica
 from fer_jax.training.run_writers import write_final_reports
+from fer_jax.training.state import create_train_state
 from fer_jax.training.trainer import Trainer
 
 
@@ -35,12 +39,17 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-    Writes TensorBoard events, per-evaluation JSON metrics and confusion-matrix PNGs, and
-    Orbax checkpoints (latest few + best by `config.select_split` accuracy). Returns the
-    final summary (also `workdir/results.json`): the selected model's `config.report_split`
-    metrics, and where it came from. (The JAFFE cross-validation that may follow is run by
-    `fer_jax.main`, above both this module and `cross_validate`.)
+    Validates `config` first (`config_schema.validate`: a `UserError` naming the field) and,
+    in a single process, keeps XLA:CPU's scratch memory mapped (`fer_jax.host_memory`; both
+    harmless when already done). Writes TensorBoard events, per-evaluation JSON metrics and
+    confusion-matrix PNGs, and Orbax checkpoints (latest few + best by `config.select_split`
+    accuracy). Returns the final summary (also `workdir/results.json`): the selected model's
+    `config.report_split` metrics, and where it came from. (The JAFFE cross-validation that
+    may follow: `cross_validate.train_then_cross_validate`.)
     """
+    config_schema.validate(config)
+    if not jax.distributed.is_initialized():  # multi-process: left as JAX has it
+        host_memory.reuse_scratch_memory()
     workdir = checkpoint.prepare_workdir(workdir)
     is_main = jax.process_index() == 0
     # config.json: written at the first start; a resume with another recipe is refused.
@@ -86,6 +95,39 @@ def train_and_evaluate(
             results["ensemble_accuracy"],
         )
     return results
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, path: str, split: str, crops: int = 10
+) -> dict[str, Any]:
+    """Ten-crop (or `crops=1`: centre-crop) metrics of a checkpoint on `split`, written to
+    `workdir/eval/` (`<split>_evaluate[_centre_crop].json` and its confusion-matrix PNG).
+
+    With `config.replicas = K` matching a replica run: each replica's and the ensemble's;
+    with K = 1, a replica run's replica chosen on its select split (`checkpoint.init_from`).
+    """
+    trainer = Trainer.create(config)
+    template = create_train_state(config, trainer.model, steps_per_epoch=1)
+    state = trainer.parallel.replicate(checkpoint.init_from(path, template, config))
+    images, labels = input_data.load_splits(config, [split])[split]
+    metrics = trainer.evaluate(state, images, labels, crops=crops)
+    suffix = "" if crops == 10 else "_centre_crop"
+    reports = {f"{split}_evaluate{suffix}": metrics}
+    if "replicas" in metrics:
+        reports = {
+            f"{split}_evaluate_replica_{k}{suffix}": m for k, m in enumerate(metrics["replicas"])
+        }
+        reports[f"{split}_evaluate_ensemble{suffix}"] = metrics["ensemble"]
+    if jax.process_index() == 0:
+        for name, report in reports.items():
+            evaluate.write_report(os.path.join(workdir, "eval"), name, report)
+    for name, report in reports.items():
+        logging.info("%s of %s: accuracy %.4f", name, path, report["accuracy"])
+        print(
+            f"{name}: {100 * report['accuracy']:.2f}% ({report['num_examples']} images; "
+            f"mean class accuracy {100 * report['mean_class_accuracy']:.2f}%)"
+        )
+    return metrics
 
 
 def _results(
@@ -141,7 +183,6 @@ def _results(
 def _previous_performance(workdir: str) -> dict[str, Any] | None:
     """`results.json`'s speed figures from the call that trained (None if there are none)."""
     try:
-        with open(os.path.join(workdir, "results.json")) as f:
-            return json.load(f).get("performance")
+        return (evaluate.read_json(os.path.join(workdir, "results.json")) or {}).get("performance")
     except (OSError, ValueError):
         return None
