@@ -1,15 +1,16 @@
-"""README's figures are the ones in the results files it cites: read from both, never copied here.
+"""README's and MODEL_CARD.md's figures are those of the results files they cite, read from both.
 
 Checked: the status table (every measured row cites a folder under experiments/results/ whose
 JSON holds each of its figures; the paper's rows quote the paper), the weights' size (the
-file's) and the matmul dtype the shipped manifest says the model trained with (not 'auto'); the
-model card ("The shipped model": its table, per-class recalls and bfloat16 cost against
-`model_card.json`; each cycle's selected epoch, PrivateTest ten-crop figure (the run's own
-float32 one, as every cycle quotes) and PublicTest curve against its card; the training hours
-against the cards' wall times); the comparison with the `fer` package (each figure quoted for it
-is an accuracy of `fer` in the full `experiments.peers` run the status table cites, and the
-margins quoted are differences of the cited figures); docs/prediction_and_export.md's
-photo-path table and box-size percentiles against the `photo_framing` folders it cites.
+file's) and the matmul dtype the shipped manifest says the model trained with (not 'auto');
+MODEL_CARD.md ("The shipped model", and README's summary of it: its table, per-class recalls
+and bfloat16 cost against `model_card.json`; each cycle's selected epoch, PrivateTest ten-crop
+figure (the run's own float32 one, as every cycle quotes) and PublicTest curve against its
+card; the training hours against the cards' wall times); the comparison with the `fer` package
+(each figure quoted for it is an accuracy of `fer` in the full `experiments.peers` run the
+status table cites, and the margins quoted are differences of the cited figures);
+docs/prediction_and_export.md's photo-path table and box-size percentiles against the
+`photo_framing` folders it cites.
 
 A figure matches a JSON number when it is that number (a fraction shown as a percentage, or as
 it is) rounded to the figure's decimals.
@@ -27,6 +28,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 README = (REPO / "README.md").read_text(encoding="utf-8")
+MODEL_CARD = (REPO / "MODEL_CARD.md").read_text(encoding="utf-8")
 PREDICTION_DOC = (REPO / "docs" / "prediction_and_export.md").read_text(encoding="utf-8")
 PERCENT = re.compile(r"(?<![\w.])(\d{1,3}(?:\.\d+)?)%")
 CITED = re.compile(r"experiments/results/([\w.-]+)")
@@ -113,13 +115,15 @@ def hours(seconds: float) -> float:
 
 STATUS = section(README, "## Status: what is measured, what is not")
 STATUS_ROWS = table_rows(STATUS)
-CARD = section(README, "## The shipped model")
+CARD = section(MODEL_CARD, "## The shipped model")
+README_CARD = section(README, "## The shipped model")
 CARD_FOLDER = re.search(r"All figures[^\n]*?\(experiments/results/([\w.-]+)/?\)", CARD)
 
 
 def test_readme_has_the_sections_and_tables_checked_here():
     assert len(STATUS_ROWS) >= 3
     assert CARD_FOLDER, "the model card no longer names its folder ('All figures ...')"
+    assert "MODEL_CARD.md" in README_CARD, "README's shipped-model section no longer links the card"
     assert any("**the shipped model**" in row[0] for row in STATUS_ROWS)
 
 
@@ -149,6 +153,14 @@ def test_the_weights_size_is_the_shipped_files():
     assert size, "the status no longer gives the weights' size"
     weights = REPO / "fer_jax" / "weights" / "cbam_resnet18_fer2013.npz"
     assert same(size[1], weights.stat().st_size / 1e6, percent=False), weights.stat().st_size
+
+
+def test_the_manifest_says_what_the_model_trained_with_not_auto():
+    manifest = json.loads(
+        (REPO / "fer_jax" / "weights" / "cbam_resnet18_fer2013.json").read_text(encoding="utf-8")
+    )
+    trained = manifest["meta"]["provenance"].get("trained_matmul_dtype", "float32")
+    assert trained in ("float32", "bfloat16"), trained
 
 
 # ----------------------------------------------------------------------------- the model card
@@ -257,8 +269,17 @@ def fer_figures(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def test_readmes_summary_of_the_card_is_the_cards():
+    values = folder_numbers(CARD_FOLDER[1])
+    figures = PERCENT.findall(README_CARD)
+    assert figures and not [f for f in figures if not found_in(f, values)], figures
+    total = re.search(r"\((\d+\.\d+) h of", README_CARD)
+    seconds = [load(f, "model_card.json")["training_wall_seconds"] for _, f in cycles()]
+    assert total and float(total[1]) == hours(sum(seconds)), README_CARD
+
+
 def test_figures_quoted_for_the_fer_package_are_a_full_peer_comparisons():
-    quoted = fer_figures(README)
+    quoted = fer_figures(README + "\n\n" + MODEL_CARD)
     row = next((" | ".join(r) for r in STATUS_ROWS if "`fer`" in r[0]), "")
     folders = [f for f in CITED.findall(row) if f.startswith("peers_")]
     if not quoted:

@@ -1,5 +1,5 @@
-"""The commands and Python blocks of README.md and docs/*.md run as written: the docs cannot
-drift from the code.
+"""The commands and Python blocks of README.md, MODEL_CARD.md and docs/*.md run as written: the
+docs cannot drift from the code.
 
 Every `python -m fer_jax.<module> ...` or `python -m experiments.<module> ...` command in a code
 block (fenced, except ```python blocks, or indented by 4 spaces; backslash line continuations
@@ -49,7 +49,7 @@ import pytest
 from tests.test_data_check import write_fer2013_dir, write_jaffe_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", REPO / "MODEL_CARD.md", *sorted((REPO / "docs").glob("*.md"))]
 # Placeholder -> fixture name (see the module docstring); `runs/...` is handled apart.
 PLACEHOLDERS = {"~/data/fer2013": "fer2013", "~/data/jaffe": "jaffe", "photo.jpg": "photo"}
 RUNS = re.compile(r"(?<![\w./~-])runs/")  # `runs/NAME` at the start of a path
