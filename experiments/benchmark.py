@@ -13,6 +13,10 @@ contestant alike. Then the same for ten-crop evaluation batches. Contestants:
   its `a_softmax_loss`, `torch.optim.SGD(0.01, momentum 0.9, weight decay 5e-4)` after
   element-wise gradient clipping to 0.1 (the reference recipe), eager, NCHW,
   `torch.set_num_threads(--threads)`.
+- `torch:bf16`: the same under `torch.autocast("cpu", dtype=torch.bfloat16)` (mixed precision
+  as PyTorch does it: float32 master weights and optimizer, the network's forward in bfloat16
+  where autocast casts, the loss in float32 on the float32-cast features); its ten-crop
+  evaluation under autocast too. Pick the PyTorch contestants with `--torch_contestants`.
 - `jax:IMPL`: `fer_jax.training.steps.train_step` / `eval_step` of `configs/fer2013.py`, jitted with
   `config.model.conv_impl=IMPL` (`xla`, `matmul_grad`, `auto`) and no compiler options.
   `jax:IMPL+eigen` also passes `compiler_options=fer_jax.model.conv.cpu_compiler_options()` (XLA:CPU
@@ -149,10 +153,14 @@ class JaxContestant:
         return time.perf_counter() - t
 
 
-class TorchContestant:
-    """The PyTorch reference network, loss and optimizer (eager, NCHW)."""
+TORCH_CONTESTANTS = ("torch", "torch:bf16")
 
-    def __init__(self, args: argparse.Namespace):
+
+class TorchContestant:
+    """The PyTorch reference network, loss and optimizer (eager, NCHW); `bf16`: its forward
+    passes under `torch.autocast("cpu", dtype=torch.bfloat16)`."""
+
+    def __init__(self, args: argparse.Namespace, bf16: bool = False):
         import numpy as np
         import torch
         import torch.nn.functional as F
@@ -176,6 +184,7 @@ class TorchContestant:
         self.ex = torch.from_numpy(rng.random((b * 10, 1, 44, 44), np.float32))
         self.head = args.head
         self.torch, self.F, self.ref = torch, F, torch_reference
+        self.bf16 = bf16
         self.step_count = 0
         t = time.perf_counter()
         self.first_loss = self._step()
@@ -184,16 +193,25 @@ class TorchContestant:
         self.evaluate(1)
         self.first_eval_s = time.perf_counter() - t
 
+    def _autocast(self) -> Any:
+        """bfloat16 autocast for `torch:bf16`, else a no-op context."""
+        return self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bf16)
+
     def _step(self) -> float:
         torch = self.torch
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         if self.head == "a_softmax":
-            features = self.model.features(self.x)
+            with self._autocast():
+                features = self.model.features(self.x)
             lam = max(5.0, 1500.0 / (1 + 0.1 * self.step_count))
-            loss = self.ref.a_softmax_loss(features, self.model.linear.weight, self.y, 4, lam)
+            loss = self.ref.a_softmax_loss(
+                features.float(), self.model.linear.weight, self.y, 4, lam
+            )
         else:
-            loss = self.F.cross_entropy(self.model(self.x), self.y)
+            with self._autocast():
+                logits = self.model(self.x)
+            loss = self.F.cross_entropy(logits.float(), self.y)
         loss.backward()
         with torch.no_grad():
             for p in self.model.parameters():
@@ -201,7 +219,7 @@ class TorchContestant:
                     p.grad.clamp_(-0.1, 0.1)
         self.opt.step()
         self.step_count += 1
-        return float(loss)
+        return float(loss.detach())
 
     def ready(self) -> dict[str, Any]:
         return {
@@ -220,9 +238,9 @@ class TorchContestant:
         torch = self.torch
         self.model.eval()
         t = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             for _ in range(batches):
-                logits = self.model(self.ex)
+                logits = self.model(self.ex).float()
                 logits.view(-1, 10, logits.shape[-1]).mean(1).argmax(-1)
         return time.perf_counter() - t
 
@@ -231,8 +249,8 @@ def worker(args: argparse.Namespace) -> None:
     """Builds one contestant, then serves `train N` / `eval N` / `quit` lines on stdin."""
     t = time.perf_counter()
     contestant = (
-        TorchContestant(args)
-        if args.worker == "torch"
+        TorchContestant(args, bf16=args.worker == "torch:bf16")
+        if args.worker in TORCH_CONTESTANTS
         else JaxContestant(args.worker.removeprefix("jax:"), args)
     )
     _send(
@@ -350,7 +368,7 @@ def bench_batch(
 ) -> dict[str, Any]:
     """Contestants `impls` (+ torch) at one training batch size: setup, then alternate rounds."""
     env = dict(os.environ)
-    names = [*(f"jax:{c}" for c in impls), *(["torch"] if args.torch else [])]
+    names = [*(f"jax:{c}" for c in impls), *args.torch_contestants]
     results: dict[str, Any] = {}
     workers = []
     # Build one at a time: compiles and the warm-up step do not overlap (2 cores).
@@ -501,26 +519,36 @@ def train_gflop_per_image(args: argparse.Namespace) -> float:
     return model_flops_per_image(config.model)["train"] / 1e9
 
 
+def torch_peer(jax_name: str, torch_names: list[str]) -> str | None:
+    """The PyTorch contestant a fer_jax one is compared with: `torch:bf16` (when run) for a
+    bfloat16 spec (`IMPL:bf16...`), else `torch`; None if that one did not run."""
+    impl = jax_name.removeprefix("jax:").partition("@")[0].partition("+")[0]
+    want = "torch:bf16" if impl.endswith(":bf16") and "torch:bf16" in torch_names else "torch"
+    return want if want in torch_names else None
+
+
 def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
-    """The side-by-side table: one column per contestant, then each fer_jax / torch ratio."""
+    """The side-by-side table: one column per contestant, then each fer_jax / torch ratio (a
+    bfloat16 fer_jax contestant against `torch:bf16` when it ran, see `torch_peer`)."""
     jax_names: list[str] = []
     for r in res["batches"].values():
         jax_names += [n for n in r if n.startswith("jax:") and n not in jax_names]
-    names = jax_names + (["torch"] if args.torch else [])
+    torch_names = list(args.torch_contestants)
+    names = jax_names + torch_names
     gflop = train_gflop_per_image(args)
     cols = [n.replace("jax:", "fer_jax ") for n in names]
-    ratio_cols = [f"{n.replace('jax:', '')} / torch" for n in jax_names] if args.torch else []
+    peers = {n: torch_peer(n, torch_names) for n in jax_names}
+    ratio_names = [n for n in jax_names if peers[n]]
+    ratio_cols = [f"{n.replace('jax:', '')} / {peers[n]}" for n in ratio_names]
     head = ["metric", *cols, *ratio_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(label: str, r: dict[str, Any], get, spec: str, ratio: bool) -> None:
         values = {n: get(r[n]) for n in names if n in r}
         cells = [_f(values.get(n), spec) for n in names]
-        if args.torch:
-            t = values.get("torch")
-            for n in jax_names:
-                v = values.get(n)
-                cells.append(f"**{v / t:.2f}x**" if ratio and v and t else "")
+        for n in ratio_names:
+            v, t = values.get(n), values.get(peers[n])
+            cells.append(f"**{v / t:.2f}x**" if ratio and v and t else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     for i, batch in enumerate(args.batches):
@@ -600,7 +628,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fer_jax contestants at the batches after the first (default: the fastest at the "
         "first batch; every contestant's worker is alive at once, so memory adds up)",
     )
-    ap.add_argument("--no_torch", dest="torch", action="store_false")
+    ap.add_argument(
+        "--torch_contestants",
+        nargs="*",
+        default=["torch"],
+        choices=TORCH_CONTESTANTS,
+        help="PyTorch contestants: torch (float32), torch:bf16 (bfloat16 autocast)",
+    )
+    ap.add_argument(
+        "--no_torch", dest="torch_contestants", action="store_const", const=[], help="no PyTorch"
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--cbam", default="channel_first")
     ap.add_argument("--head", default="a_softmax")
@@ -652,7 +689,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(os.path.join(out, "benchmark.md"), "w") as f:
         f.write("# fer_jax vs PyTorch reference: training and ten-crop evaluation\n\n")
         f.write(
-            f"Width {args.width}, cbam {args.cbam}, head {args.head}, float32; "
+            f"CPU: {prov['hardware']['cpu_model']}, {prov['hardware']['cpu_count']} cores. "
+            f"Width {args.width}, cbam {args.cbam}, head {args.head}; float32 except `IMPL:bf16` "
+            "(bfloat16 matmul operands, float32 accumulation) and `torch:bf16` (autocast); "
             f"{args.steps} steps x {args.reps} alternating rounds (median); load average "
             f"before {prov['hardware']['loadavg_1_5_15']}, after "
             f"{[round(x, 2) for x in res['loadavg_after']]}.\n\n"

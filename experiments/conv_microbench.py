@@ -88,6 +88,24 @@ process, variants alternating):
   matrix-vector sums are 2-3x slower than YNNPACK's). ``LIBRARY_FUSION_TYPE_DOT`` aborts the
   train step at run time ("partition compile failed", a dot with two multiply post-ops).
   ``xla_cpu_prefer_vector_width=512``, ``xla_cpu_copy_insertion_use_region_analysis``: noise.
+
+bfloat16 on layers 3-4, same machine type (issue 34), shared with other jobs (load 5-7: every
+figure 1.5-3x the quiet ones; alternating, min of 7-11; B=64):
+- Dots alone: bf16 operands with float32 accumulation (``preferred_element_type``) ~2x float32
+  (340-440 vs 160-215 GFLOP/s at the im2col shapes); with a bf16 *output* 0.7-1.0x float32.
+- 11x11x256 forward: XLA f32 48-72 ms, im2col bf16 (chunks of >= 256 output pixels) 32-33,
+  Winograd bf16 28-35; unchunked im2col 85-130 (the 9-copy concatenation of the whole batch);
+  9 per-tap dots summed 57; x shifted along W only, (3Cin) @ (3Cin, 3Cout) and row-shifted
+  sums, 71. 6x6x512: XLA 59-79, im2col 33-46, Winograd bf16 56-101, per-tap 42.
+- Forward + gradients (``"im2col"``: weight gradient by bf16 ``weight_grad_matmul``):
+  11x11x256 205 -> 127 ms, 6x6x512 251 -> 180, s2 11x11x256 -> 6x6x512 122 -> 76 (vs
+  ``matmul_grad:bf16``); s2 into 11x11 and 1x1 kernels: no gain (kept ``matmul_grad:bf16``).
+  Weight gradient alone at 11x11 and 6x6, bf16 matmuls (shifted copies, 128-4096 rows per
+  chunk; im2col NN or TN) vs XLA's f32: within the noise (47-120 vs 64-82 ms).
+- XLA's own bf16 convolutions: Eigen 36-71 ms vs 39-66 f32 at 11x11, slower at 6x6 and 44x44;
+  YNNPACK does take bf16 convolutions (default options) and is slower still. oneDNN
+  (``xla_cpu_use_onednn`` + ``xla_cpu_experimental_onednn_custom_call``): no convolution was
+  rewritten to a oneDNN call in this jaxlib (no ``__onednn`` custom call in the compiled HLO).
 """
 
 from __future__ import annotations
@@ -212,8 +230,11 @@ def bench_shape(name: str, args) -> dict[str, tuple[float, float]]:
 
 
 def _auto_pick(name: str, batch: int) -> str:
+    """What ``"auto"`` picks for a shape, and ``"auto:bf16"`` where that differs."""
     h, cin, cout, k, s, p, _ = SHAPES[name]
-    return conv.select_impl((batch, h, h, cin), (k, k, cin, cout), s, p)
+    f32 = conv.select_impl((batch, h, h, cin), (k, k, cin, cout), s, p)
+    bf16 = conv.select_impl((batch, h, h, cin), (k, k, cin, cout), s, p, bf16=True)
+    return f32 if bf16 == f32 else f"{f32} (bf16: {bf16})"
 
 
 def _table(results, cols, idx: int, title: str, args) -> str:

@@ -28,7 +28,7 @@ CASES = [
     (2, 7, 2, 2, 4, 2, 1),  # even kernel, stride 2, odd size
     (2, 8, 2, 3, 3, 2, 0),  # stride 2, no padding
 ]
-CUSTOM_IMPLS = ["matmul_grad", "phase_dx", "auto"]
+CUSTOM_IMPLS = ["matmul_grad", "phase_dx", "im2col", "auto"]
 
 
 def _inputs(case, dtype=jnp.float32, seed=0):
@@ -106,6 +106,30 @@ def test_winograd_matches_xla(case):
     for name, a, r in zip(("y", "dx", "dk"), out, ref, strict=True):
         assert a.shape == r.shape and a.dtype == r.dtype, name
         _assert_close(a, r)
+
+
+@pytest.mark.parametrize(
+    "case, pads",
+    [
+        ((16, 6, 4, 5, 3, 1, 1), ((1, 1), (1, 1))),  # 2 chunks of 8 images (lax.map)
+        ((7, 6, 4, 5, 3, 1, 1), ((1, 1), (1, 1))),  # no divisor of 7 >= 8: one chunk
+        ((2, 9, 3, 4, 3, 2, 1), ((2, 0), (1, -1))),  # asymmetric, negative: cropped
+        ((2, 8, 3, 4, 1, 2, 0), ((0, 0), (0, 0))),  # 1x1, stride 2
+    ],
+)
+def test_conv_im2col_matches_lax_conv(case, pads):
+    """conv_im2col with any (even negative) padding per side, chunked or not, equals XLA's."""
+    x, kern, _ = _inputs(case)
+    s = case[5]
+    ref = jax.lax.conv_general_dilated(
+        x, kern, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    out = jax.jit(conv.conv_im2col, static_argnums=(2, 3, 4))(x, kern, s, pads, False)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    _assert_close(out, ref)
+    bf = jax.jit(conv.conv_im2col, static_argnums=(2, 3, 4))(x, kern, s, pads, True)
+    assert bf.dtype == jnp.float32
+    _assert_close(bf, ref, rtol=5e-2, atol_rel=2e-2)
 
 
 def test_winograd_refuses_other_shapes_by_name():
@@ -219,7 +243,7 @@ def test_shard_map_and_pmap():
     _assert_close(pm.reshape(-1, *pm.shape[2:]), conv.conv2d(x, kern))
 
 
-@pytest.mark.parametrize("impl", ["xla", "matmul_grad", "phase_dx", "winograd"])
+@pytest.mark.parametrize("impl", ["xla", "matmul_grad", "phase_dx", "winograd", "im2col"])
 def test_bfloat16(impl):
     """bf16 activations (kernel cast by the caller or by conv2d) run and are close to f32."""
     # stride 2: the input-gradient phases run in bf16 too (Winograd: stride 1 only)
@@ -250,6 +274,11 @@ def test_bfloat16(impl):
         ("matmul_grad:bf16", (4, 22, 16, 16, 3, 1, 1)),
         ("matmul_grad:bf16", (4, 22, 8, 16, 3, 2, 1)),  # strided: per phase of kernel rows
         ("auto:bf16", (4, 44, 16, 16, 3, 1, 1)),  # auto picks Winograd here
+        ("im2col:bf16", (4, 6, 16, 16, 3, 1, 1)),
+        ("im2col:bf16", (4, 11, 16, 32, 3, 2, 1)),  # strided: input gradient per phase
+        ("im2col:bf16", (4, 11, 16, 32, 1, 2, 0)),
+        ("auto:bf16", (16, 11, 16, 16, 3, 1, 1)),  # auto picks im2col here (4 chunks)
+        ("auto:bf16", (8, 6, 16, 16, 3, 1, 1)),
     ],
 )
 def test_bf16_matmul_operands_keep_float32_outputs_close_to_xla(impl, case):
@@ -265,8 +294,43 @@ def test_bf16_matmul_operands_keep_float32_outputs_close_to_xla(impl, case):
         assert a.dtype == jnp.float32, name
         _assert_close(a, r, rtol=5e-2, atol_rel=2e-2)
         changed.append(not np.array_equal(np.asarray(a), np.asarray(f)))
-    # Winograd rounds y, dx and dk; matmul_grad only its weight gradient.
+    # Winograd and im2col round y, dx and dk; matmul_grad only its weight gradient.
     assert changed == ([True] * 3 if "matmul_grad" not in impl else [False, False, True])
+
+
+def test_auto_bf16_leaves_float32_picks_alone():
+    """`bf16=True` changes select_impl's pick only for layers 3-4's 3x3 convolutions
+    ("im2col": stride 1 at 11x11 and 6x6, and 11x11 -> 6x6 at stride 2); every float32 pick
+    is as before."""
+    shapes = [  # (x_shape, kernel_shape, stride, padding): every convolution of the network
+        ((64, 44, 44, 1), (3, 3, 1, 64), 1, 1),
+        ((64, 44, 44, 64), (3, 3, 64, 64), 1, 1),
+        ((64, 44, 44, 2), (7, 7, 2, 1), 1, 3),
+        ((64, 44, 44, 64), (3, 3, 64, 128), 2, 1),
+        ((64, 44, 44, 64), (1, 1, 64, 128), 2, 0),
+        ((64, 22, 22, 128), (3, 3, 128, 128), 1, 1),
+        ((64, 22, 22, 128), (3, 3, 128, 256), 2, 1),
+        ((64, 22, 22, 128), (1, 1, 128, 256), 2, 0),
+        ((64, 11, 11, 256), (3, 3, 256, 256), 1, 1),
+        ((64, 11, 11, 2), (7, 7, 2, 1), 1, 3),
+        ((64, 11, 11, 256), (3, 3, 256, 512), 2, 1),
+        ((64, 11, 11, 256), (1, 1, 256, 512), 2, 0),
+        ((64, 6, 6, 512), (3, 3, 512, 512), 1, 1),
+        ((64, 6, 6, 2), (7, 7, 2, 1), 1, 3),
+    ]
+    changed = {}
+    for x_shape, k_shape, s, p in shapes:
+        f32 = conv.select_impl(x_shape, k_shape, s, p, backend="cpu")
+        bf16 = conv.select_impl(x_shape, k_shape, s, p, backend="cpu", bf16=True)
+        assert f32 == conv.select_impl(x_shape, k_shape, s, p, backend="cpu", bf16=False)
+        if bf16 != f32:
+            changed[(x_shape[1], k_shape)] = (f32, bf16)
+        assert conv.select_impl(x_shape, k_shape, s, p, backend="gpu", bf16=True) == "xla"
+    assert changed == {
+        (11, (3, 3, 256, 256)): ("xla", "im2col"),
+        (6, (3, 3, 512, 512)): ("xla", "im2col"),
+        (11, (3, 3, 256, 512)): ("matmul_grad", "im2col"),
+    }
 
 
 def test_bf16_suffix_only_on_impls_with_matmuls():

@@ -460,6 +460,57 @@ def test_benchmark_markdown_puts_the_contestants_side_by_side():
     assert benchmark._fastest(res["batches"]["64"]) == "auto"
 
 
+def test_benchmark_compares_bf16_contestants_with_torch_autocast():
+    """A bfloat16 fer_jax contestant's ratio is to `torch:bf16`, a float32 one's to `torch`."""
+    args = benchmark.parse_args(
+        ["--batches", "64", "--conv_impls", "auto+eigen", "auto:bf16+eigen"]
+        + ["--torch_contestants", "torch", "torch:bf16"]
+    )
+    names = ["torch", "torch:bf16"]
+    assert benchmark.torch_peer("jax:auto+eigen", names) == "torch"
+    assert benchmark.torch_peer("jax:auto:bf16+eigen@HEAD", names) == "torch:bf16"
+    assert benchmark.torch_peer("jax:auto:bf16+eigen", ["torch"]) == "torch"
+    assert benchmark.torch_peer("jax:auto", []) is None
+    assert benchmark.parse_args(["--no_torch"]).torch_contestants == []
+    one = {"peak_rss_gib": 1.0, "first_loss": 2.0, "compile_train_s": 1.0, "compile_eval_s": 1.0}
+    res = {
+        "batches": {
+            "64": {
+                "jax:auto+eigen": {**one, "train_images_per_s": 40.0, "eval_crops_per_s": 150.0},
+                "jax:auto:bf16+eigen": {**one, "train_images_per_s": 60.0, "eval_crops_per_s": 200},
+                "torch": {**one, "train_images_per_s": 40.0, "eval_crops_per_s": 100.0},
+                "torch:bf16": {**one, "train_images_per_s": 50.0, "eval_crops_per_s": 160.0},
+            }
+        }
+    }
+    md = benchmark.markdown(res, args)
+    head = (
+        "| metric | fer_jax auto+eigen | fer_jax auto:bf16+eigen | torch | torch:bf16 "
+        "| auto+eigen / torch | auto:bf16+eigen / torch:bf16 |"
+    )
+    assert head in md
+    assert (
+        "| train images/s, batch 64 | 40.00 | 60.00 | 40.00 | 50.00 | **1.00x** | **1.20x** |" in md
+    )
+    assert (
+        "| ten-crop eval crops/s (16 images x 10 per batch) | 150.0 | 200.0 | 100.0 | 160.0 " in md
+    )
+
+
+def test_benchmark_torch_bf16_contestant_runs_under_autocast():
+    """`torch:bf16`: the reference network trains and evaluates under bfloat16 autocast, its
+    weights stay float32, and its first loss is float32's within bf16 rounding (width 4)."""
+    pytest.importorskip("torch")
+    args = benchmark.parse_args(["--width", "4", "--eval_batch", "2", "--threads", "1"])
+    args.batch = 4
+    f32 = benchmark.TorchContestant(args)
+    bf16 = benchmark.TorchContestant(args, bf16=True)
+    assert f32.first_loss != bf16.first_loss  # autocast took effect
+    assert abs(bf16.first_loss - f32.first_loss) < 0.05 * abs(f32.first_loss)
+    assert all(p.dtype == bf16.torch.float32 for p in bf16.model.parameters())
+    assert bf16.train(1) > 0 and bf16.evaluate(1) > 0
+
+
 def test_asoftmax_collapse_runs_variants_from_a_fer2013_csv(tmp_path):
     from data_pipelines import synthetic
 

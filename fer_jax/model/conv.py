@@ -17,6 +17,10 @@ the forward. Remedies, usable together:
 - Strided convolutions (``"matmul_grad"`` and ``"phase_dx"``): the input gradient as stride**2
   plain convolutions, one per phase of the input's pixels (:func:`input_grad_phases`), instead
   of XLA's convolution of the stride-dilated dy, 4x the arithmetic at stride 2.
+- ``conv2d(impl="im2col")``: forward and input gradient as chunked patch matmuls
+  (:func:`conv_im2col`). Slower than XLA's in float32, but with bfloat16 operands
+  (``"auto:bf16"``) it runs at the bf16 multiply rate (2x float32's with AVX512-BF16): taken
+  there for layers 3-4 (11x11x256, 6x6x512), where XLA's float32 convolutions ran before.
 - ``jax.jit(step, compiler_options=cpu_compiler_options())``: XLA:CPU convolutions by Eigen
   instead of YNNPACK (all shapes, forward and both gradients); the Trainer's steps and the
   recognizer compile with it.
@@ -38,7 +42,7 @@ from jax import lax
 
 from fer_jax.model import mesh_axes
 
-IMPLS = ("xla", "matmul_grad", "phase_dx", "shifted_sums", "winograd", "auto")
+IMPLS = ("xla", "matmul_grad", "phase_dx", "shifted_sums", "winograd", "im2col", "auto")
 """Accepted values of ``conv2d(impl=...)``.
 
 - ``"xla"``: ``lax.conv_general_dilated``; its autodiff rules give both gradients.
@@ -51,18 +55,24 @@ IMPLS = ("xla", "matmul_grad", "phase_dx", "shifted_sums", "winograd", "auto")
 - ``"winograd"``: stride 1, 3x3, padding 1: forward and input gradient by Winograd's
   F(2x2, 3x3) (:func:`conv_winograd`: 16 matmuls where a direct convolution does 36 multiply-adds
   per 2x2 output tile), weight gradient as ``"matmul_grad"``.
+- ``"im2col"``: forward and input gradient as chunked patch matmuls (:func:`conv_im2col`; at
+  stride > 1 the input gradient per phase as in ``"phase_dx"``), weight gradient as
+  ``"matmul_grad"``. Slower than XLA's convolution in float32; ``"auto:bf16"`` takes it for
+  the stride-1 convolutions on small maps (11x11, 6x6).
 - ``"auto"``: :func:`select_impl` at trace time.
 
-``"winograd"``, ``"matmul_grad"`` and ``"auto"`` also take the suffix :data:`BF16_SUFFIX`
-(``"auto:bf16"``): the operands of their matmuls (Winograd's 16 per tile, the weight
-gradient's) are rounded to bfloat16 and accumulated in float32 (``preferred_element_type``);
+``"winograd"``, ``"matmul_grad"``, ``"im2col"`` and ``"auto"`` also take the suffix
+:data:`BF16_SUFFIX` (``"auto:bf16"``): the operands of their matmuls (Winograd's 16 per tile,
+im2col's, the weight gradient's) are rounded to bfloat16 and accumulated in float32
+(``preferred_element_type``); ``"auto:bf16"`` also picks those forms on more shapes
+(:func:`select_impl` with ``bf16=True``: the 256- and 512-channel layers too);
 everything else, transforms included, stays in the input's dtype. That pays only where the CPU
 multiplies bfloat16 natively (AMX: 2-5x at 256-512 channels); ``fer_jax.model.resnet``'s
 ``matmul_dtype='auto'`` picks it there alone.
 """
 
 BF16_SUFFIX = ":bf16"
-BF16_IMPLS = ("winograd", "matmul_grad", "auto")  # the impls that accept BF16_SUFFIX
+BF16_IMPLS = ("winograd", "matmul_grad", "im2col", "auto")  # the impls that accept BF16_SUFFIX
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -75,6 +85,9 @@ WINOGRAD_MIN_OUTPUT_PIXELS = 22 * 22
 # maps of at least this many pixels (CBAM's 7x7 2 -> 1 at 44, 22 and 11, not at 6).
 SHIFTED_MAX_CHANNEL_PAIRS = 4
 SHIFTED_MIN_OUTPUT_PIXELS = 100
+# ... and with bfloat16 matmul operands ("auto:bf16"), "im2col" for strided kernels into maps of
+# at most this many pixels (layer 4's 11x11x256 -> 6x6x512; into 11x11 it did not pay).
+IM2COL_BF16_MAX_STRIDED_OUTPUT_PIXELS = 6 * 6
 
 
 CPU_COMPILER_OPTIONS = {
@@ -254,7 +267,12 @@ def _weight_grad_xla(
 
 
 def input_grad_phases(
-    dy: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...], stride: int, padding: int
+    dy: jax.Array,
+    kernel: jax.Array,
+    x_shape: tuple[int, ...],
+    stride: int,
+    padding: int,
+    bf16: bool | None = None,
 ) -> jax.Array:
     """dL/dx (B, H, W, Cin) of a strided convolution as stride**2 stride-1 convolutions.
 
@@ -263,7 +281,9 @@ def input_grad_phases(
     of the 44x44x64 -> 22x22x128 convolution cost ~5x its forward. Instead: input pixel i
     (per axis) only meets the kernel taps t with t = i + p (mod s), so each residue class ("phase")
     of x's pixels is a plain correlation of dy with the taps of its class, flipped; the phases
-    are then interleaved. dy (B, Ho, Wo, Cout), kernel (kh, kw, Cin, Cout).
+    are then interleaved. dy (B, Ho, Wo, Cout), kernel (kh, kw, Cin, Cout). `bf16` not None:
+    each phase by :func:`conv_im2col` (bfloat16 matmul operands if True) instead of XLA's
+    convolution.
     """
     _, h, w, cin = x_shape
     kh, kw = kernel.shape[:2]
@@ -294,12 +314,104 @@ def input_grad_phases(
                     (pad_w, wq, dy.shape[2], k.shape[1]),
                 )
             ]
-            cols.append(
-                lax.conv_general_dilated(dy, k, (1, 1), pads, dimension_numbers=_DIMENSION_NUMBERS)
-            )
+            if bf16 is None:
+                cols.append(
+                    lax.conv_general_dilated(
+                        dy, k, (1, 1), pads, dimension_numbers=_DIMENSION_NUMBERS
+                    )
+                )
+            else:
+                cols.append(conv_im2col(dy, k, 1, pads, bf16))
         rows.append(jnp.stack(cols, axis=3))  # (B, hq, wq, s, Cin)
     dx = jnp.stack(rows, axis=2)  # (B, hq, s, wq, s, Cin): pixel (hq * s + a, wq * s + b)
     return dx.reshape(dy.shape[0], hq * s, wq * s, cin)[:, :h, :w]
+
+
+# --- "im2col": convolutions as chunked patch matmuls (bfloat16 on small maps) ----------------
+
+# Output pixels (images x Ho x Wo) per im2col matmul: at least this many. Measured (2-core AMD
+# EPYC, Zen 5, bf16 operands, B=64): 6x6x512 -> 512 forward 35 / 37 / 37 / 49 ms at 2 / 4 / 8 /
+# 16 images per chunk; 11x11x256 -> 6x6x512 s2 19 / 11 / 11 / 18 ms.
+_IM2COL_MIN_CHUNK_ROWS = 256
+
+
+def conv_im2col(
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: int,
+    pads: tuple[tuple[int, int], tuple[int, int]],
+    bf16: bool = False,
+) -> jax.Array:
+    """:func:`_conv_xla` with padding `pads` ((top, bottom), (left, right); negative crops) as
+    im2col matmuls, a few images at a time.
+
+    x (B, H, W, Cin), kernel (kh, kw, Cin, Cout) -> (B, Ho, Wo, Cout) in x's dtype. Per chunk of
+    images (``lax.map``; patches of ~1-2 MB stay in cache): the kh*kw shifted (strided) windows
+    of x side by side, ``(c*Ho*Wo, kh*kw*Cin) @ (kh*kw*Cin, Cout)``. `bf16`: patches and kernel
+    rounded to bfloat16, products accumulated in float32. In float32 XLA's convolution is
+    faster; with bfloat16 operands this runs at 2x float32's multiply rate on AVX512-BF16:
+    6x6x512 -> 512 forward ~2x XLA's float32 (2-core AMD EPYC, Zen 5;
+    ``experiments/conv_microbench.py``).
+    """
+    with jax.named_scope("im2col"):  # profiles tell it apart
+        b, h, w, cin = x.shape
+        kh, kw, _, cout = kernel.shape
+        (pt, pb), (pl, pr) = pads
+        ho = (h + pt + pb - kh) // stride + 1
+        wo = (w + pl + pr - kw) // stride + 1
+        dtype = x.dtype
+        op_dtype = jnp.bfloat16 if bf16 else dtype
+        acc_dtype = _acc_dtype(op_dtype)
+        zero = jnp.zeros((), op_dtype)
+        xp = lax.pad(x.astype(op_dtype), zero, ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+        k2 = kernel.astype(op_dtype).reshape(kh * kw * cin, cout)
+
+        def chunk(xc: jax.Array) -> jax.Array:
+            rows, cols = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+            windows = [
+                xc[:, i : i + rows : stride, j : j + cols : stride]
+                for i in range(kh)
+                for j in range(kw)
+            ]
+            patches = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * cin)
+            y = lax.dot_general(
+                patches, k2, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype
+            )
+            return y.reshape(xc.shape[0], ho, wo, cout).astype(dtype)
+
+        want = -(-_IM2COL_MIN_CHUNK_ROWS // (ho * wo))
+        c = next((d for d in range(want, b + 1) if b % d == 0), b)
+        if c == b:
+            return chunk(xp)
+        y = lax.map(chunk, xp.reshape(b // c, c, *xp.shape[1:]))
+        return y.reshape(b, ho, wo, cout)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_im2col(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, bf16: bool
+) -> jax.Array:
+    return conv_im2col(x, kernel, stride, ((padding, padding),) * 2, bf16)
+
+
+def _conv_im2col_fwd(x, kernel, stride, padding, bf16):
+    return _conv_im2col(x, kernel, stride, padding, bf16), (x, kernel)
+
+
+def _conv_im2col_bwd(stride, padding, bf16, res, dy):
+    x, kernel = res
+    kh, kw = kernel.shape[:2]
+    if stride == 1:  # dy correlated with the flipped kernel, Cin <-> Cout
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        pads = ((kh - 1 - padding,) * 2, (kw - 1 - padding,) * 2)
+        dx = conv_im2col(dy, flipped, 1, pads, bf16)
+    else:
+        dx = input_grad_phases(dy, kernel, x.shape, stride, padding, bf16)
+    dw = weight_grad_matmul(x, dy, kernel.shape, stride, padding, bf16)
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+_conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
 
 
 # --- custom gradients: "matmul_grad" and "phase_dx" --------------------------------------------
@@ -500,8 +612,10 @@ def select_impl(
     stride: int = 1,
     padding: int = 1,
     backend: str | None = None,
+    bf16: bool = False,
 ) -> str:
-    """The impl ``"auto"`` resolves to for this shape on ``backend`` (default: jax's default).
+    """The impl ``"auto"`` (``bf16``: ``"auto:bf16"``, without the suffix) resolves to for this
+    shape on ``backend`` (default: jax's default).
 
     On CPU, ``"shifted_sums"`` for stride-1 square kernels between a few channels
     (<= SHIFTED_MAX_CHANNEL_PAIRS (Cin, Cout) pairs) on maps of >= SHIFTED_MIN_OUTPUT_PIXELS
@@ -525,6 +639,17 @@ def select_impl(
       2-3x faster than XLA:CPU's default YNNPACK weight gradient, on par with its Eigen one).
 
     ``"xla"`` otherwise and on every other backend (GPU/TPU convolutions are fast).
+
+    With ``bf16`` (bfloat16 matmul operands, where the CPU multiplies them at twice float32's
+    rate), the same, except ``"im2col"`` for kernels larger than 1x1 with Cin >= 16 at stride 1
+    on output maps below AUTO_MIN_OUTPUT_PIXELS (11x11x256, 6x6x512) and strided into maps of
+    <= IM2COL_BF16_MAX_STRIDED_OUTPUT_PIXELS (11x11x256 -> 6x6x512 s2), where float32 takes
+    XLA's convolutions or ``"matmul_grad"``. Forward + both gradients, B=64, 2-core AMD EPYC
+    (Zen 5) shared with other jobs (load 5-7; alternating, min of 9-11): 11x11x256 205 -> 127
+    ms and 6x6x512 251 -> 180 (vs XLA float32), 11x11x256 -> 6x6x512 s2 122 -> 76 (vs
+    ``"matmul_grad:bf16"``). Not taken: bf16 Winograd at 11x11 (as fast as im2col, not faster)
+    and 6x6 (slower than XLA's float32); im2col into 11x11 at stride 2 and for 1x1 kernels
+    (no faster than ``"matmul_grad:bf16"``).
     """
     backend = jax.default_backend() if backend is None else backend
     kh, kw, cin, cout = kernel_shape
@@ -541,6 +666,16 @@ def select_impl(
         return "shifted_sums"
     if cout < 16:
         return "xla"
+    if (
+        bf16
+        and cin >= 16
+        and kh * kw > 1
+        and (
+            (stride == 1 and ho * wo < AUTO_MIN_OUTPUT_PIXELS)
+            or ho * wo <= IM2COL_BF16_MAX_STRIDED_OUTPUT_PIXELS
+        )
+    ):
+        return "im2col"
     if (
         (kh, kw, stride, padding) == (3, 3, 1, 1)
         and cin >= 16
@@ -602,7 +737,7 @@ def conv2d(
     kernel = kernel.astype(x.dtype)
     impl, bf16 = split_impl(impl)
     if impl == "auto":
-        impl = select_impl(x.shape, kernel.shape, stride, padding)
+        impl = select_impl(x.shape, kernel.shape, stride, padding, bf16=bf16)
     if impl == "xla":
         return _conv_xla(x, kernel, stride, padding)
     if impl == "shifted_sums":
@@ -620,6 +755,9 @@ def conv2d(
         x, kernel = mesh_axes.match_varying_axes(x, kernel)
         ho, wo = x.shape[1:3]
         return _conv_wino(x, kernel, ho * wo >= AUTO_MIN_OUTPUT_PIXELS, bf16)
+    if impl == "im2col":
+        x, kernel = mesh_axes.match_varying_axes(x, kernel)
+        return _conv_im2col(x, kernel, stride, padding, bf16)
     if impl in ("matmul_grad", "phase_dx"):
         x, kernel = mesh_axes.match_varying_axes(x, kernel)
         return _conv_custom_grad(x, kernel, stride, padding, impl == "matmul_grad", bf16)
