@@ -79,3 +79,10 @@ def test_no_function_is_longer_than_80_lines(module):
         and node.end_lineno - node.lineno + 1 > 80
     ]
     assert not long, long
+
+
+def test_readme_stays_a_front_page():
+    # Issue 36: README keeps the headline figures and links; the model card is MODEL_CARD.md.
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert len(lines) <= 180, f"README.md has {len(lines)} lines (at most 180)"
