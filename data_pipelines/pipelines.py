@@ -124,7 +124,7 @@ def train_dataset_from_arrays(
     """
     images, labels = check_arrays(images, labels)
     _check_devices(batch_size, num_devices)
-    n, height, width, channels = images.shape
+    n, height, width, _ = images.shape
     steps = steps_per_epoch(n, batch_size)
     if not 0 <= start_step < steps:
         raise ValueError(f"start_step {start_step} outside [0, {steps}) (steps per epoch)")
@@ -132,18 +132,8 @@ def train_dataset_from_arrays(
         raise ValueError(f"seed and start_epoch must be >= 0, got {seed} and {start_epoch}")
     five_crop_offsets(height, width, crop)  # Checks that the crop fits.
     check_augmentation(zoom, rotate, erase)
-    norm = normalizer(normalize)
-    flat_images = tf.constant(images.reshape(n * height * width, channels))
-    labels_t = tf.constant(labels.astype(np.int32))
-    # The plan's arrays, in make_batch's argument order: 'affine' with zoom or rotation,
-    # 'erase' with erasing.
-    keys = ("index", "top", "left", "flip")
-    types = [tf.int64, tf.int32, tf.int32, tf.bool]
-    shapes = [[steps, batch_size]] * 4
-    for key, size, on in (("affine", 6, zoom > 0 or rotate > 0), ("erase", 4, erase > 0)):
-        if on:
-            keys, types = keys + (key,), types + [tf.int32]
-            shapes = shapes + [[steps, batch_size, size]]
+    keys, types, shapes = _plan_arrays(steps, batch_size, zoom, rotate, erase)
+    make_batch = _batch_maker(images, labels, keys[4:], crop, normalize, return_index, num_devices)
 
     def plan(epoch: np.int64) -> tuple[np.ndarray, ...]:
         p = epoch_plan(
@@ -166,12 +156,49 @@ def train_dataset_from_arrays(
         skip = tf.where(epoch == start_epoch, tf.constant(start_step, tf.int64), 0)
         return tf.data.Dataset.from_tensor_slices(tuple(out)).skip(skip)
 
+    stop = _MAX_EPOCHS if num_epochs is None else start_epoch + num_epochs
+    ds = tf.data.Dataset.range(start_epoch, stop).flat_map(epoch_batches)
+    ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _plan_arrays(
+    steps: int, batch_size: int, zoom: float, rotate: float, erase: float
+) -> tuple[tuple[str, ...], list[tf.DType], list[list[int]]]:
+    """The names, dtypes and shapes of an epoch plan's arrays, in the batch maker's argument
+    order: 'affine' with zoom or rotation, 'erase' with erasing."""
+    keys = ("index", "top", "left", "flip")
+    types = [tf.int64, tf.int32, tf.int32, tf.bool]
+    shapes = [[steps, batch_size]] * 4
+    for key, size, on in (("affine", 6, zoom > 0 or rotate > 0), ("erase", 4, erase > 0)):
+        if on:
+            keys, types = keys + (key,), types + [tf.int32]
+            shapes = shapes + [[steps, batch_size, size]]
+    return keys, types, shapes
+
+
+def _batch_maker(
+    images: np.ndarray,
+    labels: np.ndarray,
+    extras: tuple[str, ...],
+    crop: int,
+    normalize: Normalize,
+    return_index: bool,
+    num_devices: int | None,
+) -> Callable[..., dict[str, tf.Tensor]]:
+    """The function from one step of the plan (index, top, left, flip[, affine][, erase]) to
+    its batch of normalised crops (`train_dataset_from_arrays`); `extras` names the optional
+    arrays."""
+    n, height, width, channels = images.shape
+    norm = normalizer(normalize)
+    flat_images = tf.constant(images.reshape(n * height * width, channels))
+    labels_t = tf.constant(labels.astype(np.int32))
     # Flat pixel offsets of a crop from its top-left pixel, plain and mirrored: (2, crop, crop).
     dtype = tf.int32 if n * height * width < 2**31 else tf.int64
     offsets = tf.constant(crop_pixel_offsets(width, crop), dtype)
 
     def make_batch(index, top, left, flipped, *extra) -> dict[str, tf.Tensor]:
-        named = dict(zip(keys[4:], extra, strict=True))
+        named = dict(zip(extras, extra, strict=True))
         maps, boxes = named.get("affine"), named.get("erase")
         if maps is None:
             corner = (tf.cast(index, dtype) * height + tf.cast(top, dtype)) * width
@@ -189,10 +216,7 @@ def train_dataset_from_arrays(
             batch["index"] = index
         return _split_devices(batch, num_devices)
 
-    stop = _MAX_EPOCHS if num_epochs is None else start_epoch + num_epochs
-    ds = tf.data.Dataset.range(start_epoch, stop).flat_map(epoch_batches)
-    ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _options(ds.prefetch(tf.data.AUTOTUNE))
+    return make_batch
 
 
 def eval_dataset_from_arrays(

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import paper_tables, provenance, tb_curves
+from experiments import common, paper_tables, provenance, tb_curves
 
 DEFAULT_VARIANTS = (
     "softmax=model.head=softmax",
@@ -181,7 +181,6 @@ def train_variant(
 def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     """The loss / mean |x| table, a column per logged step of the first variant."""
     steps = [r["step"] for r in next(iter(results.values()))["log"]]
-    head = "| variant | overrides | " + " | ".join(f"step {s}" for s in steps) + " |"
     shapes = sorted(
         {
             f"first {r['train_examples']} rows, {r['steps_per_epoch']} steps x "
@@ -198,19 +197,18 @@ def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> st
         f"at most {args.log_every}) / mean |x|. log 7 = 1.946 is the loss of "
         "all-zero logits.",
         "",
-        head,
-        "|" + "---|" * (len(steps) + 2),
     ]
-    for name, res in results.items():
-        cells = [f"{r['loss']:.3f} / {r['feature_norm']:.3g}" for r in res["log"]]
-        lines.append(
-            f"| {name} | `{','.join(res['overrides']) or '-'}` | " + " | ".join(cells) + " |"
-        )
+    rows = [
+        [name, f"`{','.join(res['overrides']) or '-'}`"]
+        + [f"{r['loss']:.3f} / {r['feature_norm']:.3g}" for r in res["log"]]
+        for name, res in results.items()
+    ]
+    lines += common.table(["variant", "overrides", *(f"step {s}" for s in steps)], rows)
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--csv", required=True, help="fer2013.csv (or .tar.gz), see README")
     ap.add_argument("--examples", type=int, default=8000, help="first N Training rows")
     ap.add_argument("--variant", action="append", help="NAME=FIELD=VALUE,... (repeatable)")
@@ -219,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--log_every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(paper_tables.REPO, "experiments", "results"))
+    common.add_out(ap, help=None, default=os.path.join(paper_tables.REPO, "experiments", "results"))
     ap.add_argument(
         "--workdir_root",
         default="",

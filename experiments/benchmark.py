@@ -52,7 +52,7 @@ import tempfile
 import time
 from typing import Any
 
-from experiments import provenance
+from experiments import common, provenance
 
 REPO = provenance.REPO
 
@@ -541,7 +541,7 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
     ratio_names = [n for n in jax_names if peers[n]]
     ratio_cols = [f"{n.replace('jax:', '')} / {peers[n]}" for n in ratio_names]
     head = ["metric", *cols, *ratio_cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = common.table(head)
 
     def row(label: str, r: dict[str, Any], get, spec: str, ratio: bool) -> None:
         values = {n: get(r[n]) for n in names if n in r}
@@ -605,7 +605,7 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--steps", type=int, default=2, help="train steps per timed round")
@@ -644,7 +644,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data_dir", default="/tmp/tfds_data", help="TFDS dir for the pipeline")
     ap.add_argument("--pipeline_seconds", type=float, default=5.0)
     ap.add_argument("--no_pipeline", dest="pipeline", action="store_false")
-    ap.add_argument("--out", help="results folder (default: experiments/results/benchmark_cpu)")
+    common.add_out(ap, help="results folder (default: experiments/results/benchmark_cpu)")
     ap.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -684,8 +684,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n" + table)
     out = args.out or os.path.join(REPO, "experiments", "results", "benchmark_cpu")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "benchmark.json"), "w") as f:
-        json.dump({"args": vars(args), "results": res, "provenance": prov}, f, indent=1)
+    common.save_json(
+        os.path.join(out, "benchmark.json"),
+        {"args": vars(args), "results": res, "provenance": prov},
+    )
     with open(os.path.join(out, "benchmark.md"), "w") as f:
         f.write("# fer_jax vs PyTorch reference: training and ten-crop evaluation\n\n")
         f.write(

@@ -12,8 +12,6 @@ Median of `--reps` timed calls after one warm-up; run it on a quiet machine.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 
@@ -21,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import provenance
+from experiments import common, provenance
 from fer_jax.model import resnet
 
 # (tiles = 64 images x (H/2)^2, channels) of the stride-1 3x3 convolutions of each stage.
@@ -68,9 +66,9 @@ def measure(reps: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", default=None, help="results folder (default: none written)")
+    common.add_out(parser, help="results folder (default: none written)")
     args = parser.parse_args()
     flags = resnet.cpu_flags()
     bf16_flags = sorted(f for f in flags if "bf16" in f)
@@ -82,17 +80,15 @@ def main() -> None:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         data = {"rows": rows, "bf16_flags": bf16_flags, "provenance": provenance.provenance()}
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(data, f, indent=2)
-        lines = [
-            "| matmuls | float32 GFLOP/s | bf16 operands, f32 accumulation | ratio |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['shape']} | {r['float32_gflops']:.1f} | {r['bfloat16_gflops']:.1f} | "
-            f"{r['ratio']:.2f}x |"
-            for r in rows
-        ]
+        common.save_json(os.path.join(args.out, "results.json"), data, indent=2)
+        lines = common.table(
+            ["matmuls", "float32 GFLOP/s", "bf16 operands, f32 accumulation", "ratio"],
+            [
+                [r["shape"], f"{r['float32_gflops']:.1f}", f"{r['bfloat16_gflops']:.1f}"]
+                + [f"{r['ratio']:.2f}x"]
+                for r in rows
+            ],
+        )
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(f"bf16 CPU flags: {bf16_flags or 'none'}\n\n" + "\n".join(lines) + "\n")
 

@@ -11,12 +11,11 @@ form): run both from the same state and seed, then compare what `fer_jax.trainin
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any
 
-from experiments import tb_curves
+from experiments import common, tb_curves
 
 
 def common_points(
@@ -61,13 +60,9 @@ def summarize(points: dict[str, list[tuple[int, float, float]]]) -> dict[str, An
 def markdown(points: dict[str, list[tuple[int, float, float]]], labels: tuple[str, str]) -> str:
     lines = []
     for tag, rows in points.items():
-        lines += [
-            f"### {tag}",
-            "",
-            f"| step | {labels[0]} | {labels[1]} | {labels[1]} - {labels[0]} |",
-            "|---:|---:|---:|---:|",
-        ]
-        lines += [f"| {s} | {x:.5f} | {y:.5f} | {y - x:+.5f} |" for s, x, y in rows]
+        header = ["step", labels[0], labels[1], f"{labels[1]} - {labels[0]}"]
+        cells = [[s, f"{x:.5f}", f"{y:.5f}", f"{y - x:+.5f}"] for s, x, y in rows]
+        lines += [f"### {tag}", "", *common.table(header, cells, rule="---:")]
         lines.append("")
     return "\n".join(lines)
 
@@ -94,13 +89,13 @@ def plot(points: dict, labels: tuple[str, str], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("run_a", help="a run's workdir (holds events.out.tfevents.*)")
     ap.add_argument("run_b")
     ap.add_argument("--labels", nargs=2, default=None, help="names of the two runs")
     ap.add_argument("--tags", nargs="+", default=["train_loss", "train_accuracy"])
     ap.add_argument("--max_step", type=int, default=None)
-    ap.add_argument("--out", required=True, help="folder for curves.md/.json/.png")
+    common.add_out(ap, help="folder for curves.md/.json/.png", required=True)
     args = ap.parse_args(argv)
     labels = tuple(args.labels or (args.run_a, args.run_b))
     try:
@@ -117,8 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = markdown(points, labels)
     with open(os.path.join(args.out, "curves.md"), "w") as f:
         f.write(md)
-    with open(os.path.join(args.out, "curves.json"), "w") as f:
-        json.dump({"labels": labels, "summary": summary, "points": points}, f, indent=1)
+    common.save_json(
+        os.path.join(args.out, "curves.json"),
+        {"labels": labels, "summary": summary, "points": points},
+    )
     plot(points, labels, os.path.join(args.out, "curves.png"))
     print(md)
     print(json.dumps(summary, indent=1))

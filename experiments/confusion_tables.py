@@ -19,10 +19,9 @@ table3_confusion.png and table4_confusion.png (heat maps, % per true class).
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from experiments import paper_tables, provenance
+from experiments import common, paper_tables, provenance
 
 
 def _matrix_part(
@@ -38,7 +37,7 @@ def _matrix_part(
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     paper_tables.add_run_flags(ap)
     args = ap.parse_args(argv)
     prov = provenance.provenance()

@@ -110,7 +110,6 @@ figure 1.5-3x the quiet ones; alternating, min of 7-11; B=64):
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -120,6 +119,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import common
 from fer_jax.model import conv
 
 # short name: (H=W, Cin, Cout, k, stride, padding, uses per CBAM-ResNet18 forward). All convs of
@@ -242,7 +242,7 @@ def _table(results, cols, idx: int, title: str, args) -> str:
     head = ["shape", "auto picks", *cols]
     if "torch" in cols:
         head += ["best jax / torch", "best jax"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += common.table(head)
     total = dict.fromkeys(cols, 0.0)
     for name, res in results.items():
         row = [f"{name}: {describe(name)}", _auto_pick(name, args.batch)]
@@ -264,7 +264,7 @@ def _table(results, cols, idx: int, title: str, args) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help=f"of {list(SHAPES)}")

@@ -13,13 +13,12 @@ figure. Writes table.md and raw.json to `--out`.
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any
 
 import numpy as np
 
-from experiments import provenance
+from experiments import common
 
 SPLITS = ("public_test", "private_test")
 
@@ -64,13 +63,11 @@ def score(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> di
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--run", required=True, help="a workdir trained with config.ema_decay > 0")
-    ap.add_argument("--manual_dir", required=True, help="folder with fer2013.csv")
+    common.add_manual_dir(ap, help="folder with fer2013.csv")
     ap.add_argument("--crops", type=int, nargs="+", default=[1], choices=[1, 10])
-    ap.add_argument(
-        "--out", help="results folder (default: experiments/results/ema_effect_<platform>)"
-    )
+    common.add_out(ap, help="results folder (default: experiments/results/ema_effect_<platform>)")
     args = ap.parse_args(argv)
 
     from data_pipelines.files import load_split_from_files
@@ -120,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "class_names": list(CLASS_NAMES),
     }
     heading = f"Raw and averaged (EMA) weights of {args.run}, step {step} (float32)"
-    provenance.write_table("ema_effect", heading, header, rows, raw, args.out)
+    common.write_table("ema_effect", heading, header, rows, raw, args.out)
     return raw
 
 

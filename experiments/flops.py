@@ -8,11 +8,10 @@ For the paper's CBAM-ResNet18 at 44x44: 2.19 GFLOP forward, 6.58 GFLOP per train
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 
+from experiments import common
 from fer_jax.model.flops import lowered_flops, model_flops_per_image
 
 
@@ -21,7 +20,7 @@ def main() -> None:
     from configs import fer2013
     from fer_jax.model.resnet import model_from_config
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--cbam", default="channel_first")
     ap.add_argument("--head", default="a_softmax")

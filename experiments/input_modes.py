@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name not in MODES or (colon and (name != "device" or not steps.isdigit())):
             parser.error(f"--modes: {mode!r} is not device, device:K or tf_data")
 
-    from experiments import provenance
+    from experiments import common, provenance
     from fer_jax.training import synthetic_data
 
     data = synthetic_data.make_split(args.batch * args.steps, seed=0)
@@ -109,15 +109,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.steps} steps x {args.reps} repetitions (median), CPU: "
         f"{report['provenance']['hardware']['cpu_model']}",
         "",
-        "| mode | steps per call | training images/s | ten-crop crops/s | train compile s |",
-        "|---|---|---|---|---|",
+        *common.table(
+            ["mode", "steps per call", "training images/s", "ten-crop crops/s", "train compile s"],
+            [
+                [mode, runs[mode][0]["steps_per_dispatch"], f"{med['train_images_per_s']:.2f}"]
+                + [f"{med['tencrop_crops_per_s']:.1f}", f"{med['compile_train_s']:.1f}"]
+                for mode, med in summary.items()
+            ],
+        ),
     ]
-    for mode, med in summary.items():
-        lines.append(
-            f"| {mode} | {runs[mode][0]['steps_per_dispatch']} | "
-            f"{med['train_images_per_s']:.2f} | {med['tencrop_crops_per_s']:.1f} | "
-            f"{med['compile_train_s']:.1f} |"
-        )
     if set(MODES) <= set(summary):
         ratio = summary["device"]["train_images_per_s"] / summary["tf_data"]["train_images_per_s"]
         eval_ratio = (
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(report, f, indent=1, default=str)
+        common.save_json(os.path.join(args.out, "results.json"), report, default=str)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(text + "\n\n" + provenance.markdown(report["provenance"]) + "\n")
     return report

@@ -17,14 +17,13 @@ recomputed without the model).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Any
 
 import numpy as np
 
-from experiments import provenance
+from experiments import common, provenance
 
 SPLITS = ("public_test", "private_test")
 CROPS = (10, 1)
@@ -58,13 +57,13 @@ def probabilities(checkpoint: str, manual_dir: str, limit: int | None) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--manual_dir", required=True, help="folder holding fer2013.csv")
-    ap.add_argument("--checkpoint", default="pretrained", help="'pretrained' or a run directory")
+    ap = common.parser(__doc__)
+    common.add_manual_dir(ap)
+    common.add_checkpoint(ap)
     ap.add_argument("--write_manifest", action="store_true", help="record tau in the manifest")
-    ap.add_argument("--limit", type=int, help="first N faces of each split (a quick check)")
+    common.add_limit(ap)
     ap.add_argument("--probabilities", help="a probabilities.npz of an earlier run: no model")
-    ap.add_argument("--out", help="results folder")
+    common.add_out(ap)
     args = ap.parse_args(argv)
 
     from data_pipelines.labels import CLASS_NAMES
@@ -87,6 +86,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for crops in CROPS
     }
     tau = prior_adjustment.choose_tau(curves["public_test_10"])
+    heading = (
+        f"Class-prior logit adjustment of {args.checkpoint}: tau = {tau:g} chosen on PublicTest "
+        f"ten crops (the smallest tau in 0..2 whose mean per-class recall is within "
+        f"{100 * prior_adjustment.TOLERANCE:g} points of the best); prior = FER2013 Training "
+        f"({' / '.join(f'{p:.4f}' for p in prior)}); {provenance.cpu_model()}. Per class: "
+        f"{' / '.join(CLASS_NAMES)}."
+    )
+    out = args.out or os.path.join(
+        provenance.REPO, "experiments", "results", "logit_adjustment_cpu"
+    )
+    os.makedirs(out, exist_ok=True)
+    np.savez_compressed(
+        os.path.join(out, "probabilities.npz"),
+        **{k: v for k, v in probs.items() if isinstance(v, np.ndarray)},
+    )
+    adjustment = _adjustment(curves, tau, prior, out)
+    common.write_table(
+        "logit_adjustment",
+        heading,
+        ["split", "crops", "tau", "accuracy %", "mean class acc. %", "min class %", "per class %"],
+        _rows(curves, tau),
+        {
+            "args": vars(args),
+            "tau": tau,
+            "adjustment": adjustment,
+            "curves": curves,
+            "seconds": probs["seconds"],
+        },
+        out,
+    )
+    if args.write_manifest:
+        _, name = pretrained.parse_reference(args.checkpoint)
+        print("wrote", pretrained.set_logit_adjustment(name, adjustment))
+    return {"tau": tau, "curves": curves}
+
+
+def _rows(curves: dict[str, list[dict[str, Any]]], tau: float) -> list[list[str]]:
+    """The table's rows: each split and crop count without (tau 0) and with the adjustment."""
     rows = []
     for key, rows_of_key in curves.items():
         for t in (0.0, tau):
@@ -104,22 +141,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     per_class,
                 ]
             )
-    heading = (
-        f"Class-prior logit adjustment of {args.checkpoint}: tau = {tau:g} chosen on PublicTest "
-        f"ten crops (the smallest tau in 0..2 whose mean per-class recall is within "
-        f"{100 * prior_adjustment.TOLERANCE:g} points of the best); prior = FER2013 Training "
-        f"({' / '.join(f'{p:.4f}' for p in prior)}); {provenance.cpu_model()}. Per class: "
-        f"{' / '.join(CLASS_NAMES)}."
-    )
-    out = args.out or os.path.join(
-        provenance.REPO, "experiments", "results", "logit_adjustment_cpu"
-    )
-    os.makedirs(out, exist_ok=True)
-    np.savez_compressed(
-        os.path.join(out, "probabilities.npz"),
-        **{k: v for k, v in probs.items() if isinstance(v, np.ndarray)},
-    )
-    adjustment = {
+    return rows
+
+
+def _adjustment(
+    curves: dict[str, list[dict[str, Any]]], tau: float, prior: np.ndarray, out: str
+) -> dict[str, Any]:
+    """The manifest's record of the chosen adjustment (`tau`, `prior`, its accuracies)."""
+    from fer_jax.inference import prior_adjustment
+
+    return {
         "tau": tau,
         "prior": prior.tolist(),
         "prior_from": "FER2013 Training labels",
@@ -131,24 +162,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "public_test": {k: _at(curves[f"public_test_{k}"], tau) for k in ("10", "1")},
         "private_test": {k: _at(curves[f"private_test_{k}"], tau) for k in ("10", "1")},
     }
-    provenance.write_table(
-        "logit_adjustment",
-        heading,
-        ["split", "crops", "tau", "accuracy %", "mean class acc. %", "min class %", "per class %"],
-        rows,
-        {
-            "args": vars(args),
-            "tau": tau,
-            "adjustment": adjustment,
-            "curves": curves,
-            "seconds": probs["seconds"],
-        },
-        out,
-    )
-    if args.write_manifest:
-        _, name = pretrained.parse_reference(args.checkpoint)
-        print("wrote", pretrained.set_logit_adjustment(name, adjustment))
-    return {"tau": tau, "curves": curves}
 
 
 def _at(rows: list[dict[str, Any]], tau: float) -> dict[str, float]:

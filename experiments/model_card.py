@@ -29,7 +29,6 @@ evaluations (the card then says 'not evaluated').
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from typing import Any
 
 import ml_collections
 
-from experiments import provenance, run_summary
+from experiments import common, provenance, run_summary
 from fer_jax.training import evaluate
 from fer_jax.training.state import create_train_state
 from fer_jax.training.trainer import Trainer
@@ -67,8 +66,9 @@ def peer(folder: str | None, report_split: str = "private_test") -> dict[str, An
     if folder is None:
         return None
     path = os.path.join(folder, "raw.json")
-    with open(path) as f:
-        raw = json.load(f)
+    raw = common.read_json(path)
+    if raw is None:
+        raise SystemExit(f"error: {path} is missing: not an experiments.peers results folder")
     if raw.get("smoke") or raw.get("limit") or raw.get("split") != report_split:
         raise SystemExit(
             f"error: {path} is not a full {report_split} comparison (smoke "
@@ -108,8 +108,11 @@ def _name(precision: str, split: str, crops: int) -> str:
 
 
 def _config(run: str, data_source: str | None, manual_dir: str | None, data_dir: str | None):
-    with open(os.path.join(run, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    path = os.path.join(run, "config.json")
+    saved = common.read_json(path)
+    if saved is None:
+        raise SystemExit(f"error: {path} is missing")
+    config = ml_collections.ConfigDict(saved)
     for field, value in (
         ("data_source", data_source),
         ("manual_dir", manual_dir),
@@ -195,6 +198,21 @@ def training_wall_seconds(run: str, tag: str = "train_loss") -> float | None:
     return float(sum(gap for gap in gaps if gap < MAX_LOG_GAP_S))
 
 
+def _accuracy_table(acc: dict[str, dict[str, dict[int, float]]]) -> list[str]:
+    """The card's table: both splits, both precisions, ten crops and the centre crop."""
+
+    def cell(precision: str, split: str, crops: int) -> str:
+        a = acc[precision].get(split, {}).get(crops)
+        return "not evaluated" if a is None else f"{100 * a:.2f}%"
+
+    rows = []
+    for split, label in (("public_test", "PublicTest"), ("private_test", "PrivateTest")):
+        for precision in ("bfloat16", "float32"):
+            what = "shipped (bfloat16 weights)" if precision == "bfloat16" else "float32 checkpoint"
+            rows.append([f"{label}, {what}", cell(precision, split, 10), cell(precision, split, 1)])
+    return common.table(["FER2013, model chosen on PublicTest", "ten crops", "centre crop"], rows)
+
+
 def _card(
     found: dict[str, Any],
     summary: dict[str, Any],
@@ -218,29 +236,15 @@ def _card(
         a = [acc[p].get(split, {}).get(crops) for p in ("float32", "bfloat16")]
         return "not measured" if None in a else f"{100 * (a[0] - a[1]):+.2f}"
 
-    def cell(precision: str, split: str, crops: int) -> str:
-        a = acc[precision].get(split, {}).get(crops)
-        return "not evaluated" if a is None else f"{100 * a:.2f}%"
-
     perf = results.get("performance") or {}
     hardware = provenance.hardware(with_jax=False)
-    lines = [
-        "| FER2013, model chosen on PublicTest | ten crops | centre crop |",
-        "|---|---|---|",
-    ]
-    for split, label in (("public_test", "PublicTest"), ("private_test", "PrivateTest")):
-        for precision in ("bfloat16", "float32"):
-            what = "shipped (bfloat16 weights)" if precision == "bfloat16" else "float32 checkpoint"
-            lines.append(
-                f"| {label}, {what} | {cell(precision, split, 10)} | {cell(precision, split, 1)} |"
-            )
     per_class = ", ".join(
         f"{name} {100 * v:.1f}%" for name, v in shipped["per_class_accuracy"].items()
     )
     md = [
         "# The shipped model: CBAM-ResNet18 + A-Softmax, FER2013",
         "",
-        *lines,
+        *_accuracy_table(acc),
         "",
         f"- Per class (PrivateTest, ten crops, shipped): {per_class}.",
         f"- bfloat16 storage cost, in points (float32 - bfloat16), PrivateTest ten-crop: "
@@ -285,9 +289,9 @@ def _card(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--run", required=True, help="the finished run's workdir")
-    parser.add_argument("--out", required=True, help="results folder")
+    common.add_out(parser, required=True)
     parser.add_argument(
         "--train_command", required=True, help="the command that trained the run, for the card"
     )
@@ -324,8 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = _config(args.run, args.data_source, args.manual_dir, args.data_dir)
     shipped_config = config.copy_and_resolve_references()
     shipped_config.model.matmul_dtype = manifest["meta"]["model"]["matmul_dtype"]
-    with open(results_path) as f:
-        results = json.load(f)
+    results = common.read_json(results_path)
     found = _from_results(results, args.out)
     sources = {"float32": args.run, "bfloat16": f"pretrained:{args.weights}"}
     configs = {"float32": config, "bfloat16": shipped_config}

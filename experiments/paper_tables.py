@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from experiments import provenance
+from experiments import common, provenance
 
 REPO = provenance.REPO
 CLASS_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -239,11 +238,9 @@ def launch(run: Run, *, rerun: bool = False) -> dict[str, Any]:
 
 def collect(workdir: str) -> dict[str, Any]:
     """A run's figures: `{'fer2013': results.json or None, 'cv': summary.json or None}`."""
-    from fer_jax.training.evaluate import read_json
-
     return {
-        "fer2013": read_json(os.path.join(workdir, "results.json")),
-        "cv": read_json(os.path.join(workdir, "cross_validation", "summary.json")),
+        "fer2013": common.read_json(os.path.join(workdir, "results.json")),
+        "cv": common.read_json(os.path.join(workdir, "cross_validation", "summary.json")),
     }
 
 
@@ -298,7 +295,7 @@ def accuracy_table(rows: Sequence[Row], figures: dict[str, dict[str, Any]], data
         "Δ",
         "selected epoch",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = common.table(head)
     for row in rows:
         fig = figures.get(row.key, {})
         res, cv = fig.get("fer2013"), fig.get("cv")
@@ -324,12 +321,12 @@ def confusion_table(metrics: dict[str, Any], title: str) -> str:
         f"**{title}** (row-normalised %, rows = true class, columns = predicted; "
         f"accuracy {_pct(metrics['accuracy'], 2)}%, {metrics['num_examples']} images)",
         "",
-        "| true \\ predicted | " + " | ".join(names) + " | images |",
-        "|" + "---|" * (len(names) + 2),
     ]
+    rows = []
     for i, (name, row, count_row) in enumerate(zip(names, norm, counts, strict=True)):
         cells = [f"**{100 * v:.1f}**" if j == i else f"{100 * v:.1f}" for j, v in enumerate(row)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(count_row)} |")
+        rows.append([name, *cells, sum(count_row)])
+    lines += common.table(["true \\ predicted", *names, "images"], rows)
     return "\n".join(lines)
 
 
@@ -354,8 +351,9 @@ def write_results(
     with open(md_path, "w") as f:
         f.write(markdown_body.rstrip() + "\n\n## Provenance\n\n" + provenance.markdown(prov))
         f.write("\n")
-    with open(os.path.join(results_dir, f"{name}.json"), "w") as f:
-        json.dump({**data, "provenance": prov}, f, indent=1, default=str)
+    common.save_json(
+        os.path.join(results_dir, f"{name}.json"), {**data, "provenance": prov}, default=str
+    )
     return md_path
 
 
@@ -463,7 +461,7 @@ def curves_section(runs: dict[str, Run], results_dir: str, prefix: str = "curves
 def table_main(name: str, doc: str, argv: list[str] | None = None) -> str:
     """Command line of an accuracy table script (`TABLES[name]`); returns the .md path."""
     title, rows = TABLES[name]
-    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap = common.parser(doc)
     add_run_flags(ap)
     return accuracy_report(name, title, rows, ap.parse_args(argv))
 

@@ -80,7 +80,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import provenance
+from experiments import common, provenance
 
 FACE = 48
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -335,13 +335,13 @@ def _rates(seconds: dict[str, list[float]], count: int) -> dict[str, float]:
     return {name: count / sum(s) for name, s in seconds.items()}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--manual_dir", required=True, help="folder holding fer2013.csv")
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = common.parser(__doc__)
+    common.add_manual_dir(ap)
     ap.add_argument(
         "--split", default="private_test", choices=("public_test", "private_test", "train")
     )
-    ap.add_argument("--limit", type=int, help="the split's first N faces (a quick check)")
+    common.add_limit(ap, help="the split's first N faces")
     ap.add_argument("--round_size", type=int, default=64, help="faces (photos: 1/4) per round")
     ap.add_argument("--photos", help="a folder of photos for the photo paths (module docstring)")
     ap.add_argument(
@@ -356,13 +356,98 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="the table's heading says that another job shared the CPU (faces/s not quiet)",
     )
-    ap.add_argument("--out", help="results folder")
+    common.add_out(ap)
     args = ap.parse_args(argv)
     if args.write_photos and not args.photos:
         ap.error("--write_photos needs --photos")
     if args.round_size < 4 or (args.limit is not None and args.limit < 1):
         ap.error("need --round_size >= 4 and --limit >= 1")
+    return args
 
+
+def _compare_faces(
+    recognizers: dict[str, Any],
+    fer_module: types.ModuleType,
+    faces: np.ndarray,
+    labels: np.ndarray,
+    round_size: int,
+) -> tuple[dict[str, Any], list[list], float]:
+    """Every contender on the face crops, in alternating rounds: per contender metrics, the
+    table's rows and the wall seconds."""
+    from data_pipelines.labels import CLASS_NAMES
+
+    detectors = {
+        name: fer_module.FER(offsets=(0, 0), **options) for name, options in fer_variants().items()
+    }
+    face_fns: dict[str, Classifier] = {
+        name: (lambda f, r=r: r.predict_faces(f).argmax(-1)) for name, r in recognizers.items()
+    }
+    ties = {}
+    for name, detector in detectors.items():
+        face_fns[name], ties[name] = fer_face_classifier(detector, CLASS_NAMES)
+    start = time.perf_counter()
+    outputs, seconds = alternate(
+        {n: (lambda chunk, fn=fn: list(fn(np.stack(chunk)))) for n, fn in face_fns.items()},
+        list(faces),
+        round_size,
+    )
+    wall = time.perf_counter() - start
+    rates = _rates(seconds, len(faces))
+    results, rows = {}, []
+    for name in face_fns:
+        m = recalls(np.array(outputs[name]), labels, len(CLASS_NAMES))
+        m |= {"faces_per_s": rates[name], "round_seconds": seconds[name]}
+        if name in ties:  # the timed calls' faces are the last ones (warm-up came first)
+            m["tied_top_scores"] = int(sum(ties[name][-len(faces) :]))
+        results[name] = m
+        rows.append(_row(name, "FER2013 face crops", len(faces), None, m, rates[name]))
+    return results, rows, wall
+
+
+def _compare_photos(
+    recognizers: dict[str, Any], fer_module: types.ModuleType, round_size: int, folder: str
+) -> tuple[dict[str, Any], list[list]]:
+    """Every contender on the photos in `folder`, own detector included: the results and the
+    table's rows."""
+    from data_pipelines.labels import CLASS_NAMES
+
+    photos = photo_files(folder)
+    if not photos:
+        raise SystemExit(f"error: no images under {folder}")
+    photo_detectors = {name: fer_module.FER(**options) for name, options in fer_variants().items()}
+    photo_fns: dict[str, PhotoClassifier] = {
+        name: fer_jax_photo_classifier(r) for name, r in recognizers.items()
+    }
+    for name, detector in photo_detectors.items():
+        photo_fns[name] = fer_photo_classifier(detector, CLASS_NAMES)
+    paths = [p for p, _ in photos]
+    photo_out, photo_seconds = alternate(
+        {n: (lambda chunk, fn=fn: [fn(p) for p in chunk]) for n, fn in photo_fns.items()},
+        paths,
+        max(1, round_size // 4),
+    )
+    photo_rates = _rates(photo_seconds, len(paths))
+    labelled = np.array([label is not None for _, label in photos])
+    photo_labels = np.array([-1 if label is None else label for _, label in photos])
+    results: dict[str, Any] = {"folder": folder, "photos": len(paths), "per_contender": {}}
+    rows = []
+    for name in photo_fns:
+        predicted = np.array([-1 if p is None else p for p in photo_out[name]])
+        found = int(np.sum(predicted >= 0))
+        m = recalls(predicted[labelled], photo_labels[labelled], len(CLASS_NAMES))
+        m |= {
+            "labelled": int(labelled.sum()),
+            "faces_found": found,
+            "photos_per_s": photo_rates[name],
+            "round_seconds": photo_seconds[name],
+        }
+        results["per_contender"][name] = m
+        rows.append(_row(name, "photos, own detector", len(paths), found, m, photo_rates[name]))
+    return results, rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse_args(argv)
     fer_module = import_fer()  # first: a missing fer stops the run before anything is loaded
     from data_pipelines.files import load_split_from_files
     from data_pipelines.labels import CLASS_NAMES
@@ -378,79 +463,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     faces, labels = data["image"][..., 0], data["label"]
     if args.limit:
         faces, labels = faces[: args.limit], labels[: args.limit]
-    k = len(CLASS_NAMES)
 
     manifest = pretrained.read_manifest(None)  # what the recognizers below load
     tau = (manifest.get("logit_adjustment") or {}).get("tau")
     recognizers = {
         name: Recognizer.pretrained(**options) for name, options in fer_jax_variants().items()
     }
-    detectors = {
-        name: fer_module.FER(offsets=(0, 0), **options) for name, options in fer_variants().items()
-    }
-    face_fns: dict[str, Classifier] = {
-        name: (lambda f, r=r: r.predict_faces(f).argmax(-1)) for name, r in recognizers.items()
-    }
-    ties = {}
-    for name, detector in detectors.items():
-        face_fns[name], ties[name] = fer_face_classifier(detector, CLASS_NAMES)
-    start = time.perf_counter()
-    outputs, seconds = alternate(
-        {n: (lambda chunk, fn=fn: list(fn(np.stack(chunk)))) for n, fn in face_fns.items()},
-        list(faces),
-        args.round_size,
+    results: dict[str, Any] = {}
+    results["faces"], rows, wall = _compare_faces(
+        recognizers, fer_module, faces, labels, args.round_size
     )
-    wall = time.perf_counter() - start
-    rates = _rates(seconds, len(faces))
-    results: dict[str, Any] = {"faces": {}}
-    rows = []
-    for name in face_fns:
-        m = recalls(np.array(outputs[name]), labels, k)
-        m |= {"faces_per_s": rates[name], "round_seconds": seconds[name]}
-        if name in ties:  # the timed calls' faces are the last ones (warm-up came first)
-            m["tied_top_scores"] = int(sum(ties[name][-len(faces) :]))
-        results["faces"][name] = m
-        rows.append(_row(name, "FER2013 face crops", len(faces), None, m, rates[name]))
-
     if args.photos:
         if args.write_photos:
             write_photos(faces, labels, args.split, args.photos)
-        photos = photo_files(args.photos)
-        if not photos:
-            raise SystemExit(f"error: no images under {args.photos}")
-        photo_detectors = {
-            name: fer_module.FER(**options) for name, options in fer_variants().items()
-        }
-        photo_fns: dict[str, PhotoClassifier] = {
-            name: fer_jax_photo_classifier(r) for name, r in recognizers.items()
-        }
-        for name, detector in photo_detectors.items():
-            photo_fns[name] = fer_photo_classifier(detector, CLASS_NAMES)
-        paths = [p for p, _ in photos]
-        photo_out, photo_seconds = alternate(
-            {n: (lambda chunk, fn=fn: [fn(p) for p in chunk]) for n, fn in photo_fns.items()},
-            paths,
-            max(1, args.round_size // 4),
+        results["photos"], photo_rows = _compare_photos(
+            recognizers, fer_module, args.round_size, args.photos
         )
-        photo_rates = _rates(photo_seconds, len(paths))
-        labelled = np.array([label is not None for _, label in photos])
-        photo_labels = np.array([-1 if label is None else label for _, label in photos])
-        results["photos"] = {"folder": args.photos, "photos": len(paths), "per_contender": {}}
-        for name in photo_fns:
-            predicted = np.array([-1 if p is None else p for p in photo_out[name]])
-            found = int(np.sum(predicted >= 0))
-            m = recalls(predicted[labelled], photo_labels[labelled], k)
-            m |= {
-                "labelled": int(labelled.sum()),
-                "faces_found": found,
-                "photos_per_s": photo_rates[name],
-                "round_seconds": photo_seconds[name],
-            }
-            results["photos"]["per_contender"][name] = m
-            rows.append(_row(name, "photos, own detector", len(paths), found, m, photo_rates[name]))
+        rows += photo_rows
 
     heading = _heading(args, len(faces), manifest["sha256"], tau, identity["version"])
-    out = provenance.write_table(
+    out = common.write_table(
         "peers",
         heading,
         [

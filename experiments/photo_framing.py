@@ -43,7 +43,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from experiments import provenance
+from experiments import common, provenance
 
 PERCENTILES = (5, 25, 50, 75, 95)
 EYE_CASCADE = "haarcascade_eye.xml"  # OpenCV's, shipped in opencv-python like the face cascade
@@ -181,18 +181,60 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def _split_rows(split: str, r: dict[str, Any], margins: list[float]) -> list[list[str]]:
+    """The table's rows of one split's `measure_split` result `r`."""
+    detected = f"{r['detected']}/{r['faces']} ({_percent(r['detected'] / r['faces'])}%)"
+    rows = [
+        [split, "as given (all faces)", "-", _percent(r["given_accuracy"])],
+        [split, "FER2013's own frame, resampled", "-", _percent(r["exact_frame_accuracy"])],
+        [split, "as given (detected faces)", detected, _percent(r["given_accuracy_detected"])],
+    ]
+    for m in margins:
+        rows.append(
+            [split, f"photo path, margin {m:g}", detected, _percent(r["photo_accuracy"][str(m)])]
+        )
+    averaged = r["photo_accuracy_margins_averaged"]
+    rows.append(
+        [split, "photo path, probabilities averaged over the margins", detected, _percent(averaged)]
+    )
+    return rows
+
+
+def _eye_check(args: argparse.Namespace) -> dict[str, Any]:
+    """`eye_check` on the first `--eye_faces` PublicTest faces and 100 LFW faces."""
+    from skimage import data as skimage_data  # scikit-image: the test extra
+
+    from data_pipelines.files import load_split_from_files
+
+    fer = load_split_from_files("fer2013", "public_test", args.manual_dir)["image"]
+    return eye_check(fer[: args.eye_faces, ..., 0], skimage_data.lfw_subset()[:100], args.scale)
+
+
+def _eye_note(e: dict[str, Any]) -> str:
+    """The heading's sentence on the eye check `e`."""
+    return (
+        f"Eye spacing over the side (medians): FER2013's frame "
+        f"{e['median_eye_spacing_over_fer2013_frame']:.3f} ({e['fer2013_two_eyes']} of "
+        f"{e['fer2013_faces']} PublicTest faces), the Haar box on LFW faces "
+        f"{e['median_eye_spacing_over_haar_box']:.3f} ({e['lfw_two_eyes']} of "
+        f"{e['lfw_faces']}); eye height {e['median_eye_height_over_fer2013_frame']:.3f} vs "
+        f"{e['median_eye_height_over_haar_box']:.3f}; margin matching the eyes "
+        f"{e['margin_matching_eyes']:+.3f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--manual_dir", required=True, help="folder holding fer2013.csv")
-    ap.add_argument("--checkpoint", default="pretrained", help="'pretrained' or a run directory")
+    ap = common.parser(__doc__)
+    common.add_manual_dir(ap)
+    common.add_checkpoint(ap)
     ap.add_argument("--splits", nargs="*", default=["public_test", "private_test"])
     ap.add_argument("--eye_faces", type=int, default=1500, help="0: no eye check")
     ap.add_argument("--margins", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.3])
     ap.add_argument("--crops", type=int, default=1, choices=(1, 10))
     ap.add_argument("--scale", type=int, default=4, help="upscaling of the 48x48 face")
     ap.add_argument("--pad", type=float, default=0.5, help="edge padding, fraction of the side")
-    ap.add_argument("--limit", type=int, help="first N faces of each split (a quick check)")
-    ap.add_argument("--out", help="results folder")
+    common.add_limit(ap)
+    common.add_out(ap)
     args = ap.parse_args(argv)
     if args.scale < 1 or args.pad < 0 or min(args.margins) < 0:
         ap.error("need --scale >= 1, --pad >= 0 and every --margins >= 0")
@@ -212,32 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             recognizer, images, labels, args.margins, args.scale, args.pad
         )
         seconds[split] = time.perf_counter() - start
-        detected = f"{r['detected']}/{r['faces']} ({_percent(r['detected'] / r['faces'])}%)"
-        rows.append([split, "as given (all faces)", "-", _percent(r["given_accuracy"])])
-        rows.append(
-            [split, "FER2013's own frame, resampled", "-", _percent(r["exact_frame_accuracy"])]
-        )
-        rows.append(
-            [split, "as given (detected faces)", detected, _percent(r["given_accuracy_detected"])]
-        )
-        for m in args.margins:
-            rows.append(
-                [
-                    split,
-                    f"photo path, margin {m:g}",
-                    detected,
-                    _percent(r["photo_accuracy"][str(m)]),
-                ]
-            )
-        averaged = r["photo_accuracy_margins_averaged"]
-        rows.append(
-            [
-                split,
-                "photo path, probabilities averaged over the margins",
-                detected,
-                _percent(averaged),
-            ]
-        )
+        rows += _split_rows(split, r, args.margins)
     notes = [
         f"Model: {args.checkpoint}; {args.crops} crop(s); faces upscaled {args.scale}x, padded "
         f"{args.pad:g} of their side; {provenance.cpu_model()}"
@@ -253,22 +270,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         )
     if args.eye_faces:
-        from skimage import data as skimage_data  # scikit-image: the test extra
-
-        fer = load_split_from_files("fer2013", "public_test", args.manual_dir)["image"]
-        results["eye_check"] = e = eye_check(
-            fer[: args.eye_faces, ..., 0], skimage_data.lfw_subset()[:100], args.scale
-        )
-        notes.append(
-            f"Eye spacing over the side (medians): FER2013's frame "
-            f"{e['median_eye_spacing_over_fer2013_frame']:.3f} ({e['fer2013_two_eyes']} of "
-            f"{e['fer2013_faces']} PublicTest faces), the Haar box on LFW faces "
-            f"{e['median_eye_spacing_over_haar_box']:.3f} ({e['lfw_two_eyes']} of "
-            f"{e['lfw_faces']}); eye height {e['median_eye_height_over_fer2013_frame']:.3f} vs "
-            f"{e['median_eye_height_over_haar_box']:.3f}; margin matching the eyes "
-            f"{e['margin_matching_eyes']:+.3f}"
-        )
-    provenance.write_table(
+        results["eye_check"] = e = _eye_check(args)
+        notes.append(_eye_note(e))
+    common.write_table(
         "photo_framing",
         ". ".join(notes) + ".",
         ["split", "faces through", "detected", "accuracy %"],

@@ -9,10 +9,10 @@ the way a training loop consumes them) and crops/s of the ten-crop evaluation pi
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import data_pipelines
+from experiments import common
 
 TARGET_IMAGES_PER_S = 20_000
 
@@ -29,7 +29,7 @@ def _rate(iterator, seconds: float, warmup: int, count) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--data_dir", required=True, help="TFDS data dir holding the built set")
     parser.add_argument("--dataset", default="fer2013")
     parser.add_argument("--train_split", default="train")

@@ -18,7 +18,6 @@ Writes the table to
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -26,15 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import provenance
+from experiments import common, provenance
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--faces", type=int, default=64, help="faces per call (the batch size)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", help="results folder")
+    common.add_out(ap)
     args = ap.parse_args()
 
     from data_pipelines.crops import CROP_CHOICES
@@ -75,7 +74,7 @@ def main() -> None:
     device = jax.devices()[0]
     rates = {name: args.faces / statistics.median(t) for name, t in times.items()}
     ten = rates["recognizer, 10 crops"]
-    provenance.write_table(
+    common.write_table(
         "predict_speed",
         f"Device: {device.platform} {device.device_kind}; {provenance.cpu_model()}; "
         f"width {args.width}, {args.faces} faces per call, median of {args.reps}",

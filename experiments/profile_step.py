@@ -44,7 +44,7 @@ import tempfile
 import time
 from typing import Any
 
-from experiments import benchmark, provenance
+from experiments import benchmark, common, provenance
 
 KINDS = (
     "convolution forward",
@@ -197,7 +197,7 @@ def profile_torch(contestant: benchmark.TorchContestant, what: str, steps: int) 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--eval_batch", type=int, default=16, help="images (x10 crops) per batch")
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--no_eval", dest="eval", action="store_false")
     ap.add_argument("--no_torch", dest="torch", action="store_false")
-    ap.add_argument("--out", help="default: experiments/results/profile_step_<platform>/")
+    common.add_out(ap, help="default: experiments/results/profile_step_<platform>/")
     args = ap.parse_args(argv)
     bench_args = argparse.Namespace(**vars(args), cbam="channel_first", head="a_softmax")
     contestants = {"fer_jax": benchmark.JaxContestant("auto+eigen", bench_args)}
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({args.eval_batch} x 10 crops), width {args.width}, float32, {provenance.cpu_model()}, "
         f"mean of {args.steps} profiled steps."
     )
-    out = provenance.write_table(
+    out = common.write_table(
         "profile_step", heading, header, rows, {"args": vars(args), "results": results}, args.out
     )
     with open(os.path.join(out, "table.md"), "a") as f:

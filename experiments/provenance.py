@@ -120,28 +120,6 @@ def provenance(with_jax: bool = True, argv: list[str] | None = None) -> dict[str
     }
 
 
-def write_table(
-    name: str, heading: str, header: list[str], rows: list[list[Any]], raw: dict, out: str | None
-) -> str:
-    """Prints a markdown table (`heading` line, then `header` and `rows`) and writes it as
-    `table.md`, with `raw` and this run's provenance as `raw.json`, to `out` (default
-    experiments/results/<name>_<platform>/); returns the folder."""
-    import jax
-
-    platform = jax.devices()[0].platform
-    lines = [heading, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    table = "\n".join(lines)
-    print(table)
-    out = out or os.path.join(REPO, "experiments", "results", f"{name}_{platform}")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, "raw.json"), "w") as f:
-        json.dump({**raw, **provenance()}, f, indent=1)
-    return out
-
-
 def markdown(prov: dict[str, Any]) -> str:
     """A short markdown block of `provenance()` for the top or bottom of a results file."""
     git = prov["git"]

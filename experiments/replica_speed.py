@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from experiments import provenance
+from experiments import common, provenance
 
 
 def _trainer(k: int, replica_map: str, args: argparse.Namespace):
@@ -65,7 +65,7 @@ def _trainer(k: int, replica_map: str, args: argparse.Namespace):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 4])
     ap.add_argument(
         "--replica_maps",
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="steps per timed round")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds (median)")
     ap.add_argument("--steps_per_dispatch", type=int, default=0, help="0: the platform's")
-    ap.add_argument("--out", help="results folder")
+    common.add_out(ap)
     args = ap.parse_args()
 
     runs = {}
@@ -126,7 +126,7 @@ def main() -> None:
         rows.append(
             [name, f"{ips:.1f}", f"{1000 * seconds / r['steps']:.0f}", ratio, f"{compile_s:.0f}"]
         )
-    provenance.write_table(
+    common.write_table(
         "replicas",
         f"Device: {device.platform} {device.device_kind}; {provenance.cpu_model()}; "
         f"width {args.width}, batch {args.batch} per replica",

@@ -22,14 +22,12 @@ Reads files only (no JAX): it can run anywhere the workdir is.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 from typing import Any
 
-from experiments import provenance, tb_curves
-from fer_jax.training.evaluate import read_json
+from experiments import common, provenance, tb_curves
+from experiments.common import read_json
 
 SPLIT_NAMES = {"train": "Training", "public_test": "PublicTest", "private_test": "PrivateTest"}
 FINAL_TRAIN_TAGS = ("train_loss", "train_accuracy", "train_feature_norm", "train_lambda")
@@ -123,53 +121,22 @@ def _seconds_text(s: float | None) -> str:
     return f"{s:,.0f} s ({s / 60:.1f} min)" if s >= 120 else f"{s:.1f} s"
 
 
-def markdown(summary: dict[str, Any], summary_provenance: dict[str, Any] | None = None) -> str:
-    """`summary.md`'s text for `summarize()`'s dict (+ the summarising process's provenance)."""
-    s = summary
-    p = s["performance"] or {}
+def _selected_text(s: dict[str, Any]) -> str:
+    """The selected epoch's accuracy and where it was, e.g. '71.20% (epoch 3, step 1,200)'."""
+    if s["selected_epoch"] is None:
+        return "n/a"
+    where = f"epoch {s['selected_epoch']}"
+    if s["selected_step"] is not None:
+        where += f", step {s['selected_step']:,}"
+    return f"{_fmt(s['select_accuracy'], '.2f', 100, '%')} ({where})"
+
+
+def _speed_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary table's rows on compile time, speed, FLOPs, MFU and memory."""
     compile_s = p.get("compile_seconds") or {}
     flops = p.get("flops_per_image") or {}
-    select, report = _split_name(s["select_split"]), _split_name(s["report_split"])
-    lines = [f"# Run summary: `{s['workdir']}`", ""]
-    if not s["complete"]:
-        lines += [
-            "**Interrupted run (or still running): no results.json.** The accuracy below is the "
-            f"best {select} evaluation in `eval/`; {report} was not evaluated and no performance "
-            "figures were written.",
-            "",
-        ]
-    if s["selected_epoch"] is None:
-        selected = "n/a"
-    else:
-        where = f"epoch {s['selected_epoch']}"
-        if s["selected_step"] is not None:
-            where += f", step {s['selected_step']:,}"
-        selected = f"{_fmt(s['select_accuracy'], '.2f', 100, '%')} ({where})"
     peak = p.get("peak_tflops")
-    rows = [
-        (
-            "device",
-            f"{p['num_devices']} x {p['device_kind']} ({p['platform']})" if p else "n/a",
-        ),
-        ("model", _model_text(s["model"], s["half_precision"])),
-        (
-            "input pipeline / steps per dispatch",
-            f"{p['input_pipeline']} / {p['steps_per_dispatch']}" if p else "n/a",
-        ),
-        ("batch / steps per epoch", f"{p['batch_size']} / {p['steps_per_epoch']}" if p else "n/a"),
-        (
-            "epochs (requested; trained by this process)",
-            f"{p['num_epochs']}; {p['epochs_timed']:.2f} ({p['steps_timed']:,} steps)"
-            if p
-            else "n/a",
-        ),
-        (
-            f"{select} ten-crop evaluations during training",
-            f"{p['evaluations']} (every {p['eval_every_epochs']} epochs), "
-            f"{p['eval_seconds']:.1f} s in all"
-            if p
-            else f"{len(s['evaluations'])} (eval/)",
-        ),
+    return [
         (
             "compile (train, eval)",
             f"{_fmt(compile_s.get('train'), '.1f', 1, ' s')}, "
@@ -196,7 +163,38 @@ def markdown(summary: dict[str, Any], summary_provenance: dict[str, Any] | None 
             f"{_fmt(p.get('peak_device_memory_gib'), '.2f', 1, ' GiB')} / "
             f"{_fmt(p.get('host_peak_rss_gib'), '.2f', 1, ' GiB')}",
         ),
-        (f"{select} acc. of selected epoch", selected),
+    ]
+
+
+def _rows(s: dict[str, Any], select: str, report: str) -> list[tuple[str, str]]:
+    """The summary table's (what, value) rows."""
+    p = s["performance"] or {}
+    rows = [
+        (
+            "device",
+            f"{p['num_devices']} x {p['device_kind']} ({p['platform']})" if p else "n/a",
+        ),
+        ("model", _model_text(s["model"], s["half_precision"])),
+        (
+            "input pipeline / steps per dispatch",
+            f"{p['input_pipeline']} / {p['steps_per_dispatch']}" if p else "n/a",
+        ),
+        ("batch / steps per epoch", f"{p['batch_size']} / {p['steps_per_epoch']}" if p else "n/a"),
+        (
+            "epochs (requested; trained by this process)",
+            f"{p['num_epochs']}; {p['epochs_timed']:.2f} ({p['steps_timed']:,} steps)"
+            if p
+            else "n/a",
+        ),
+        (
+            f"{select} ten-crop evaluations during training",
+            f"{p['evaluations']} (every {p['eval_every_epochs']} epochs), "
+            f"{p['eval_seconds']:.1f} s in all"
+            if p
+            else f"{len(s['evaluations'])} (eval/)",
+        ),
+        *_speed_rows(p),
+        (f"{select} acc. of selected epoch", _selected_text(s)),
         (
             f"**{report} acc. (chosen on {select})**",
             "n/a" if s["report_accuracy"] is None else f"**{100 * s['report_accuracy']:.2f}%**",
@@ -221,19 +219,33 @@ def markdown(summary: dict[str, Any], summary_provenance: dict[str, Any] | None 
                 ),
             )
         )
-    lines += ["| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
-    if s["evaluations"]:
+    return rows
+
+
+def _evaluations_table(s: dict[str, Any]) -> list[str]:
+    """The evaluations during training, the selected epoch's accuracy in bold."""
+    rows = []
+    for r in s["evaluations"]:
+        mark = "**" if r["epoch"] == s["selected_epoch"] else ""
+        rows.append([r["epoch"], f"{mark}{100 * r['accuracy']:.2f}%{mark}", _fmt(r["loss"], ".4f")])
+    return common.table(["epoch", "accuracy", "loss"], rows)
+
+
+def markdown(summary: dict[str, Any], summary_provenance: dict[str, Any] | None = None) -> str:
+    """`summary.md`'s text for `summarize()`'s dict (+ the summarising process's provenance)."""
+    s = summary
+    select, report = _split_name(s["select_split"]), _split_name(s["report_split"])
+    lines = [f"# Run summary: `{s['workdir']}`", ""]
+    if not s["complete"]:
         lines += [
+            "**Interrupted run (or still running): no results.json.** The accuracy below is the "
+            f"best {select} evaluation in `eval/`; {report} was not evaluated and no performance "
+            "figures were written.",
             "",
-            f"## {select} evaluations",
-            "",
-            "| epoch | accuracy | loss |",
-            "|---|---|---|",
         ]
-        for r in s["evaluations"]:
-            mark = "**" if r["epoch"] == s["selected_epoch"] else ""
-            acc = f"{mark}{100 * r['accuracy']:.2f}%{mark}"
-            lines.append(f"| {r['epoch']} | {acc} | {_fmt(r['loss'], '.4f')} |")
+    lines += ["| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in _rows(s, select, report)]
+    if s["evaluations"]:
+        lines += ["", f"## {select} evaluations", "", *_evaluations_table(s)]
     lines += ["", "## Curves", "", s.get("curves") or "none"]
     lines += ["", "## Provenance", ""]
     if s.get("run_provenance"):
@@ -271,16 +283,15 @@ def write_summary(workdir: str, out: str | None = None) -> dict[str, Any]:
     summary["summary_provenance"] = prov
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(markdown(summary, prov))
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    common.save_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: summarises WORKDIR and prints the table."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("workdir", help="a fer_jax.main workdir (finished or interrupted)")
-    ap.add_argument("--out", help="where summary.md/.json and curves.png go (default: WORKDIR)")
+    common.add_out(ap, help="where summary.md/.json and curves.png go (default: WORKDIR)")
     args = ap.parse_args(argv)
     summary = write_summary(args.workdir, args.out)
     with open(os.path.join(args.out or args.workdir, "summary.md")) as f:

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import provenance
+from experiments import common, provenance
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READY = re.compile(r"ready .*?http://127\.0\.0\.1:(\d+)/")
@@ -201,7 +201,7 @@ def soak(server: Server, body: bytes, clients: int, seconds: float, limit: int) 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--image", default=os.path.join(REPO, "fer_jax", "examples", "astronaut.jpg"))
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--crops", type=int, nargs="+", default=[10, 1], choices=[10, 1])
@@ -210,7 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--baseline_seconds", type=float, default=5, help="per in-process figure")
     ap.add_argument("--batch_size", type=int, default=8, help="the server's --batch_size")
     ap.add_argument("--soak", type=float, default=300, help="seconds of soak (0: none)")
-    ap.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "serve"))
+    common.add_out(ap, help=None, default=os.path.join(REPO, "experiments", "results", "serve"))
     return ap.parse_args(argv)
 
 
@@ -260,6 +260,7 @@ def write(args: argparse.Namespace, raw: dict[str, Any]) -> None:
     """table.md (the two tables, the soak, provenance) and raw.json in `args.out`."""
     prov = provenance.provenance()
     hw = prov["hardware"]
+    batched = f"predict_faces_{args.batch_size}"
     lines = [
         "# `python -m fer_jax.serve` under load (loopback)",
         "",
@@ -273,15 +274,19 @@ def write(args: argparse.Namespace, raw: dict[str, Any]) -> None:
         "",
         "In-process, the shipped model (faces/s; images/s for `predict`):",
         "",
-        "| crops | predict_faces, 1 per call | predict_faces, "
-        f"{args.batch_size} per call | predict(photo): read, detect, classify |",
-        "|---|---|---|---|",
+        *common.table(
+            [
+                "crops",
+                "predict_faces, 1 per call",
+                f"predict_faces, {args.batch_size} per call",
+                "predict(photo): read, detect, classify",
+            ],
+            [
+                [crops] + [f"{base[k]:.1f}" for k in ("predict_faces_1", batched, "predict_image")]
+                for crops, base in raw["in_process"].items()
+            ],
+        ),
     ]
-    for crops, base in raw["in_process"].items():
-        lines.append(
-            f"| {crops} | {base['predict_faces_1']:.1f} | "
-            f"{base[f'predict_faces_{args.batch_size}']:.1f} | {base['predict_image']:.1f} |"
-        )
     lines += [
         "",
         "Served (one face per request). *vs in-process*: served faces/s over the in-process "
@@ -289,9 +294,10 @@ def write(args: argparse.Namespace, raw: dict[str, Any]) -> None:
         "where the box is given, `predict_faces` one face per call for one client, "
         f"{args.batch_size} per call (the server's full batch) for more.",
         "",
-        "| crops | face | clients | requests | req/s | faces/s | p50 ms | p99 ms | errors "
-        "| mean batch | vs in-process | server RSS MiB |",
-        "|" + "---|" * 12,
+        *common.table(
+            "crops, face, clients, requests, req/s, faces/s, p50 ms, p99 ms, errors, mean batch, "
+            "vs in-process, server RSS MiB".split(", ")
+        ),
     ]
     for p in raw["phases"]:
         base = raw["in_process"][p["crops"]]
@@ -319,8 +325,7 @@ def write(args: argparse.Namespace, raw: dict[str, Any]) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(args.out, "raw.json"), "w") as f:
-        json.dump({**raw, **prov}, f, indent=1)
+    common.save_json(os.path.join(args.out, "raw.json"), {**raw, **prov})
     print("\n".join(lines))
 
 

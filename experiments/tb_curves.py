@@ -11,8 +11,9 @@ it), feature norm |x|.
 
 from __future__ import annotations
 
-import argparse
 import os
+
+from experiments import common
 
 PANELS = (
     ("loss", ("train_loss", "public_test_loss")),
@@ -103,9 +104,9 @@ def plot_curves(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("logdir", help="a run's workdir (holds events.out.tfevents.*)")
-    ap.add_argument("--out", help="PNG path (default: <logdir>/curves.png)")
+    common.add_out(ap, help="PNG path (default: <logdir>/curves.png)")
     ap.add_argument("--title")
     args = ap.parse_args()
     out = args.out or os.path.join(args.logdir, "curves.png")
