@@ -9,8 +9,13 @@
 from the FER2013 run's best checkpoint. The model fields, A-Softmax's margin and lambda here are
 defaults only: the fine-tuning takes them from the model it starts from (lambda held where its
 training ended) unless the command line sets them (`fer_jax.training.cross_validate`);
-`--mode=check` prints what it takes and the fold plan. `fold_protocol='subject'`: the
-subject-independent folds, in a workdir of their own.
+`--mode=check` prints what it takes and the fold plans.
+
+`fold_protocol='both'` (the default) runs the paper's random folds and the subject-independent
+folds, each in its own sub-workdir (`WORKDIR/random/`, `WORKDIR/subject/`, each resuming on its
+own), and `WORKDIR/summary.json` gives both side by side (the random folds' figures at its top
+level, each protocol's under `protocols`); `'random'` or `'subject'` runs one protocol, its folds
+in `WORKDIR/fold_<k>/` as before.
 """
 
 import ml_collections
@@ -37,5 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     config.init_from = ""  # required: the FER2013 run (workdir or checkpoint)
     config.folds = 5
-    config.fold_protocol = "random"  # the paper's; or 'subject' (subject-independent)
+    # 'both': 'random' (the paper's, stratified by label) and 'subject' (subject-independent),
+    # each in its own sub-workdir; or one of them alone.
+    config.fold_protocol = "both"
     return config

@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     cv.model = config.model
     cv.num_epochs = 2
+    cv.fold_protocol = "random"  # one protocol keeps the tryout short; 'both' runs the two
     cv.batch_size = 16
     cv.eval_batch_size = 32  # the same eval program as the main run: compiled once
     cv.optimizer.learning_rate = 0.01

@@ -10,14 +10,23 @@ Two protocols:
   of (nearly) equal size (JAFFE's 10 subjects -> 5 folds of 2); a fold's test part holds every
   image of its subjects, so no subject is in both a fold's training and test parts.
 
-The folds depend only on (labels, subjects, k, protocol, seed).
+The folds depend only on (labels, subjects, k, protocol, seed). A cross-validation run's
+`config.fold_protocol` may also be `both` (`CHOICES`, `protocols_of`): every protocol, each in
+its own sub-workdir (`fer_jax.training.cross_validate`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-PROTOCOLS = ("random", "subject")
+PROTOCOLS = ("random", "subject")  # the first: the paper's, whose figures a summary leads with
+BOTH = "both"
+CHOICES = (*PROTOCOLS, BOTH)  # what a run's config.fold_protocol may hold
+
+
+def protocols_of(choice: str) -> tuple[str, ...]:
+    """The protocols a run's `config.fold_protocol` (one of `CHOICES`) runs, in order."""
+    return PROTOCOLS if choice == BOTH else (choice,)
 
 
 def jaffe_folds(

@@ -61,6 +61,21 @@ def test_config_mistakes_are_one_line_before_any_work(flag, message, tmp_path):
     assert not workdir.exists()
 
 
+def test_a_fold_protocol_that_is_none_is_refused_naming_the_field(tmp_path):
+    workdir = tmp_path / "run"
+    result = _run(
+        "fer_jax.main",
+        "--mode=cross_validate",
+        "--config=configs/jaffe.py",
+        f"--workdir={workdir}",
+        "--config.init_from=pretrained",
+        "--config.fold_protocol=all",
+    )
+    message = "error: config.fold_protocol is 'all'; allowed: one of 'random', 'subject', 'both'"
+    assert result.stderr.strip() == message
+    assert not workdir.exists()
+
+
 def test_missing_dataset_files(tmp_path):
     empty = tmp_path / "downloads"
     empty.mkdir()

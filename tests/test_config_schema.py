@@ -8,6 +8,7 @@ import ml_collections
 import pytest
 
 from configs import fer2013, jaffe, synthetic
+from data_pipelines import folds
 from fer_jax.model import cbam, conv, resnet
 from fer_jax.training import config_schema, optim, parallel
 from fer_jax.training.config_schema import validate
@@ -98,7 +99,7 @@ def test_not_one_of_the_choices_which_come_from_the_code():
         ("parallelism", parallel.MODES),
         ("input_pipeline", ("", *INPUT_PIPELINES)),
         ("optimizer.schedule", optim.SCHEDULES),
-        ("jaffe.fold_protocol", ("random", "subject")),
+        ("jaffe.fold_protocol", folds.CHOICES),
     ]:
         config = synthetic.get_config()
         *sections, name = path.split(".")
@@ -110,6 +111,21 @@ def test_not_one_of_the_choices_which_come_from_the_code():
             validate(config)
         node[name] = "bogus"
         assert _error(config).startswith(f"config.{path} is 'bogus'; allowed: one of ")
+
+
+def test_fold_protocol_is_one_protocol_or_both():
+    assert folds.CHOICES == ("random", "subject", "both")
+    config = jaffe.get_config()
+    assert config.fold_protocol == "both"  # the default: the paper's folds and the
+    assert fer2013.get_config().jaffe.fold_protocol == "both"  # subject-independent ones
+    for value in folds.CHOICES:
+        config.fold_protocol = value
+        validate(config)
+    for value in ("all", "subjects", ""):
+        config.fold_protocol = value
+        assert _error(config) == (
+            f"config.fold_protocol is {value!r}; allowed: one of 'random', 'subject', 'both'"
+        )
 
 
 def test_optimizer_names_and_schedules_are_those_fer_jax_optim_builds():

@@ -26,7 +26,8 @@ from fer_jax.user_errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FER2013_ROWS = (70, 10, 10)  # Training, PublicTest, PrivateTest: one batch of 64 to train on
-JAFFE_SUBJECTS = ("KA", "KL", "KM", "NA")  # x 7 expressions: 5 folds of >= 16 training images
+JAFFE_SUBJECTS = ("KA", "KL", "KM", "NA", "YM")  # x 7: 5 folds of 28 training images, each
+# protocol (the subject-independent one needs a subject per fold)
 EXPRESSIONS = ("AN", "DI", "FE", "HA", "SA", "SU", "NE")
 
 
@@ -92,7 +93,7 @@ def test_a_good_config_finds_every_stage(source, fer2013_dir, jaffe_dir, tmp_pat
     ]
     assert found[0].path == str(fer2013_dir / "fer2013.csv")
     assert found[0].sizes == dict(zip(files.SPLITS["fer2013"], FER2013_ROWS, strict=True))
-    assert found[1].path == str(jaffe_dir) and found[1].sizes == {"train": 28}
+    assert found[1].path == str(jaffe_dir) and found[1].sizes == {"train": 35}
     for f in found:
         assert f.source == "files" if source == "files" else f.source.startswith("tfds, built")
     assert not (tmp_path / "tfds").exists() and not (tmp_path / "run").exists()
@@ -107,7 +108,7 @@ def test_evaluate_and_cross_validate_check_their_own_data(fer2013_dir, jaffe_dir
     assert "config.manual_dir is empty" in _error(data_check.check, cv, "cross_validate", "w")
     cv.manual_dir = str(jaffe_dir.parent)  # the folder above jaffedbase works too
     (found,) = data_check.check(cv, "cross_validate", "w")
-    assert found.stage.label == "JAFFE (cross-validation)" and found.sizes == {"train": 28}
+    assert found.stage.label == "JAFFE (cross-validation)" and found.sizes == {"train": 35}
 
 
 @pytest.mark.parametrize("source", ["files", "tfds"])
@@ -175,7 +176,15 @@ def test_rows_are_counted_in_every_layout(layout, tmp_path):
 
 def test_folds_too_small_for_a_batch_are_refused(fer2013_dir, tmp_path):
     small = write_jaffe_dir(tmp_path / "jaffe", subjects=("KA", "KL"))  # 14 images
-    message = _error(data_check.check, _config("files", fer2013_dir, small), "train", "run")
+    config = _config("files", fer2013_dir, small)
+    message = _error(data_check.check, config, "train", "run")  # both protocols: 2 subjects
+    assert message == (
+        "JAFFE (cross-validation after FER2013): cannot split 2 subjects into 5 folds for the "
+        "subject folds (config.jaffe.fold_protocol='both'): use more images, fewer "
+        "config.jaffe.folds or config.jaffe.fold_protocol='random'"
+    )
+    config.jaffe.fold_protocol = "random"
+    message = _error(data_check.check, config, "train", "run")
     assert message.startswith("JAFFE (cross-validation after FER2013): fold 0 has 11 training")
     assert "fewer than config.jaffe.batch_size=16" in message
 
@@ -184,7 +193,11 @@ def test_folds_too_small_for_a_batch_are_refused(fer2013_dir, tmp_path):
     "get_config, mode, first",
     [
         (fer2013_cpu.get_config, "train", "  1. FER2013 training: 20 epochs, batch 64, 1 steps"),
-        (jaffe.get_config, "cross_validate", "  1. JAFFE cross-validation: 5 folds (random)"),
+        (
+            jaffe.get_config,
+            "cross_validate",
+            "  1. JAFFE cross-validation: 5 folds of each protocol (random, subject), 30 epochs",
+        ),
         (synthetic.get_config, "train", "  1. synthetic data training: 4 epochs, batch 32, 14"),
     ],
 )
@@ -281,8 +294,10 @@ def test_check_mode_prints_the_stages_and_exits_0(fer2013_dir, jaffe_dir, tmp_pa
         f"     data (files): {fer2013_dir / 'fer2013.csv'}: train 70, public_test 10, "
         "private_test 10"
     )
-    assert lines[3].startswith("  2. JAFFE cross-validation: 5 folds (random), 30 epochs a fold")
-    assert lines[4] == f"     data (files): {jaffe_dir}: train 28 images, 4 subjects"
+    assert lines[3].startswith(
+        "  2. JAFFE cross-validation: 5 folds of each protocol (random, subject), 30 epochs a fold"
+    )
+    assert lines[4] == f"     data (files): {jaffe_dir}: train 35 images, 5 subjects"
     assert not workdir.exists()
     tfds = [*common, jaffe_flag, "--config.data_source=tfds", "--mode=check"]
     result = _main(*tfds, home=tmp_path, block_tensorflow=True)

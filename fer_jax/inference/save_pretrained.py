@@ -41,6 +41,10 @@ def _accuracies(results: Mapping[str, Any]) -> dict[str, Any]:
         out["jaffe_cv_mean_accuracy"] = cv.get("mean_accuracy")
         out["jaffe_cv_std_accuracy"] = cv.get("std_accuracy")
         out["jaffe_cv_protocol"] = cv.get("protocol")
+        for protocol, figures in (cv.get("protocols") or {}).items():
+            if protocol != cv.get("protocol") and isinstance(figures, Mapping):
+                out[f"jaffe_cv_{protocol}_mean_accuracy"] = figures.get("mean_accuracy")
+                out[f"jaffe_cv_{protocol}_std_accuracy"] = figures.get("std_accuracy")
     return {k: v for k, v in out.items() if v is not None}
 
 

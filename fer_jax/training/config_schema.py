@@ -242,7 +242,7 @@ def schemas() -> tuple[Section, Section]:
         "init_from": string("a run directory or checkpoint, or ''"),
         "synthetic": Section(synthetic, required=False),  # dataset 'synthetic' only
     }
-    cv: Schema = {**run, "folds": integer(2), "fold_protocol": choice(folds.PROTOCOLS)}
+    cv: Schema = {**run, "folds": integer(2), "fold_protocol": choice(folds.CHOICES)}
     training: Schema = {
         **run,
         "train_split": choice(splits),

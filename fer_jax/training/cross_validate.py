@@ -18,11 +18,18 @@ The run logs these settings and where each came from; `--mode=check` prints them
 plan (`fer_jax.training.data_check.cross_validation_lines`), and `summary.json` records them
 (`fine_tuning`).
 
-Each fold trains in its own sub-workdir `fold_<k>/` (resuming independently, like any run)
-and is evaluated once, at the end, on its held-out images: there is no validation split, so
-nothing is selected on the test fold. The summary (`summary.json`, `confusion.png`) gives
-per-fold accuracy, their mean and standard deviation, and the pooled confusion matrix.
-`config.json` in the workdir holds the fine-tuning config, so a resume trains the same recipe.
+`config.fold_protocol` is a protocol of `data_pipelines.folds` ('random', the paper's, or
+'subject') or 'both' (the default of `configs/jaffe.py`): each protocol then runs in a
+sub-workdir of its own (`random/`, `subject/`), itself a one-protocol workdir with its own
+`config.json` and `summary.json`. Each fold trains in its own sub-workdir `fold_<k>/` (resuming
+independently, like any run) and is evaluated once, at the end, on its held-out images: there
+is no validation split, so nothing is selected on the test fold. The summary (`summary.json`,
+`confusion.png` per protocol) gives per-fold accuracy, their mean and standard deviation, and
+the pooled confusion matrix of each protocol (`protocols`), the paper's protocol's figures also
+at its top level; the log ends with the protocols side by side (`summary_lines`).
+`config.json` in the workdir holds the fine-tuning config, so a resume trains the same recipe;
+a workdir of the other layout (one protocol's folds against both protocols') is refused with
+the way to resume it (`check_layout`).
 
 `train_then_cross_validate` is `fer_jax.main --mode=train`'s job: a training run, then this
 cross-validation of the model it selected (`config.cross_validate`).
@@ -40,6 +47,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from data_pipelines import folds as folds_module
 from data_pipelines.folds import jaffe_folds
 from data_pipelines.labels import CLASS_NAMES
 from fer_jax.model import pretrained
@@ -268,17 +276,36 @@ def settings_lines(settings: Mapping[str, Any], config: ml_collections.ConfigDic
     return lines
 
 
+def protocol_config(config: ml_collections.ConfigDict, protocol: str) -> ml_collections.ConfigDict:
+    """`config` with `fold_protocol` one protocol (`config.fold_protocol` may be 'both')."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.fold_protocol = protocol
+    return out
+
+
+def make_folds(
+    labels: np.ndarray, subjects: np.ndarray, config: ml_collections.ConfigDict
+) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """`{protocol: its folds}` for each protocol `config.fold_protocol` runs, in order."""
+    return {
+        protocol: jaffe_folds(labels, subjects, k=config.folds, protocol=protocol, seed=config.seed)
+        for protocol in folds_module.protocols_of(config.fold_protocol)
+    }
+
+
 def fold_plan_lines(
     folds: Sequence[tuple[np.ndarray, np.ndarray]],
     labels: np.ndarray,
     subjects: np.ndarray,
     config: ml_collections.ConfigDict,
+    protocol: str | None = None,
 ) -> list[str]:
-    """The folds: each one's training and test sizes, test images per class, test subjects."""
+    """The folds of `protocol` (default `config.fold_protocol`): each one's training and test
+    sizes, test images per class, test subjects."""
     labels, subjects = np.asarray(labels), np.asarray(subjects)
     lines = [
-        f"fold plan: {len(folds)} folds ({config.fold_protocol}, seed {config.seed}) of "
-        f"{labels.size} images, {np.unique(subjects).size} subjects:"
+        f"fold plan: {len(folds)} folds ({protocol or config.fold_protocol}, seed {config.seed}) "
+        f"of {labels.size} images, {np.unique(subjects).size} subjects:"
     ]
     for k, (train, test) in enumerate(folds):
         counts = np.bincount(labels[test], minlength=len(CLASS_NAMES))
@@ -289,31 +316,123 @@ def fold_plan_lines(
     return lines
 
 
+def _saved_protocol(workdir: str) -> str | None:
+    """The `fold_protocol` of the cross-validation config saved in `workdir`; None if none."""
+    try:
+        saved = evaluate.read_json(os.path.join(workdir, run_config.CONFIG_FILE))
+    except (OSError, ValueError):
+        return None  # run_config.save_or_compare says what is wrong with it
+    protocol = saved.get("fold_protocol") if isinstance(saved, dict) else None
+    return protocol if isinstance(protocol, str) else None
+
+
+def check_layout(workdir: str, choice: str, field: str = "config") -> None:
+    """Refuses to resume, with `config.fold_protocol=choice`, a cross-validation workdir laid out
+    for the other kind of run: one protocol's folds in `workdir/fold_<k>/` (a one-protocol run,
+    e.g. of an older fer_jax, whose default was 'random') against both protocols' in
+    `workdir/random/` and `workdir/subject/`. `field`: the config section (`config`,
+    `config.jaffe`), for the message. Nothing is moved: the folds done stay usable.
+
+    Raises:
+      UserError: the workdir holds the other layout.
+    """
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if not os.path.isdir(path):
+        return
+    saved = _saved_protocol(path)
+    names = os.listdir(path)
+    one = saved in folds_module.PROTOCOLS or (
+        saved is None and any(n.startswith("fold_") for n in names)
+    )
+    both = saved == folds_module.BOTH or (
+        saved is None and any(n in folds_module.PROTOCOLS for n in names)
+    )
+    if choice == folds_module.BOTH and one:
+        was = saved or "random or subject, whichever it ran"
+        raise UserError(
+            f"workdir {path} holds a one-protocol cross-validation ({field}.fold_protocol="
+            f"{was}, its folds in {path}/fold_<k>/), not both protocols' (in random/ and "
+            f"subject/): resume it with --{field}.fold_protocol={saved or 'random'}, or run "
+            "both protocols in another --workdir"
+        )
+    if choice in folds_module.PROTOCOLS and both:
+        alone = f", or --workdir={path}/{choice} (that protocol's own)" if field == "config" else ""
+        raise UserError(
+            f"workdir {path} holds a cross-validation of both protocols ({field}.fold_protocol="
+            f"both, in {path}/random/ and {path}/subject/): resume it with "
+            f"--{field}.fold_protocol=both{alone}, or use another --workdir"
+        )
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
     *,
     user_set: Collection[str] = (),
     allow_config_changes: bool = False,
+    field: str = "config",
 ) -> dict[str, Any]:
     """Runs (or resumes) every fold of `config` in `workdir`, fine-tuning `config.init_from`
     as `fine_tuning_config` says (`user_set`: the fields the command line set); returns the
-    summary."""
+    summary. `config.fold_protocol='both'`: each protocol in its own sub-workdir
+    (`workdir/random/`, `workdir/subject/`), the summary holding both. `field`: where the
+    config sits in the user's config (`config.jaffe` after training), for messages."""
     config_schema.check_mode(config, "cross_validate")  # config.init_from names the model
     config, settings = fine_tuning_config(config, read_source(config.init_from), user_set)
     for line in settings_lines(settings, config):
         logging.info("%s", line)
     workdir = checkpoint.prepare_workdir(workdir)
+    check_layout(workdir, config.fold_protocol, field)
     run_config.save_or_compare(config, workdir, allow_changes=allow_config_changes)
-    is_main = jax.process_index() == 0  # every process trains; process 0 writes the reports
     arrays = input_data.load_split_arrays(config, "train")
-    images, labels = arrays["image"], arrays["label"]
-    folds = jaffe_folds(
-        labels, arrays["subject"], k=config.folds, protocol=config.fold_protocol, seed=config.seed
-    )
-    for line in fold_plan_lines(folds, labels, arrays["subject"], config):
-        logging.info("%s", line)
+    plans = make_folds(arrays["label"], arrays["subject"], config)
+    for protocol, folds in plans.items():
+        for line in fold_plan_lines(folds, arrays["label"], arrays["subject"], config, protocol):
+            logging.info("%s", line)
     trainer = Trainer.create(config)
+    if config.fold_protocol != folds_module.BOTH:
+        summary = _run_protocol(config, trainer, arrays, plans[config.fold_protocol], workdir)
+        summary.update(protocols={config.fold_protocol: dict(summary)})
+        summary.update(init_from=config.init_from, fine_tuning=settings)
+    else:
+        by_protocol = {}
+        for protocol, folds in plans.items():
+            sub_config = protocol_config(config, protocol)
+            subdir = checkpoint.prepare_workdir(os.path.join(workdir, protocol))
+            run_config.save_or_compare(sub_config, subdir, allow_changes=allow_config_changes)
+            by_protocol[protocol] = _run_protocol(sub_config, trainer, arrays, folds, subdir)
+            for line in summary_lines(by_protocol[protocol]):
+                logging.info("%s", line)
+            extra = {"init_from": config.init_from, "fine_tuning": settings}
+            if jax.process_index() == 0:
+                alone = {protocol: by_protocol[protocol]}  # as a one-protocol run's summary
+                evaluate.write_json(
+                    os.path.join(subdir, "summary.json"),
+                    {**by_protocol[protocol], "protocols": alone, **extra},
+                )
+        # The paper's protocol (random) leads, its figures at the top as a one-protocol
+        # summary has them; `protocols` holds each protocol's.
+        lead = by_protocol[folds_module.PROTOCOLS[0]]
+        summary = {**lead, "protocols": by_protocol, **extra}
+    if jax.process_index() == 0:
+        evaluate.write_json(os.path.join(workdir, "summary.json"), summary)
+    for line in summary_lines(summary):
+        logging.info("%s", line)
+    return summary
+
+
+def _run_protocol(
+    config: ml_collections.ConfigDict,
+    trainer: Trainer,
+    arrays: Mapping[str, np.ndarray],
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    workdir: str,
+) -> dict[str, Any]:
+    """Runs (or resumes) the folds of one protocol (`config.fold_protocol`) in `workdir`
+    (`fold_<k>/` each), writes its `confusion.png`; returns its figures."""
+    is_main = jax.process_index() == 0  # every process trains; process 0 writes the reports
+    images, labels = arrays["image"], arrays["label"]
+    protocol = config.fold_protocol
     fold_results = []
     for k, (train_idx, test_idx) in enumerate(folds):
         fold_dir = os.path.join(workdir, f"fold_{k}")
@@ -321,9 +440,10 @@ def run(
         result = evaluate.read_json(result_path)
         if result is None:
             logging.info(
-                "Fold %d/%d: %d training, %d test images.",
+                "Fold %d/%d (%s): %d training, %d test images.",
                 k + 1,
                 len(folds),
+                protocol,
                 len(train_idx),
                 len(test_idx),
             )
@@ -334,53 +454,72 @@ def run(
             if is_main:
                 evaluate.write_report(os.path.join(fold_dir, "eval"), "test_fold", metrics)
                 evaluate.write_json(result_path, result)
-        logging.info("Fold %d accuracy: %.4f", k, result["accuracy"])
+        logging.info("Fold %d (%s) accuracy: %.4f", k, protocol, result["accuracy"])
         fold_results.append(result)
 
     accuracies = np.array([r["accuracy"] for r in fold_results])
     pooled = np.sum([np.asarray(r["confusion_counts"]) for r in fold_results], axis=0)
     pooled_metrics = evaluate.metrics_from_confusion(pooled)
     summary = {
-        "protocol": config.fold_protocol,
+        "protocol": protocol,
         "folds": len(folds),
         "fold_accuracy": accuracies.tolist(),
         "mean_accuracy": float(accuracies.mean()),
         "std_accuracy": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else 0.0,
         "pooled": pooled_metrics,
-        "init_from": config.init_from,
-        "fine_tuning": settings,
     }
     if is_main:
-        evaluate.write_json(os.path.join(workdir, "summary.json"), summary)
         evaluate.plot_confusion(
             pooled_metrics["confusion_normalized"],
             pooled_metrics["class_names"],
             os.path.join(workdir, "confusion.png"),
-            f"{config.folds}-fold CV ({config.fold_protocol}): "
+            f"{config.folds}-fold CV ({protocol}): "
             f"{100 * summary['mean_accuracy']:.2f} ± {100 * summary['std_accuracy']:.2f}%",
         )
-    for line in summary_lines(summary):
-        logging.info("%s", line)
     return summary
 
 
-def summary_lines(summary: Mapping[str, Any]) -> list[str]:
-    """The summary in words: mean ± std, each fold, per-class recall, the pooled matrix."""
+def _figures_line(summary: Mapping[str, Any]) -> str:
+    """Mean ± std, each fold, mean class recall and per-class recall of one protocol."""
     pooled = summary["pooled"]
     folds = ", ".join(f"{100 * a:.2f}" for a in summary["fold_accuracy"])
-    names = pooled["class_names"]
-    recall = ", ".join(f"{n} {100 * pooled['per_class_accuracy'][n]:.1f}" for n in names)
+    recall = ", ".join(
+        f"{n} {100 * pooled['per_class_accuracy'][n]:.1f}" for n in pooled["class_names"]
+    )
+    return (
+        f"{100 * summary['mean_accuracy']:.2f}% ± {100 * summary['std_accuracy']:.2f} over "
+        f"{summary['folds']} folds ({folds}); mean class recall "
+        f"{100 * pooled.get('mean_class_accuracy', np.nan):.2f}% ({recall})"
+    )
+
+
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The summary in words: mean ± std, each fold, per-class recall, the pooled matrix; with
+    several protocols (`summary['protocols']`), each protocol's figures and matrices side by
+    side."""
+    by_protocol = summary.get("protocols") or {summary["protocol"]: summary}
+    if len(by_protocol) == 1:
+        (protocol, only), *_ = by_protocol.items()
+        lines = [f"Cross-validation ({protocol}): {_figures_line(only)}"]
+    else:
+        width = max(len(p) for p in by_protocol)
+        lines = [f"Cross-validation, {len(by_protocol)} protocols:"]
+        lines += [f"  {p:<{width}}: {_figures_line(s)}" for p, s in by_protocol.items()]
+    names = summary["pooled"]["class_names"]
+    header = " ".join(n[:3] for n in names)
     width = max(len(n) for n in names)
-    lines = [
-        f"Cross-validation ({summary['protocol']}): {100 * summary['mean_accuracy']:.2f}% ± "
-        f"{100 * summary['std_accuracy']:.2f} over {summary['folds']} folds ({folds}); mean "
-        f"class recall {100 * pooled.get('mean_class_accuracy', np.nan):.2f}% ({recall})",
-        "Pooled confusion matrix (rows: true class, columns: predicted; "
-        + " ".join(n[:3] for n in names)
-        + "):",
-    ]
-    for name, row in zip(names, pooled["confusion_counts"], strict=True):
-        lines.append(f"  {name:>{width}} " + " ".join(f"{c:3d}" for c in row))
+    title = "Pooled confusion matrix" if len(by_protocol) == 1 else "Pooled confusion matrices"
+    lines.append(
+        f"{title} (rows: true class, columns: predicted; "
+        + " | ".join(f"{p}: {header}" if len(by_protocol) > 1 else header for p in by_protocol)
+        + "):"
+    )
+    for i, name in enumerate(names):
+        rows = [
+            " ".join(f"{c:3d}" for c in s["pooled"]["confusion_counts"][i])
+            for s in by_protocol.values()
+        ]
+        lines.append(f"  {name:>{width}} " + " | ".join(rows))
     return lines
 
 
@@ -402,6 +541,7 @@ def train_then_cross_validate(
             os.path.join(workdir, "cross_validation"),
             user_set=[f.removeprefix("jaffe.") for f in user_set if f.startswith("jaffe.")],
             allow_config_changes=allow_config_changes,
+            field="config.jaffe",
         )
         if jax.process_index() == 0:
             evaluate.write_json(os.path.join(workdir, "results.json"), results)

@@ -247,8 +247,8 @@ def _check_folds(found: Found) -> None:
 
 
 def fold_train_sizes(found: Found) -> list[int] | None:
-    """Training images of each fold, where the labels and subjects are known without reading
-    the photos (JAFFE listed by name); None otherwise."""
+    """Training images of each fold (of each protocol `fold_protocol` runs), where the labels
+    and subjects are known without reading the photos (JAFFE listed by name); None otherwise."""
     from data_pipelines import folds
 
     config = found.stage.config
@@ -256,13 +256,21 @@ def fold_train_sizes(found: Found) -> list[int] | None:
         return None
     labels = np.asarray([item.label for item in found.jaffe])
     subjects = np.asarray([item.subject for item in found.jaffe])
-    try:
-        split = folds.jaffe_folds(
-            labels, subjects, k=config.folds, protocol=config.fold_protocol, seed=config.seed
-        )
-    except ValueError as e:
-        raise UserError(f"{found.stage.label}: {e} ({found.stage.field}.folds)") from e
-    return [len(train) for train, _ in split]
+    sizes = []
+    for protocol in folds.protocols_of(config.fold_protocol):
+        try:
+            split = folds.jaffe_folds(
+                labels, subjects, k=config.folds, protocol=protocol, seed=config.seed
+            )
+        except ValueError as e:
+            field = found.stage.field
+            other = f" or {field}.fold_protocol='random'" if protocol == "subject" else ""
+            raise UserError(
+                f"{found.stage.label}: {e} for the {protocol} folds ({field}.fold_protocol="
+                f"{config.fold_protocol!r}): use more images, fewer {field}.folds{other}"
+            ) from e
+        sizes += [len(train) for train, _ in split]
+    return sizes
 
 
 @contextlib.contextmanager
@@ -348,7 +356,7 @@ def _stage_lines(i: int, found: Found, devices: int, workdir: str) -> list[str]:
         if stage.field == "config.jaffe":
             start = "the model selected in stage 1" if start == workdir else start
         what = (
-            f"{config.folds} folds ({config.fold_protocol}), {config.num_epochs} epochs a fold, "
+            f"{_folds_text(config)}, {config.num_epochs} epochs a fold, "
             f"{per_device}, {step_text}; fine-tunes {start}"
         )
     elif stage.kind == "train":
@@ -370,6 +378,16 @@ def _stage_lines(i: int, found: Found, devices: int, workdir: str) -> list[str]:
     ]
 
 
+def _folds_text(config: ml_collections.ConfigDict) -> str:
+    """'5 folds (random)', or '5 folds of each protocol (random, subject)' for 'both'."""
+    from data_pipelines import folds
+
+    protocols = folds.protocols_of(config.fold_protocol)
+    if len(protocols) == 1:
+        return f"{config.folds} folds ({protocols[0]})"
+    return f"{config.folds} folds of each protocol ({', '.join(protocols)})"
+
+
 def _checkpoint_steps(directory: str) -> list[int]:
     try:
         return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
@@ -377,10 +395,25 @@ def _checkpoint_steps(directory: str) -> list[int]:
         return []
 
 
-def _folds_done(directory: str) -> int:
-    """Folds of a cross-validation workdir that have their `result.json`."""
-    names = os.listdir(directory)
-    return sum(os.path.isfile(os.path.join(directory, d, "result.json")) for d in names)
+def _folds_done(directory: str, config: ml_collections.ConfigDict, field: str) -> str:
+    """How many folds of a cross-validation workdir have their `result.json` (per protocol
+    where `config.fold_protocol` is 'both'); refuses a workdir of the other layout
+    (`cross_validate.check_layout`)."""
+    from data_pipelines import folds
+    from fer_jax.training.cross_validate import check_layout
+
+    check_layout(directory, config.fold_protocol, field)
+
+    def done(path: str) -> int:
+        names = os.listdir(path) if os.path.isdir(path) else []
+        return sum(os.path.isfile(os.path.join(path, d, "result.json")) for d in names)
+
+    if config.fold_protocol != folds.BOTH:
+        return f"{done(directory)} fold(s) done"
+    return ", ".join(
+        f"{p}: {done(os.path.join(directory, p))} fold(s) done"
+        for p in folds.protocols_of(config.fold_protocol)
+    )
 
 
 def _workdir_lines(
@@ -430,11 +463,12 @@ def _workdir_lines(
         else:
             lines.append(f"workdir: {path}: no checkpoint, starts from step 0")
         cv_dir = os.path.join(path, "cross_validation")
-        if os.path.isdir(cv_dir):
-            lines.append(f"  cross-validation: {_folds_done(cv_dir)} fold(s) done")
+        if os.path.isdir(cv_dir) and config.get("cross_validate"):
+            done = _folds_done(cv_dir, config.jaffe, "config.jaffe")
+            lines.append(f"  cross-validation: {done}")
     elif mode == "cross_validate":
-        done = _folds_done(path)
-        lines.append(f"workdir: {path}: {done} fold(s) done, the others resume or start")
+        done = _folds_done(path, config, "config")
+        lines.append(f"workdir: {path}: {done}, the others resume or start")
     else:
         lines.append(f"workdir: {path}: the evaluation reports go to {path}/eval/")
     return lines
@@ -490,19 +524,17 @@ def describe(
 
 def _fold_plan_lines(config: ml_collections.ConfigDict, stage: Stage) -> list[str]:
     """The fold plan of a stage whose images are listed by name (without reading them)."""
-    from data_pipelines.folds import jaffe_folds
-    from fer_jax.training.cross_validate import fold_plan_lines
+    from fer_jax.training.cross_validate import fold_plan_lines, make_folds
 
     found = find(stage)
     if found.jaffe is None:
-        plan = f"{config.folds} folds ({config.fold_protocol})"
-        return [f"fold plan: {plan}, made when the data is read"]
+        return [f"fold plan: {_folds_text(config)}, made when the data is read"]
     labels = np.asarray([item.label for item in found.jaffe])
     subjects = np.asarray([item.subject for item in found.jaffe])
-    split = jaffe_folds(
-        labels, subjects, k=config.folds, protocol=config.fold_protocol, seed=config.seed
-    )
-    return fold_plan_lines(split, labels, subjects, config)
+    lines = []
+    for protocol, split in make_folds(labels, subjects, config).items():
+        lines += fold_plan_lines(split, labels, subjects, config, protocol)
+    return lines
 
 
 def cross_validation_lines(
