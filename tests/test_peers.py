@@ -111,6 +111,16 @@ def test_the_cards_peer_line_comes_from_a_full_peers_run(tmp_path):
     assert "not compared" in model_card.peer_line(model_card.peer(None))
 
 
+def test_the_cards_peer_line_does_not_call_other_weights_this_model(tmp_path):
+    compared = model_card.peer(
+        _peers_folder(tmp_path, fer_jax={"weights_sha256": "3f566987cb2f" + "0" * 52})
+    )
+    assert "this model there" in model_card.peer_line(compared, "3f566987cb2f" + "0" * 52)
+    other = model_card.peer_line(compared, "80446449fc1f" + "0" * 52)
+    assert "this model there" not in other
+    assert "this network there with other weights (sha256 3f566987cb2f)" in other
+
+
 @pytest.mark.parametrize("fields", [{"smoke": True}, {"limit": 300}, {"split": "public_test"}])
 def test_the_card_refuses_a_smoke_partial_or_other_split_peers_run(tmp_path, fields):
     with pytest.raises(SystemExit, match="not a full private_test comparison"):
