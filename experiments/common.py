@@ -4,13 +4,12 @@ markdown tables (`table`, `write_table`) and the command-line flags several scri
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from experiments import provenance
-from fer_jax.training.evaluate import read_json
+from fer_jax.training.evaluate import read_json, write_json
 
 __all__ = [
     "add_checkpoint",
@@ -26,9 +25,9 @@ __all__ = [
 
 
 def save_json(path: str, data: Any, indent: int = 1, default: Any = None) -> None:
-    """`data` as JSON in `path` (`json.dump` with `indent` and `default`)."""
-    with open(path, "w") as f:
-        json.dump(data, f, indent=indent, default=default)
+    """`data` as JSON in `path`, atomically (`fer_jax.training.evaluate.write_json`; the results
+    files' indent 1 unless `indent`; `default` as `json.dump`'s)."""
+    write_json(path, data, indent=indent, default=default)
 
 
 def table(

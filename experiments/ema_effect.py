@@ -24,30 +24,20 @@ SPLITS = ("public_test", "private_test")
 
 
 def restore(run: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
-    """`(step, {'raw': variables, 'ema': variables}, meta)` of the run's selected checkpoint."""
-    import orbax.checkpoint as ocp
+    """`(step, {'raw': variables, 'ema': variables}, meta)` of the run's selected checkpoint
+    (`checkpoint.load_variables`: `best/`, else the latest).
 
-    for sub in ("best", "checkpoints"):
-        directory = os.path.join(os.path.abspath(os.path.expanduser(run)), sub)
-        if not os.path.isdir(directory):
-            continue
-        with ocp.CheckpointManager(directory, item_names=("state", "meta")) as manager:
-            step = manager.latest_step()
-            if step is None:
-                continue
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
-                ),
-            )
-        state, meta = restored["state"], dict(restored["meta"])
-        if "ema" not in state:
-            raise SystemExit(f"{directory}/{step} has no moving average: the run had no ema_decay")
-        keys = ("params", "batch_stats")
-        weights = {"raw": {k: state[k] for k in keys}, "ema": {k: state["ema"][k] for k in keys}}
-        return step, weights, meta
-    raise SystemExit(f"{run} has no best/ or checkpoints/ with a checkpoint")
+    Raises SystemExit when there is no checkpoint, or it has no moving average."""
+    from fer_jax.training import checkpoint
+
+    try:
+        ema, meta, source = checkpoint.load_variables(run)
+        raw, _, _ = checkpoint.load_variables(source, average=False)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        raise SystemExit(f"error: {run}: {e}") from e
+    if not meta.get("ema"):
+        raise SystemExit(f"error: {source} has no moving average: the run had no ema_decay")
+    return meta["step"], {"raw": raw, "ema": ema}, meta
 
 
 def score(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:

@@ -20,5 +20,5 @@ def test_score_is_accuracy_and_recall_per_class():
 
 
 def test_a_folder_without_checkpoints_is_refused_by_name(tmp_path):
-    with pytest.raises(SystemExit, match=r"has no best/ or checkpoints/ with a checkpoint"):
+    with pytest.raises(SystemExit, match=r"is neither a run directory with best/ or checkpoints/"):
         ema_effect.restore(str(tmp_path))

@@ -257,6 +257,10 @@ def test_the_runs_checkpoints_hold_the_average_and_every_read_gets_it(finished_r
     assert meta["ema"] is True
     for collection in ("params", "batch_stats"):
         jax.tree.map(np.testing.assert_array_equal, variables[collection], tree["ema"][collection])
+    raw, raw_meta, _ = checkpoint.load_variables(path, average=False)  # experiments.ema_effect
+    assert raw_meta["has_ema"] is True and "ema" not in raw_meta
+    for collection in ("params", "batch_stats"):
+        jax.tree.map(np.testing.assert_array_equal, raw[collection], tree[collection])
     from configs import synthetic
 
     config = synthetic.get_config()

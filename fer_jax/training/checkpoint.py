@@ -403,9 +403,12 @@ def _resolve(path: str) -> tuple[ocp.CheckpointManager, int | None]:
     )
 
 
-def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+def load_variables(
+    path: str, *, average: bool = True
+) -> tuple[dict[str, Any], dict[str, Any], str]:
     """`(variables {'params', 'batch_stats'} as numpy, meta, source)` from a run or checkpoint:
-    its moving average where it has one (`meta['ema'] = True` then).
+    its moving average where it has one (`meta['ema'] = True` then); `average=False`: the
+    weights the optimizer reached (`meta['has_ema']` says whether it had an average too).
 
     `pretrained`, `pretrained:NAME` or a path ending in `.npz` is the model shipped in the
     package (`fer_jax.model.pretrained`; float32 variables): the one place where every checkpoint
@@ -426,8 +429,10 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
                     "checkpoint %s is unreadable (%s); trying the previous one.", source, e
                 )
                 continue
-            if EMA_FIELD in tree:
+            if EMA_FIELD in tree and average:
                 tree, meta = tree[EMA_FIELD], {**meta, "ema": True}
+            elif EMA_FIELD in tree:
+                meta = {**meta, "has_ema": True}
             variables = {k: jax.device_get(tree[k]) for k in ("params", "batch_stats")}
             found = (s, (variables, meta, source))
             break

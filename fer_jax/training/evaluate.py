@@ -69,14 +69,15 @@ def read_json(path: str) -> Any:
         return None
 
 
-def write_json(path: str, data: Any) -> None:
-    """Writes JSON atomically (temp file + rename): a reader never sees half a file."""
+def write_json(path: str, data: Any, *, indent: int = 2, default: Any = None) -> None:
+    """Writes JSON atomically (temp file + rename): a reader never sees half a file.
+    `indent`, `default`: as `json.dump`'s."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=True)
+            json.dump(data, f, indent=indent, allow_nan=True, default=default)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
