@@ -5,8 +5,12 @@
 
 (`manual_dir` holds Kaggle's `fer2013.csv`, or `fer2013.tar.gz`.) FER2013 Training only, the
 model chosen on PublicTest, reported on PrivateTest (ten-crop, and the centre crop); no JAFFE
-stage. 20 epochs: ~3 h at ~48 training images/s (2-core AMD EPYC Zen 5), ~5-6 h at ~28-33,
-~7 h at ~24 (Zen 4).
+stage. 20 epochs (8,960 steps of 64 images) are 3.3 hours of training at the 48.7 images/s of a
+quiet benchmark on a 2-core AMD EPYC Zen 5
+(experiments/results/benchmark_cpu_epyc_zen5/session4_run6/), and 5.2-7.4 hours at the
+21.6-30.7 images/s at which the shipped model's cycles trained on 2-core CPUs (the slowest and
+the fastest: experiments/results/fer2013_cpu_cycle2_epyc_zen4/,
+experiments/results/fer2013_cpu_cycle5_xeon_amx/); the evaluations come on top.
 
 The shipped model (`fer_jax/weights/`, MODEL_CARD.md) is this recipe in cycles, each from the
 weights the one before shipped, with a fresh optimizer: five 6-epoch cycles (the first from
@@ -28,19 +32,23 @@ for cycles 1-4 also `--config.augment.zoom=0 --config.augment.rotate=0`, to repe
 
 What differs from `configs/fer2013.py` (300 epochs), and the measurement behind each:
 - Network and head unchanged: width 64, CBAM channel-first, A-Softmax (m = 4). A-Softmax with
-  a large lambda is a weight-normalised softmax, and it trained normally in short CPU runs
-  (Intel Xeon, AMX, cosine 0.03, ten-crop PrivateTest: 4 epochs 56.7%, 6 epochs 60.6%).
-- Learning rate 0.03, cosine decay to 0 over the run: the setting of those runs. (The softmax
-  head at the constant 0.01 reached 64.98% after 20 epochs on an H200,
-  `experiments/results/gpu_run_h200_softmax_25ep/`: the decay to 0 is what a short run needs.)
+  a large lambda is a weight-normalised softmax, and this recipe trained normally on a CPU: 6
+  epochs from scratch (cycle 1, 2-core AMD EPYC Zen 4) gave 59.79% ten-crop PrivateTest
+  (experiments/results/fer2013_cpu_epyc_zen4/).
+- Learning rate 0.03, cosine decay to 0 over the run: the setting of that run. (The softmax
+  head at the constant 0.01 reached 64.98% PrivateTest at epoch 20, chosen on PublicTest, on an
+  H200, `experiments/results/gpu_run_h200_softmax_25ep/`: the decay to 0 is what a short run
+  needs.)
 - lambda annealed over the run's own length (`loss.lambda_per='run'`): the 300-epoch per-epoch
-  curve compressed into 20 epochs, 1500 -> 48 (the per-epoch clock only fell 1500 -> 943 in 6
+  curve compressed into 20 epochs, 1500 -> 48 (the per-epoch clock only falls 1500 -> 938 in 6
   epochs, and 1500 -> 500 in 20, leaving A-Softmax without its margin). 48 is the value the long
   recipe ends at, one at which training from scratch still learns
-  (`experiments/results/asoftmax_collapse/`); below ~5 the features collapse.
-- Selection on the centre crop (`select_crops=1`): a tenth of ten-crop's compute (ten-crop
-  PublicTest would add ~4 min to each ~10-min epoch); the final report is ten-crop.
-- A checkpoint every 150 steps (~3-5 min): a run interrupted with its machine resumes there.
+  (`experiments/results/asoftmax_collapse/`); at 5, SphereFace's floor, the features collapse.
+- Selection on the centre crop (`select_crops=1`): a tenth of ten-crop's compute (at the
+  benchmark's 48.7 training images/s and 167.1 ten-crop crops/s, ten-crop PublicTest would add
+  3.6 minutes to each 9.8-minute epoch); the final report is ten-crop.
+- A checkpoint every 150 steps (3.3-7.4 minutes at the speeds above): a run interrupted with
+  its machine resumes there.
 - bfloat16 matmul operands (float32 accumulation) where the CPU multiplies bf16 natively
   (`model.matmul_dtype='auto'`): on a 2-core Zen 4 (AVX512-BF16) the real run trained 1.07x
   faster with the same loss curve as float32 (`experiments/results/bf16_loss_curve_epyc_zen4/`);

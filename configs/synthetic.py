@@ -1,4 +1,4 @@
-"""A width-8 model on a small generated, learnable dataset: the whole main job in ~a minute.
+"""A width-8 model on a small generated, learnable dataset: the whole main job, small and quick.
 
     python -m fer_jax.main --config=configs/synthetic.py --workdir=/tmp/fer_synthetic
 
