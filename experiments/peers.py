@@ -29,8 +29,11 @@ four variants above) and fer's `FER().detect_emotions(path)` with its defaults (
 min face 50, offsets 10, both models). The largest face found is the photo's answer; a photo
 with no face found counts as wrong. `--write_photos` first writes the split's faces (after
 `--limit`) there as photos, as `experiments.photo_framing` makes them (upscaled 4x bicubic,
-edge-padded by half the side): a labelled photo set from FER2013 alone. Those images are
-FER2013's: never commit them.
+edge-padded by half the side), `DIR/<class>/<split>_<k>.png`: a labelled photo set from FER2013
+alone; a DIR holding other images is refused (they would be scored with them). Those images are
+FER2013's: never commit them. `--photo_limit N` runs the photo path on the first N photos in
+file-name order only (for written photos: the split's first N faces, and only those are
+written), the face crops keeping `--limit`.
 
 Install (never in the core install: `fer` needs TensorFlow). `fer` declares dependencies that
 would break this environment: `facenet-pytorch` (pins torch<2.3, numpy<2 and Pillow<10.3; only
@@ -45,8 +48,11 @@ run time, so:
 missing, `import_fer` gives `fer` a `pkg_resources.resource_filename` over importlib.resources,
 the one function it calls, instead of downgrading setuptools.) This script installs nothing.
 
-The full run, for a quiet machine (nothing else running: the faces/s are the point; ~25 min on
-2 cores, most of it fer_jax's ten crops, run twice), then README's comparison cites its folder:
+The full run, for a quiet machine (nothing else running: the faces/s are the point), then
+README's comparison cites its folder. On 2 cores the face crops took 15.5 min with a training
+run sharing them (`peers_cycle6_epyc_zen5`), most of it fer_jax's ten crops, run twice; the
+photo path adds ~0.45 s a photo for the six contenders together (`peers_epyc_zen5_smoke`, 300
+photos), ~27 min for all 3,589, or ~8 min with `--photo_limit=1000`. DIR must be new or empty:
 
     python -m experiments.peers --manual_dir=~/data/fer2013 \
         --out=experiments/results/peers_<cpu> \
@@ -58,6 +64,7 @@ the table's heading that it is one, e.g. on a machine shared with a training run
 faces/s mean nothing):
 
     python -m experiments.peers --manual_dir=~/data/fer2013 --limit=300 --smoke \
+        --photos=/tmp/fer2013_photos_smoke --write_photos \
         --out=experiments/results/peers_<cpu>_smoke
 
 Writes `table.md` and `raw.json` (every figure, the per-round seconds, the models' identities:
@@ -259,19 +266,42 @@ def fer_variants() -> dict[str, dict[str, Any]]:
     }
 
 
-def photo_files(directory: str) -> list[tuple[str, int | None]]:
-    """`(path, label or None)` of the images under `directory` (sorted; a file in a folder named
-    after a class is labelled with it)."""
+def photo_files(directory: str, limit: int | None = None) -> list[tuple[str, int | None]]:
+    """`(path, label or None)` of the images under `directory`, in file-name order (then path),
+    the first `limit` of them; a file in a folder named after a class is labelled with it. For
+    `write_photos`' photos, name order is the split's order, whatever class folder each is in."""
     from data_pipelines.labels import CLASS_NAMES
 
     out = []
-    for root, _, files in sorted(os.walk(directory)):
+    for root, _, files in os.walk(directory):
         folder = os.path.basename(root)
         label = CLASS_NAMES.index(folder) if folder in CLASS_NAMES else None
-        for name in sorted(files):
+        for name in files:
             if name.lower().endswith(PHOTO_SUFFIXES):
                 out.append((os.path.join(root, name), label))
-    return out
+    out.sort(key=lambda item: (os.path.basename(item[0]), item[0]))
+    return out[:limit]
+
+
+def photo_names(labels: np.ndarray, split: str) -> list[str]:
+    """The paths, relative to the photo folder, that `write_photos` gives the split's faces."""
+    from data_pipelines.labels import CLASS_NAMES
+
+    return [os.path.join(CLASS_NAMES[int(y)], f"{split}_{k:05d}.png") for k, y in enumerate(labels)]
+
+
+def check_photo_folder(directory: str, labels: np.ndarray, split: str) -> None:
+    """Refuses (SystemExit) a `--write_photos` folder that holds images this run would not
+    write: they would be scored with the written ones (a folder left by a run of a larger
+    `--limit`, or a photo set of its own)."""
+    written = {os.path.join(directory, name) for name in photo_names(labels, split)}
+    other = [path for path, _ in photo_files(directory) if path not in written]
+    if other:
+        raise SystemExit(
+            f"error: --write_photos: {directory} holds {len(other)} images that this run would "
+            f"not write (e.g. {other[0]}), and they would be scored with its photos; give an "
+            "empty or new --photos folder"
+        )
 
 
 def write_photos(faces: np.ndarray, labels: np.ndarray, split: str, directory: str) -> None:
@@ -279,13 +309,12 @@ def write_photos(faces: np.ndarray, labels: np.ndarray, split: str, directory: s
     `directory/<class name>/<split>_<k>.png`."""
     import cv2
 
-    from data_pipelines.labels import CLASS_NAMES
     from experiments.photo_framing import as_photo
 
-    for k, (face, label) in enumerate(zip(faces, labels, strict=True)):
-        folder = os.path.join(directory, CLASS_NAMES[int(label)])
-        os.makedirs(folder, exist_ok=True)
-        cv2.imwrite(os.path.join(folder, f"{split}_{k:05d}.png"), as_photo(face, 4, 0.5)[0])
+    for face, name in zip(faces, photo_names(labels, split), strict=True):
+        path = os.path.join(directory, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        cv2.imwrite(path, as_photo(face, 4, 0.5)[0])
 
 
 def _percent(x: float | None) -> str:
@@ -348,7 +377,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--write_photos",
         action="store_true",
         help="first write the split's faces into --photos as photos (FER2013's images: never "
-        "commit them)",
+        "commit them); the folder must hold no other images",
+    )
+    ap.add_argument(
+        "--photo_limit",
+        type=int,
+        help="the photo path on its first N photos in file-name order only (with --write_photos: "
+        "the split's first N faces, and only those are written); the face crops keep --limit",
     )
     ap.add_argument("--smoke", action="store_true", help="the table's heading says: smoke run")
     ap.add_argument(
@@ -358,10 +393,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     common.add_out(ap)
     args = ap.parse_args(argv)
-    if args.write_photos and not args.photos:
-        ap.error("--write_photos needs --photos")
-    if args.round_size < 4 or (args.limit is not None and args.limit < 1):
-        ap.error("need --round_size >= 4 and --limit >= 1")
+    if (args.write_photos or args.photo_limit is not None) and not args.photos:
+        ap.error("--write_photos and --photo_limit need --photos")
+    if args.round_size < 4 or any(n is not None and n < 1 for n in (args.limit, args.photo_limit)):
+        ap.error("need --round_size >= 4, --limit >= 1 and --photo_limit >= 1")
     return args
 
 
@@ -405,13 +440,17 @@ def _compare_faces(
 
 
 def _compare_photos(
-    recognizers: dict[str, Any], fer_module: types.ModuleType, round_size: int, folder: str
+    recognizers: dict[str, Any],
+    fer_module: types.ModuleType,
+    round_size: int,
+    folder: str,
+    limit: int | None = None,
 ) -> tuple[dict[str, Any], list[list]]:
-    """Every contender on the photos in `folder`, own detector included: the results and the
-    table's rows."""
+    """Every contender on the (first `limit`) photos in `folder`, own detector included: the
+    results and the table's rows."""
     from data_pipelines.labels import CLASS_NAMES
 
-    photos = photo_files(folder)
+    photos = photo_files(folder, limit)
     if not photos:
         raise SystemExit(f"error: no images under {folder}")
     photo_detectors = {name: fer_module.FER(**options) for name, options in fer_variants().items()}
@@ -421,15 +460,23 @@ def _compare_photos(
     for name, detector in photo_detectors.items():
         photo_fns[name] = fer_photo_classifier(detector, CLASS_NAMES)
     paths = [p for p, _ in photos]
+    start = time.perf_counter()
     photo_out, photo_seconds = alternate(
         {n: (lambda chunk, fn=fn: [fn(p) for p in chunk]) for n, fn in photo_fns.items()},
         paths,
         max(1, round_size // 4),
     )
+    wall = time.perf_counter() - start
     photo_rates = _rates(photo_seconds, len(paths))
     labelled = np.array([label is not None for _, label in photos])
     photo_labels = np.array([-1 if label is None else label for _, label in photos])
-    results: dict[str, Any] = {"folder": folder, "photos": len(paths), "per_contender": {}}
+    results: dict[str, Any] = {
+        "folder": folder,
+        "photos": len(paths),
+        "limit": limit,
+        "wall_s": wall,
+        "per_contender": {},
+    }
     rows = []
     for name in photo_fns:
         predicted = np.array([-1 if p is None else p for p in photo_out[name]])
@@ -463,6 +510,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     faces, labels = data["image"][..., 0], data["label"]
     if args.limit:
         faces, labels = faces[: args.limit], labels[: args.limit]
+    photo_faces, photo_labels = faces[: args.photo_limit], labels[: args.photo_limit]
+    if args.write_photos:  # before the hour of scoring: a folder it cannot use stops it now
+        check_photo_folder(args.photos, photo_labels, args.split)
 
     manifest = pretrained.read_manifest(None)  # what the recognizers below load
     tau = (manifest.get("logit_adjustment") or {}).get("tau")
@@ -475,9 +525,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if args.photos:
         if args.write_photos:
-            write_photos(faces, labels, args.split, args.photos)
+            write_photos(photo_faces, photo_labels, args.split, args.photos)
         results["photos"], photo_rows = _compare_photos(
-            recognizers, fer_module, args.round_size, args.photos
+            recognizers, fer_module, args.round_size, args.photos, args.photo_limit
         )
         rows += photo_rows
 

@@ -69,19 +69,95 @@ def test_fer_face_classifier_sends_one_strip_with_a_box_per_face():
     assert ties == [False, False, True]
 
 
-def test_photo_files_are_labelled_by_their_class_folder(tmp_path):
+def test_photo_files_are_labelled_by_their_class_folder_in_file_name_order(tmp_path):
     (tmp_path / "happy").mkdir()
-    (tmp_path / "happy" / "a.png").write_bytes(b"")
+    (tmp_path / "sad").mkdir()
+    (tmp_path / "happy" / "c.png").write_bytes(b"")
+    (tmp_path / "sad" / "a.png").write_bytes(b"")
     (tmp_path / "b.JPG").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("")
     found = peers.photo_files(str(tmp_path))
-    assert found == [(str(tmp_path / "b.JPG"), None), (str(tmp_path / "happy" / "a.png"), 3)]
+    assert found == [
+        (str(tmp_path / "sad" / "a.png"), 4),
+        (str(tmp_path / "b.JPG"), None),
+        (str(tmp_path / "happy" / "c.png"), 3),
+    ]
+    assert peers.photo_files(str(tmp_path), limit=2) == found[:2]
 
 
-def test_write_photos_needs_a_photo_folder(capsys):
+def test_written_photos_in_name_order_are_the_splits_faces_in_order(tmp_path):
+    faces = np.stack([np.full((48, 48), 40 * k, np.uint8) for k in range(5)])
+    labels = np.array([3, 0, 3, 6, 0])
+    peers.write_photos(faces[:4], labels[:4], "private_test", str(tmp_path))
+    found = peers.photo_files(str(tmp_path), limit=3)
+    assert [label for _, label in found] == labels[:3].tolist()
+    assert [p.rsplit("/", 1)[1] for p, _ in found] == [
+        f"private_test_0000{k}.png" for k in range(3)
+    ]
+    import cv2
+
+    photo = cv2.imread(found[1][0])
+    assert photo.shape[:2] == (2 * 4 * 48, 2 * 4 * 48)  # 4x, padded half the side each way
+    peers.check_photo_folder(str(tmp_path), labels[:4], "private_test")  # the same run again
+    with pytest.raises(SystemExit, match="holds 1 images that this run would not write"):
+        peers.check_photo_folder(str(tmp_path), labels[:3], "private_test")  # a smaller --limit
+    peers.check_photo_folder(str(tmp_path), labels, "private_test")  # a larger one: overwrites
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--write_photos"], "--write_photos and --photo_limit need --photos"),
+        (["--photo_limit=5"], "--write_photos and --photo_limit need --photos"),
+        (["--photos=p", "--photo_limit=0"], "--photo_limit >= 1"),
+    ],
+)
+def test_photo_flags_are_checked(capsys, flags, message):
     with pytest.raises(SystemExit):
-        peers.main(["--manual_dir=x", "--write_photos"])
-    assert "--write_photos needs --photos" in capsys.readouterr().err
+        peers.main(["--manual_dir=x", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_the_photo_path_scores_each_contenders_largest_face_on_the_first_photos(tmp_path):
+    """_compare_photos on fakes: each package's own call per photo; no face is wrong; unlabelled
+    photos count for speed and detection only; `limit` takes the first photos by name."""
+    for k, folder in enumerate(["happy", "sad", "happy", ".", "sad"]):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / f"p{k}.png").write_bytes(b"")
+
+    class Face:
+        def __init__(self, label):
+            self.label = label
+
+    class Recognizer:  # fer_jax: finds no face in p1, calls everything else happy
+        class_names = CLASS_NAMES
+
+        def predict(self, path):
+            return [] if path.endswith("p1.png") else [Face("happy"), Face("sad")]
+
+    class FER:  # fer: a small sad face and a larger happy one in every photo
+        def __init__(self, **options):
+            assert options in ({"use_tflite": True}, {"use_tflite": False})
+
+        def detect_emotions(self, path):
+            assert path.endswith(".png")
+            scores = dict.fromkeys(CLASS_NAMES, 0.0)
+            return [
+                {"box": (0, 0, 10, 10), "emotions": scores | {"sad": 0.9}},
+                {"box": (0, 0, 50, 40), "emotions": scores | {"happy": 0.9}},
+            ]
+
+    fer_module = type("fer", (), {"FER": FER})
+    recognizers = {name: Recognizer() for name in list(peers.fer_jax_variants())[:1]}
+    results, rows = peers._compare_photos(recognizers, fer_module, 4, str(tmp_path), limit=4)
+    assert results["photos"] == 4 and results["limit"] == 4
+    ours = results["per_contender"][next(iter(recognizers))]
+    assert ours["labelled"] == 3  # p0 happy, p1 sad, p2 happy; p3 unlabelled; p4 past the limit
+    assert ours["faces_found"] == 3  # all but p1
+    assert ours["accuracy"] == pytest.approx(2 / 3)  # p1's missing face is wrong
+    fer = results["per_contender"]["fer, FER() (TFLite, its default)"]
+    assert fer["faces_found"] == 4 and fer["accuracy"] == pytest.approx(2 / 3)  # sad p1 wrong
+    assert [row[3] for row in rows] == ["3/4", "4/4", "4/4"]
 
 
 def _peers_folder(tmp_path, **raw_fields):
