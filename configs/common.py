@@ -47,10 +47,10 @@ def loss_config() -> ml_collections.ConfigDict:
     with its constants, but t counted in epochs, not steps. Per step (SphereFace, the PyTorch
     port: `lambda_per='step'`) lambda is at 5 after ~7 FER2013 epochs, and this network (whose
     features are post-ReLU) then drives its feature norm |x| to 0: loss -> log 7, the final
-    ReLUs die, training stops (H200: 36.0% PrivateTest after 148 epochs; CPU, width 16, lambda
-    fixed at 5: |x| 1.17 -> 0.0013 in steps 100-400). Per epoch, lambda falls from 1500 to 48 at
-    epoch 300, a value at which training from scratch still learns
-    (experiments/results/asoftmax_collapse/).
+    ReLUs die, training stops (H200: 36.0% PrivateTest at best, epoch 69 of 148,
+    experiments/results/gpu_run_h200/; CPU, width 16, lambda fixed at 5: |x| 1.17 -> 0.0013 in
+    steps 100-400). Per epoch, lambda falls from 1500 to 48 at epoch 300, a value at which
+    training from scratch still learns (experiments/results/asoftmax_collapse/).
     """
     return ml_collections.ConfigDict(
         {
