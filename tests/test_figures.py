@@ -353,3 +353,180 @@ def test_the_photo_path_figures_of_prediction_and_export_are_in_their_folders():
         and same(box[4], p[-1], False)
         for n, p in percentiles.values()
     ), (box.group(0), percentiles)
+
+
+# ----------------------------------------------------------------------------- training and data
+
+TRAINING_DOC = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+DATA_DOC = (REPO / "docs" / "data.md").read_text(encoding="utf-8")
+CPU_RECIPE = section(TRAINING_DOC, "### `configs/fer2013_cpu.py`: the CPU recipe")
+# A percentage, or a speed, alone or as a range or "A vs B": "64.95%", "21.6-30.7 images/s",
+# "17.87 vs 18.07 training images/s".
+MEASURED = re.compile(
+    r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)(?:(?:-| vs )(\d[\d,]*(?:\.\d+)?))?"
+    r"(%| (?:training |ten-crop )?(?:images|crops)/s)"
+)
+
+
+@pytest.fixture(scope="module")
+def cpu_config():
+    from configs import fer2013_cpu
+
+    return fer2013_cpu
+
+
+def notes_numbers(folder: str) -> list[float]:
+    """The numbers written in a results folder's NOTES.md (figures recorded only there)."""
+    text = (RESULTS / folder / "NOTES.md").read_text(encoding="utf-8")
+    return [float(x.replace(",", "")) for x in re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?", text)]
+
+
+def value_of(figure: str, values: list[float]) -> float:
+    """The first of `values` that `figure` shows (as it is, not as a percentage)."""
+    found = [v for v in values if same(figure, v, percent=False)]
+    assert found, f"{figure} is none of the values"
+    return found[0]
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_measured_figures_of_training_and_data_are_in_the_folders_their_blocks_cite(cpu_config):
+    """Each percentage and speed of a block that cites results folders is in their JSON (or in a
+    NOTES.md the block names)."""
+    checked = 0
+    for name, text in (
+        ("docs/training.md", TRAINING_DOC),
+        ("docs/data.md", DATA_DOC),
+        ("configs/fer2013_cpu.py", cpu_config.__doc__),
+    ):
+        for block in blocks(text):
+            folders = sorted(set(CITED.findall(block)))
+            figures = [f for m in MEASURED.finditer(block) for f in m.groups()[:2] if f]
+            if not folders or not figures:
+                continue
+            values = [x for f in folders for x in folder_numbers(f)]
+            if "NOTES.md" in block:
+                values += [
+                    x
+                    for f in folders
+                    if (RESULTS / f / "NOTES.md").is_file()
+                    for x in notes_numbers(f)
+                ]
+            missing = [f for f in figures if not found_in(f.replace(",", ""), values)]
+            assert not missing, f"{name}: {missing} are in none of {folders}: {block}"
+            checked += len(figures)
+    assert checked >= 15, checked  # the blocks are still there, and still cite their folders
+
+
+def test_the_cpu_recipes_hours_are_its_steps_at_the_cited_speeds(cpu_config):
+    """The training hours and minutes that docs/training.md and the config quote for the CPU
+    recipe: its steps at the benchmark's speed and at the slowest and fastest cycle's."""
+    config = cpu_config.get_config()
+    cards = [load(f, "model_card.json") for _, f in cycles()]
+    speeds = [c["run_results"]["performance"]["train_images_per_s"] for c in cards]
+    per_epoch = {c["run_results"]["performance"]["steps_per_epoch"] for c in cards}
+    assert len(per_epoch) == 1, per_epoch
+    steps = config.num_epochs * per_epoch.pop()
+    sizes = {
+        load(f, "eval/public_test_float32_centre_crop.json")["num_examples"] for _, f in cycles()
+    }
+    (public_test,) = sizes
+    for name, text in (("docs/training.md", CPU_RECIPE), ("configs", cpu_config.__doc__)):
+        text = flat(text)
+        hours = re.search(
+            r"(\d+) epochs \(([\d,]+) steps of (\d+) images\) are (\d+\.\d) hours of training at "
+            r"the (\d+\.\d) images/s of a quiet benchmark .*?\(`?experiments/results/([\w/.-]+?)"
+            r"/?`?\), and (\d+\.\d)-(\d+\.\d) hours at the (\d+\.\d)-(\d+\.\d) images/s",
+            text,
+        )
+        assert hours, f"{name}: the CPU recipe's hours moved"
+        epochs, n, batch, h, speed, folder, h_lo, h_hi, slow, fast = hours.groups()
+        assert int(epochs) == config.num_epochs and int(batch) == config.batch_size, name
+        assert int(n.replace(",", "")) == steps, (name, n, steps)
+        quiet = value_of(speed, folder_numbers(folder))
+        images = steps * config.batch_size
+        assert same(h, images / quiet / 3600, percent=False), (name, h)
+        assert same(slow, min(speeds), False) and same(fast, max(speeds), False), (name, speeds)
+        assert same(h_lo, images / max(speeds) / 3600, False), (name, h_lo)
+        assert same(h_hi, images / min(speeds) / 3600, False), (name, h_hi)
+        selection = re.search(
+            r"benchmark's (\d+\.\d) training images/s and (\d+\.\d) ten-crop crops/s, (?:a )?"
+            r"ten-crop PublicTest (?:evaluation )?would add (\d+\.\d) minutes to each (\d+\.\d)"
+            r"-minute epoch",
+            text,
+        )
+        assert selection, f"{name}: the selection's cost moved"
+        assert selection[1] == speed, name
+        crops = value_of(selection[2], folder_numbers(folder))
+        assert same(selection[3], 10 * public_test / crops / 60, False), (name, selection[3])
+        epoch = images / config.num_epochs / quiet / 60
+        assert same(selection[4], epoch, False), (name, selection[4])
+        checkpoint = re.search(r"(\d+\.\d)-(\d+\.\d) minutes at the speeds above", text)
+        assert checkpoint, f"{name}: the checkpoint interval's minutes moved"
+        every = config.checkpoint_every_steps * config.batch_size / 60
+        assert same(checkpoint[1], every / quiet, False), (name, checkpoint[1])
+        assert same(checkpoint[2], every / min(speeds), False), (name, checkpoint[2])
+
+
+def test_the_lambdas_quoted_are_the_schedules(cpu_config):
+    """'1500 -> N in E epochs' on the paper's per-epoch clock, and the value a restarted
+    schedule still has after the JAFFE stage's epochs."""
+    from configs import fer2013
+
+    loss = fer2013.get_config().loss
+
+    def per_epoch(epochs: float) -> float:
+        value = loss.lambda_base * (1 + loss.lambda_gamma * epochs) ** -loss.lambda_power
+        return max(loss.lambda_min, value)
+
+    quoted = []
+    for text in (CPU_RECIPE, cpu_config.__doc__):
+        text = flat(text)
+        falls = re.search(r"1500 -> (\d+) in (\d+) epochs,? and 1500 -> (\d+) in (\d+)", text)
+        assert falls, text[:200]
+        quoted += [(falls[1], falls[2]), (falls[3], falls[4])]
+    restarted = re.search(r"restarted at 1500 \(still (\d+) after (\d+) epochs", flat(TRAINING_DOC))
+    assert restarted
+    quoted.append(restarted.groups())
+    assert int(restarted[2]) == fer2013.get_config().jaffe.num_epochs
+    for value, epochs in quoted:
+        assert int(value) == round(per_epoch(int(epochs))), (value, epochs)
+
+
+def test_each_cycles_figure_in_the_cpu_config_is_its_cards(cpu_config):
+    text = flat(cpu_config.__doc__)
+    listed = re.search(r"PrivateTest ten crops per cycle: ((?:\d+\.\d+%, )*\d+\.\d+%)", text)
+    assert listed, "the config no longer lists each cycle's PrivateTest figure"
+    quoted = [f.rstrip("%") for f in listed[1].split(", ")]
+    cards = [load(f, "model_card.json") for _, f in cycles()]
+    assert len(quoted) == len(cards)
+    for figure, card in zip(quoted, cards, strict=True):
+        assert same(figure, card["accuracy"]["float32"]["private_test"]["10"]), (figure, quoted)
+    public = re.search(r"PublicTest centre crop (\d+\.\d+)% -> (\d+\.\d+)%", text)
+    assert public, text[:200]
+    selected = [c["run_results"]["select_accuracy"] for c in cards[-2:]]
+    assert same(public[1], selected[0]) and same(public[2], selected[1]), (
+        public.groups(),
+        selected,
+    )
+
+
+def test_the_input_pipelines_speeds_are_the_medians_of_their_folder():
+    speed = flat(section(DATA_DOC, "## Input pipeline: `device` or `tf_data`"))
+    quoted = re.search(
+        r"(\d+\.\d+) vs (\d+\.\d+) training images/s, (\d+\.\d+) vs (\d+\.\d+) ten-crop crops/s",
+        speed,
+    )
+    assert quoted, "data.md's device vs tf_data sentence moved"
+    median = load("input_pipeline_cpu", "results.json")["median"]
+    expected = [
+        median[mode][key]
+        for key in ("train_images_per_s", "tencrop_crops_per_s")
+        for mode in ("device", "tf_data")
+    ]
+    assert all(same(f, v, False) for f, v in zip(quoted.groups(), expected, strict=True)), (
+        quoted.groups(),
+        expected,
+    )
