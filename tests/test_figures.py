@@ -10,7 +10,11 @@ card; the training hours against the cards' wall times); the comparison with the
 (each figure quoted for it is an accuracy of `fer` in the full `experiments.peers` run the
 status table cites, and the margins quoted are differences of the cited figures);
 docs/prediction_and_export.md's photo-path table and box-size percentiles against the
-`photo_framing` folders it cites.
+`photo_framing` folders it cites; docs/training.md, docs/data.md and configs/fer2013_cpu.py
+(each percentage and speed of a paragraph or item that cites results folders is in their JSON,
+or in a NOTES.md it names; the CPU recipe's hours and minutes are its steps at the speeds cited;
+the lambdas quoted are the schedule's; each cycle's figures are its card's; the input
+pipelines' speeds are their folder's medians); fer_jax/weights/README.md's file size.
 
 A figure matches a JSON number when it is that number (a fraction shown as a percentage, or as
 it is) rounded to the figure's decimals.
@@ -111,6 +115,11 @@ def hours(seconds: float) -> float:
     return round(seconds / 3600, 1)
 
 
+def flat(text: str) -> str:
+    """`text` with every run of whitespace (line breaks too) one space."""
+    return " ".join(text.split())
+
+
 # ----------------------------------------------------------------------------- the status table
 
 STATUS = section(README, "## Status: what is measured, what is not")
@@ -153,6 +162,13 @@ def test_the_weights_size_is_the_shipped_files():
     assert size, "the status no longer gives the weights' size"
     weights = REPO / "fer_jax" / "weights" / "cbam_resnet18_fer2013.npz"
     assert same(size[1], weights.stat().st_size / 1e6, percent=False), weights.stat().st_size
+    notes = flat((weights.parent / "README.md").read_text(encoding="utf-8"))
+    stated = re.search(
+        r"About (\d+\.\d) MB at full width \(the shipped file: ([\d,]+) bytes\)", notes
+    )
+    assert stated, "fer_jax/weights/README.md no longer gives the file's size"
+    assert same(stated[1], weights.stat().st_size / 1e6, percent=False), stated.group(0)
+    assert int(stated[2].replace(",", "")) == weights.stat().st_size, stated.group(0)
 
 
 def test_the_manifest_says_what_the_model_trained_with_not_auto():
@@ -386,10 +402,6 @@ def value_of(figure: str, values: list[float]) -> float:
     found = [v for v in values if same(figure, v, percent=False)]
     assert found, f"{figure} is none of the values"
     return found[0]
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 def test_measured_figures_of_training_and_data_are_in_the_folders_their_blocks_cite(cpu_config):
