@@ -7,7 +7,9 @@
 model chosen on PublicTest, reported on PrivateTest (ten-crop, and the centre crop); no JAFFE
 stage. 20 epochs (8,960 steps of 64 images) are 3.3 hours of training at the 48.7 images/s of a
 quiet benchmark on a 2-core AMD EPYC Zen 5
-(experiments/results/benchmark_cpu_epyc_zen5/session4_run6/), and 5.2-7.4 hours at the
+(experiments/results/benchmark_cpu_epyc_zen5/session4_run6/; float32: with this recipe's
+bfloat16 operands a later, disturbed benchmark's median there was 50.6 against float32's 39.7,
+experiments/results/benchmark_bf16_epyc_zen5/), and 5.2-7.4 hours at the
 21.6-30.7 images/s at which the shipped model's cycles trained on 2-core CPUs (the slowest and
 the fastest: experiments/results/fer2013_cpu_cycle2_epyc_zen4/,
 experiments/results/fer2013_cpu_cycle5_xeon_amx/); the evaluations come on top.

@@ -450,7 +450,7 @@ def test_the_cpu_recipes_hours_are_its_steps_at_the_cited_speeds(cpu_config):
         hours = re.search(
             r"(\d+) epochs \(([\d,]+) steps of (\d+) images\) are (\d+\.\d) hours of training at "
             r"the (\d+\.\d) images/s of a quiet benchmark .*?\(`?experiments/results/([\w/.-]+?)"
-            r"/?`?\), and (\d+\.\d)-(\d+\.\d) hours at the (\d+\.\d)-(\d+\.\d) images/s",
+            r"/?`?[;)].*?, and (\d+\.\d)-(\d+\.\d) hours at the (\d+\.\d)-(\d+\.\d) images/s",
             text,
         )
         assert hours, f"{name}: the CPU recipe's hours moved"
