@@ -120,7 +120,8 @@ def run_fields(config: ml_collections.ConfigDict) -> None:
     # as fast as tf.data on CPU (0.99x, within noise: experiments/results/input_pipeline_cpu/).
     config.input_pipeline = ""
     # Device mode; calls also end at epoch ends and checkpoints. 0 = per platform: 64 on
-    # GPU/TPU (launch-bound at batch 64), 1 on CPU (XLA:CPU runs a loop body ~6x slower).
+    # GPU/TPU (launch-bound at batch 64), 1 on CPU (width 16: 11-15 images/s at 8 steps a call,
+    # 85-90 at one; experiments/results/input_pipeline_cpu/NOTES.md).
     config.steps_per_dispatch = 0
     config.half_precision = False  # bf16 compute; params/optimizer/BN stats stay float32
     config.parallelism = "shard_map"  # or 'pmap'; one device uses plain jit either way
