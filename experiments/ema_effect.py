@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for kind, variables in weights.items():
         for crops in args.crops:
-            recognizer = Recognizer(model, variables, crops=crops)
+            recognizer = Recognizer(model, variables, crops=crops, matmul_dtype="float32")
             for split in SPLITS:
                 faces, labels = data[split]["image"][..., 0], data[split]["label"]
                 metrics = score(recognizer.predict_faces(faces), labels, len(CLASS_NAMES))

@@ -43,7 +43,9 @@ def probabilities(checkpoint: str, manual_dir: str, limit: int | None) -> dict[s
     train = load_split_from_files("fer2013", "train", manual_dir)["label"]
     out: dict[str, Any] = {"prior": prior_adjustment.class_prior(train, 7), "seconds": {}}
     for crops in CROPS:
-        recognizer = Recognizer.from_checkpoint(checkpoint, adjust=False, crops=crops)
+        recognizer = Recognizer.from_checkpoint(  # float32: the model's own evaluation
+            checkpoint, adjust=False, crops=crops, matmul_dtype="float32"
+        )
         for split in SPLITS:
             data = load_split_from_files("fer2013", split, manual_dir)
             faces, labels = data["image"][..., 0], data["label"]

@@ -720,3 +720,33 @@ def test_photo_framing_eye_spacing_of_a_real_face_and_of_none():
     # A frontal face's eyes: ~0.3-0.5 of the face box apart, ~0.3-0.45 of it down.
     assert 0.3 < spacing < 0.55 and 0.3 < height < 0.45
     assert photo_framing.eye_spacing(np.full((96, 96), 128, np.uint8)) is None
+
+
+def test_bf16_inference_scores_agreement_and_table_rows():
+    """experiments.bf16_inference on made-up probabilities: one face of 50 changes its label in
+    bfloat16; its accuracy delta, agreement and per-round faces/s land in the right cells."""
+    from experiments import bf16_inference
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 50)
+    p32 = rng.dirichlet(np.ones(7), 50).astype(np.float32)
+    p32[0] = np.eye(7, dtype=np.float32)[labels[0]] * 0.9 + 0.1 / 7  # face 0 right in float32
+    p16 = p32.copy()
+    p16[0] = np.roll(p16[0], 1)  # ... and wrong in bfloat16
+    probs = {
+        f"{c}/{d}": p16 if d == "bfloat16" else p32
+        for c in bf16_inference.CROPS
+        for d in bf16_inference.PRECISIONS
+    }
+    offsets = np.zeros(7, np.float32)
+    agreement = bf16_inference.agreement(probs, offsets)
+    assert agreement["10"]["same_argmax_own"] == agreement["1"]["same_argmax_adjusted"] == 0.98
+    results = {
+        "scores": {k: bf16_inference.scores(p, labels, offsets) for k, p in probs.items()},
+        "rounds_s": {k: [1.0, 0.5] for k in probs},
+    }
+    rows = bf16_inference.rows(results, speed_faces=4)
+    assert len(rows) == 8  # crops x adjusted x precision
+    crops, adjusted, dtype, _, delta, _, per_round, best = rows[1]
+    assert (crops, adjusted, dtype, delta) == ("10", "no", "bfloat16", "-2.00")
+    assert (per_round, best) == ("4.0 / 8.0", "**8.0**")

@@ -217,6 +217,20 @@ def test_bad_arguments(argv, message, capsys):
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_matmul_dtype_flag_reaches_the_recognizer(monkeypatch):
+    """`--matmul_dtype` (default 'auto': bfloat16 where the CPU multiplies it natively) is passed
+    to `Recognizer.from_checkpoint`."""
+    seen = []
+    monkeypatch.setattr(
+        predict.Recognizer, "from_checkpoint", lambda *a, **kw: seen.append(kw["matmul_dtype"])
+    )
+    for argv in (["--matmul_dtype=float32"], []):
+        predict.load_recognizer(**predict.model_options(predict.parse_args([*argv, "a.png"])))
+    assert seen == ["float32", "auto"]
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--matmul_dtype=float16", "a.png"])
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert predict.main([f"--checkpoint={tmp_path / 'nothing'}", "a.png"]) == 2
     err = capsys.readouterr().err

@@ -22,6 +22,7 @@ from data_pipelines.crops import ten_crop
 from data_pipelines.faces import crop_face, detect_faces
 from data_pipelines.labels import CLASS_NAMES
 from fer_jax.inference import recognizer as rec
+from fer_jax.model import conv, resnet
 from fer_jax.model.resnet import ResNet18
 
 ASTRONAUT_BOX = (177, 66, 95, 95)  # What the Haar cascade finds in skimage's astronaut.
@@ -147,7 +148,8 @@ def test_predict_faces_is_batched_padded_and_compiled_once_per_bucket(recognizer
 
 def test_one_face_chunks_run_plain_xla_convolutions_and_agree_with_the_cpu_forms():
     model, variables = small_model()
-    recognizer = rec.Recognizer(model.clone(conv_impl="auto"), variables, batch_size=2)
+    cpu = model.clone(conv_impl="auto")
+    recognizer = rec.Recognizer(cpu, variables, batch_size=2, matmul_dtype="float32")
     one, many = recognizer._probabilities
     assert one.__wrapped__.args[0].conv_impl == "xla"
     assert many.__wrapped__.args[0].conv_impl == "auto"
@@ -156,6 +158,41 @@ def test_one_face_chunks_run_plain_xla_convolutions_and_agree_with_the_cpu_forms
     alone = np.concatenate([recognizer.predict_faces(faces[i : i + 1]) for i in range(2)])
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert [fn._cache_size() for fn in recognizer._probabilities] == [1, 1]
+
+
+def test_matmul_dtype_runs_the_bf16_forms_where_chosen_and_float32_as_before(monkeypatch):
+    model, variables = small_model()
+    cpu = model.clone(conv_impl="auto")  # the forms with matmuls, as the shipped model's
+    faces = _faces(2)
+    before = jax.jit(  # the recogniser's program before it had a matmul_dtype
+        functools.partial(rec.ten_crop_probabilities, cpu),
+        compiler_options=conv.cpu_compiler_options(),
+    )
+    expected = np.asarray(before(variables, rec.faces_to_input(faces)))
+    runs = {}
+    for dtype, impl in (("float32", "auto"), ("bfloat16", "auto:bf16")):
+        recognizer = rec.Recognizer(cpu, variables, batch_size=2, matmul_dtype=dtype)
+        assert recognizer.matmul_dtype == dtype
+        assert recognizer._probabilities[1].__wrapped__.args[0].conv_impl == impl
+        assert recognizer._probabilities[0].__wrapped__.args[0].conv_impl == "xla"  # one face
+        runs[dtype] = recognizer.predict_faces(faces)
+    np.testing.assert_array_equal(runs["float32"], expected)  # bit-identical
+    assert not np.array_equal(runs["bfloat16"], expected)  # the bf16 operands did run
+    # bf16 operands keep 8 significant bits (rounding <= 2^-9 relative) and accumulate in
+    # float32: the logits (a few units) move by ~1e-2 through the 18 convolutions.
+    np.testing.assert_allclose(runs["bfloat16"], expected, atol=0.02)
+    for flags, resolved in (
+        ({"avx512_bf16"}, "bfloat16"),
+        ({"amx_bf16"}, "bfloat16"),
+        (set(), "float32"),
+    ):
+        monkeypatch.setattr(resnet, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert rec.Recognizer(cpu, variables).matmul_dtype == resolved  # the default: 'auto'
+    as_built = rec.Recognizer(cpu.clone(conv_impl="auto:bf16"), variables, matmul_dtype=None)
+    assert as_built.matmul_dtype == "bfloat16"
+    assert rec.Recognizer(model, variables, matmul_dtype="bfloat16").model.conv_impl == "xla"
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        rec.Recognizer(cpu, variables, matmul_dtype="float16")
 
 
 @pytest.mark.parametrize(

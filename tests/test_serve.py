@@ -548,6 +548,17 @@ def test_bad_arguments(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_matmul_dtype_flag_reaches_both_recognizers(monkeypatch):
+    """`--matmul_dtype` as predict's (default 'auto'), for the ten-crop and centre-crop ones."""
+    seen = []
+    monkeypatch.setattr(
+        Recognizer, "from_checkpoint", lambda *a, **kw: seen.append(kw["matmul_dtype"])
+    )
+    serve_cli.load_recognizers(serve_cli.parse_args(["--matmul_dtype=float32"]))
+    serve_cli.load_recognizers(serve_cli.parse_args([]))
+    assert seen == ["float32", "float32", "auto", "auto"]
+
+
 def test_a_busy_port_is_a_user_error_before_the_model_loads():
     with serve_cli.listen("127.0.0.1", 0) as taken:
         port = taken.getsockname()[1]

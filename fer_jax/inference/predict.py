@@ -52,6 +52,7 @@ from PIL import Image
 from data_pipelines.crops import CROP_CHOICES, CROP_SIZE
 from fer_jax.inference.recognizer import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_MATMUL_DTYPE,
     DEFAULT_MAX_SIDE,
     DEFAULT_MIN_FACE,
     FACE_SIZE,
@@ -62,6 +63,7 @@ from fer_jax.inference.recognizer import (
     read_image,
     to_gray,
 )
+from fer_jax.model.resnet import MATMUL_DTYPES
 from fer_jax.user_errors import UserError, run_cli
 
 DEFAULT_COMPILATION_CACHE = "~/.cache/fer_jax/jax"  # as fer_jax.main's --compilation_cache
@@ -477,6 +479,19 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="the model's own probabilities, without the class-prior logit adjustment that "
         "the shipped model applies by default (fer_jax.inference.prior_adjustment)",
     )
+    add_matmul_dtype(parser)
+
+
+def add_matmul_dtype(parser: argparse.ArgumentParser) -> None:
+    """`--matmul_dtype`: the Recognizer's `matmul_dtype` (predict's and serve's)."""
+    parser.add_argument(
+        "--matmul_dtype",
+        choices=MATMUL_DTYPES,
+        default=DEFAULT_MATMUL_DTYPE,
+        help="operands of the CPU convolutions' matmuls: 'auto' (the default: bfloat16, "
+        "accumulated in float32, on a CPU that multiplies it natively, AVX512-BF16 or AMX; "
+        "float32 elsewhere), 'float32' (the model's own evaluation) or 'bfloat16'",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -556,7 +571,8 @@ def load_recognizer(
 ) -> Recognizer:
     """The recognizer of `checkpoint` as the command line loads it (`replica`: 'k' or
     'ensemble'; `options` are `Recognizer.from_checkpoint`'s: adjust, crops,
-    batch_size, margin, max_side, min_face); UserError if the checkpoint cannot be loaded."""
+    batch_size, margin, max_side, min_face, matmul_dtype); UserError if the checkpoint cannot
+    be loaded."""
     from fer_jax.training.checkpoint import (
         CheckpointError,  # Orbax only when a checkpoint is loaded.
     )
@@ -575,7 +591,7 @@ def load_recognizer(
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """`load_recognizer`'s arguments from the parsed command line."""
-    names = ("adjust", "crops", "batch_size", "margin", "max_side", "min_face")
+    names = ("adjust", "crops", "batch_size", "margin", "max_side", "min_face", "matmul_dtype")
     return {"checkpoint": args.checkpoint, "replica": args.replica} | {
         n: getattr(args, n) for n in names
     }

@@ -171,6 +171,17 @@ def matmul_bf16(matmul_dtype: str, backend: str | None = None) -> bool:
     return backend == "cpu" and bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
+def with_matmul_dtype(model: ResNet18, matmul_dtype: str) -> ResNet18:
+    """`model` whose CPU convolution forms take the matmul operands `matmul_dtype` names
+    ('float32', 'bfloat16' or 'auto': `matmul_bf16`): `conv.BF16_SUFFIX` added to or removed
+    from a `conv_impl` that has matmuls; a model with another impl ('xla', ...) as it is."""
+    base, _ = conv.split_impl(model.conv_impl)
+    if base not in conv.BF16_IMPLS:
+        matmul_bf16(matmul_dtype)  # still checks the value
+        return model
+    return model.clone(conv_impl=base + (conv.BF16_SUFFIX if matmul_bf16(matmul_dtype) else ""))
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:

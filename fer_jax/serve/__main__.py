@@ -58,6 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the model's own probabilities, without the shipped model's class-prior logit "
         "adjustment (as fer_jax.predict --no_adjust)",
     )
+    predict.add_matmul_dtype(parser)
     parser.add_argument(
         "--host",
         default=DEFAULT_HOST,
@@ -134,6 +135,7 @@ def load_recognizers(args: argparse.Namespace) -> dict[int, Recognizer]:
             adjust=args.adjust,
             crops=crops,
             batch_size=args.batch_size,
+            matmul_dtype=args.matmul_dtype,
         )
         for crops in CROP_CHOICES
     }
