@@ -66,10 +66,11 @@ def angular_logits(features: jax.Array, kernel: jax.Array) -> jax.Array:
 def run_time(*values: float | jax.Array) -> tuple[jax.Array, ...]:
     """Python numbers as float32 run-time values (`optimization_barrier`), arrays as they are.
 
-    A run's margin and lambda constants are Python numbers, a replica's are traced arrays; as
-    run-time values both compile to the same program. Folded as constants they would change
-    the rounding (XLA selects T_m alone, and rewrites `x ** -1` as a division: the last bits of
-    losses and BatchNorm statistics move), and so a plain run's results.
+    A run's margin, lambda constants and dropout rate are Python numbers, a replica's are
+    traced arrays; as run-time values both compile to the same program. Folded as constants
+    they would change the rounding (XLA selects T_m alone, rewrites `x ** -1` and `x / 0.7` as
+    other operations: the last bits of losses, BatchNorm statistics and weights move), and so
+    a plain run's results.
     """
     numbers = [i for i, v in enumerate(values) if not isinstance(v, jax.Array | np.ndarray)]
     held = jax.lax.optimization_barrier(tuple(jnp.float32(values[i]) for i in numbers))

@@ -330,6 +330,7 @@ def train_step(
         dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
     labels = batch["label"]
     lam = recipe.lam(state.step)
+    (dropout_rate,) = losses.run_time(recipe.dropout_rate)  # as the margin: not folded
 
     def loss_fn(params):
         (logits, features), mutated = state.apply_fn(
@@ -339,7 +340,7 @@ def train_step(
             return_features=True,
             mutable=["batch_stats"],
             rngs={"dropout": dropout_key},
-            dropout_rate=recipe.dropout_rate,
+            dropout_rate=dropout_rate,
         )
         if config.model.head == "a_softmax":
             kernel = params["linear"]["kernel"]
