@@ -112,7 +112,7 @@ def run_fields(config: ml_collections.ConfigDict) -> None:
     config.augment = ml_collections.ConfigDict({"zoom": 0.0, "rotate": 0.0, "erase": 0.0})
     # Exponential moving average of the weights and BatchNorm statistics, decay per step
     # (0: none). With it, selection, the report, checkpoints read for inference, export and
-    # `init_from` all use the average (fer_jax.training.state.ema_view).
+    # `init_from` all use the average (fer_jax.training.step.ema_view).
     config.ema_decay = 0.0
     # 'device': the uint8 training set lives on the accelerator(s), each epoch's crops and
     # flips are gathered there and `steps_per_dispatch` steps run per call (lax.scan);

@@ -9,7 +9,7 @@ below the others until the features are discriminative, and this network's class
 (post-ReLU, average-pooled) can lower the loss to log K by shrinking |x| to 0, which kills the
 final ReLUs for good. This script shows where that happens: every variant starts from the same
 seed and sees the same batches, and trains `--steps` steps through the repository's training
-loop, `fer_jax.training.loop.fit` (no evaluation, no JAFFE cross-validation), in its own workdir
+loop, `fer_jax.training.train.fit` (no evaluation, no JAFFE cross-validation), in its own workdir
 (under
 `--workdir_root`, else a temporary directory). The table is read back from the TensorBoard
 scalars `fit` logs every `--log_every` steps (`experiments.tb_curves.read_scalars`): loss,
@@ -141,8 +141,7 @@ def train_variant(
 ) -> dict[str, Any]:
     """`args.steps` steps of `loop.fit` in `workdir`; its logged rows and the epoch shape."""
     from data_pipelines.plan import steps_per_epoch
-    from fer_jax.training.loop import fit
-    from fer_jax.training.trainer import Trainer
+    from fer_jax.training.train import create_job, fit
 
     full_batches = steps_per_epoch(len(labels), config.batch_size)
     per_epoch = epoch_steps(args.steps, full_batches, args.log_every)
@@ -150,17 +149,17 @@ def train_variant(
     config.num_epochs = args.steps // per_epoch
     config.log_every_steps = args.log_every
     config.cross_validate = False
-    trainer = Trainer.create(config)
+    job = create_job(config)
     # Dispatches of several steps (accelerators) end on the log steps.
     config.steps_per_dispatch = _largest_divisor_at_most(
-        math.gcd(args.log_every, per_epoch), trainer.steps_per_dispatch
+        math.gcd(args.log_every, per_epoch), job.steps_per_dispatch
     )
     _claim_workdir(
         workdir,
         {"csv": os.path.abspath(args.csv), "train_examples": used, "config": config.to_dict()},
     )
     start = time.perf_counter()
-    fit(trainer, workdir, images[:used], labels[:used])
+    fit(job, workdir, images[:used], labels[:used])
     seconds = time.perf_counter() - start
     log = logged_rows(workdir)
     for row in log:
@@ -191,7 +190,7 @@ def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> st
     lines = [
         "# A-Softmax feature-norm collapse: loss / mean |x| of the classifier input",
         f"Width {args.width}, batch {args.batch_size}, {args.steps} steps of "
-        f"fer_jax.training.loop.fit on FER2013 Training rows ({'; '.join(shapes)}; of the first "
+        f"fer_jax.training.train.fit on FER2013 Training rows ({'; '.join(shapes)}; of the first "
         f"{args.examples}), seed "
         f"{args.seed}; each cell: training loss (mean over the steps since the previous column, "
         f"at most {args.log_every}) / mean |x|. log 7 = 1.946 is the loss of "

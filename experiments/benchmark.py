@@ -17,10 +17,10 @@ contestant alike. Then the same for ten-crop evaluation batches. Contestants:
   as PyTorch does it: float32 master weights and optimizer, the network's forward in bfloat16
   where autocast casts, the loss in float32 on the float32-cast features); its ten-crop
   evaluation under autocast too. Pick the PyTorch contestants with `--torch_contestants`.
-- `jax:IMPL`: `fer_jax.training.steps.train_step` / `eval_step` of `configs/fer2013.py`, jitted with
+- `jax:IMPL`: `fer_jax.training.step.train_step` / `eval_step` of `configs/fer2013.py`, jitted with
   `config.model.conv_impl=IMPL` (`xla`, `matmul_grad`, `auto`) and no compiler options.
   `jax:IMPL+eigen` also passes `compiler_options=fer_jax.model.conv.cpu_compiler_options()` (XLA:CPU
-  convolutions by Eigen instead of YNNPACK): `auto+eigen` is what the Trainer runs on CPU.
+  convolutions by Eigen instead of YNNPACK): `auto+eigen` is what training runs on CPU.
   Every JAX worker first calls `fer_jax.host_memory.reuse_scratch_memory()`, as
   `python -m fer_jax.main` does, except with the suffix `+fresh_scratch` (e.g.
   `auto+eigen+fresh_scratch`: what a script that drives `fer_jax.training.train` without it gets).
@@ -86,8 +86,7 @@ class JaxContestant:
         from configs import fer2013
         from fer_jax import host_memory
         from fer_jax.model import conv
-        from fer_jax.training.state import create_model, create_train_state
-        from fer_jax.training.steps import eval_step, train_step
+        from fer_jax.training.step import create_model, create_train_state, eval_step, train_step
 
         impl, *variants = spec.split("+")
         if "fresh_scratch" not in variants:

@@ -4,7 +4,7 @@
         [--tags train_loss train_accuracy] [--max_step 175] --out experiments/results/NAME
 
 For a change that should not change training (bfloat16 matmul operands, a new convolution
-form): run both from the same state and seed, then compare what `fer_jax.training.loop.fit` logged
+form): run both from the same state and seed, then compare what `fer_jax.training.train.fit` logged
 (means over `log_every_steps`). Reads the scalars with `experiments.tb_curves.read_scalars`; writes
 `OUT/curves.md`, `OUT/curves.json` and `OUT/curves.png`.
 """

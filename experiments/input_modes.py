@@ -1,4 +1,4 @@
-"""The two input modes of `fer_jax.training.loop.fit` side by side: training and ten-crop
+"""The two input modes of `fer_jax.training.train.fit` side by side: training and ten-crop
 evaluation speed.
 
     python -m experiments.input_modes [--width 64] [--batch 64] [--steps 12] [--reps 2] \
@@ -10,10 +10,10 @@ plain `device` takes the platform's default).
 Each repetition runs, for each mode in turn, one epoch of `--steps` steps of the paper's
 network (FER2013-sized 48x48 uint8 images, generated) through the product's own `fit`, and
 takes its `performance` figures (training images/s without compiles, saves or evaluations),
-then times two ten-crop evaluations of `--eval_images` images (`Trainer.evaluate`, the second
-one counted). Modes alternate within a repetition, so machine noise hits both alike; the
-median over repetitions is reported. Writes `results.md` and `results.json` under `--out`,
-with the CPU model and load averages.
+then times two ten-crop evaluations of `--eval_images` images (`job.evaluate`,
+`fer_jax.training.train.create_job`; the second one counted). Modes alternate within a
+repetition, so machine noise hits both alike; the median over repetitions is reported. Writes
+`results.md` and `results.json` under `--out`, with the CPU model and load averages.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ MODES = ("device", "tf_data")
 def run_mode(mode: str, args: argparse.Namespace, data: dict, eval_data: dict) -> dict[str, Any]:
     """One epoch of training and two evaluations with `config.input_pipeline = mode`."""
     from configs import fer2013
-    from fer_jax.training.loop import fit
-    from fer_jax.training.trainer import Trainer
+    from fer_jax.training.train import create_job, fit
 
     config = fer2013.get_config()
     config.input_pipeline, _, steps_per_dispatch = mode.partition(":")
@@ -44,14 +43,14 @@ def run_mode(mode: str, args: argparse.Namespace, data: dict, eval_data: dict) -
     config.num_epochs = 1
     config.log_every_steps = args.steps
     config.cross_validate = False
-    trainer = Trainer.create(config)
+    job = create_job(config)
     with tempfile.TemporaryDirectory() as workdir:
-        out = fit(trainer, workdir, data["image"], data["label"])
-    state = trainer.parallel.replicate(out["state"])
+        out = fit(job, workdir, data["image"], data["label"])
+    state = job.devices.replicate(out["state"])
     seconds = []
     for _ in range(2):
         start = time.perf_counter()
-        trainer.evaluate(state, eval_data["image"], eval_data["label"])
+        job.evaluate(state, eval_data["image"], eval_data["label"])
         seconds.append(time.perf_counter() - start)
     perf = out["performance"]
     return {
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "median": summary,
     }
     lines = [
-        f"Input modes of `fer_jax.training.loop.fit`, width {args.width}, batch {args.batch}, "
+        f"Input modes of `fer_jax.training.train.fit`, width {args.width}, batch {args.batch}, "
         f"{args.steps} steps x {args.reps} repetitions (median), CPU: "
         f"{report['provenance']['hardware']['cpu_model']}",
         "",

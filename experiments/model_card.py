@@ -38,8 +38,8 @@ import ml_collections
 
 from experiments import common, provenance, run_summary
 from fer_jax.training import evaluate
-from fer_jax.training.state import create_train_state
-from fer_jax.training.trainer import Trainer
+from fer_jax.training.step import create_train_state
+from fer_jax.training.train import create_job
 
 SPLITS = ("public_test", "private_test")
 CROPS = (10, 1)
@@ -163,17 +163,17 @@ def _evaluate_all(
     from fer_jax.training import checkpoint, input_data
 
     splits = input_data.load_splits(next(iter(configs.values())), list(SPLITS))
-    trainers = {}  # one per model config: the same compiled steps serve both where they agree
+    jobs = {}  # one per model config: the same compiled steps serve both where they agree
     for precision, source in sources.items():
         config = configs[precision]
         key = json.dumps(config.model.to_dict(), sort_keys=True)
-        if key not in trainers:
-            trainers[key] = Trainer.create(config)
-        trainer = trainers[key]
-        template = create_train_state(config, trainer.model, steps_per_epoch=1)
-        state = trainer.parallel.replicate(checkpoint.init_from(source, template, config))
+        if key not in jobs:
+            jobs[key] = create_job(config)
+        job = jobs[key]
+        template = create_train_state(config, job.model, steps_per_epoch=1)
+        state = job.devices.replicate(checkpoint.init_from(source, template, config))
         for key in (e for e in evaluations if e[0] == precision):
-            metrics = trainer.evaluate(state, *splits[key[1]], crops=key[2])
+            metrics = job.evaluate(state, *splits[key[1]], crops=key[2])
             _record(found, out, key, metrics)
 
 

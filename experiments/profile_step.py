@@ -4,7 +4,7 @@
     python -m experiments.profile_step --width 16 --steps 1 --no_eval   # quick look
 
 Builds the same workloads as `experiments/benchmark.py` (its `JaxContestant` with
-`conv_impl=auto` and the Trainer's XLA:CPU options; its `TorchContestant`: the reference
+`conv_impl=auto` and the training step's XLA:CPU options; its `TorchContestant`: the reference
 network, loss and optimizer, eager), warms them up, then profiles `--steps` steps of each in
 turn, in this process:
 

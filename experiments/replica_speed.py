@@ -4,8 +4,8 @@
     python -m experiments.replica_speed --replica_maps vmap unroll   # both ways for K = 4
     python -m experiments.replica_speed --width 16 --replicas 1 2 4 --steps 2 --reps 2
 
-Each K gets the Trainer's own training function (`fer_jax.training.trainer.Trainer.train_fn`, the
-device input, `steps_per_dispatch` of the platform unless `--steps_per_dispatch`), compiled
+Each K gets the job's own training function (`fer_jax.training.device_input.DeviceInput.train_fn`,
+the device input, `steps_per_dispatch` of the platform unless `--steps_per_dispatch`), compiled
 and warmed up first on FER2013-sized random uint8 images; then the K's are timed in turn
 (`--reps` rounds of `--steps` steps each, median), so load from elsewhere hits all alike.
 Reports aggregate training images/s (K x batch per step) and the ratio to K = 1, and writes
@@ -24,12 +24,11 @@ import numpy as np
 from experiments import common, provenance
 
 
-def _trainer(k: int, replica_map: str, args: argparse.Namespace):
+def _job(k: int, replica_map: str, args: argparse.Namespace):
     from configs import fer2013
     from data_pipelines.plan import epoch_plan
-    from fer_jax.training import device_input, replicas
-    from fer_jax.training.state import create_train_state
-    from fer_jax.training.trainer import Trainer
+    from fer_jax.training import device_input
+    from fer_jax.training.train import create_job
 
     config = fer2013.get_config()
     config.model.width = args.width
@@ -37,20 +36,19 @@ def _trainer(k: int, replica_map: str, args: argparse.Namespace):
     config.replicas = k
     config.replica_map = replica_map
     config.steps_per_dispatch = args.steps_per_dispatch
-    trainer = Trainer.create(config)
+    job = create_job(config)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 48, 48, 1), np.uint8)
     labels = rng.integers(0, 7, args.images).astype(np.int32)
-    data = device_input.put_train_arrays(trainer.parallel, images, labels)
-    fn = trainer.train_fn(data.layout)
+    data = device_input.put_train_arrays(job.devices, images, labels)
+    fn = job.train_fn(data.layout)
     steps_per_epoch = args.images // args.batch
-    state = trainer.parallel.replicate(create_train_state(config, trainer.model, 448))
-    plans = [epoch_plan(args.images, args.batch, seed=s, epoch=0) for s in replicas.seeds(config)]
-    plan = plans[0] if k == 1 else replicas.stack_plans(plans)
-    per_call = trainer.steps_per_dispatch
+    state = job.devices.replicate(job.models.create_state(job.model, 448))
+    plan = job.models.epoch_plan(lambda s: epoch_plan(args.images, args.batch, seed=s, epoch=0))
+    per_call = job.steps_per_dispatch
     calls = max(1, args.steps // per_call)
     rows = [
-        trainer.parallel.place(
+        job.devices.place(
             device_input.plan_chunk(plan, (i * per_call) % steps_per_epoch, per_call), None
         )
         for i in range(calls)
@@ -61,7 +59,7 @@ def _trainer(k: int, replica_map: str, args: argparse.Namespace):
             state, _ = fn(state, data.images, data.labels, r)
         return jax.block_until_ready(state)
 
-    return trainer, state, run, calls * per_call
+    return job, state, run, calls * per_call
 
 
 def main() -> None:
@@ -86,12 +84,12 @@ def main() -> None:
     cases = [(k, m) for k in args.replicas for m in (args.replica_maps if k > 1 else [""])]
     for k, replica_map in cases:
         start = time.perf_counter()
-        trainer, state, run, steps = _trainer(k, replica_map, args)
+        job, state, run, steps = _job(k, replica_map, args)
         state = run(state)  # compile + warm-up
-        name = f"{k}" if k == 1 else f"{k} ({trainer.replica_map})"
+        name = f"{k}" if k == 1 else f"{k} ({job.models.map_kind})"
         runs[name] = {
             "k": k,
-            "trainer": trainer,
+            "job": job,
             "state": state,
             "run": run,
             "steps": steps,
@@ -117,12 +115,12 @@ def main() -> None:
             "step_seconds": seconds / r["steps"],
             "times": r["times"],
             "steps_per_round": r["steps"],
-            "steps_per_dispatch": r["trainer"].steps_per_dispatch,
+            "steps_per_dispatch": r["job"].steps_per_dispatch,
             "setup_and_compile_s": r["setup_s"],
-            "compile_s": r["trainer"].compile_seconds["train"],
+            "compile_s": r["job"].compile_seconds["train"],
         }
         ratio = f"{ips / base:.2f}x" if base else "-"
-        compile_s = r["trainer"].compile_seconds["train"]
+        compile_s = r["job"].compile_seconds["train"]
         rows.append(
             [name, f"{ips:.1f}", f"{1000 * seconds / r['steps']:.0f}", ratio, f"{compile_s:.0f}"]
         )

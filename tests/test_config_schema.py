@@ -10,10 +10,9 @@ import pytest
 from configs import fer2013, jaffe, synthetic
 from data_pipelines import folds
 from fer_jax.model import cbam, conv, resnet
-from fer_jax.training import config_schema, optim, parallel
+from fer_jax.training import config_schema, parallel, step
 from fer_jax.training.config_schema import validate
-from fer_jax.training.state import LAMBDA_UNITS
-from fer_jax.training.trainer import INPUT_PIPELINES
+from fer_jax.training.step import LAMBDA_UNITS
 from fer_jax.user_errors import UserError
 
 
@@ -97,8 +96,8 @@ def test_not_one_of_the_choices_which_come_from_the_code():
         ("model.conv_impl", conv.IMPLS),
         ("loss.lambda_per", LAMBDA_UNITS),
         ("parallelism", parallel.MODES),
-        ("input_pipeline", ("", *INPUT_PIPELINES)),
-        ("optimizer.schedule", optim.SCHEDULES),
+        ("input_pipeline", ("", *config_schema.INPUT_PIPELINES)),
+        ("optimizer.schedule", step.SCHEDULES),
         ("jaffe.fold_protocol", folds.CHOICES),
     ]:
         config = synthetic.get_config()
@@ -128,13 +127,13 @@ def test_fold_protocol_is_one_protocol_or_both():
         )
 
 
-def test_optimizer_names_and_schedules_are_those_fer_jax_optim_builds():
+def test_optimizer_names_and_schedules_are_those_the_step_builds():
     config = synthetic.get_config()
-    for name in optim.NAMES:
-        for schedule in optim.SCHEDULES:
+    for name in step.NAMES:
+        for schedule in step.SCHEDULES:
             config.optimizer.name, config.optimizer.schedule = name, schedule
             validate(config)
-            optim.create_optimizer(config, 10)
+            step.create_optimizer(config, 10)
 
 
 def test_unknown_field_names_the_closest_known_field():

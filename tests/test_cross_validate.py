@@ -22,7 +22,7 @@ from configs import fer2013, fer2013_cpu, jaffe
 from data_pipelines import synthetic as synthetic_files
 from fer_jax.model import pretrained
 from fer_jax.training import cross_validate, data_check, run_config
-from fer_jax.training.state import create_model
+from fer_jax.training.step import create_model
 from fer_jax.user_errors import UserError
 from tests.test_recognizer import random_variables
 

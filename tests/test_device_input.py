@@ -14,13 +14,11 @@ import pytest
 
 from configs import synthetic
 from data_pipelines.plan import epoch_plan
-from fer_jax.training import config_schema, device_input, feed, replicas, synthetic_data
-from fer_jax.training.device_input import plan_chunk
-from fer_jax.training.feed import dispatches
+from fer_jax.training import config_schema, device_input, replicas, synthetic_data
+from fer_jax.training.device_input import dispatches, plan_chunk
 from fer_jax.training.parallel import DataParallel
-from fer_jax.training.state import create_model, create_train_state
-from fer_jax.training.steps import train_step
-from fer_jax.training.trainer import Trainer
+from fer_jax.training.step import create_model, create_train_state, train_step
+from fer_jax.training.train import create_job
 from fer_jax.user_errors import UserError
 from tests.test_parallel import run_on_cpu_devices
 
@@ -120,11 +118,11 @@ def test_config_augment_reaches_the_plans_of_both_input_pipelines(pipeline, monk
     config.replicas = 2
     config.input_pipeline = pipeline
     config.augment.zoom, config.augment.rotate, config.augment.erase = 0.25, 12.0, 0.5
-    trainer = Trainer.create(config)
+    job = create_job(config)
     data = synthetic_data.make_split(40, seed=2)
     seen = []
     if pipeline == "device":
-        monkeypatch.setattr(feed, "plan_chunk", lambda *a: seen.append(a) or plan_chunk(*a))
+        monkeypatch.setattr(device_input, "plan_chunk", lambda *a: seen.append(a) or plan_chunk(*a))
     else:
         make = data_pipelines.train_dataset_from_arrays
         monkeypatch.setattr(
@@ -132,7 +130,7 @@ def test_config_augment_reaches_the_plans_of_both_input_pipelines(pipeline, monk
             "train_dataset_from_arrays",
             lambda *a, **kw: seen.append(kw) or make(*a, **kw),
         )
-    next(feed.train_feed(trainer, data["image"], data["label"], 0, 5, 5))
+    next(job.train_calls(data["image"], data["label"], 0, 5, 5))
     if pipeline == "device":
         ((plan, start, length),) = seen
         for k, seed in enumerate(replicas.seeds(config)):

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from fer_jax.model import convert, losses
-from fer_jax.training.optim import sgd_pytorch
+from fer_jax.training.step import sgd_pytorch
 
 torch = pytest.importorskip("torch")
 from tests import torch_reference as ref  # noqa: E402

@@ -20,7 +20,7 @@ from fer_jax.inference.recognizer import Recognizer, find_faces, read_image, to_
 from fer_jax.inference.save_pretrained import main as convert_main
 from fer_jax.model import pretrained
 from fer_jax.training import checkpoint
-from fer_jax.training.state import create_model, create_train_state
+from fer_jax.training.step import create_model, create_train_state
 from fer_jax.user_errors import UserError
 from tests.test_cli_errors import _run
 from tests.test_recognizer import random_variables

@@ -14,7 +14,7 @@ from configs import synthetic
 from fer_jax.inference import export, predict
 from fer_jax.inference.recognizer import Recognizer
 from fer_jax.training import checkpoint
-from fer_jax.training.state import create_model, create_train_state
+from fer_jax.training.step import create_model, create_train_state
 from tests.test_recognizer import random_variables
 
 

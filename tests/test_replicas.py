@@ -24,9 +24,8 @@ import pytest
 
 from configs import synthetic
 from fer_jax.training import checkpoint, config_schema, replicas, synthetic_data
-from fer_jax.training.loop import fit
-from fer_jax.training.state import create_model, create_train_state
-from fer_jax.training.trainer import Trainer
+from fer_jax.training.step import create_model, create_train_state
+from fer_jax.training.train import create_job, fit
 from fer_jax.user_errors import UserError
 from tests import test_train
 from tests.test_parallel import as_arrays, run_on_cpu_devices
@@ -74,8 +73,8 @@ def _config(input_pipeline="device", length="one_step"):
 
 def _fit(config, workdir, num_images):
     data = synthetic_data.make_split(num_images, seed=0)
-    trainer = Trainer.create(config)
-    return fit(trainer, str(workdir), data["image"], data["label"])["state"]
+    job = create_job(config)
+    return fit(job, str(workdir), data["image"], data["label"])["state"]
 
 
 def _distance(a, b) -> float:
@@ -181,7 +180,7 @@ def test_one_replica_keeps_the_plain_state_and_checkpoint_layout():
     assert np.shape(state.params["conv1"]["kernel"]) == (3, 3, 1, 8)
     assert set(checkpoint._to_tree(state)) == set(checkpoint.STATE_FIELDS)  # no hparams saved
     config.replicas = 3
-    stacked = create_train_state(config, create_model(config), 4)
+    stacked = replicas.create_train_state(config, create_model(config), 4)
     assert np.shape(stacked.params["conv1"]["kernel"]) == (3, 3, 3, 1, 8)
     np.testing.assert_array_equal(
         stacked.hparams["optimizer.learning_rate"], np.float32([0.05] * 3)
@@ -326,10 +325,9 @@ import json, sys, tempfile
 import jax, numpy as np
 from configs import synthetic
 from fer_jax.training import synthetic_data
-from fer_jax.training.loop import fit
 from fer_jax.training.parallel import DataParallel
-from fer_jax.training.state import create_model, create_train_state
-from fer_jax.training.trainer import Trainer
+from fer_jax.training.step import create_model
+from fer_jax.training.train import create_job, fit
 
 data = synthetic_data.make_split(16, seed=0)
 # Random pixels, as tests/test_parallel.py: the synthetic bands make near-ties (ReLU kinks)
@@ -350,13 +348,13 @@ for mode, n, pipeline, replica_map in cases:
     config.replica_overrides = (
         {"optimizer.learning_rate": 0.02}, {"loss.margin": 2, "optimizer.weight_decay": 1e-3}
     )
-    trainer = Trainer.create(config)
-    trainer.parallel = DataParallel(mode, jax.devices()[:n])
-    trainer.model = create_model(config, axis_name=trainer.parallel.axis_name)
-    state = fit(trainer, tempfile.mkdtemp(), data["image"], data["label"])["state"]
+    job = create_job(config)
+    job.devices = DataParallel(mode, jax.devices()[:n])
+    job.model = create_model(config, axis_name=job.devices.axis_name)
+    state = fit(job, tempfile.mkdtemp(), data["image"], data["label"])["state"]
     leaves = jax.tree.leaves((state.params, state.batch_stats))
     out[f"{mode}{n}_{pipeline}_{replica_map}"] = [np.asarray(x).tolist() for x in leaves]
-init = create_train_state(config, trainer.model, 1)  # every case's (same seeds)
+init = job.models.create_state(job.model, 1)  # every case's (same seeds)
 out["init"] = [np.asarray(x).tolist() for x in jax.tree.leaves((init.params, init.batch_stats))]
 json.dump(out, sys.stdout)
 """

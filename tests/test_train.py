@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fer_jax.training import checkpoint
-from fer_jax.training.state import create_model, create_train_state
+from fer_jax.training.step import create_model, create_train_state
 from tests.test_no_tensorflow import _RUN_WITHOUT_TENSORFLOW
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,8 +12,7 @@ import pytest
 from configs import synthetic
 from fer_jax.model import losses
 from fer_jax.training import config_schema
-from fer_jax.training.state import create_model, create_train_state, lambda_schedule
-from fer_jax.training.steps import train_step
+from fer_jax.training.step import create_model, create_train_state, lambda_schedule, train_step
 from fer_jax.user_errors import UserError
 
 

@@ -63,28 +63,42 @@ def angular_logits(features: jax.Array, kernel: jax.Array) -> jax.Array:
     return cos * norm[:, None]
 
 
+def run_time(*values: float | jax.Array) -> tuple[jax.Array, ...]:
+    """Python numbers as float32 run-time values (`optimization_barrier`), arrays as they are.
+
+    A run's margin, lambda constants and dropout rate are Python numbers, a replica's are
+    traced arrays; as run-time values both compile to the same program. Folded as constants
+    they would change the rounding (XLA selects T_m alone, rewrites `x ** -1` and `x / 0.7` as
+    other operations: the last bits of losses, BatchNorm statistics and weights move), and so
+    a plain run's results.
+    """
+    numbers = [i for i, v in enumerate(values) if not isinstance(v, jax.Array | np.ndarray)]
+    held = jax.lax.optimization_barrier(tuple(jnp.float32(values[i]) for i in numbers))
+    out = list(values)
+    for i, v in zip(numbers, held, strict=True):
+        out[i] = v
+    return tuple(out)
+
+
 MARGINS = (1, 5)  # the A-Softmax margins m, lowest and highest, that `psi` computes
 
-_CHEBYSHEV = {
-    0: lambda c: jnp.ones_like(c),
-    1: lambda c: c,
-    2: lambda c: 2 * c**2 - 1,
-    3: lambda c: 4 * c**3 - 3 * c,
-    4: lambda c: 8 * c**4 - 8 * c**2 + 1,
-    5: lambda c: 16 * c**5 - 20 * c**3 + 5 * c,
-}
+_CHEBYSHEV = (
+    lambda c: jnp.ones_like(c),
+    lambda c: c,
+    lambda c: 2 * c**2 - 1,
+    lambda c: 4 * c**3 - 3 * c,
+    lambda c: 8 * c**4 - 8 * c**2 + 1,
+    lambda c: 16 * c**5 - 20 * c**3 + 5 * c,
+)
 
 
 def chebyshev(cos: jax.Array, m: int | jax.Array) -> jax.Array:
     """`cos(m theta)` as the Chebyshev polynomial `T_m(cos theta)`, m in 0..5.
 
-    `m` may be a traced array (a replica's margin): every polynomial is then computed and the
-    one of degree m selected.
+    One form for every margin: each polynomial is computed and the one of degree m selected.
     """
-    if isinstance(m, jax.Array | np.ndarray | np.number):
-        m = jnp.asarray(m)
-        return jnp.select([m == d for d in _CHEBYSHEV], [p(cos) for p in _CHEBYSHEV.values()])
-    return _CHEBYSHEV[m](cos)
+    m = jnp.asarray(m)
+    return jnp.select([m == d for d in range(len(_CHEBYSHEV))], [p(cos) for p in _CHEBYSHEV])
 
 
 def psi(cos: jax.Array, m: int) -> jax.Array:
@@ -109,8 +123,10 @@ def a_softmax_logits(
     """Training logits of A-Softmax, `(B, K)` float32: margin applied to the target column.
 
     `margin` is an int in `MARGINS` (1..5), or an array holding one (a replica's); the
-    config's is checked by `fer_jax.training.config_schema`.
+    config's is checked by `fer_jax.training.config_schema`; an int enters as a run-time
+    value (`run_time`).
     """
+    (margin,) = run_time(margin)
     cos, norm = cosine(features, kernel)
     onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=cos.dtype)
     target = (lam * cos + psi(cos, margin)) / (1.0 + lam)
@@ -149,7 +165,8 @@ def sphereface_lambda(
     """Annealed A-Softmax weight `max(lam_min, base * (1 + gamma * t) ** -power)`.
 
     `t` is the annealing clock: optimizer steps in SphereFace (see
-    `fer_jax.training.state.lambda_schedule`).
+    `fer_jax.training.step.lambda_schedule`).
     """
     t = jnp.asarray(t, jnp.float32)
+    base, gamma, power, lam_min = run_time(base, gamma, power, lam_min)
     return jnp.maximum(lam_min, base * (1.0 + gamma * t) ** (-power))

@@ -1,3 +1,4 @@
 """Training and evaluating the model: `train.train_and_evaluate(config, workdir)` and what it
-is made of (the state and steps, the compiled `Trainer`, the loop and its actions, the input,
-devices and replicas, checkpoints, run guards, metrics and reports, JAFFE cross-validation)."""
+is made of (the step and its state, the input on the devices, the options that wrap them:
+data parallelism, replicas, tf.data; checkpoints, run guards, metrics and reports, JAFFE
+cross-validation)."""

@@ -6,7 +6,7 @@ section of a training config) for its type and its range or set of choices, then
 that tie fields together (a replica's overrides are held to their fields' own rules), and
 raises `UserError` with one line naming the field (its full dotted path), the value and what
 is allowed. A field that is not in the schema names the closest known one. The choices come
-from the code that uses them (`fer_jax.training.state`, `fer_jax.training.trainer`,
+from the code that uses them (`fer_jax.training.step`, `fer_jax.training.replicas`,
 `fer_jax.training.parallel`, `fer_jax.model.losses`, `fer_jax.model.resnet`, ...), imported on
 first use; that code does not check them again. `check_mode` checks that the config suits
 `fer_jax.main --mode`, and `unknown_override` (`unknown_override_in_file`: against the config
@@ -31,6 +31,22 @@ from fer_jax.user_errors import UserError
 NORMALIZE = ("unit", "symmetric")  # or (mean, std): data_pipelines.plan.normalize_affine
 CBAM_NONE = "none"  # model.cbam: the plain ResNet18 (fer_jax.model.resnet.model_from_config)
 MAX_SEED = 2**31 - 1
+INPUT_PIPELINES = ("device", "tf_data")  # config.input_pipeline ('': 'device')
+
+
+def input_pipeline(config: Any) -> str:
+    """`config.input_pipeline`, '' meaning 'device': the fast path on an H200, and as fast as
+    tf.data on CPU (experiments/results/input_pipeline_cpu/), with no TensorFlow needed."""
+    return config.get("input_pipeline", "") or "device"
+
+
+def select_crops(config: Any) -> int:
+    """Crops of the per-epoch model-selection evaluation (`config.select_crops`): 10, as the
+    report, or 1, the centre crop: a tenth of the compute, for CPU runs where ten-crop
+    selection would cost a third of each epoch. The final report is ten-crop either way."""
+    from data_pipelines.crops import NUM_CROPS
+
+    return config.get("select_crops", NUM_CROPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +152,7 @@ def _recipe_sections() -> dict[str, Section]:
     """The `model`, `loss` and `optimizer` sections."""
     from data_pipelines import labels
     from fer_jax.model import cbam, conv, losses, resnet
-    from fer_jax.training import optim
-    from fer_jax.training.state import LAMBDA_UNITS
+    from fer_jax.training import step
 
     model: Schema = {
         "num_classes": choice([labels.NUM_CLASSES]),  # the datasets' 7 expressions
@@ -154,16 +169,16 @@ def _recipe_sections() -> dict[str, Section]:
         "lambda_gamma": number(0),
         "lambda_power": number(0),
         "lambda_min": number(0),
-        "lambda_per": choice(LAMBDA_UNITS),
+        "lambda_per": choice(step.LAMBDA_UNITS),
         "lambda_run_epochs": number(0, low_open=True, required=False),  # lambda_per='run'
     }
     optimizer: Schema = {
-        "name": choice(optim.NAMES),
+        "name": choice(step.NAMES),
         "learning_rate": number(0, low_open=True),
         "momentum": number(0, 1, high_open=True),
         "weight_decay": number(0),
         "grad_clip": number(),  # element-wise; <= 0 disables
-        "schedule": choice(optim.SCHEDULES),
+        "schedule": choice(step.SCHEDULES),
         "decay_start_epoch": integer(0),
         "decay_every_epochs": integer(1),
         "decay_rate": number(0, 1, low_open=True),
@@ -176,7 +191,6 @@ def schemas() -> tuple[Section, Section]:
     """`(training schema, cross-validation schema)`, built from the code's own constants."""
     from data_pipelines import crops, files, folds
     from fer_jax.training import input_data, parallel, replicas, synthetic_data
-    from fer_jax.training.trainer import INPUT_PIPELINES
 
     splits = sorted(
         {s for names in files.SPLITS.values() for s in names} | set(synthetic_data.SPLIT_SEEDS)

@@ -58,9 +58,7 @@ from fer_jax.training import (
     input_data,
     run_config,
 )
-from fer_jax.training.loop import fit
-from fer_jax.training.train import train_and_evaluate
-from fer_jax.training.trainer import Trainer
+from fer_jax.training.train import Job, create_job, fit, train_and_evaluate
 from fer_jax.user_errors import UserError
 
 # The shipped model's loss (configs/fer2013_cpu.py's cycles: margin 4, `--config.loss.
@@ -122,9 +120,9 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 def _lambda_at_end(run: Mapping[str, Any], steps_per_epoch: int | None) -> float:
     """A-Softmax's lambda at the last step of a run of config `run` (its JSON), as
-    `state.lambda_schedule` gives it; a per-step clock without the run's steps per epoch:
+    `step.lambda_schedule` gives it; a per-step clock without the run's steps per epoch:
     `lambda_min`, where it is within a few FER2013 epochs."""
-    from fer_jax.training.state import lambda_schedule
+    from fer_jax.training.step import lambda_schedule
 
     loss = ml_collections.ConfigDict(dict(run["loss"]))
     if loss.lambda_per == "step" and not steps_per_epoch:
@@ -389,9 +387,9 @@ def run(
     for protocol, folds in plans.items():
         for line in fold_plan_lines(folds, arrays["label"], arrays["subject"], config, protocol):
             logging.info("%s", line)
-    trainer = Trainer.create(config)
+    job = create_job(config)
     if config.fold_protocol != folds_module.BOTH:
-        summary = _run_protocol(config, trainer, arrays, plans[config.fold_protocol], workdir)
+        summary = _run_protocol(config, job, arrays, plans[config.fold_protocol], workdir)
         summary.update(protocols={config.fold_protocol: dict(summary)})
         summary.update(init_from=config.init_from, fine_tuning=settings)
     else:
@@ -400,7 +398,7 @@ def run(
             sub_config = protocol_config(config, protocol)
             subdir = checkpoint.prepare_workdir(os.path.join(workdir, protocol))
             run_config.save_or_compare(sub_config, subdir, allow_changes=allow_config_changes)
-            by_protocol[protocol] = _run_protocol(sub_config, trainer, arrays, folds, subdir)
+            by_protocol[protocol] = _run_protocol(sub_config, job, arrays, folds, subdir)
             for line in summary_lines(by_protocol[protocol]):
                 logging.info("%s", line)
             extra = {"init_from": config.init_from, "fine_tuning": settings}
@@ -423,7 +421,7 @@ def run(
 
 def _run_protocol(
     config: ml_collections.ConfigDict,
-    trainer: Trainer,
+    job: Job,
     arrays: Mapping[str, np.ndarray],
     folds: Sequence[tuple[np.ndarray, np.ndarray]],
     workdir: str,
@@ -447,9 +445,9 @@ def _run_protocol(
                 len(train_idx),
                 len(test_idx),
             )
-            out = fit(trainer, fold_dir, images[train_idx], labels[train_idx])
-            state = trainer.parallel.replicate(out["state"])
-            metrics = trainer.evaluate(state, images[test_idx], labels[test_idx])
+            out = fit(job, fold_dir, images[train_idx], labels[train_idx])
+            state = job.devices.replicate(out["state"])
+            metrics = job.evaluate(state, images[test_idx], labels[test_idx])
             result = {"fold": k, "test_indices": np.asarray(test_idx).tolist(), **metrics}
             if is_main:
                 evaluate.write_report(os.path.join(fold_dir, "eval"), "test_fold", metrics)

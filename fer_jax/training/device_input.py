@@ -13,16 +13,21 @@ batches.
 Evaluation splits go to the devices once too, padded to whole batches of `eval_batch_size`
 (split over the devices along the batch axis), and a whole split is evaluated in one call,
 ten crops gathered per image on the device (`data_pipelines.crops` order).
+
+`DeviceInput` holds a job's compiled calls over these arrays: `train_calls` (the calls of a
+run from any step on, `dispatches`) and `evaluate` (a split's report); `tf_data_input.TfDataInput`
+is the same over tf.data pipelines.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from data_pipelines.crops import (
@@ -34,9 +39,10 @@ from data_pipelines.crops import (
     erase_keep,
     ten_crop_pixel_indices,
 )
-from data_pipelines.plan import check_arrays, normalize_affine
+from data_pipelines.plan import check_arrays, epoch_plan, normalize_affine
+from fer_jax.model.resnet import ResNet18
 from fer_jax.training import metrics
-from fer_jax.training.parallel import DataParallel
+from fer_jax.training.step import Compiled, OneDevice, OneModel, TrainState, ema_view
 
 PLAN_KEYS = ("index", "top", "left", "flip")
 AFFINE_PLAN_KEYS = ("index", "affine")  # a plan with zoom or rotation: the maps hold the rest
@@ -89,7 +95,7 @@ class TrainArrays:
 
 
 def put_train_arrays(
-    parallel: DataParallel,
+    parallel: OneDevice,
     images: np.ndarray,
     labels: np.ndarray,
     *,
@@ -166,20 +172,21 @@ def gather_train_batch(
 
 
 def train_chunk_fn(
-    train_step: Callable[..., tuple[Any, dict[str, jax.Array]]], layout: Layout
+    train_step: Callable[..., tuple[Any, dict[str, jax.Array]]],
+    layout: Layout,
+    over_rows: Callable[[Callable], Callable] = lambda gather: gather,
 ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
     """`chunk(state, images, labels, plan, *, axis_name) -> (state, metrics (L,) each)`:
     `train_step(state, batch, axis_name=...)` once per plan row, batches gathered on the
-    device; for `DataParallel.compile(..., split_axes=(0, None, None))`. A plan of replicas
-    (`(L, K, B)` arrays) gathers one batch per replica: `(K, B / D, ...)`."""
+    device (`over_rows(gather)`: as the model's plan rows hold them, `OneModel.gather`); for
+    `compile(..., split_axes=(0, None, None))`."""
 
     def chunk(state, images, labels, plan, *, axis_name):
         def gather(row):
             return gather_train_batch(images, labels, row, layout, axis_name)
 
         def body(state, row):
-            batch = gather(row) if row["index"].ndim == 1 else jax.vmap(gather)(row)
-            return train_step(state, batch, axis_name=axis_name)
+            return train_step(state, over_rows(gather)(row), axis_name=axis_name)
 
         if plan["index"].shape[0] == 1:  # no loop: XLA:CPU runs loop bodies more slowly
             state, metrics = body(state, jax.tree.map(lambda x: x[0], plan))
@@ -201,7 +208,7 @@ class EvalArrays:
 
 
 def put_eval_arrays(
-    parallel: DataParallel,
+    parallel: OneDevice,
     images: np.ndarray,
     labels: np.ndarray,
     batch_size: int,
@@ -245,3 +252,144 @@ def eval_split_fn(
         return total
 
     return evaluate
+
+
+def dispatches(
+    start_step: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    steps_per_dispatch: int,
+    checkpoint_every_steps: int,
+) -> Iterator[tuple[int, int]]:
+    """`(first global step, steps)` of each call: at most `steps_per_dispatch` steps, ending at
+    every epoch end and every multiple of `checkpoint_every_steps` (if > 0). A function of the
+    step alone: a resumed run makes the same calls as an uninterrupted one from there on (so it
+    ends bit-identical)."""
+    step = start_step
+    every = checkpoint_every_steps
+    while step < total_steps:
+        end = min(step + steps_per_dispatch, (step // steps_per_epoch + 1) * steps_per_epoch)
+        if every > 0:
+            end = min(end, (step // every + 1) * every)
+        yield step, end - step
+        step = end
+
+
+def augmentation(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """`epoch_plan`'s `zoom`, `rotate` and `erase` from `config.augment` (a field or section
+    absent, as in configs from before it: 0, none)."""
+    augment = config.get("augment", {})
+    return {k: float(augment.get(k, 0.0)) for k in ("zoom", "rotate", "erase")}
+
+
+TrainCall = Callable[[TrainState], tuple[TrainState, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass
+class DeviceInput:
+    """The compiled calls of one training job over data on the devices: a training call runs
+    a chunk of steps (`steps_per_dispatch`), an evaluation call a whole split. Shared by
+    training and the cross-validation folds (the splits in use stay on the devices)."""
+
+    config: ml_collections.ConfigDict
+    devices: OneDevice  # or `parallel.DataParallel`: the same interface
+    model: ResNet18
+    models: OneModel  # or `replicas.Replicas`
+    _train_fns: dict[Any, Compiled] = dataclasses.field(default_factory=dict)
+    _eval_fns: dict[Any, Compiled] = dataclasses.field(default_factory=dict)
+    _eval_arrays: list[tuple[np.ndarray, np.ndarray, Any]] = dataclasses.field(default_factory=list)
+
+    input_pipeline = "device"
+
+    @property
+    def steps_per_dispatch(self) -> int:
+        """Training steps per call: `config.steps_per_dispatch`, 0 meaning 64 on accelerators
+        and 1 on CPU (`configs/common.py`)."""
+        if self.config.steps_per_dispatch:
+            return self.config.steps_per_dispatch
+        return 1 if self.devices.devices[0].platform == "cpu" else 64
+
+    @property
+    def compile_seconds(self) -> dict[str, float]:
+        """Seconds spent compiling so far: {'train': ..., 'eval': ...}."""
+        return {
+            "train": sum(f.compile_seconds for f in self._train_fns.values()),
+            "eval": sum(f.compile_seconds for f in self._eval_fns.values()),
+        }
+
+    def train_fn(self, layout: Layout) -> Compiled:
+        """`fn(state, images, labels, plan) -> (state, metrics)` for data of `layout`."""
+        fn = self._train_fns.get(layout)
+        if fn is None:
+            chunk = train_chunk_fn(self.models.train_step(), layout, self.models.gather)
+            fn = self.devices.compile(chunk, split_axes=(0, None, None))
+            self._train_fns[layout] = fn
+        return fn
+
+    def train_calls(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        start_step: int,
+        total_steps: int,
+        steps_per_epoch: int,
+    ) -> Iterator[tuple[int, TrainCall]]:
+        """`(steps, run)` per call from `start_step` on, where `run(state) -> (state,
+        metrics)` does `steps` optimizer steps on the batches of `epoch_plan`."""
+        config = self.config
+        data = put_train_arrays(self.devices, images, labels, normalize=config.normalize)
+        fn = self.train_fn(data.layout)
+        augment = augmentation(config)
+
+        def plan_of(seed: int, epoch: int) -> dict[str, np.ndarray]:
+            return epoch_plan(
+                len(labels),
+                config.batch_size,
+                seed=seed,
+                epoch=epoch,
+                image_shape=images.shape[1:3],
+                **augment,
+            )
+
+        epoch, plan = -1, None
+        every = config.checkpoint_every_steps
+        spd = self.steps_per_dispatch
+        for first, steps in dispatches(start_step, total_steps, steps_per_epoch, spd, every):
+            if first // steps_per_epoch != epoch:
+                epoch = first // steps_per_epoch
+                plan = self.models.epoch_plan(lambda seed, e=epoch: plan_of(seed, e))
+            rows = self.devices.place(plan_chunk(plan, first % steps_per_epoch, steps), None)
+            yield steps, lambda s, rows=rows: fn(s, data.images, data.labels, rows)
+
+    def _arrays(self, images: np.ndarray, labels: np.ndarray) -> EvalArrays:
+        for held_images, held_labels, arrays in self._eval_arrays:
+            if held_images is images and held_labels is labels:
+                return arrays
+        arrays = put_eval_arrays(
+            self.devices,
+            images,
+            labels,
+            self.config.eval_batch_size,
+            normalize=self.config.normalize,
+        )
+        # Keep the few splits in use (select, report, a CV fold) on the devices.
+        self._eval_arrays = [*self._eval_arrays[-2:], (images, labels, arrays)]
+        return arrays
+
+    def evaluate(
+        self, state: TrainState, images: np.ndarray, labels: np.ndarray, crops: int = NUM_CROPS
+    ) -> dict[str, Any]:
+        """The report (`metrics.report`) of device `state` on the ten crops (`crops=10`) or
+        the centre crop alone (`crops=1`); with replicas `{'replicas': [report of each],
+        'ensemble': report}`. With a moving average of the weights (`config.ema_decay`) it is
+        the average that is evaluated."""
+        arrays = self._arrays(images, labels)
+        fn = self._eval_fns.get((arrays.layout, crops))
+        if fn is None:
+            evaluate_split = eval_split_fn(self.models.eval_step(), arrays.layout, crops)
+            fn = self.devices.compile(
+                evaluate_split, split_axes=(1, 1, 1), donate_state=False, replicated_out=1
+            )
+            self._eval_fns[(arrays.layout, crops)] = fn
+        totals = fn(ema_view(state), arrays.images, arrays.labels, arrays.mask)
+        return metrics.report(self.devices.unreplicate(totals), len(labels))

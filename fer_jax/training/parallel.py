@@ -1,4 +1,5 @@
-"""One per-device step function, compiled for one device or data-parallel over many.
+"""Data parallelism: a layer over `step.OneDevice` (same interface), chosen where a job sees
+more than one device. One per-device step function, compiled data-parallel over many.
 
 Modes (`config.parallelism`):
 - 'shard_map' (the default): `jax.jit(jax.shard_map(step))` over a 1-D mesh named 'data';
@@ -15,8 +16,7 @@ cross-device BatchNorm).
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fer_jax.model import conv
+from fer_jax.training.step import Compiled, OneDevice
 
 AXIS = "data"
 MODES = ("shard_map", "pmap")
@@ -34,32 +35,9 @@ def _spec(split_axis: int | None) -> P:
     return P() if split_axis is None else P(*([None] * split_axis), AXIS)
 
 
-class Compiled:
-    """A jitted (or pmapped) function compiled ahead of time once per argument shape.
-
-    Calls compile explicitly (`lower(...).compile()`), so `compile_seconds` is the time spent
-    compiling (all shapes so far), kept apart from the time spent running.
-    """
-
-    def __init__(self, fn: Callable[..., Any]):
-        self.fn = fn
-        self.compile_seconds = 0.0
-        self._compiled: dict[Any, Any] = {}
-
-    def __call__(self, *args: Any) -> Any:
-        leaves, treedef = jax.tree.flatten(args)
-        key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            start = time.perf_counter()
-            compiled = self.fn.lower(*args).compile()
-            self.compile_seconds += time.perf_counter() - start
-            self._compiled[key] = compiled
-        return compiled(*args)
-
-
-class DataParallel:
-    """Compiles step functions for `mode` over `devices` and places state and batches."""
+class DataParallel(OneDevice):
+    """Compiles step functions for `mode` over `devices` and places state and batches (on one
+    device: as `OneDevice`)."""
 
     def __init__(self, mode: str, devices: list[jax.Device] | None = None):
         self.mode = mode
@@ -67,11 +45,6 @@ class DataParallel:
         self.num_devices = len(self.devices)
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self.axis_name = AXIS if self.num_devices > 1 else None
-
-    @property
-    def batch_shape_devices(self) -> int | None:
-        """`num_devices` argument of the input pipelines: device-major batches for pmap."""
-        return self.num_devices if self.mode == "pmap" and self.num_devices > 1 else None
 
     def compile(
         self,
@@ -88,12 +61,12 @@ class DataParallel:
         pipeline batch, split along 0). Outputs must be replicated across devices (averaged or
         summed with collectives).
         """
+        if self.num_devices == 1:
+            return super().compile(step, donate_state=donate_state)
         donate = (0,) if donate_state else ()
         fn = functools.partial(step, axis_name=self.axis_name)
         # On CPU: Eigen convolutions (fer_jax.model.conv.cpu_compiler_options); jax.pmap takes none.
         options = conv.cpu_compiler_options(self.devices[0].platform)
-        if self.num_devices == 1:
-            return Compiled(jax.jit(fn, donate_argnums=donate, compiler_options=options))
         if self.mode == "pmap":
             return Compiled(
                 jax.pmap(fn, axis_name=AXIS, devices=self.devices, donate_argnums=donate)
@@ -114,9 +87,9 @@ class DataParallel:
         Always a copy: the compiled train step donates its state, which must not delete the
         caller's arrays.
         """
-        tree = jax.device_get(tree)
         if self.num_devices == 1:
-            return jax.device_put(tree, self.devices[0])
+            return super().replicate(tree)
+        tree = jax.device_get(tree)
         if self.mode == "pmap":
             sharding = NamedSharding(self.mesh, P(AXIS))
             return jax.tree.map(
@@ -140,10 +113,8 @@ class DataParallel:
         Under pmap the split axis becomes a leading device axis. With several processes every
         process passes the same global arrays and contributes the slice of its own devices.
         """
-        if split_axis is None:
+        if split_axis is None or self.num_devices == 1:
             return self.replicate(tree)
-        if self.num_devices == 1:
-            return jax.device_put(tree, self.devices[0])
         if self.mode == "pmap":
             sharding = NamedSharding(self.mesh, P(AXIS))
 
@@ -169,24 +140,6 @@ class DataParallel:
         """Host batch from a pipeline -> device arrays split over the devices (axis 0; under
         pmap the pipeline already made it device-major)."""
         if self.num_devices == 1:
-            return jax.device_put(batch, self.devices[0])
+            return self.replicate(batch)
         sharding = NamedSharding(self.mesh, P(AXIS))
         return jax.tree.map(lambda x: self._put(np.asarray(x), sharding, 0), batch)
-
-    def prefetch(
-        self, batches: Iterator[dict[str, np.ndarray]], size: int = 2, split_axis: int = 0
-    ) -> Iterator[Any]:
-        """Puts the next `size` batches on the devices ahead of use (transfers overlap compute).
-
-        `split_axis` 0: pipeline batches (`shard_batch`); else host arrays split along that
-        axis (`place`), e.g. 1 for replicas' batches `(K, B, ...)`.
-        """
-        queue: list[Any] = []
-        for batch in batches:
-            if split_axis == 0:
-                queue.append(self.shard_batch(batch))
-            else:
-                queue.append(self.place(batch, split_axis))
-            if len(queue) > size:
-                yield queue.pop(0)
-        yield from queue

@@ -13,31 +13,28 @@ import ml_collections
 from absl import logging
 
 from fer_jax.model import flops
-from fer_jax.training import (
-    replicas,
-)
-from fer_jax.training.trainer import Trainer, select_crops
+from fer_jax.training import config_schema
 
 
 class Timer:
     """Splits the loop's wall clock into training, evaluation and the rest (compiles, saves).
 
     Training time runs from `resume` to `pause` (which waits for the dispatched steps), less
-    the compiles inside; evaluation time is that of `Trainer.evaluate`, less its compiles.
+    the compiles inside; evaluation time is that of `job.evaluate`, less its compiles.
     """
 
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
+    def __init__(self, job: Any):
+        self.job = job  # `fer_jax.training.train.Job`
         self.steps = 0
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
         self.evaluations = 0
         self.evaluated_crops = 0
-        self._compiles = trainer.compile_seconds
+        self._compiles = job.compile_seconds
         self._start: float | None = time.perf_counter()
 
     def _compiled_since(self, kind: str) -> float:
-        now = self.trainer.compile_seconds[kind]
+        now = self.job.compile_seconds[kind]
         spent, self._compiles[kind] = now - self._compiles[kind], now
         return spent
 
@@ -63,16 +60,16 @@ class Timer:
     ) -> dict[str, Any]:
         """The speed figures of `results.json`'s 'performance' (README: Speed); images
         are counted over all replicas (aggregate throughput)."""
-        num_replicas = replicas.count(config)
+        num_replicas = self.job.models.count
         images = self.steps * config.batch_size * num_replicas
         train_ips = images / self.train_seconds if self.train_seconds > 0 else None
         busy = self.train_seconds + self.eval_seconds
         total_ips = images / busy if busy > 0 else None
-        device = self.trainer.parallel.devices[0]
-        compile_s = self.trainer.compile_seconds
+        device = self.job.devices.devices[0]
+        compile_s = self.job.compile_seconds
         peak = config.get("peak_tflops", 0.0) or flops.peak_tflops(device.device_kind)
         per_image = _model_flops(config)
-        num_devices = self.trainer.parallel.num_devices
+        num_devices = self.job.devices.num_devices
 
         def mfu(ips):
             if ips is None or not peak or per_image is None:
@@ -91,11 +88,11 @@ class Timer:
             "platform": device.platform,
             "device_kind": device.device_kind,
             "num_devices": num_devices,
-            "input_pipeline": self.trainer.input_pipeline,
-            "steps_per_dispatch": self.trainer.steps_per_dispatch,
+            "input_pipeline": self.job.input_pipeline,
+            "steps_per_dispatch": self.job.steps_per_dispatch,
             "half_precision": bool(config.half_precision),
             "replicas": num_replicas,
-            "replica_map": self.trainer.replica_map if num_replicas > 1 else None,
+            "replica_map": getattr(self.job.models, "map_kind", None),
             "batch_size": config.batch_size,
             "steps_per_epoch": steps_per_epoch,
             "num_epochs": config.num_epochs,
@@ -107,7 +104,7 @@ class Timer:
             "evaluations": self.evaluations,
             "train_images_per_s": train_ips,
             "images_per_s_including_eval": total_ips,
-            "select_crops": select_crops(config),
+            "select_crops": config_schema.select_crops(config),
             "eval_crops_per_s": (
                 self.evaluated_crops / self.eval_seconds if self.eval_seconds > 0 else None
             ),

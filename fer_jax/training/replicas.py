@@ -1,24 +1,34 @@
 """Replicas: K independent runs of one network, trained by one compiled program.
 
-With `config.replicas = K > 1` every leaf of the train state carries a leading replica axis
-`(K, ...)` and the train and eval steps are `jax.vmap`ped over it (inside the data
-parallelism: replica axis x data axis). Replica k has its own seed (initialisation, data
-order, dropout): `config.seed + k`, unless `config.replica_seeds` lists the K seeds. Its
-scalar hyperparameters may differ too: `config.replica_overrides` lists K dicts of the
-`OVERRIDABLE` fields, which the step takes as arrays (`hparams`), so they change values but
-not the program. K = 1 is a plain run: no replica axis anywhere. What each field may hold is
-`fer_jax.training.config_schema`'s to check.
+A layer over the plain step (`fer_jax.training.step`), chosen where `config.replicas = K > 1`:
+`Replicas` has `step.OneModel`'s interface. Every leaf of the train state carries a leading
+replica axis `(K, ...)` and the train and eval steps are mapped over it (`map_over`: `jax.vmap`
+or unrolled; inside the data parallelism: replica axis x data axis). Replica k has its own
+seed (initialisation, data order, dropout): `config.seed + k`, unless `config.replica_seeds`
+lists the K seeds. Its scalar hyperparameters may differ too: `config.replica_overrides` lists
+K dicts of the `OVERRIDABLE` fields, which the state carries as arrays
+(`ReplicaState.hparams`), so they change values but not the program: each replica's optimizer
+and schedules are built from them inside the step (`replica_recipe`), where a plain run builds
+them once from the config. What each field may hold is `fer_jax.training.config_schema`'s to
+check.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from fer_jax.model.resnet import ResNet18
+from fer_jax.training import step as plain
+from fer_jax.training.metrics import EvalMetrics, eval_metrics
 
 # Config fields a replica may override: scalars the step takes as traced arrays.
 OVERRIDABLE = (
@@ -34,14 +44,6 @@ OVERRIDABLE = (
     "loss.lambda_min",
     "model.dropout_rate",
 )
-
-
-def field(config: ml_collections.ConfigDict, path: str) -> Any:
-    """The value of dotted `path` (e.g. 'optimizer.learning_rate') in `config`."""
-    node = config
-    for part in path.split("."):
-        node = node[part]
-    return node
 
 
 def count(config: ml_collections.ConfigDict) -> int:
@@ -78,7 +80,7 @@ def replica_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Co
 
 def hparams(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """The `OVERRIDABLE` values of a plain config as float32 scalars (the step's `hparams`)."""
-    return {name: np.float32(field(config, name)) for name in OVERRIDABLE}
+    return {name: np.float32(plain.field(config, name)) for name in OVERRIDABLE}
 
 
 MAPS = ("vmap", "unroll")
@@ -128,3 +130,121 @@ def take(tree: Any, k: int) -> Any:
 def stack_plans(plans: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """K epoch plans (`(S, B)` arrays) -> one `(S, K, B)` plan, step-major like one's."""
     return {key: np.stack([plan[key] for plan in plans], axis=1) for key in plans[0]}
+
+
+@flax.struct.dataclass
+class ReplicaState(plain.TrainState):
+    """A replica's `TrainState` (stacked: K of them) with its `OVERRIDABLE` values as float32
+    arrays (`hparams`, not checkpointed) and the static `recipe_of(hparams) -> Recipe`
+    (`recipe` is None outside the step)."""
+
+    hparams: dict[str, jax.Array]
+    recipe_of: Callable[[dict[str, jax.Array]], plain.Recipe] = flax.struct.field(pytree_node=False)
+
+
+def replica_recipe(
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    parts: dict[str, bool],
+    hparams: dict[str, jax.Array],
+) -> plain.Recipe:
+    """One replica's `Recipe` from its (traced) `hparams`; `parts` (`step.optimizer_parts` of
+    all replicas) fixes the optimizer's structure, so every replica's state has one shape."""
+    return plain.Recipe(
+        tx=plain.create_optimizer(config, steps_per_epoch, hparams, parts),
+        learning_rate=plain.learning_rate_schedule(config, steps_per_epoch, hparams),
+        lam=plain.lambda_schedule(config.loss, steps_per_epoch, config.num_epochs, hparams),
+        margin=hparams["loss.margin"],
+        dropout_rate=hparams["model.dropout_rate"],
+    )
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model: ResNet18, steps_per_epoch: int
+) -> ReplicaState:
+    """K fresh states (`replica_configs`: own seeds and hyperparameters), each exactly as a
+    plain run of its config would start, stacked along a leading replica axis."""
+    configs = replica_configs(config)
+    recipe_of = functools.partial(
+        replica_recipe, config, steps_per_epoch, plain.optimizer_parts(configs)
+    )
+    fields = []
+    for one in configs:  # one by one: a vmapped 'rbg' init would not match a plain run's
+        values = hparams(one)
+        fields.append({**plain.init_fields(one, model, recipe_of(values).tx), "hparams": values})
+    return ReplicaState(**stack(fields), apply_fn=model.apply, recipe=None, recipe_of=recipe_of)
+
+
+def _replica_train_step(state: ReplicaState, batch, *, config, axis_name):
+    """`step.train_step` of one replica (a slice of the stacked state), its recipe built from
+    its `hparams` inside the trace."""
+    one = state.replace(recipe=state.recipe_of(state.hparams))
+    new, metrics = plain.train_step(one, batch, config=config, axis_name=axis_name)
+    return new.replace(recipe=None), metrics
+
+
+def replica_eval_step(
+    state: ReplicaState,
+    batch: dict[str, jax.Array],
+    *,
+    axis_name: str | None,
+    replica_map: str = "vmap",
+) -> dict[str, EvalMetrics]:
+    """`step.eval_step` of a stacked `(K, ...)` state: 'replicas', each replica's `EvalMetrics`
+    (stacked, leading axis K), and 'ensemble', those of the K replicas' probabilities
+    averaged. `replica_map`: `map_over`'s kind."""
+    logits = map_over(plain.tencrop_logits, replica_map, (0, None))(state, batch["image"])
+    each = jax.vmap(eval_metrics, in_axes=(0, None, None))(logits, batch["label"], batch["mask"])
+    probs = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+    # log p as logits: the cross-entropy is -log p(label), the argmax that of p.
+    ensemble = eval_metrics(jnp.log(jnp.maximum(probs, 1e-30)), batch["label"], batch["mask"])
+    out = {"replicas": each, "ensemble": ensemble}
+    if axis_name is not None:
+        out = jax.lax.psum(out, axis_name)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicas:
+    """`step.OneModel`'s interface for K replicas: stacked states, steps mapped over them,
+    batches and epoch plans with a replica axis (`(K, B, ...)`, plans `(S, K, B)`)."""
+
+    config: ml_collections.ConfigDict
+    platform: str
+
+    @property
+    def count(self) -> int:
+        return count(self.config)
+
+    @property
+    def map_kind(self) -> str:
+        """'vmap' or 'unroll' (`map_kind`)."""
+        return map_kind(self.config, self.platform)
+
+    def create_state(self, model: ResNet18, steps_per_epoch: int) -> ReplicaState:
+        return create_train_state(self.config, model, steps_per_epoch)
+
+    def train_step(self) -> Callable[..., Any]:
+        kind, config = self.map_kind, self.config
+
+        def over_replicas(state, batch, *, axis_name):
+            one = functools.partial(_replica_train_step, config=config, axis_name=axis_name)
+            return map_over(one, kind, (0, 0))(state, batch)
+
+        return over_replicas
+
+    def eval_step(self) -> Callable[..., Any]:
+        return functools.partial(replica_eval_step, replica_map=self.map_kind)
+
+    def gather(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """One batch per replica from plan rows `(K, B)`."""
+        return jax.vmap(fn)
+
+    def epoch_plan(self, plan_of: Callable[[int], dict[str, np.ndarray]]):
+        """Each replica's plan (`plan_of(seed)`), stacked step-major: `(S, K, B)`."""
+        return stack_plans([plan_of(seed) for seed in seeds(self.config)])
+
+    def batches(self, stream_of: Callable[[int], Any]) -> Any:
+        """One batch per replica (`stream_of(seed)`), stacked: `(K, B, ...)`."""
+        streams = [stream_of(seed) for seed in seeds(self.config)]
+        return (stack(batch) for batch in zip(*streams, strict=True))

@@ -1,15 +1,29 @@
-"""`train_and_evaluate(config, workdir)`: a whole training job (in the style of
-flax/examples/imagenet), resumed after any interruption from the checkpoints in `workdir`;
-`evaluate_checkpoint`: a trained model's report on one split (`fer_jax.main --mode=evaluate`).
+"""A whole training job, read top to bottom (in the style of flax/examples/imagenet and
+big_vision): `train_and_evaluate(config, workdir)` loads the splits, `fit`s (resuming from the
+checkpoints in `workdir` after any interruption), then evaluates the model chosen on the select
+split on the report split (ten-crop and centre crop) and writes `results.json`;
+`evaluate_checkpoint` is a trained model's report on one split (`fer_jax.main --mode=evaluate`).
 
-It loads the splits, trains (`loop.fit`: the state and steps of `state` and `steps`, compiled
-by `trainer.Trainer`), then evaluates the model chosen on the select split on the report split
-(ten-crop and centre crop) and writes `results.json`.
+`create_job` makes the one choice of the options: one device or data-parallel
+(`parallel.DataParallel`), one model or K replicas (`replicas.Replicas`), the data on the devices
+(`device_input.DeviceInput`) or tf.data (`tf_data_input.TfDataInput`). A plain run is
+`step.OneDevice`, `step.OneModel` and `DeviceInput`: its step is `step.train_step`, jitted by
+`OneDevice.compile`, over the batches `device_input` gathers on the device.
+
+`fit` runs the compiled calls and hands each one's result to a few named actions, in the
+spirit of `clu.periodic_actions`:
+- `TrainLog`: training curves and the progress line (every `log_every_steps`, each epoch);
+- `Selection`: evaluation on the select split (each `eval_every_epochs`, and the last epoch);
+- `Saving`: checkpoints (each `checkpoint_every_epochs` / `_steps`, the last step, before a
+  stop) and the best by the select split's accuracy;
+- `signals.StopSignal`: SIGTERM or Ctrl-C checkpoints the step in flight, then stops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
@@ -17,6 +31,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from data_pipelines.plan import steps_per_epoch as plan_steps_per_epoch
 from fer_jax import host_memory
 from fer_jax.model.resnet import matmul_bf16
 from fer_jax.training import (
@@ -24,14 +39,43 @@ from fer_jax.training import (
     config_schema,
     evaluate,
     input_data,
+    metrics,
+    parallel,
     replicas,
     run_config,
+    tf_data_input,
 )
-from fer_jax.training.loop import fit
+from fer_jax.training.device_input import DeviceInput
 from fer_jax.training.metrics import per_replica
-from fer_jax.training.run_writers import write_final_reports
-from fer_jax.training.state import create_train_state
-from fer_jax.training.trainer import Trainer
+from fer_jax.training.performance import Timer, performance_scalars
+from fer_jax.training.run_writers import RunWriters, write_final_reports
+from fer_jax.training.signals import Interrupted, StopSignal
+from fer_jax.training.step import OneDevice, OneModel, TrainState, create_model
+
+Job = DeviceInput | tf_data_input.TfDataInput
+
+
+def create_job(config: ml_collections.ConfigDict) -> Job:
+    """The compiled calls of one training job (shared by training and the CV folds): the
+    options are chosen here and only here (module docstring)."""
+    if jax.device_count() == 1:
+        devices = OneDevice()
+    else:
+        devices = parallel.DataParallel(config.parallelism)
+    n = devices.num_devices
+    if config.batch_size % n or config.eval_batch_size % n:
+        raise ValueError(
+            f"config.batch_size ({config.batch_size}) and config.eval_batch_size "
+            f"({config.eval_batch_size}) must be divisible by the {n} devices"
+        )
+    model = create_model(config, axis_name=devices.axis_name)
+    if replicas.count(config) == 1:
+        models = OneModel(config)
+    else:
+        models = replicas.Replicas(config, devices.devices[0].platform)
+    if config_schema.input_pipeline(config) == "tf_data":
+        return tf_data_input.TfDataInput(config, devices, model, models)
+    return DeviceInput(config, devices, model, models)
 
 
 def train_and_evaluate(
@@ -58,9 +102,9 @@ def train_and_evaluate(
         config, [config.train_split, config.select_split, config.report_split]
     )
     train_images, train_labels = splits[config.train_split]
-    trainer = Trainer.create(config)
+    job = create_job(config)
     summary = fit(
-        trainer,
+        job,
         workdir,
         train_images,
         train_labels,
@@ -68,9 +112,9 @@ def train_and_evaluate(
         select_name=config.select_split,
     )
     best = checkpoint.restore_best_or_latest(workdir, summary["template"])
-    state = trainer.parallel.replicate(best.state)
-    report = trainer.evaluate(state, *splits[config.report_split])
-    centre = trainer.evaluate(state, *splits[config.report_split], crops=1)
+    state = job.devices.replicate(best.state)
+    report = job.evaluate(state, *splits[config.report_split])
+    centre = job.evaluate(state, *splits[config.report_split], crops=1)
     performance = summary["performance"]
     if performance is None:  # finished before this call: keep the figures of the run that trained
         performance = _previous_performance(workdir)
@@ -85,16 +129,229 @@ def train_and_evaluate(
         results[config.report_split]["accuracy"],
         results[config.report_split].get("mean_class_accuracy", float("nan")),
     )
-    if trainer.replicas > 1:
+    if job.models.count > 1:
         logging.info(
             "%d replicas: %s accuracy %.4f +- %.4f (ensemble %.4f)",
-            trainer.replicas,
+            job.models.count,
             config.report_split,
             results["mean_accuracy"],
             results["std_accuracy"],
             results["ensemble_accuracy"],
         )
     return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where the loop stands: `step` global steps done, the last call having run `steps`."""
+
+    step: int
+    steps: int
+    steps_per_epoch: int
+    total_steps: int
+
+    def advance(self, steps: int) -> Position:
+        return dataclasses.replace(self, step=self.step + steps, steps=steps)
+
+    @property
+    def epoch(self) -> int:
+        """Completed epochs."""
+        return self.step // self.steps_per_epoch
+
+    @property
+    def step_in_epoch(self) -> int:
+        return self.step % self.steps_per_epoch
+
+    @property
+    def end_of_epoch(self) -> bool:
+        return self.step_in_epoch == 0
+
+    @property
+    def last(self) -> bool:
+        return self.step == self.total_steps
+
+    def meta(self) -> dict[str, int]:
+        """The data position a checkpoint records."""
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
+
+
+class TrainLog:
+    """Training curves (`metrics.train_summaries`: means since the last log, checked finite)
+    and the progress line, every `config.log_every_steps` and at every epoch end."""
+
+    def __init__(self, config: ml_collections.ConfigDict, devices: OneDevice, writers):
+        self.config, self.devices, self.writers = config, devices, writers
+        self.history: list[dict] = []
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.clock = time.perf_counter()
+
+    def _write(self, step: int, seconds: float | None) -> None:
+        history = self.devices.unreplicate(self.history)  # pmap: drop the device axis
+        self.history = []
+        summaries = metrics.train_summaries(history, self.writers.num_replicas, step)
+        images = sum(np.size(h["loss"]) for h in history) * self.config.batch_size  # all replicas
+        self.writers.write_train(step, summaries, images / seconds if seconds else float("nan"))
+
+    def __call__(self, step_metrics: dict[str, Any], at: Position) -> None:
+        self.history.append(step_metrics)
+        every = self.config.log_every_steps
+        if not (at.step // every > (at.step - at.steps) // every or at.end_of_epoch):
+            return
+        self._write(at.step, time.perf_counter() - self.clock)
+        logging.info(
+            "epoch %d/%d, step %d/%d (global %d/%d)",
+            at.epoch + (not at.end_of_epoch),
+            self.config.num_epochs,
+            at.step_in_epoch or at.steps_per_epoch,
+            at.steps_per_epoch,
+            at.step,
+            at.total_steps,
+        )
+        self.restart_clock()
+
+    def check_pending(self, step: int) -> None:
+        """Writes (and so checks) the steps since the last log: before anything is saved."""
+        if self.history:
+            self._write(step, None)
+
+
+class Selection:
+    """Evaluation on the select split (`config.select_crops` crops) after every
+    `config.eval_every_epochs` epochs and the last one; returns each replica's accuracy."""
+
+    def __init__(self, job: Job, writers: RunWriters, select, select_name: str):
+        self.job, self.writers = job, writers
+        self.select, self.select_name = select, select_name
+        self.every = job.config.eval_every_epochs
+        self.crops = config_schema.select_crops(job.config)
+
+    def due(self, at: Position) -> bool:
+        return (
+            at.end_of_epoch
+            and self.select is not None
+            and self.every > 0
+            and (at.epoch % self.every == 0 or at.last)
+        )
+
+    def __call__(self, state: TrainState, at: Position, timer: Timer) -> list[float]:
+        report = self.job.evaluate(state, *self.select, crops=self.crops)
+        timer.evaluated(len(self.select[1]) * self.crops)
+        self.writers.write_evaluation(at.step, self.select_name, at.epoch, report)
+        return [m["accuracy"] for m in metrics.per_replica(report)]
+
+
+class Saving:
+    """Checkpoints: the latest (each `checkpoint_every_epochs` epochs and
+    `checkpoint_every_steps` steps, the last step, and before a stop) and the best by the
+    select split's accuracy (per replica)."""
+
+    def __init__(self, manager: checkpoint.Checkpoints, devices: OneDevice, config):
+        self.manager, self.devices, self.config = manager, devices, config
+
+    def due(self, at: Position, stopping: bool) -> bool:
+        every_steps = self.config.checkpoint_every_steps
+        return (
+            (at.end_of_epoch and at.epoch % self.config.checkpoint_every_epochs == 0)
+            or (every_steps > 0 and at.step % every_steps == 0)
+            or at.last
+            or stopping
+        )
+
+    def __call__(
+        self, state: TrainState, at: Position, save: bool, accuracy: list[float] | None
+    ) -> None:
+        host_state = self.devices.unreplicate(state)
+        if save:
+            self.manager.save(at.step, host_state, at.meta())
+        if accuracy is not None:
+            self.manager.maybe_save_best(at.step, host_state, at.meta(), accuracy)
+
+
+def _resume(manager: checkpoint.Checkpoints, template: TrainState, config) -> TrainState:
+    """The latest checkpoint's state, else a fresh one (from `config.init_from` if set)."""
+    restored = manager.restore_latest(template)
+    if restored is not None:
+        logging.info(
+            "Resuming from step %d (epoch %d, step %d of it).",
+            restored.step,
+            restored.meta["epoch"],
+            restored.meta["step_in_epoch"],
+        )
+        return restored.state
+    if config.init_from:
+        return checkpoint.init_from(config.init_from, template, config)
+    return template
+
+
+def fit(
+    job: Job,
+    workdir: str,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    *,
+    select: tuple[np.ndarray, np.ndarray] | None = None,
+    select_name: str = "",
+) -> dict[str, Any]:
+    """The training loop: resume, train `config.num_epochs`, evaluate, checkpoint.
+
+    Returns `{'state': final host state, 'template': host template for restores,
+    'performance': speed figures of this process's training (`performance` keys)}`.
+    """
+    config, devices = job.config, job.devices
+    wall_start = time.perf_counter()
+    steps_per_epoch = plan_steps_per_epoch(len(train_labels), config.batch_size)
+    total_steps = config.num_epochs * steps_per_epoch
+    template = job.models.create_state(job.model, steps_per_epoch)
+    manager = checkpoint.Checkpoints(workdir, config)
+    host_state = _resume(manager, template, config)
+    at = Position(int(np.ravel(host_state.step)[0]), 0, steps_per_epoch, total_steps)
+    if at.step >= total_steps:
+        logging.info("Training already finished (%d steps).", at.step)
+        manager.close()
+        return {"state": host_state, "template": template, "performance": None}
+
+    writers = RunWriters(workdir, config, enabled=jax.process_index() == 0)
+    if at.step == 0:
+        writers.write_start(host_state.params)
+    log = TrainLog(config, devices, writers)
+    selection = Selection(job, writers, select, select_name)
+    saving, timer, stop = Saving(manager, devices, config), Timer(job), StopSignal()
+    state = devices.replicate(host_state)
+    calls = job.train_calls(train_images, train_labels, at.step, total_steps, steps_per_epoch)
+    try:
+        for steps, run in calls:
+            state, step_metrics = run(state)
+            at = at.advance(steps)
+            timer.steps += steps
+            log(step_metrics, at)
+            evaluate_now, stop_now = selection.due(at), stop.agreed()
+            save_now = saving.due(at, stop_now)
+            if not (evaluate_now or save_now):
+                continue
+            timer.pause(state)
+            accuracy = selection(state, at, timer) if evaluate_now else None
+            log.check_pending(at.step)
+            saving(state, at, save_now, accuracy)
+            writers.flush()
+            if stop_now:
+                manager.close()  # waits for the checkpoint to be written
+                raise Interrupted(stop.signum, at.step)
+            timer.resume()
+            log.restart_clock()
+    finally:
+        stop.restore()
+    timer.pause(state)
+    manager.close()
+    performance = timer.performance(config, steps_per_epoch, time.perf_counter() - wall_start)
+    writers.main.write_scalars(at.step, performance_scalars(performance))
+    writers.close()
+    return {"state": devices.unreplicate(state), "template": template, "performance": performance}
 
 
 def evaluate_checkpoint(
@@ -106,28 +363,28 @@ def evaluate_checkpoint(
     With `config.replicas = K` matching a replica run: each replica's and the ensemble's;
     with K = 1, a replica run's replica chosen on its select split (`checkpoint.init_from`).
     """
-    trainer = Trainer.create(config)
-    template = create_train_state(config, trainer.model, steps_per_epoch=1)
-    state = trainer.parallel.replicate(checkpoint.init_from(path, template, config))
+    job = create_job(config)
+    template = job.models.create_state(job.model, steps_per_epoch=1)
+    state = job.devices.replicate(checkpoint.init_from(path, template, config))
     images, labels = input_data.load_splits(config, [split])[split]
-    metrics = trainer.evaluate(state, images, labels, crops=crops)
+    report = job.evaluate(state, images, labels, crops=crops)
     suffix = "" if crops == 10 else "_centre_crop"
-    reports = {f"{split}_evaluate{suffix}": metrics}
-    if "replicas" in metrics:
+    reports = {f"{split}_evaluate{suffix}": report}
+    if "replicas" in report:
         reports = {
-            f"{split}_evaluate_replica_{k}{suffix}": m for k, m in enumerate(metrics["replicas"])
+            f"{split}_evaluate_replica_{k}{suffix}": m for k, m in enumerate(report["replicas"])
         }
-        reports[f"{split}_evaluate_ensemble{suffix}"] = metrics["ensemble"]
+        reports[f"{split}_evaluate_ensemble{suffix}"] = report["ensemble"]
     if jax.process_index() == 0:
-        for name, report in reports.items():
-            evaluate.write_report(os.path.join(workdir, "eval"), name, report)
-    for name, report in reports.items():
-        logging.info("%s of %s: accuracy %.4f", name, path, report["accuracy"])
+        for name, one in reports.items():
+            evaluate.write_report(os.path.join(workdir, "eval"), name, one)
+    for name, one in reports.items():
+        logging.info("%s of %s: accuracy %.4f", name, path, one["accuracy"])
         print(
-            f"{name}: {100 * report['accuracy']:.2f}% ({report['num_examples']} images; "
-            f"mean class accuracy {100 * report['mean_class_accuracy']:.2f}%)"
+            f"{name}: {100 * one['accuracy']:.2f}% ({one['num_examples']} images; "
+            f"mean class accuracy {100 * one['mean_class_accuracy']:.2f}%)"
         )
-    return metrics
+    return report
 
 
 def _results(

@@ -1,0 +1,492 @@
+"""One training step and everything it reads: the train state with its optimizer (built once),
+the learning-rate and A-Softmax lambda schedules, the pure `train_step` and `eval_step`, and
+their compilation for one device (`OneDevice`).
+
+A plain run is one model on one device: `create_train_state` builds the optimizer and the
+schedules once from the config (`Recipe`), `OneDevice.compile` jits the step with the CPU's
+compiler options. The options wrap this path without changing it: data parallelism
+(`parallel.DataParallel`, same `compile` / `place` interface), K models in one program
+(`replicas.Replicas`, same interface as `OneModel`), and the tf.data input (`tf_data_input`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fer_jax.model import conv, losses
+from fer_jax.model.resnet import ResNet18, model_from_config
+from fer_jax.training.metrics import EvalMetrics, eval_metrics
+
+NAMES = ("sgd", "adamw")  # config.optimizer.name
+SCHEDULES = ("step", "cosine", "constant")  # config.optimizer.schedule
+LAMBDA_UNITS = ("step", "epoch", "run")  # config.loss.lambda_per
+# lambda_per='run': the per-epoch curve of a run this long (the reference recipe's 300 epochs)
+# compressed into the run's own length, unless `loss.lambda_run_epochs` says otherwise.
+DEFAULT_LAMBDA_RUN_EPOCHS = 300.0
+
+
+# --- The optimizer and the schedules -------------------------------------------------------
+
+
+def sgd_pytorch(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: Any = 0.9,
+    weight_decay: Any = 5e-4,
+    clip: Any = 0.1,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """`torch.optim.SGD(lr, momentum, weight_decay)` preceded by element-wise gradient clipping.
+
+    Order as in the reference training script: clip each gradient element to [-clip, clip]
+    (`clip_gradient(optimizer, 0.1)`), add `weight_decay * param` to the gradient (PyTorch's
+    coupled weight decay, on every parameter), then heavy-ball momentum `buf = m * buf + g`
+    (the first step's buffer is g, as PyTorch's) and `param -= lr * buf`. None leaves a part
+    out; a clip <= 0 passes gradients as they are (values may be a replica's traced arrays).
+    """
+    parts = []
+    if clip is not None:
+        parts.append(_clip(clip))
+    if weight_decay is not None:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+    return optax.chain(*parts)
+
+
+def _clip(limit: Any) -> optax.GradientTransformation:
+    """`optax.clip(limit)` where `limit > 0`, identity elsewhere (`limit` may be traced)."""
+
+    def clip(updates, params=None):
+        del params
+        return jax.tree.map(lambda g: jnp.where(limit > 0, jnp.clip(g, -limit, limit), g), updates)
+
+    return optax.stateless(clip)
+
+
+def field(config: ml_collections.ConfigDict, path: str) -> Any:
+    """The value of dotted `path` (e.g. 'optimizer.learning_rate') in `config`."""
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _value(config, values: dict[str, Any] | None, name: str) -> Any:
+    """`values[name]` where given (a replica's traced values), else the config's field."""
+    return field(config, name) if values is None else values[name]
+
+
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, values: dict[str, Any] | None = None
+) -> optax.Schedule:
+    """The learning rate as a function of the global step (config: `optimizer` section).
+
+    - 'step' (the reference recipe): `lr * decay_rate ** ((epoch - decay_start) // decay_every)`
+      once `epoch > decay_start` (0-based epochs), else `lr`: 0.01, x0.9 every 5 epochs after 80.
+    - 'cosine': cosine decay to 0 over `num_epochs`, after `warmup_epochs` of linear warmup.
+    - 'constant'.
+    `values` (dotted names, e.g. a replica's traced ones) replace the config's rate and decay.
+    """
+    opt = config.optimizer
+    lr = _value(config, values, "optimizer.learning_rate")
+    if opt.schedule == "step":
+        decay_rate = _value(config, values, "optimizer.decay_rate")
+
+        def schedule(step):
+            epoch = step // steps_per_epoch
+            decays = jnp.where(
+                epoch > opt.decay_start_epoch,
+                (epoch - opt.decay_start_epoch) // opt.decay_every_epochs,
+                0,
+            )
+            return lr * jnp.asarray(decay_rate, jnp.float32) ** decays
+
+        return schedule
+    if opt.schedule == "cosine":
+        warmup = int(opt.warmup_epochs * steps_per_epoch)
+        total = config.num_epochs * steps_per_epoch
+        # Of peak 1, scaled: optax's schedule branches on its values, which may be traced.
+        unit = optax.warmup_cosine_decay_schedule(
+            0.0 if warmup else 1.0, 1.0, warmup, max(total, warmup + 1), end_value=0.0
+        )
+        return lambda step: lr * unit(step)
+    return optax.constant_schedule(lr)  # 'constant'
+
+
+def optimizer_parts(configs: list[ml_collections.ConfigDict]) -> dict[str, bool]:
+    """Which optional transformations the optimizer includes: gradient clipping, weight decay,
+    momentum, each where any of `configs` turns it on (several: replicas, whose values may then
+    differ without changing the optimizer state's structure)."""
+    opts = [c.optimizer for c in configs]
+    return {
+        "clip": any(o.grad_clip > 0 for o in opts),
+        "decay": any(o.weight_decay != 0 for o in opts),
+        "momentum": any(o.momentum != 0 for o in opts),
+    }
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    values: dict[str, Any] | None = None,
+    parts: dict[str, bool] | None = None,
+) -> optax.GradientTransformation:
+    """The optimizer of `config.optimizer.name` ('sgd': `sgd_pytorch`, or 'adamw').
+
+    `values` (a replica's, possibly traced) replace the config's scalars; `parts`
+    (`optimizer_parts`, default: of `config` alone) fixes the structure.
+    """
+    opt = config.optimizer
+    parts = parts or optimizer_parts([config])
+    schedule = learning_rate_schedule(config, steps_per_epoch, values)
+    clip = _value(config, values, "optimizer.grad_clip") if parts["clip"] else None
+    weight_decay = _value(config, values, "optimizer.weight_decay")
+    if opt.name == "sgd":
+        momentum = _value(config, values, "optimizer.momentum") if parts["momentum"] else None
+        return sgd_pytorch(
+            schedule,
+            momentum=momentum,
+            weight_decay=weight_decay if parts["decay"] else None,
+            clip=clip,
+        )
+    clips = [] if clip is None else [_clip(clip)]  # 'adamw'
+    return optax.chain(*clips, optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def lambda_schedule(
+    loss_config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    num_epochs: int | None = None,
+    values: dict[str, Any] | None = None,
+) -> Callable[[jax.Array], jax.Array]:
+    """A-Softmax's annealed lambda as a function of the global step (config: `loss` section).
+
+    `max(lambda_min, lambda_base * (1 + lambda_gamma * t) ** -lambda_power)` (SphereFace), with
+    t counted in optimizer steps (`lambda_per='step'`, as SphereFace and its PyTorch port), in
+    epochs (`'epoch'`, t = step / steps_per_epoch, fractional), or over the run's own length
+    (`'run'`, t = lambda_run_epochs * step / (num_epochs * steps_per_epoch): the per-epoch curve
+    of a `lambda_run_epochs`-epoch run compressed into this one, so a short run ends at the
+    lambda the long recipe ends at). `values` ('loss.lambda_base', ...: a replica's) replace
+    the section's constants.
+    """
+    c = loss_config
+    if c.lambda_per == "step":
+        per = 1.0
+    elif c.lambda_per == "epoch":
+        per = 1.0 / steps_per_epoch
+    else:  # 'run'
+        if not num_epochs:
+            raise ValueError("config.loss.lambda_per='run' needs the run's num_epochs")
+        run_epochs = c.get("lambda_run_epochs", DEFAULT_LAMBDA_RUN_EPOCHS)
+        per = run_epochs / (num_epochs * steps_per_epoch)
+    names = ("lambda_base", "lambda_gamma", "lambda_power", "lambda_min")
+    constants = [c[n] if values is None else values[f"loss.{n}"] for n in names]
+
+    def schedule(step: jax.Array) -> jax.Array:
+        return losses.sphereface_lambda(jnp.asarray(step, jnp.float32) * per, *constants)
+
+    return schedule
+
+
+# --- The train state -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recipe:
+    """What the step takes from the config besides the weights: the optimizer, the schedules,
+    A-Softmax's margin and the dropout rate. Built once for a run (`create_recipe`)."""
+
+    tx: optax.GradientTransformation
+    learning_rate: Callable[[jax.Array], jax.Array]
+    lam: Callable[[jax.Array], jax.Array]  # A-Softmax's lambda (`lambda_schedule`)
+    margin: int | jax.Array
+    dropout_rate: float | jax.Array
+
+
+def create_recipe(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Recipe:
+    """The `Recipe` of `config`, from its Python values."""
+    return Recipe(
+        tx=create_optimizer(config, steps_per_epoch),
+        learning_rate=learning_rate_schedule(config, steps_per_epoch),
+        lam=lambda_schedule(config.loss, steps_per_epoch, config.num_epochs),
+        margin=config.loss.margin,
+        dropout_rate=config.model.dropout_rate,
+    )
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step (the checkpoint's fields), and the
+    model's `apply_fn` and `recipe` (static: part of the compiled program).
+
+    `dropout_key` is the run's base key: step t uses `fold_in(dropout_key, t)` (and the device
+    index), so no key needs to be split and stored per step.
+    """
+
+    step: jax.Array  # () int32, global optimizer steps done
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    dropout_key: jax.Array  # (2,) uint32
+    # `config.ema_decay > 0`: {'params', 'batch_stats'}, their exponential moving average
+    # (`update_ema`), which evaluation uses (`ema_view`); else None.
+    ema: Any
+    apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
+    recipe: Recipe = flax.struct.field(pytree_node=False)
+
+
+def create_model(config: ml_collections.ConfigDict, *, axis_name: str | None = None) -> ResNet18:
+    """The network of `config.model`; `axis_name` enables cross-device BatchNorm."""
+    return model_from_config(
+        config.model,
+        bn_axis_name=axis_name if config.cross_device_bn else None,
+        dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+    )
+
+
+def init_fields(
+    config: ml_collections.ConfigDict, model: ResNet18, tx: optax.GradientTransformation
+) -> dict[str, Any]:
+    """The checkpointed fields of a fresh state from `config.seed`: random init (the paper)."""
+    # The 'rbg' generator compiles the ~100 initialisers several times faster than threefry on
+    # XLA:CPU; it is as deterministic for a given seed.
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(jax.random.key(config.seed, impl="rbg"), jnp.zeros((1, 44, 44, 1)))
+    params = variables["params"]
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "batch_stats": variables["batch_stats"],
+        "opt_state": tx.init(params),
+        "dropout_key": jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
+        "ema": start_ema(config, params, variables["batch_stats"]),
+    }
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model: ResNet18, steps_per_epoch: int
+) -> TrainState:
+    """Fresh state of `config`, its optimizer and schedules built once (`create_recipe`)."""
+    recipe = create_recipe(config, steps_per_epoch)
+    return TrainState(**init_fields(config, model, recipe.tx), apply_fn=model.apply, recipe=recipe)
+
+
+def start_ema(config: ml_collections.ConfigDict, params: Any, batch_stats: Any) -> Any:
+    """The moving average's start, a copy of the weights (None: `config.ema_decay` is 0)."""
+    if not config.get("ema_decay", 0.0):
+        return None
+    return jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
+
+
+def update_ema(state: TrainState, decay: float) -> Any:
+    """The average after a step: `ema <- d * ema + (1 - d) * new`, of the params and BatchNorm
+    statistics, with `d = min(decay, (1 + t) / (10 + t))` at step t (a short memory early on,
+    so an average from a random start does not linger there; timm's warm-up)."""
+    if state.ema is None:
+        return None
+    t = state.step.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+    new = {"params": state.params, "batch_stats": state.batch_stats}
+    return jax.tree.map(lambda e, x: d * e + (1.0 - d) * x, state.ema, new)
+
+
+def ema_view(state: TrainState) -> TrainState:
+    """`state` with the moving average in place of the weights and statistics, for evaluation
+    (as is, without an average)."""
+    if state.ema is None:
+        return state
+    return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
+
+
+# --- The steps -----------------------------------------------------------------------------
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    config: ml_collections.ConfigDict,
+    axis_name: str | None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on `{'image': (B, 44, 44, 1) float32, 'label': (B,) int32}`.
+
+    Under data parallelism B is the per-device batch; gradients and metrics are averaged over
+    `axis_name`, and BatchNorm statistics too when they are not already global.
+    """
+    recipe = state.recipe
+    dropout_key = jax.random.fold_in(state.dropout_key, state.step)
+    if axis_name is not None:
+        dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
+    labels = batch["label"]
+    lam = recipe.lam(state.step)
+    (dropout_rate,) = losses.run_time(recipe.dropout_rate)  # as the margin: not folded
+
+    def loss_fn(params):
+        (logits, features), mutated = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            return_features=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_key},
+            dropout_rate=dropout_rate,
+        )
+        if config.model.head == "a_softmax":
+            kernel = params["linear"]["kernel"]
+            loss = losses.a_softmax_loss(features, kernel, labels, margin=recipe.margin, lam=lam)
+        else:
+            loss = losses.softmax_cross_entropy(logits, labels)
+        return loss, (logits, features, mutated["batch_stats"])
+
+    (loss, (logits, features, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    metrics = {  # the training metrics, named here only: `metrics.train_summaries` averages each
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        # Mean |x| of the classifier's input: A-Softmax's failure mode is driving it to 0
+        # (logits -> 0, loss -> log K, the final ReLUs dead), which this makes visible.
+        "feature_norm": jnp.mean(losses.feature_norm(features.astype(jnp.float32))),
+    }
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+        metrics = jax.lax.pmean(metrics, axis_name)
+        if not config.cross_device_bn:
+            batch_stats = jax.lax.pmean(batch_stats, axis_name)
+    updates, opt_state = recipe.tx.update(grads, state.opt_state, state.params)
+    metrics["learning_rate"] = recipe.learning_rate(state.step)
+    metrics["lambda"] = lam
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    new_state = new_state.replace(ema=update_ema(new_state, config.get("ema_decay", 0.0)))
+    return new_state, metrics
+
+
+def tencrop_logits(state: TrainState, images: jax.Array) -> jax.Array:
+    """`(B, crops, 44, 44, 1)` -> `(B, classes)` logits, each the mean of its crops' (ten, or
+    the centre one)."""
+    b, crops = images.shape[:2]
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        images.reshape((b * crops,) + images.shape[2:]),
+        train=False,
+    )
+    return logits.reshape(b, crops, -1).mean(axis=1)
+
+
+def eval_step(
+    state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None
+) -> EvalMetrics:
+    """Evaluation of `{'image': (B, crops, 44, 44, 1), 'label': (B,), 'mask': (B,)}`.
+
+    The logits of each image's crops (ten, or the centre one) are averaged. Returns the
+    batch's `EvalMetrics`, summed over devices.
+    """
+    logits = tencrop_logits(state, batch["image"])
+    out = eval_metrics(logits, batch["label"], batch["mask"])
+    if axis_name is not None:
+        out = jax.lax.psum(out, axis_name)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class OneModel:
+    """The model the steps train: one (`replicas.Replicas`: K in one program)."""
+
+    config: ml_collections.ConfigDict
+    count: int = 1
+
+    def create_state(self, model: ResNet18, steps_per_epoch: int) -> TrainState:
+        return create_train_state(self.config, model, steps_per_epoch)
+
+    def train_step(self) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+        """`step(state, batch, *, axis_name) -> (state, metrics)`."""
+        return functools.partial(train_step, config=self.config)
+
+    def eval_step(self) -> Callable[..., Any]:
+        """`step(state, batch, *, axis_name) -> summed metrics`."""
+        return eval_step
+
+    def gather(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn(plan_row) -> batch` for the plan rows of `epoch_plan`."""
+        return fn
+
+    def epoch_plan(self, plan_of: Callable[[int], dict[str, np.ndarray]]):
+        """The epoch's plan (`plan_of(seed)`: `data_pipelines.plan.epoch_plan`'s)."""
+        return plan_of(self.config.seed)
+
+    def batches(self, stream_of: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
+        """The training batches of a pipeline (`stream_of(seed)`: tf.data's)."""
+        return stream_of(self.config.seed)
+
+
+# --- Compiling for one device --------------------------------------------------------------
+
+
+class Compiled:
+    """A jitted (or pmapped) function compiled ahead of time once per argument shape.
+
+    Calls compile explicitly (`lower(...).compile()`), so `compile_seconds` is the time spent
+    compiling (all shapes so far), kept apart from the time spent running.
+    """
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.compile_seconds = 0.0
+        self._compiled: dict[Any, Any] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        leaves, treedef = jax.tree.flatten(args)
+        key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            start = time.perf_counter()
+            compiled = self.fn.lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - start
+            self._compiled[key] = compiled
+        return compiled(*args)
+
+
+class OneDevice:
+    """Step functions compiled for one device, and their arrays placed there
+    (`parallel.DataParallel`: the same for several)."""
+
+    axis_name = None
+    num_devices = 1
+
+    def __init__(self, device: jax.Device | None = None):
+        self.devices = [device or jax.devices()[0]]
+
+    def compile(self, step: Callable[..., Any], *, donate_state: bool = True, **_: Any) -> Compiled:
+        """`step(state, *data, *, axis_name)` -> compiled `fn(state, *data)`, donating the
+        state; on CPU with Eigen convolutions (`fer_jax.model.conv.cpu_compiler_options`)."""
+        options = conv.cpu_compiler_options(self.devices[0].platform)
+        fn = functools.partial(step, axis_name=None)
+        donate = (0,) if donate_state else ()
+        return Compiled(jax.jit(fn, donate_argnums=donate, compiler_options=options))
+
+    def replicate(self, tree: Any) -> Any:
+        """A fresh device copy of a host or device pytree (the step donates its state)."""
+        return jax.device_put(jax.device_get(tree), self.devices[0])
+
+    def unreplicate(self, tree: Any) -> Any:
+        return jax.device_get(tree)
+
+    def place(self, tree: Any, split_axis: int | None) -> Any:
+        del split_axis  # one device holds it all
+        return jax.device_put(tree, self.devices[0])
