@@ -22,8 +22,8 @@ the forward. Remedies, usable together:
   (``"auto:bf16"``) it runs at the bf16 multiply rate (2x float32's with AVX512-BF16): taken
   there for layers 3-4 (11x11x256, 6x6x512), where XLA's float32 convolutions ran before.
 - ``jax.jit(step, compiler_options=cpu_compiler_options())``: XLA:CPU convolutions by Eigen
-  instead of YNNPACK (all shapes, forward and both gradients); the Trainer's steps and the
-  recognizer compile with it.
+  instead of YNNPACK (all shapes, forward and both gradients); the training steps
+  (``fer_jax.training.step.OneDevice``) and the recognizer compile with it.
 
 All impls agree to float32 rounding. Padding is symmetric and explicit, ``((p, p), (p, p))``,
 matching PyTorch ``F.conv2d(stride=s, padding=p)`` (also at stride 2 on even sizes, where XLA's
