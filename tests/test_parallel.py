@@ -27,7 +27,6 @@ SCRIPT = textwrap.dedent(
     from fer_jax.training import device_input, synthetic_data
     from fer_jax.training.parallel import DataParallel
     from fer_jax.training.step import create_model, create_train_state, train_step
-    from fer_jax.training.tf_data_input import device_major
 
     # Random pixels and one step: CBAM's max pooling routes its gradient to one arg-max, a
     # discontinuous choice (as in PyTorch). Near-ties (many in the synthetic bands) let float32
@@ -53,7 +52,7 @@ SCRIPT = textwrap.dedent(
             s, b, config=config, axis_name=axis_name))
         ds = data_pipelines.train_dataset_from_arrays(
             data["image"], data["label"], batch_size=16, seed=0, num_epochs=1,
-            num_devices=device_major(parallel))
+            num_devices=parallel.batch_shape_devices)
         for batch in ds.take(1).as_numpy_iterator():
             state, metrics = step(state, parallel.shard_batch(batch))
         host = parallel.unreplicate(state)

@@ -46,6 +46,11 @@ class DataParallel(OneDevice):
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self.axis_name = AXIS if self.num_devices > 1 else None
 
+    @property
+    def batch_shape_devices(self) -> int | None:
+        """The input pipelines' `num_devices`: device-major batches for pmap over several."""
+        return self.num_devices if self.mode == "pmap" and self.num_devices > 1 else None
+
     def compile(
         self,
         step: Callable[..., Any],

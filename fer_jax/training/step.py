@@ -468,6 +468,8 @@ class OneDevice:
 
     axis_name = None
     num_devices = 1
+    # The input pipelines' `num_devices`: None, plain `(B, ...)` batches.
+    batch_shape_devices: int | None = None
 
     def __init__(self, device: jax.Device | None = None):
         self.devices = [device or jax.devices()[0]]
@@ -490,3 +492,7 @@ class OneDevice:
     def place(self, tree: Any, split_axis: int | None) -> Any:
         del split_axis  # one device holds it all
         return jax.device_put(tree, self.devices[0])
+
+    def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A pipeline's host batch -> device arrays, as the compiled steps take it."""
+        return self.place(batch, 0)

@@ -15,19 +15,14 @@ from fer_jax.training.device_input import DeviceInput, TrainCall, augmentation
 from fer_jax.training.step import OneDevice, TrainState, ema_view
 
 
-def device_major(devices: OneDevice) -> int | None:
-    """The pipelines' `num_devices`: device-major batches for `pmap` over several devices."""
-    mode = getattr(devices, "mode", None)
-    return devices.num_devices if mode == "pmap" and devices.num_devices > 1 else None
-
-
 def prefetch(devices: OneDevice, batches: Iterator[Any], split_axis: int, size: int = 2):
     """Puts the next `size` batches on the devices ahead of use (transfers overlap compute),
-    split along `split_axis` (pipeline batches: 0, already device-major under pmap)."""
-    shard = getattr(devices, "shard_batch", None)
+    split along `split_axis` (pipeline batches: 0, `shard_batch`)."""
     queue: list[Any] = []
     for batch in batches:
-        on_device = shard(batch) if split_axis == 0 and shard else devices.place(batch, split_axis)
+        on_device = (
+            devices.shard_batch(batch) if split_axis == 0 else devices.place(batch, split_axis)
+        )
         queue.append(on_device)
         if len(queue) > size:
             yield queue.pop(0)
@@ -74,7 +69,7 @@ class TfDataInput(DeviceInput):
         if None not in self._train_fns:
             self._train_fns[None] = self.devices.compile(step, split_axes=(axis,))
         fn = self._train_fns[None]
-        num_devices = device_major(self.devices) if axis == 0 else None
+        num_devices = self.devices.batch_shape_devices if axis == 0 else None
         batches = self.models.batches(lambda seed: pipeline(seed, num_devices).as_numpy_iterator())
         for batch in prefetch(self.devices, batches, axis):
             yield 1, lambda s, b=batch: fn(s, b)
@@ -89,7 +84,7 @@ class TfDataInput(DeviceInput):
             images,
             labels,
             batch_size=self.config.eval_batch_size,
-            num_devices=device_major(self.devices),
+            num_devices=self.devices.batch_shape_devices,
             normalize=self.config.normalize,
             crops="ten" if crops == NUM_CROPS else "centre",
         )
