@@ -92,10 +92,9 @@ def scores(
     from experiments.ema_effect import score
     from fer_jax.inference.prior_adjustment import adjust
 
-    k = probabilities.shape[-1]
-    out = {"own": score(probabilities, labels, k)}
+    out = {"own": score(probabilities, labels)}
     if offsets is not None:
-        out["adjusted"] = score(adjust(probabilities, offsets), labels, k)
+        out["adjusted"] = score(adjust(probabilities, offsets), labels)
     return out
 
 

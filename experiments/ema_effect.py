@@ -40,15 +40,17 @@ def restore(run: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
     return meta["step"], {"raw": raw, "ema": ema}, meta
 
 
-def score(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """Accuracy, mean per-class recall and per-class recall of `(N, K)` probabilities."""
-    predicted = probabilities.argmax(axis=1)
-    recall = [float((predicted[labels == c] == c).mean()) for c in range(num_classes)]
+def score(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Accuracy, mean per-class recall and per-class recall of `(N, K)` probabilities
+    (`prior_adjustment.recalls`)."""
+    from fer_jax.inference.prior_adjustment import recalls
+
+    accuracy, recall = recalls(probabilities, labels)
     return {
-        "accuracy": float((predicted == labels).mean()),
+        "accuracy": accuracy,
         "mean_class_accuracy": float(np.mean(recall)),
-        "per_class_accuracy": recall,
-        "num_examples": int(labels.size),
+        "per_class_accuracy": [float(r) for r in recall],
+        "num_examples": int(np.size(labels)),
     }
 
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             recognizer = Recognizer(model, variables, crops=crops, matmul_dtype="float32")
             for split in SPLITS:
                 faces, labels = data[split]["image"][..., 0], data[split]["label"]
-                metrics = score(recognizer.predict_faces(faces), labels, len(CLASS_NAMES))
+                metrics = score(recognizer.predict_faces(faces), labels)
                 results[f"{kind}/{split}/{crops}"] = metrics
                 print(
                     f"{kind} {split} crops={crops}: {100 * metrics['accuracy']:.2f}% "

@@ -12,7 +12,7 @@ def test_score_is_accuracy_and_recall_per_class():
     labels = np.array([0, 0, 0, 1, 2, 2])
     predicted = np.array([0, 0, 1, 1, 0, 2])
     probabilities = np.eye(3)[predicted]
-    scores = ema_effect.score(probabilities, labels, 3)
+    scores = ema_effect.score(probabilities, labels)
     assert scores["accuracy"] == pytest.approx(4 / 6)
     assert scores["per_class_accuracy"] == pytest.approx([2 / 3, 1.0, 0.5])
     assert scores["mean_class_accuracy"] == pytest.approx((2 / 3 + 1.0 + 0.5) / 3)
