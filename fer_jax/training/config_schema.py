@@ -269,21 +269,13 @@ def schemas() -> tuple[Section, Section]:
 
 
 def field_paths(config: Any, prefix: str = "config") -> Iterator[str]:
-    """Every field and section of `config` as a dotted path, e.g. `config.model.cbam`."""
+    """Every field and section of a config or a `Schema` as a dotted path (`config.model.cbam`)."""
     for key in config.keys():
         path = f"{prefix}.{key}"
         yield path
-        if _section(config[key]):
-            yield from field_paths(config[key], path)
-
-
-def schema_paths(schema: Schema, prefix: str = "config") -> Iterator[str]:
-    """Every field and section of `schema` as a dotted path."""
-    for key, rule in schema.items():
-        path = f"{prefix}.{key}"
-        yield path
-        if isinstance(rule, Section):
-            yield from schema_paths(rule.fields, path)
+        value = config[key].fields if isinstance(config[key], Section) else config[key]
+        if _section(value):
+            yield from field_paths(value, path)
 
 
 def closest(path: str, known: Sequence[str]) -> str:
@@ -339,7 +331,7 @@ def _split_names(config: Any) -> tuple[str, ...]:
     return files.SPLITS[config["dataset"]]
 
 
-def _check_data(config: Any, path: str, data_source: str) -> None:
+def _check_data(config: Any, path: str) -> None:
     """The dataset's fields fit together: a synthetic dataset has sizes. (Whether the data is
     there, in `manual_dir` or a built TFDS dataset, is `fer_jax.training.data_check`'s to say.)"""
     if config["dataset"] == "synthetic" and "synthetic" not in config:
@@ -410,10 +402,10 @@ def validate(config: Any) -> None:
     """
     training, cv = schemas()
     schema = (cv if "folds" in config else training).fields
-    known = sorted(schema_paths(schema))
+    known = sorted(field_paths(schema))
     _check_section(config, schema, "config", known)
     _check_replicas(config, "config", schema)
-    _check_data(config, "config", config["data_source"])
+    _check_data(config, "config")
     if schema is training.fields:
         _check_splits(config, "config")
         if config.get("cross_validate", False):
@@ -423,10 +415,7 @@ def validate(config: Any) -> None:
                 )
             # The CV stage reads its data as the parent run does (cross_validate.py).
             _check_replicas(config["jaffe"], "config.jaffe", cv.fields)
-            _check_data(config["jaffe"], "config.jaffe", config["data_source"])
-
-
-MODES = ("train", "evaluate", "cross_validate")  # fer_jax.main --mode
+            _check_data(config["jaffe"], "config.jaffe")
 
 
 def check_mode(config: Any, mode: str, split: str | None = None) -> None:
