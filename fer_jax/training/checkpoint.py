@@ -15,14 +15,10 @@ leading axis K on every leaf) with `meta['replicas'] = K`. Their best checkpoint
 as it was at its own best select-split accuracy (`meta['select_accuracy']`, `['replica_steps']`,
 `['replica_epochs']`: lists of K); `chosen_replica` is the one that scored best there.
 
-Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
-process killed at any moment leaves either a whole checkpoint or none; an unreadable one is
-reported and skipped.
-
-Multi-process runs (`jax.distributed`): every process calls the same saves and restores with
-the same host state; Orbax writes each checkpoint once, from process 0, into the workdir that
-all processes share (`prepare_workdir` checks that they do), and every restore checks that
-all processes got the same checkpoint.
+Orbax writes a checkpoint to a temporary directory and renames it when complete (a killed
+process leaves a whole checkpoint or none); an unreadable one is reported and skipped. With
+several processes Orbax writes from process 0 into the workdir all share (`prepare_workdir`
+checks that they do), and every restore checks that all got the same checkpoint.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """What each config field may hold, checked once before a run does any work.
 
 `validate(config)` checks every field of a training config (`configs/fer2013.py`,
-`configs/synthetic.py`) or a cross-validation config (`configs/jaffe.py`, and the `jaffe`
-section of a training config) for its type and its range or set of choices, then the few rules
-that tie fields together (a replica's overrides are held to their fields' own rules), and
-raises `UserError` with one line naming the field (its full dotted path), the value and what
-is allowed. A field that is not in the schema names the closest known one. The choices come
-from the code that uses them (`fer_jax.training.step`, `fer_jax.training.replicas`,
-`fer_jax.training.parallel`, `fer_jax.model.losses`, `fer_jax.model.resnet`, ...), imported on
-first use; that code does not check them again. `check_mode` checks that the config suits
-`fer_jax.main --mode`, and `unknown_override` (`unknown_override_in_file`: against the config
-file loaded again) turns ml_collections' error for a `--config.FIELD=...` that names no field
+`configs/synthetic.py`) or a cross-validation config (`configs/jaffe.py`, the `jaffe` section)
+for type and range or choices, then the rules that tie fields together, and raises `UserError`
+with one line naming the field's dotted path, its value and what is allowed (an unknown field:
+the closest known one). The choices are the constants of the code that uses them, which does
+not check them again. `check_mode` checks the config against `fer_jax.main --mode`;
+`unknown_override` turns ml_collections' error for a `--config.FIELD=...` that names no field
 into the same kind of line.
 """
 
