@@ -125,10 +125,6 @@ def _within(value: float, low: float | None, high: float | None) -> bool:
     return (low is None or value >= low) and (high is None or value <= high)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _normalize_ok(v: Any) -> bool:
     if isinstance(v, str):
         return v in NORMALIZE
@@ -197,13 +193,14 @@ def schemas() -> tuple[Section, Section]:
         "private_test": integer(0),
         "noise": number(0),
     }
+    seed = integer(0, MAX_SEED)
     run: Schema = {
-        "seed": integer(0, MAX_SEED),
+        "seed": seed,
         "replicas": integer(1, required=False),
         "replica_seeds": Rule(
             (list, tuple),
             f"a list of integers from 0 to {MAX_SEED}, one per replica, or none",
-            lambda v: all(_is_int(s) and 0 <= s <= MAX_SEED for s in v),
+            lambda v: all(seed.type_ok(s) and seed.ok(s) for s in v),
             required=False,
         ),
         "replica_overrides": Rule(
