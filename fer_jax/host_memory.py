@@ -1,26 +1,16 @@
 """Keep XLA:CPU's per-step scratch memory mapped between steps, instead of faulting it in anew.
 
-XLA:CPU allocates each execution's temporary buffer with ``malloc`` and frees it when the
-execution ends: 626 MB for the full-width train step at batch 64. glibc serves an allocation
-that large (above its mmap threshold, at most 32 MB) with a fresh ``mmap`` and returns it with
-``munmap``, so every step page-faults its whole scratch in again: 161,000 minor faults and
-0.27 s of system time per step (2-core AMD EPYC; the step takes ~1.5 s of wall time).
-
-:func:`reuse_scratch_memory` stops that, for a process that runs JAX on the CPU:
-
-- ``jax_cpu_enable_async_dispatch`` off, so executions run on the calling (main) thread and
-  their scratch comes from glibc's main heap (with asynchronous dispatch they run on a worker
-  thread, whose arena maps memory that large directly whatever the settings below say). A
-  training step takes ~1 s on a CPU, so nothing is lost by not dispatching ahead.
-- ``mallopt(M_MMAP_MAX, 0)``: large allocations come from the heap, and
-  ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)``: freed memory at the heap's top stays mapped, so the
-  next step reuses the same pages. The process keeps its peak heap until it exits.
-
-Measured (the train step, batch 64, full width, 2-core AMD EPYC): 161,000 -> ~850 faults per
-step, system time 0.27 -> 0.015 s per step; side by side in ``experiments/benchmark``
-(``+fresh_scratch`` is without it) 35.0 -> 41.8 images/s. It is what ``python -m fer_jax.main``
-does; call it before the first JAX computation (the dispatch setting takes effect when JAX
-creates its CPU client). Elsewhere (another backend, another C library) it changes nothing.
+XLA:CPU `malloc`s each execution's scratch buffer (626 MB for the full-width train step at batch
+64) and frees it after; glibc serves that size with a fresh `mmap`, so every step page-faults it
+in again (161,000 minor faults, 0.27 s of system time per ~1.5 s step on a 2-core AMD EPYC).
+`reuse_scratch_memory` turns off `jax_cpu_enable_async_dispatch` (executions then run on the
+main thread and allocate from glibc's main heap, not a worker arena that maps large blocks
+directly; nothing is lost at ~1 s a step) and sets `mallopt(M_MMAP_MAX, 0)` and
+`M_TRIM_THRESHOLD` to 2 GiB - 1, so freed scratch stays mapped for the next step (the process
+keeps its peak heap). Measured: ~850 faults and 0.015 s of system time per step, 35.0 -> 41.8
+images/s (`experiments/benchmark`, `+fresh_scratch` without it). `python -m fer_jax.main` calls
+it before the first JAX computation (the dispatch setting is read when the CPU client is made);
+elsewhere (another backend or C library) it changes nothing.
 """
 
 from __future__ import annotations

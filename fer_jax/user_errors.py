@@ -49,13 +49,6 @@ def verbose(argv: Sequence[str] | None = None) -> bool:
     )
 
 
-def _path_message(error: OSError) -> str:
-    """`path: reason` for an OSError that names its file, else its own message."""
-    if error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror}"
-    return str(error)
-
-
 def _module_class(module: str, name: str) -> type | None:
     """`module.name` if `module` is already imported (its exceptions cannot occur otherwise)."""
     return getattr(sys.modules.get(module), name, None)
@@ -63,13 +56,12 @@ def _module_class(module: str, name: str) -> type | None:
 
 def user_message(error: BaseException) -> str | None:
     """The message to print for `error` if the user's input caused it, else None (a bug)."""
-    if isinstance(error, UserError | DataError):
-        return str(error)
-    if isinstance(
-        error, FileNotFoundError | PermissionError | NotADirectoryError | IsADirectoryError
-    ):
-        return _path_message(error)
+    if isinstance(error, PATH_ERRORS) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"  # `path: reason`
     user_types = [
+        UserError,
+        DataError,
+        *PATH_ERRORS,
         _module_class("fer_jax.training.checkpoint", "CheckpointError"),
         _module_class("absl.flags", "Error"),
     ]
@@ -86,11 +78,6 @@ def user_message(error: BaseException) -> str | None:
     return None
 
 
-def format_error(message: str) -> str:
-    """`error: <message>` and a newline; lines after the first are printed as they are."""
-    return f"error: {message.strip()}\n"
-
-
 def report(error: BaseException, argv: Sequence[str] | None = None) -> int | None:
     """Prints a user error (with its traceback if `verbose(argv)`) and returns the exit status
     2; returns None, printing nothing, if `error` is not a user error."""
@@ -100,7 +87,7 @@ def report(error: BaseException, argv: Sequence[str] | None = None) -> int | Non
     if verbose(argv):
         traceback.print_exception(error)
     sys.stdout.flush()
-    sys.stderr.write(format_error(message))
+    sys.stderr.write(f"error: {message.strip()}\n")  # lines after the first as they are
     sys.stderr.flush()
     return EXIT_USER_ERROR
 

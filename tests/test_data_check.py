@@ -234,7 +234,7 @@ def test_describe_a_workdir_to_resume_refuses_a_changed_recipe_or_a_busy_one(fer
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}
     (workdir / ".lock").write_text(json.dumps(holder))
     message = _error(data_check.describe, config, "train", str(workdir), allow_config_changes=True)
-    assert message.startswith(f"workdir {workdir} is locked by process {os.getpid()}")
+    assert message.startswith(f"workdir {workdir} is in use by process {os.getpid()}")
 
 
 # The command line. TensorFlow is blocked where the data source is 'files': it must not need it.

@@ -15,14 +15,10 @@ leading axis K on every leaf) with `meta['replicas'] = K`. Their best checkpoint
 as it was at its own best select-split accuracy (`meta['select_accuracy']`, `['replica_steps']`,
 `['replica_epochs']`: lists of K); `chosen_replica` is the one that scored best there.
 
-Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
-process killed at any moment leaves either a whole checkpoint or none; an unreadable one is
-reported and skipped.
-
-Multi-process runs (`jax.distributed`): every process calls the same saves and restores with
-the same host state; Orbax writes each checkpoint once, from process 0, into the workdir that
-all processes share (`prepare_workdir` checks that they do), and every restore checks that
-all processes got the same checkpoint.
+Orbax writes a checkpoint to a temporary directory and renames it when complete (a killed
+process leaves a whole checkpoint or none); an unreadable one is reported and skipped. With
+several processes Orbax writes from process 0 into the workdir all share (`prepare_workdir`
+checks that they do), and every restore checks that all got the same checkpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ import dataclasses
 import os
 import secrets
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -150,13 +146,8 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 
 def _from_tree(template: Any, tree: Mapping[str, Any], source: str) -> Any:
-    template_tree = _to_tree(template)
-    _check_compatible(template_tree, dict(tree), source)
-    fields = {
-        k: serialization.from_state_dict(getattr(template, k), jax.device_get(tree[k]))
-        for k in _fields(template)
-    }
-    return template.replace(**fields)
+    fields = {k: getattr(template, k) for k in _fields(template)}
+    return template.replace(**_from_tree_part(fields, jax.device_get(dict(tree)), source))
 
 
 def replica_count(meta: Mapping[str, Any]) -> int:
@@ -176,21 +167,13 @@ def replica_selections(restored: Restored) -> list[dict[str, Any]]:
     """Per replica of a (best) checkpoint: `selected_step`, `selected_epoch`, `select_accuracy`
     (None where it was not selected on an evaluation)."""
     meta, k = restored.meta, replica_count(restored.meta)
-    if k == 1:
-        return [
-            {
-                "selected_step": restored.step,
-                "selected_epoch": meta.get("epoch"),
-                "select_accuracy": meta.get("select_accuracy"),
-            }
-        ]
-    none = [None] * k
+    selected = meta.get("select_accuracy")  # a list of K, or (K = 1) a number
     return [
         {"selected_step": step, "selected_epoch": epoch, "select_accuracy": accuracy}
         for step, epoch, accuracy in zip(
             meta.get("replica_steps", [restored.step] * k),
             meta.get("replica_epochs", [meta.get("epoch")] * k),
-            meta.get("select_accuracy") or none,
+            [selected] if k == 1 else selected or [None] * k,
             strict=True,
         )
     ]
@@ -233,21 +216,35 @@ def _restore_step(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict
     return restored["state"], dict(restored["meta"])
 
 
-def _restore_newest(
-    manager: ocp.CheckpointManager, template: Any, model_config, label: str, replicas: int = 0
-):
-    """Newest readable checkpoint of `manager`, skipping (and reporting) unreadable ones;
-    `replicas` > 0: it must hold that many replicas."""
-    for step in sorted(manager.all_steps(), reverse=True):
-        source = f"{label} checkpoint {os.path.join(str(manager.directory), str(step))}"
+def _readable(
+    manager: ocp.CheckpointManager, steps: list[int] | None = None
+) -> Iterator[tuple[int, dict, dict, str]]:
+    """`(step, state tree, meta, its directory)` of each readable checkpoint of `steps`
+    (default: all, newest first); an unreadable one is logged and skipped."""
+    for step in sorted(manager.all_steps(), reverse=True) if steps is None else steps:
+        path = os.path.join(str(manager.directory), str(step))
         try:
             tree, meta = _restore_step(manager, step)
         except Exception as e:  # noqa: BLE001 - any read failure means: try the previous one
-            logging.error(
-                "%s is unreadable (%s: %s); trying the previous one.", source, type(e).__name__, e
-            )
+            error = f"{type(e).__name__}: {e}"
+            logging.error("checkpoint %s is unreadable (%s); trying the previous one.", path, error)
             continue
-        _check_model(meta, model_config, source)
+        yield step, tree, meta, path
+
+
+def _restore_newest(
+    manager: ocp.CheckpointManager,
+    template: Any,
+    label: str,
+    model_config: Mapping[str, Any] | None = None,
+    replicas: int = 0,
+) -> Restored | None:
+    """Newest readable checkpoint of `manager` as a state like `template`; `model_config`:
+    its model must be that; `replicas` > 0: it must hold that many replicas."""
+    for step, tree, meta, path in _readable(manager):
+        source = f"{label} checkpoint {path}"
+        if model_config is not None:
+            _check_model(meta, model_config, source)
         if replicas and replica_count(meta) != replicas:
             raise CheckpointError(
                 f"{source} holds {replica_count(meta)} replica(s) and config.replicas is "
@@ -339,7 +336,7 @@ class Checkpoints:
     def restore_latest(self, template: Any) -> Restored | None:
         """The newest readable checkpoint as a host state like `template`, or None."""
         restored = _restore_newest(
-            self.latest, template, self.model_config, "latest", self.replicas
+            self.latest, template, "latest", self.model_config, self.replicas
         )
         step = None if restored is None else restored.step
         _check_same_checkpoint(0, step, f"{self.latest.directory} (resuming)")
@@ -360,8 +357,7 @@ def restore_best_or_latest(workdir: str, template: Any) -> Restored:
             continue
         manager = _manager(directory, 1_000_000)
         try:
-            model_config = _read_any_meta(manager).get("model", {})
-            restored = _restore_newest(manager, template, model_config, sub)
+            restored = _restore_newest(manager, template, sub)
         finally:
             manager.close()
         if restored is not None:
@@ -371,15 +367,6 @@ def restore_best_or_latest(workdir: str, template: Any) -> Restored:
     if restored is None:
         raise CheckpointError(f"no readable checkpoint in {workdir}")
     return restored
-
-
-def _read_any_meta(manager: ocp.CheckpointManager) -> dict[str, Any]:
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            return _restore_step(manager, step)[1]
-        except Exception:  # noqa: BLE001, S112
-            continue
-    return {}
 
 
 def _resolve(path: str) -> tuple[ocp.CheckpointManager, int | None]:
@@ -417,32 +404,20 @@ def load_variables(
     if pretrained.is_reference(path):
         return pretrained.load_as_checkpoint(path)
     manager, step = _resolve(path)
-    found = None
     try:
-        steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-        for s in steps:
-            source = os.path.join(str(manager.directory), str(s))
-            try:
-                tree, meta = _restore_step(manager, s)
-            except Exception as e:  # noqa: BLE001
-                logging.error(
-                    "checkpoint %s is unreadable (%s); trying the previous one.", source, e
-                )
-                continue
-            if EMA_FIELD in tree and average:
-                tree, meta = tree[EMA_FIELD], {**meta, "ema": True}
-            elif EMA_FIELD in tree:
-                meta = {**meta, "has_ema": True}
-            variables = {k: jax.device_get(tree[k]) for k in ("params", "batch_stats")}
-            found = (s, (variables, meta, source))
-            break
+        found = next(_readable(manager, None if step is None else [step]), None)
     finally:
         manager.close()
     kind = int(os.path.basename(os.path.normpath(str(manager.directory))) == "best")
     _check_same_checkpoint(kind, None if found is None else found[0], path)
     if found is None:
         raise CheckpointError(f"no readable checkpoint at {path}")
-    return found[1]
+    _, tree, meta, source = found
+    if EMA_FIELD in tree and average:
+        tree, meta = tree[EMA_FIELD], {**meta, "ema": True}
+    elif EMA_FIELD in tree:
+        meta = {**meta, "has_ema": True}
+    return {k: jax.device_get(tree[k]) for k in ("params", "batch_stats")}, meta, source
 
 
 def take_replica(

@@ -1,16 +1,12 @@
 """What each config field may hold, checked once before a run does any work.
 
 `validate(config)` checks every field of a training config (`configs/fer2013.py`,
-`configs/synthetic.py`) or a cross-validation config (`configs/jaffe.py`, and the `jaffe`
-section of a training config) for its type and its range or set of choices, then the few rules
-that tie fields together (a replica's overrides are held to their fields' own rules), and
-raises `UserError` with one line naming the field (its full dotted path), the value and what
-is allowed. A field that is not in the schema names the closest known one. The choices come
-from the code that uses them (`fer_jax.training.step`, `fer_jax.training.replicas`,
-`fer_jax.training.parallel`, `fer_jax.model.losses`, `fer_jax.model.resnet`, ...), imported on
-first use; that code does not check them again. `check_mode` checks that the config suits
-`fer_jax.main --mode`, and `unknown_override` (`unknown_override_in_file`: against the config
-file loaded again) turns ml_collections' error for a `--config.FIELD=...` that names no field
+`configs/synthetic.py`) or a cross-validation config (`configs/jaffe.py`, the `jaffe` section)
+for type and range or choices, then the rules that tie fields together, and raises `UserError`
+with one line naming the field's dotted path, its value and what is allowed (an unknown field:
+the closest known one). The choices are the constants of the code that uses them, which does
+not check them again. `check_mode` checks the config against `fer_jax.main --mode`;
+`unknown_override` turns ml_collections' error for a `--config.FIELD=...` that names no field
 into the same kind of line.
 """
 
@@ -129,10 +125,6 @@ def _within(value: float, low: float | None, high: float | None) -> bool:
     return (low is None or value >= low) and (high is None or value <= high)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _normalize_ok(v: Any) -> bool:
     if isinstance(v, str):
         return v in NORMALIZE
@@ -201,13 +193,14 @@ def schemas() -> tuple[Section, Section]:
         "private_test": integer(0),
         "noise": number(0),
     }
+    seed = integer(0, MAX_SEED)
     run: Schema = {
-        "seed": integer(0, MAX_SEED),
+        "seed": seed,
         "replicas": integer(1, required=False),
         "replica_seeds": Rule(
             (list, tuple),
             f"a list of integers from 0 to {MAX_SEED}, one per replica, or none",
-            lambda v: all(_is_int(s) and 0 <= s <= MAX_SEED for s in v),
+            lambda v: all(seed.type_ok(s) and seed.ok(s) for s in v),
             required=False,
         ),
         "replica_overrides": Rule(
@@ -269,21 +262,13 @@ def schemas() -> tuple[Section, Section]:
 
 
 def field_paths(config: Any, prefix: str = "config") -> Iterator[str]:
-    """Every field and section of `config` as a dotted path, e.g. `config.model.cbam`."""
+    """Every field and section of a config or a `Schema` as a dotted path (`config.model.cbam`)."""
     for key in config.keys():
         path = f"{prefix}.{key}"
         yield path
-        if _section(config[key]):
-            yield from field_paths(config[key], path)
-
-
-def schema_paths(schema: Schema, prefix: str = "config") -> Iterator[str]:
-    """Every field and section of `schema` as a dotted path."""
-    for key, rule in schema.items():
-        path = f"{prefix}.{key}"
-        yield path
-        if isinstance(rule, Section):
-            yield from schema_paths(rule.fields, path)
+        value = config[key].fields if isinstance(config[key], Section) else config[key]
+        if _section(value):
+            yield from field_paths(value, path)
 
 
 def closest(path: str, known: Sequence[str]) -> str:
@@ -339,7 +324,7 @@ def _split_names(config: Any) -> tuple[str, ...]:
     return files.SPLITS[config["dataset"]]
 
 
-def _check_data(config: Any, path: str, data_source: str) -> None:
+def _check_data(config: Any, path: str) -> None:
     """The dataset's fields fit together: a synthetic dataset has sizes. (Whether the data is
     there, in `manual_dir` or a built TFDS dataset, is `fer_jax.training.data_check`'s to say.)"""
     if config["dataset"] == "synthetic" and "synthetic" not in config:
@@ -410,10 +395,10 @@ def validate(config: Any) -> None:
     """
     training, cv = schemas()
     schema = (cv if "folds" in config else training).fields
-    known = sorted(schema_paths(schema))
+    known = sorted(field_paths(schema))
     _check_section(config, schema, "config", known)
     _check_replicas(config, "config", schema)
-    _check_data(config, "config", config["data_source"])
+    _check_data(config, "config")
     if schema is training.fields:
         _check_splits(config, "config")
         if config.get("cross_validate", False):
@@ -423,10 +408,7 @@ def validate(config: Any) -> None:
                 )
             # The CV stage reads its data as the parent run does (cross_validate.py).
             _check_replicas(config["jaffe"], "config.jaffe", cv.fields)
-            _check_data(config["jaffe"], "config.jaffe", config["data_source"])
-
-
-MODES = ("train", "evaluate", "cross_validate")  # fer_jax.main --mode
+            _check_data(config["jaffe"], "config.jaffe")
 
 
 def check_mode(config: Any, mode: str, split: str | None = None) -> None:

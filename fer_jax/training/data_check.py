@@ -1,26 +1,16 @@
 """Before any work: can every stage of a run have its data? And what `--mode=check` prints.
 
-`fer_jax.main` calls `check(config, mode, workdir)` after validating the config and before
-anything is compiled or trained, in every mode: the training dataset (FER2013) and, with
-`config.cross_validate`, the JAFFE of the cross-validation that follows it hours later; the
-JAFFE of `--mode=cross_validate`; the split of `--mode=evaluate`. It looks, cheaply, for:
+`check(config, mode, workdir)` runs in every mode of `fer_jax.main`, after the config is
+validated and before anything is compiled: it finds the data of each stage (the training
+dataset and, with `config.cross_validate`, the JAFFE of the cross-validation hours later; the
+JAFFE of `--mode=cross_validate`; the split of `--mode=evaluate`) as a built TFDS dataset in
+`data_dir` (data_source 'tfds'; TensorFlow Datasets must be installed) or the downloaded files in
+`manual_dir` (`WHERE`), and checks that JAFFE's folds fill their batches. It reads no data:
+FER2013's file is found by name, JAFFE's photos are listed by name (their labels and subjects).
+A missing input raises `UserError` with one line naming it and the ways out.
 
-- data_source 'tfds': the TFDS dataset built in `data_dir` (its `dataset_info.json`), or the
-  downloaded files in `manual_dir` to build it from on first use (TensorFlow Datasets must be
-  installed; it is not imported here);
-- data_source 'files': the downloaded files in `manual_dir` (no TensorFlow);
-- dataset 'synthetic': nothing to find.
-
-It reads no data: FER2013's file is found by name, JAFFE's photos are listed by name (which
-gives their labels and subjects, so the folds and their batches are checked too). A missing
-input raises `UserError` with one line naming it and the ways out, e.g. `JAFFE
-(cross-validation after FER2013) not found: config.jaffe.manual_dir is empty and no built TFDS
-'jaffe' in ~/tensorflow_datasets; pass --config.jaffe.manual_dir=DIR (...) or
---config.cross_validate=False`. Where to get the files: `WHERE`.
-
-`describe(...)`, for `--mode=check`, also counts what is cheap to count (FER2013's rows per
-split by one pass over the CSV's lines) and returns the report: the stages, the data of each,
-the devices, batch size and steps, and what the workdir holds (a run to resume, a lock).
+`describe(...)`, for `--mode=check`, also counts FER2013's rows per split (one pass over the
+CSV's lines) and reports the stages, their data, devices, batches and what the workdir holds.
 """
 
 from __future__ import annotations
@@ -188,20 +178,14 @@ def _need_tfds(stage: Stage, what: str, instead: str) -> None:
 
 def _manual_files(stage: Stage, manual: str, count: bool) -> Found | None:
     """The downloaded files of the stage's dataset in `manual`, or None if there are none."""
-    name = stage.config.dataset
-    if name == "fer2013":
-        try:
+    try:
+        if stage.config.dataset == "fer2013":
             source = fer2013_csv.find_source(manual)
-        except FileNotFoundError:
-            return None
-        return Found(stage, "files", str(source), count_fer2013(source) if count else None)
-    if name == "jaffe":
-        try:
-            items = jaffe_files.list_images(manual)  # names only; DataError for a bad name
-        except FileNotFoundError:
-            return None
-        return Found(stage, "files", manual, {"train": len(items)}, jaffe=items)
-    raise UserError(f"{stage.field}.dataset is {name!r}: no files are known for it")
+            return Found(stage, "files", str(source), count_fer2013(source) if count else None)
+        items = jaffe_files.list_images(manual)  # 'jaffe': names only; DataError for a bad name
+    except FileNotFoundError:
+        return None
+    return Found(stage, "files", manual, {"train": len(items)}, jaffe=items)
 
 
 def _missing(stage: Stage, source: str, manual: str, data_dir: str) -> str:
@@ -249,17 +233,25 @@ def _check_folds(found: Found) -> None:
 def fold_train_sizes(found: Found) -> list[int] | None:
     """Training images of each fold (of each protocol `fold_protocol` runs), where the labels
     and subjects are known without reading the photos (JAFFE listed by name); None otherwise."""
+    made = _folds(found, found.stage.config)
+    return None if made is None else [len(t) for split in made[2].values() for t, _ in split]
+
+
+def _folds(
+    found: Found, config: ml_collections.ConfigDict
+) -> tuple[np.ndarray, np.ndarray, dict[str, list[tuple[np.ndarray, np.ndarray]]]] | None:
+    """`(labels, subjects, {protocol: its folds})` of JAFFE listed by name (else None) as
+    `config` (folds, fold_protocol, seed) makes them; UserError where they cannot be made."""
     from data_pipelines import folds
 
-    config = found.stage.config
     if found.jaffe is None:
         return None
     labels = np.asarray([item.label for item in found.jaffe])
     subjects = np.asarray([item.subject for item in found.jaffe])
-    sizes = []
+    made = {}
     for protocol in folds.protocols_of(config.fold_protocol):
         try:
-            split = folds.jaffe_folds(
+            made[protocol] = folds.jaffe_folds(
                 labels, subjects, k=config.folds, protocol=protocol, seed=config.seed
             )
         except ValueError as e:
@@ -269,8 +261,7 @@ def fold_train_sizes(found: Found) -> list[int] | None:
                 f"{found.stage.label}: {e} for the {protocol} folds ({field}.fold_protocol="
                 f"{config.fold_protocol!r}): use more images, fewer {field}.folds{other}"
             ) from e
-        sizes += [len(train) for train, _ in split]
-    return sizes
+    return labels, subjects, made
 
 
 @contextlib.contextmanager
@@ -344,17 +335,16 @@ def _stage_lines(i: int, found: Found, devices: int, workdir: str) -> list[str]:
         sizes = fold_train_sizes(found)
         total = (found.sizes or {}).get("train")
         if sizes:
-            steps = sorted({n // batch for n in sizes})
-            step_text = "-".join(map(str, [steps[0], steps[-1]] if len(steps) > 1 else steps))
-            step_text += " steps/epoch"
+            low, high = min(sizes) // batch, max(sizes) // batch
+            step_text = f"{low}-{high} steps/epoch" if low != high else f"{low} steps/epoch"
         elif total is not None:
             train = total * (config.folds - 1) // config.folds
             step_text = f"about {train // batch} steps/epoch"
         else:
             step_text = _steps(None, batch)
         start = config.init_from
-        if stage.field == "config.jaffe":
-            start = "the model selected in stage 1" if start == workdir else start
+        if stage.field == "config.jaffe" and start == workdir:
+            start = "the model selected in stage 1"
         what = (
             f"{_folds_text(config)}, {config.num_epochs} epochs a fold, "
             f"{per_device}, {step_text}; fine-tunes {start}"
@@ -431,30 +421,9 @@ def _workdir_lines(
     if not os.path.isdir(path):
         what = "the evaluation reports" if mode == "evaluate" else "a new run"
         return [f"workdir: {path}: created for {what}"]
-    lock = os.path.join(path, workdir_lock.LOCK_FILE)
-    try:
-        with open(lock) as f:
-            holder = json.load(f)
-    except (OSError, ValueError):
-        holder = None
-    if holder is not None and workdir_lock.process_alive(holder) is not False:
-        raise UserError(
-            f"workdir {path} is locked by process {holder.get('pid')} on host "
-            f"{holder.get('host')} (started {holder.get('started')}); wait for that run to end "
-            f"or use another --workdir (a lock of an ended run on another host: rm {lock})"
-        )
-    saved = os.path.join(path, run_config.CONFIG_FILE)
-    if mode == "train" and os.path.isfile(saved) and not allow_config_changes:
-        with open(saved) as f:
-            old = json.load(f)
-        new = json.loads(run_config.to_json(config))
-        recipe = [c for c in run_config.differences(old, new) if run_config.changes_result(c[0])]
-        if recipe:
-            changed = ", ".join(f"config.{p} {a!r} -> {b!r}" for p, a, b in recipe)
-            raise UserError(
-                f"the run in {path} was started with a different recipe: {changed}; resume with "
-                "the same values, use another --workdir, or pass --allow_config_changes"
-            )
+    workdir_lock.check_free(path)
+    if mode == "train":
+        run_config.compare(config, path, allow_changes=allow_config_changes)
     lines = []
     steps = _checkpoint_steps(os.path.join(path, "checkpoints"))
     if mode == "train":
@@ -524,15 +493,14 @@ def describe(
 
 def _fold_plan_lines(config: ml_collections.ConfigDict, stage: Stage) -> list[str]:
     """The fold plan of a stage whose images are listed by name (without reading them)."""
-    from fer_jax.training.cross_validate import fold_plan_lines, make_folds
+    from fer_jax.training.cross_validate import fold_plan_lines
 
-    found = find(stage)
-    if found.jaffe is None:
+    made = _folds(find(stage), config)
+    if made is None:
         return [f"fold plan: {_folds_text(config)}, made when the data is read"]
-    labels = np.asarray([item.label for item in found.jaffe])
-    subjects = np.asarray([item.subject for item in found.jaffe])
+    labels, subjects, splits = made
     lines = []
-    for protocol, split in make_folds(labels, subjects, config).items():
+    for protocol, split in splits.items():
         lines += fold_plan_lines(split, labels, subjects, config, protocol)
     return lines
 

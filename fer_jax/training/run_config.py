@@ -105,27 +105,16 @@ def to_json(config: ml_collections.ConfigDict) -> str:
     return config.to_json_best_effort(indent=1, sort_keys=True)
 
 
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def save_or_compare(
+def compare(
     config: ml_collections.ConfigDict, workdir: str, *, allow_changes: bool = False
-) -> None:
-    """Writes `workdir/config.json` at a run's first start; at a later start refuses a config
-    whose result-changing fields differ from the saved one (see the module docstring).
+) -> list[tuple[str, Any, Any]] | None:
+    """`differences` of `config` from the one saved in `workdir` (None: none saved).
 
     Raises:
-      UserError: listing the differing fields, unless `allow_changes`.
+      UserError: the saved one is unreadable, or a result-changing field differs; unless
+        `allow_changes`.
     """
-    import jax
-
     path = os.path.join(workdir, CONFIG_FILE)
-    text = to_json(config)
-    new = json.loads(text)
     try:
         old = evaluate.read_json(path)
     except (OSError, ValueError) as e:
@@ -134,16 +123,29 @@ def save_or_compare(
                 f"{path} is unreadable ({e}); remove it, or pass --allow_config_changes to "
                 "replace it with this config"
             ) from e
-        old = None
-    if old is not None:
-        changed = differences(old, new)
+        return None
+    changed = None if old is None else differences(old, json.loads(to_json(config)))
+    recipe = [c for c in changed or [] if changes_result(c[0])]
+    if recipe and not allow_changes:
+        raise UserError(
+            f"the run in {workdir} was started with a different recipe: {_describe(recipe)}; "
+            "resume with the same values, use another --workdir, or pass "
+            "--allow_config_changes to train on with the new ones"
+        )
+    return changed
+
+
+def save_or_compare(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_changes: bool = False
+) -> None:
+    """Writes `workdir/config.json` at a run's first start; at a later start refuses a config
+    whose result-changing fields differ from the saved one (`compare`; see the module
+    docstring) and logs those it lets through."""
+    import jax
+
+    changed = compare(config, workdir, allow_changes=allow_changes)
+    if changed is not None:
         recipe = [c for c in changed if changes_result(c[0])]
-        if recipe and not allow_changes:
-            raise UserError(
-                f"the run in {workdir} was started with a different recipe: {_describe(recipe)}; "
-                "resume with the same values, use another --workdir, or pass "
-                "--allow_config_changes to train on with the new ones"
-            )
         if recipe:
             logging.warning(
                 "Config changes allowed (--allow_config_changes): %s", _describe(recipe)
@@ -153,5 +155,7 @@ def save_or_compare(
             logging.info("Config changes that do not affect the result: %s", _describe(neutral))
         if not changed:
             return
-    if jax.process_index() == 0:
-        _write(path, text)
+    if jax.process_index() == 0:  # atomically: `to_json`'s text, sorted, one space indents
+        evaluate.write_json(
+            os.path.join(workdir, CONFIG_FILE), json.loads(to_json(config)), indent=1
+        )

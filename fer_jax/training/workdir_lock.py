@@ -38,45 +38,46 @@ def _boot_id() -> str | None:
         return None
 
 
-def _process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), else None."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of `/proc/<pid>/stat` after the parenthesised name (Linux), else None:
+    [0] the state ('Z': a zombie), [19] the start time in clock ticks since boot."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+            return f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the parenthesised name
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False
 
 
 def _record() -> dict[str, Any]:
     pid = os.getpid()
+    stat = _stat(pid)
     return {
         "host": socket.gethostname(),
         "pid": pid,
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "boot_id": _boot_id(),
-        "pid_start": _process_start(pid),
+        "pid_start": None if stat is None else int(stat[19]),
     }
+
+
+def _load(path: str) -> Any:
+    """The JSON in `path`; None if it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _read(path: str) -> dict[str, Any] | None:
     """The lock's record; None if it vanished. Raises UserError if it stays unreadable."""
     for _ in range(_READ_TRIES):
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except FileNotFoundError:
+        if not os.path.exists(path):
             return None
-        except (OSError, ValueError):
-            time.sleep(0.1)
+        holder = _load(path)
+        if holder is not None:
+            return holder
+        time.sleep(0.1)
     raise UserError(
         f"{path} is not a lock this tool wrote (unreadable); if no run uses this workdir, "
         f"remove it: rm {path}"
@@ -99,10 +100,11 @@ def process_alive(holder: dict[str, Any]) -> bool | None:
         return False
     except PermissionError:
         pass  # it exists, run by another user
-    if _is_zombie(pid):
-        return False
-    start, recorded = _process_start(pid), holder.get("pid_start")
-    return recorded is None or start is None or start == recorded  # else: the pid was reused
+    stat, recorded = _stat(pid), holder.get("pid_start")
+    if stat is None:
+        return True  # /proc cannot tell more
+    # Not a zombie, and not a later process that was given the same pid.
+    return stat[0] != "Z" and (recorded is None or int(stat[19]) == recorded)
 
 
 def _holder_text(holder: dict[str, Any]) -> str:
@@ -117,11 +119,7 @@ def _take_over(path: str, stale: dict[str, Any]) -> None:
         os.rename(path, moved)  # of several runs taking it over, one moves it
     except FileNotFoundError:
         return
-    try:
-        with open(moved) as f:
-            same = json.load(f) == stale
-    except (OSError, ValueError):
-        same = False
+    same = _load(moved) == stale
     if not same:  # a live run's lock, created after we read the stale one: put it back
         with contextlib.suppress(FileExistsError):
             os.link(moved, path)
@@ -130,6 +128,30 @@ def _take_over(path: str, stale: dict[str, Any]) -> None:
         logging.warning(
             "Took over the lock %s of %s, which is no longer running.", path, _holder_text(stale)
         )
+
+
+def _refuse_live(workdir: str, path: str, holder: dict[str, Any]) -> None:
+    """Raises UserError unless the lock `holder` at `path` is stale (its process is gone)."""
+    alive = process_alive(holder)
+    if alive is None:
+        raise UserError(
+            f"workdir {workdir} is locked by {_holder_text(holder)}, which cannot be "
+            f"checked from host {socket.gethostname()}; if that run has ended, remove the "
+            f"lock: rm {path}"
+        )
+    if alive:
+        raise UserError(
+            f"workdir {workdir} is in use by {_holder_text(holder)}; wait for that run "
+            "to end or use another --workdir"
+        )
+
+
+def check_free(workdir: str) -> None:
+    """Raises UserError where `acquire` would refuse `workdir` (for `--mode=check`)."""
+    path = os.path.join(workdir, LOCK_FILE)
+    holder = _read(path)
+    if holder is not None:
+        _refuse_live(workdir, path, holder)
 
 
 def acquire(workdir: str) -> str:
@@ -145,22 +167,10 @@ def acquire(workdir: str) -> str:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _read(path)
-            if holder is None:
-                continue  # released meanwhile
-            alive = process_alive(holder)
-            if alive is None:
-                raise UserError(
-                    f"workdir {workdir} is locked by {_holder_text(holder)}, which cannot be "
-                    f"checked from host {record['host']}; if that run has ended, remove the "
-                    f"lock: rm {path}"
-                ) from None
-            if alive:
-                raise UserError(
-                    f"workdir {workdir} is in use by {_holder_text(holder)}; wait for that run "
-                    "to end or use another --workdir"
-                ) from None
-            _take_over(path, holder)
-            continue  # try again: taken over, or another run was faster
+            if holder is not None:  # else released meanwhile
+                _refuse_live(workdir, path, holder)
+                _take_over(path, holder)
+            continue  # try again: released, taken over, or another run was faster
         with os.fdopen(fd, "w") as f:
             json.dump(record, f)
             f.flush()
@@ -170,10 +180,8 @@ def acquire(workdir: str) -> str:
 
 def release(path: str) -> None:
     """Removes the lock at `path` if this process holds it."""
-    try:
-        with open(path) as f:
-            holder = json.load(f)
-    except (OSError, ValueError):
+    holder = _load(path)
+    if holder is None:
         return
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         with contextlib.suppress(FileNotFoundError):
