@@ -19,6 +19,7 @@ download. An unreadable input is reported on stderr by name and the others are s
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import json
@@ -290,19 +291,6 @@ class Reporter:
 # ----------------------------------------------------------------------------- processing
 
 
-class OutputNames:
-    """Unique output stems per input (two `a.jpg` in different folders give `a` and `a_2`)."""
-
-    def __init__(self):
-        self._used: dict[str, int] = {}
-
-    def stem(self, path: str) -> str:
-        stem = os.path.splitext(os.path.basename(path))[0] or "image"
-        count = self._used.get(stem, 0) + 1
-        self._used[stem] = count
-        return stem if count == 1 else f"{stem}_{count}"
-
-
 def _write_attention(
     directory: str, stem: str, image: np.ndarray, faces: Sequence[Face], recognizer: Recognizer
 ) -> None:
@@ -417,14 +405,17 @@ def run(args: argparse.Namespace, recognizer: Recognizer, out: TextIO, err: Text
     for directory in (args.annotate, args.attention):
         if directory:
             os.makedirs(directory, exist_ok=True)
-    names = OutputNames()
+    used: collections.Counter[str] = collections.Counter()  # two `a.jpg` write `a`, `a_2`
     for path in expand_inputs(args.paths):
         if not os.path.exists(path):
             reporter.error(path, f"{path}: no such file or directory")
             continue
+        stem = os.path.splitext(os.path.basename(path))[0] or "image"
+        used[stem] += 1
+        stem = stem if used[stem] == 1 else f"{stem}_{used[stem]}"
         process = process_video if is_video(path) else process_image
         try:
-            process(path, recognizer, reporter, args, names.stem(path))
+            process(path, recognizer, reporter, args, stem)
         except (ImageError, OSError) as e:
             reporter.error(path, str(e))
     reporter.close()

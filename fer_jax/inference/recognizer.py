@@ -143,15 +143,13 @@ def to_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
 def _pil_to_array(image: Image.Image) -> np.ndarray:
     """The pixels of a PIL image, in a layout `to_uint8` accepts."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("1", "L", "LA", "RGB", "RGBA") or image.mode.startswith("I;16"):
+    if image.mode in ("1", "L", "LA", "RGB", "RGBA", "F") or image.mode.startswith("I;16"):
         return np.asarray(image)
     if image.mode == "I":  # 32-bit integers; older Pillows read 16-bit PNGs this way.
         array = np.asarray(image)
         if array.size and array.min() >= 0 and array.max() <= np.iinfo(np.uint16).max:
             return array.astype(np.uint16)
         return array
-    if image.mode == "F":
-        return np.asarray(image)
     has_alpha = "A" in image.mode or "transparency" in image.info
     return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
 

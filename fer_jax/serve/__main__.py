@@ -88,15 +88,9 @@ def listen(host: str, port: int) -> socket.socket:
 def load_recognizers(args: argparse.Namespace) -> dict[int, Recognizer]:
     """`{crops: Recognizer}` for ten crops and one, loaded as `python -m fer_jax.predict` loads
     its model (`predict.load_recognizer`: the other options at predict's defaults)."""
+    options = {name: getattr(args, name) for name in ("adjust", "batch_size", "matmul_dtype")}
     return {
-        crops: predict.load_recognizer(
-            args.checkpoint,
-            args.replica,
-            adjust=args.adjust,
-            crops=crops,
-            batch_size=args.batch_size,
-            matmul_dtype=args.matmul_dtype,
-        )
+        crops: predict.load_recognizer(args.checkpoint, args.replica, crops=crops, **options)
         for crops in CROP_CHOICES
     }
 
