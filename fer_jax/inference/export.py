@@ -187,18 +187,16 @@ def export_all(
     others are still written.
     """
     os.makedirs(out_dir, exist_ok=True)
-    written = {}
-    path = os.path.join(out_dir, STABLEHLO_FILE)
-    save_stablehlo(export_stablehlo(model, variables), path)
-    written["stablehlo"] = path
-    path = os.path.join(out_dir, METADATA_FILE)
-    with open(path, "w") as f:
+    written = {
+        "stablehlo": os.path.join(out_dir, STABLEHLO_FILE),
+        "metadata": os.path.join(out_dir, METADATA_FILE),
+    }
+    save_stablehlo(export_stablehlo(model, variables), written["stablehlo"])
+    with open(written["metadata"], "w") as f:
         json.dump(metadata(model, class_names), f, indent=1)
-    written["metadata"] = path
     if saved_model:
-        path = os.path.join(out_dir, SAVED_MODEL_DIR)
-        export_saved_model(model, variables, path)
-        written["saved_model"] = path
+        written["saved_model"] = os.path.join(out_dir, SAVED_MODEL_DIR)
+        export_saved_model(model, variables, written["saved_model"])
     if tflite:
         path = os.path.join(out_dir, TFLITE_FILE)
         try:
