@@ -153,32 +153,18 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _add_page(app: FastAPI) -> None:
     folder = importlib.resources.files("fer_jax.serve") / "static"
     page = (folder / "index.html").read_bytes()
+    files = {name: (folder / name).read_bytes() for name in STATIC}
     headers = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"}
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers=headers)
 
-    _add_files(app, "/static", folder, STATIC, "static file", headers)
-
-
-def _add_files(
-    app: FastAPI,
-    route: str,
-    folder: Any,
-    types: dict[str, str],
-    what: str,
-    headers: dict[str, str] | None = None,
-) -> None:
-    """`GET {route}/{name}`: the files of `folder` that `types` names (`{name: media type}`), read
-    once; 404 for any other name."""
-    files = {name: (folder / name).read_bytes() for name in types}
-
-    @app.get(route + "/{name}", include_in_schema=False)
-    async def serve_file(name: str) -> Response:
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
         if name not in files:
-            return _problem(404, f"no {what} {name!r}")
-        return Response(files[name], media_type=types[name], headers=headers)
+            return _problem(404, f"no static file {name!r}")
+        return Response(files[name], media_type=STATIC[name], headers=headers)
 
 
 # Swagger UI's files, served from the swagger-ui-bundle package (FastAPI's default /docs loads
@@ -194,6 +180,8 @@ def _add_docs(app: FastAPI) -> None:
     from fastapi.openapi.docs import get_swagger_ui_html
     from swagger_ui_bundle import swagger_ui_path
 
+    files = {name: (swagger_ui_path / name).read_bytes() for name in DOCS_FILES}
+
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(
@@ -204,7 +192,11 @@ def _add_docs(app: FastAPI) -> None:
             swagger_favicon_url="/docs/static/favicon-32x32.png",
         )
 
-    _add_files(app, "/docs/static", swagger_ui_path, DOCS_FILES, "API page file")
+    @app.get("/docs/static/{name}", include_in_schema=False)
+    async def docs_static(name: str) -> Response:
+        if name not in files:
+            return _problem(404, f"no API page file {name!r}")
+        return Response(files[name], media_type=DOCS_FILES[name])
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:
