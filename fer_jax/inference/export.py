@@ -1,25 +1,15 @@
 """Export the face classifier to run without this code: StableHLO, TF SavedModel, TFLite.
 
-The exported function is `fer_jax.inference.recognizer.ten_crop_probabilities` with the trained
-weights baked in as constants: `(B, 48, 48, 1)` float32 gray faces in [0, 1] (uint8 / 255) ->
-`(B, num_classes)` float32 class probabilities (ten-crop averaged logits, softmax). Face detection
-and cropping stay outside it (`fer_jax.inference.recognizer`).
-
     python -m fer_jax.export --checkpoint=runs/fer2013 --out_dir=exported [--saved_model] [--tflite]
 
-(`--checkpoint=pretrained`: the model shipped in the package, `fer_jax.model.pretrained`)
-
-writes `model.stablehlo` (batch size symbolic; lowered for cpu, cuda and tpu), `export.json`
-(class names, input and output description) and optionally `saved_model/` (TensorFlow, via
-`jax2tf` native serialisation: an `XlaCallModule` op; batch size symbolic) and `model.tflite`
-(fixed batch size). Running the StableHLO file needs only jax:
-
-    exported = jax.export.deserialize(open("model.stablehlo", "rb").read())
-    probabilities = exported.call(faces)  # faces: (B, 48, 48, 1) float32 in [0, 1]
-
-On a CPU, run it with `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot` (XLA:CPU
-convolutions by Eigen, as fer_jax's own programs): 0.62x -> 0.99x the recogniser's ten-crop
-speed on a 2-core AMD EPYC (`python -m experiments.predict_speed`).
+The exported function is `fer_jax.inference.recognizer.ten_crop_probabilities` with the trained
+weights baked in as constants: `(B, 48, 48, 1)` float32 gray faces in [0, 1] (uint8 / 255) ->
+`(B, num_classes)` float32 class probabilities; face detection and cropping stay outside it. It
+writes `model.stablehlo` (batch size symbolic; lowered for cpu, cuda and tpu; running it needs
+only jax: `jax.export.deserialize(data).call(faces)`), `export.json` (class names, input and
+output) and optionally `saved_model/` (jax2tf native serialisation; batch size symbolic) and
+`model.tflite` (fixed batch size). The files, and the XLA flag that makes the StableHLO file as
+fast as the recogniser on a CPU: docs/prediction_and_export.md, Export.
 """
 
 from __future__ import annotations
@@ -197,18 +187,16 @@ def export_all(
     others are still written.
     """
     os.makedirs(out_dir, exist_ok=True)
-    written = {}
-    path = os.path.join(out_dir, STABLEHLO_FILE)
-    save_stablehlo(export_stablehlo(model, variables), path)
-    written["stablehlo"] = path
-    path = os.path.join(out_dir, METADATA_FILE)
-    with open(path, "w") as f:
+    written = {
+        "stablehlo": os.path.join(out_dir, STABLEHLO_FILE),
+        "metadata": os.path.join(out_dir, METADATA_FILE),
+    }
+    save_stablehlo(export_stablehlo(model, variables), written["stablehlo"])
+    with open(written["metadata"], "w") as f:
         json.dump(metadata(model, class_names), f, indent=1)
-    written["metadata"] = path
     if saved_model:
-        path = os.path.join(out_dir, SAVED_MODEL_DIR)
-        export_saved_model(model, variables, path)
-        written["saved_model"] = path
+        written["saved_model"] = os.path.join(out_dir, SAVED_MODEL_DIR)
+        export_saved_model(model, variables, written["saved_model"])
     if tflite:
         path = os.path.join(out_dir, TFLITE_FILE)
         try:

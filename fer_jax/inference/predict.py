@@ -1,41 +1,25 @@
-r"""Recognise facial expressions in photos, folders of photos and videos.
+r"""`python -m fer_jax.predict`: facial expressions in photos, folders of photos and videos.
 
     python -m fer_jax.predict [--checkpoint=runs/fer2013] photo.jpg photos/ clip.mp4 \
         [--json | --csv] [--output=results.csv] [--annotate=out/] [--attention=out/] \
         [--every=10] [--box=X,Y,W,H ... | --boxes=boxes.json]
     python -m fer_jax.predict --example
 
-Without `--checkpoint` (or with `--checkpoint=pretrained`) the model shipped in the package is
-used (`fer_jax.model.pretrained`). `--example` adds the bundled photo
-`fer_jax/examples/astronaut.jpg` (Eileen Collins, NASA, public domain) to the inputs: a first
-command that needs no dataset, no training and no download.
-
-Each face found (OpenCV Haar cascade, or the given boxes) is printed with its box `x, y, w, h`
-(pixels of the EXIF-rotated image), the probability of each class and the top label: a table by
-default, `--json` or `--csv` for machines. Videos are sampled every `--every`-th frame; their rows
-carry the frame index and time. A folder contributes its image and video files (by extension, not
-recursively). An unreadable input is reported on stderr by name and the others are still
-processed; the exit status is then 1.
-
-`--annotate DIR` writes each image with boxes and labels (`<name>.png`) and each video annotated
-(`<name>_annotated.avi`, MJPG, every frame; frames between samples show the last sample's faces).
-`--attention DIR` writes, per image or sampled frame, the image with each face's CBAM spatial
-attention (mean of the four stage maps, `fer_jax.inference.recognizer`) blended over the region the
-centre crop covers (`<name>_attention.png`), and per face a strip of the centre crop and its four
-stage maps (`<name>_face<k>_stages.png`). Heat maps are min-max normalised per map for display (blue
-low, red high).
-
-`--boxes FILE` is JSON mapping an input path (or its file name) to `[[x, y, w, h], ...]`.
-
-Compiled programs are kept in a persistent XLA cache (`--compilation_cache`, shared with
-`fer_jax.main`), so a second run starts in about 2 s on a CPU
-(experiments/results/predict_startup/). A checkpoint that cannot be loaded is a user error: one
-`error: ...` line and exit status 2 (`--verbose`: with the traceback; `fer_jax.user_errors`).
+Options, output formats (a table, `--json`, `--csv`), videos, annotations and attention maps:
+docs/prediction_and_export.md. Without `--checkpoint` the model shipped in the package is used
+(`fer_jax.model.pretrained`); `--example` adds the bundled photo `fer_jax/examples/astronaut.jpg`
+(Eileen Collins, NASA, public domain): a first command that needs no dataset, no training and no
+download. An unreadable input is reported on stderr by name and the others are still processed
+(exit status 1); a checkpoint that cannot be loaded is one `error: ...` line and exit status 2
+(`fer_jax.user_errors`). Compiled programs are kept in a persistent XLA cache
+(`--compilation_cache`, shared with `fer_jax.main`): a second run starts in about 2 s on a CPU
+(experiments/results/predict_startup/).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import json
@@ -307,19 +291,6 @@ class Reporter:
 # ----------------------------------------------------------------------------- processing
 
 
-class OutputNames:
-    """Unique output stems per input (two `a.jpg` in different folders give `a` and `a_2`)."""
-
-    def __init__(self):
-        self._used: dict[str, int] = {}
-
-    def stem(self, path: str) -> str:
-        stem = os.path.splitext(os.path.basename(path))[0] or "image"
-        count = self._used.get(stem, 0) + 1
-        self._used[stem] = count
-        return stem if count == 1 else f"{stem}_{count}"
-
-
 def _write_attention(
     directory: str, stem: str, image: np.ndarray, faces: Sequence[Face], recognizer: Recognizer
 ) -> None:
@@ -434,22 +405,30 @@ def run(args: argparse.Namespace, recognizer: Recognizer, out: TextIO, err: Text
     for directory in (args.annotate, args.attention):
         if directory:
             os.makedirs(directory, exist_ok=True)
-    names = OutputNames()
+    used: collections.Counter[str] = collections.Counter()  # two `a.jpg` write `a`, `a_2`
     for path in expand_inputs(args.paths):
         if not os.path.exists(path):
             reporter.error(path, f"{path}: no such file or directory")
             continue
+        stem = os.path.splitext(os.path.basename(path))[0] or "image"
+        used[stem] += 1
+        stem = stem if used[stem] == 1 else f"{stem}_{used[stem]}"
         process = process_video if is_video(path) else process_image
         try:
-            process(path, recognizer, reporter, args, names.stem(path))
+            process(path, recognizer, reporter, args, stem)
         except (ImageError, OSError) as e:
             reporter.error(path, str(e))
     reporter.close()
     return 1 if reporter.failed else 0
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    """The options that choose and configure the model (`model_options`)."""
+def add_model_options(
+    parser: argparse.ArgumentParser,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_help: str = "faces per model call",
+) -> None:
+    """The options that load and run the model, predict's and serve's (`model_options`), with
+    `--compilation_cache` and `--verbose`."""
     parser.add_argument(
         "--checkpoint",
         default="pretrained",
@@ -463,15 +442,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="of a replica run (config.replicas > 1): a replica index k, or 'ensemble' (their "
         "probabilities averaged); default: the replica chosen on the select split",
     )
-    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument(
-        "--crops",
-        type=int,
-        choices=CROP_CHOICES,
-        default=10,
-        help="10: average the ten 44x44 crops (the paper's evaluation); 1: the centre crop "
-        "alone, ~10x less compute per face",
-    )
+    parser.add_argument("--batch_size", type=int, default=batch_size, help=batch_help)
     parser.add_argument(
         "--no_adjust",
         dest="adjust",
@@ -479,11 +450,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="the model's own probabilities, without the class-prior logit adjustment that "
         "the shipped model applies by default (fer_jax.inference.prior_adjustment)",
     )
-    add_matmul_dtype(parser)
-
-
-def add_matmul_dtype(parser: argparse.ArgumentParser) -> None:
-    """`--matmul_dtype`: the Recognizer's `matmul_dtype` (predict's and serve's)."""
     parser.add_argument(
         "--matmul_dtype",
         choices=MATMUL_DTYPES,
@@ -491,6 +457,14 @@ def add_matmul_dtype(parser: argparse.ArgumentParser) -> None:
         help="operands of the CPU convolutions' matmuls: 'auto' (the default: bfloat16, "
         "accumulated in float32, on a CPU that multiplies it natively, AVX512-BF16 or AMX; "
         "float32 elsewhere), 'float32' (the model's own evaluation) or 'bfloat16'",
+    )
+    parser.add_argument(
+        "--compilation_cache",
+        default=DEFAULT_COMPILATION_CACHE,
+        help="persistent XLA compilation cache ('' disables; $JAX_COMPILATION_CACHE_DIR wins)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the traceback of an error in the input"
     )
 
 
@@ -506,7 +480,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also run on the bundled photo fer_jax/examples/astronaut.jpg (NASA, public "
         "domain): `python -m fer_jax.predict --example` needs no data and no download",
     )
-    _add_model_options(parser)
+    add_model_options(parser)
+    parser.add_argument(
+        "--crops",
+        type=int,
+        choices=CROP_CHOICES,
+        default=10,
+        help="10: average the ten 44x44 crops (the paper's evaluation); 1: the centre crop "
+        "alone, ~10x less compute per face",
+    )
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="format", action="store_const", const="json")
     fmt.add_argument("--csv", dest="format", action="store_const", const="csv")
@@ -530,14 +512,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--min_face", type=int, default=DEFAULT_MIN_FACE, help="smallest face side, pixels"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--compilation_cache",
-        default=DEFAULT_COMPILATION_CACHE,
-        help="persistent XLA compilation cache ('' disables; $JAX_COMPILATION_CACHE_DIR wins)",
-    )
-    parser.add_argument(
-        "--verbose", action="store_true", help="show the traceback of an error in the input"
-    )
     args = parser.parse_args(argv)
     if args.example:
         args.paths = [*args.paths, EXAMPLE_IMAGE]

@@ -1,15 +1,12 @@
 """Expression recognition on photos: find faces, crop them, classify with ten-crop averaging.
 
-Pipeline of `Recognizer.predict(image)`:
-  1. Read the image (a path, a PIL image or a numpy array; EXIF orientation honoured) and convert
-     it to 8-bit (`to_uint8`) and then to gray.
-  2. Detect faces with OpenCV's Haar cascade (`data_pipelines.faces.detect_faces`) on a copy
-     downscaled to at most `max_side` pixels; boxes are mapped back to the full image. Or take
-     the caller's boxes.
-  3. Crop each face from the full-resolution gray image (`data_pipelines.faces.crop_face`) to
-     48x48: by default the detector's box itself, margin `PHOTO_MARGIN` (below).
-  4. Classify (`ten_crop_probabilities`): the ten 44x44 crops of each face (TenCrop order, as the
-     evaluation pipeline), the model's logits averaged over the ten, softmax.
+`Recognizer.predict(image)` reads the image (`read_image`: a path, a PIL image or a numpy array;
+EXIF orientation honoured) to 8-bit gray, finds the faces (`find_faces`: OpenCV's Haar cascade on
+a copy downscaled to at most `max_side` pixels, boxes mapped back) or takes the caller's boxes,
+crops each from the full-resolution image to 48x48 (`data_pipelines.faces.crop_face`, margin
+`PHOTO_MARGIN`) and classifies it (`ten_crop_probabilities`: the model's logits of its ten 44x44
+crops, TenCrop order as the evaluation pipeline, averaged, then softmax). In full:
+docs/prediction_and_export.md, What happens to a photo.
 
 Attention (`centre_crop_attention`): the CBAM spatial-attention map of the last block of each of
 the four stages (resolutions 44, 22, 11, 6), computed on the centre 44x44 crop and bilinearly
@@ -38,7 +35,6 @@ from data_pipelines.crops import (
     CROP_CHOICES,
     CROP_SIZE,
     NUM_CROPS,
-    five_crop_offsets,
     ten_crop,
 )
 from data_pipelines.faces import crop_face, detect_faces
@@ -56,16 +52,11 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_SIDE = 1024
 DEFAULT_MIN_FACE = 40
 # Operands of the CPU convolution forms' matmuls (`Recognizer(matmul_dtype=...)`): bfloat16 where
-# the CPU multiplies it natively. The shipped model on FER2013 PrivateTest, 2-core AMD EPYC Zen 5:
-# ten crops 68.96 vs float32's 68.93% (adjusted), 12.4 vs 9.5 faces/s; the centre crop 68.01%
-# both, 117.6 vs 97.6 faces/s (experiments/results/bf16_inference_epyc_zen5/).
+# the CPU multiplies it natively (docs/prediction_and_export.md, float32 or bfloat16).
 DEFAULT_MATMUL_DTYPE = "auto"
-# The photo path's crop margin: the detector's box as it is. OpenCV's box covers 0.97-0.98 of
-# FER2013's own frame (median over FER2013 faces made into photos, `experiments/photo_framing.py`),
-# so the box reproduces the framing the model learned; centre-crop accuracy of the faces found,
-# margin 0 / 0.1 (JAFFE's) / 0.2: PublicTest 62.15 / 60.68 / 55.44%, PrivateTest 64.67 / 62.97 /
-# 56.02% (the cycle-3 model; `experiments/results/photo_framing_cycle3_xeon_amx/`). On LFW's real
-# faces the eyes are as far apart in the box as in FER2013's frame (0.354 vs 0.372 of the side).
+# The photo path's crop margin: the detector's box as it is, the framing the model learned (the
+# box covers 0.97-0.98 of FER2013's own frame: docs/prediction_and_export.md, On faces outside
+# FER2013; `experiments/photo_framing.py`).
 PHOTO_MARGIN = 0.0
 NUM_STAGES = len(STAGE_STRIDES)
 
@@ -152,15 +143,13 @@ def to_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
 def _pil_to_array(image: Image.Image) -> np.ndarray:
     """The pixels of a PIL image, in a layout `to_uint8` accepts."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("1", "L", "LA", "RGB", "RGBA") or image.mode.startswith("I;16"):
+    if image.mode in ("1", "L", "LA", "RGB", "RGBA", "F") or image.mode.startswith("I;16"):
         return np.asarray(image)
     if image.mode == "I":  # 32-bit integers; older Pillows read 16-bit PNGs this way.
         array = np.asarray(image)
         if array.size and array.min() >= 0 and array.max() <= np.iinfo(np.uint16).max:
             return array.astype(np.uint16)
         return array
-    if image.mode == "F":
-        return np.asarray(image)
     has_alpha = "A" in image.mode or "transparency" in image.info
     return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
 
@@ -280,8 +269,7 @@ def centre_crop_attention(model: ResNet18, variables: Any, faces: jax.Array) -> 
     """
     if model.cbam is None:
         raise ValueError("the model has no CBAM modules, hence no attention maps")
-    top, left = five_crop_offsets(faces.shape[1], faces.shape[2], CROP_SIZE)[4]
-    centre = faces[:, top : top + CROP_SIZE, left : left + CROP_SIZE]
+    centre = ten_crop(faces)[:, CENTRE_CROP_INDEX]
     _, state = model.apply(variables, centre, train=False, mutable=["intermediates"])
     blocks = state["intermediates"]
     maps = []
@@ -318,6 +306,17 @@ def _checked_offsets(offsets: Sequence[float] | None, num_classes: int) -> np.nd
     if offsets.shape != (num_classes,):
         raise ValueError(f"logit_offsets must have shape ({num_classes},), got {offsets.shape}")
     return offsets
+
+
+def label_faces(
+    boxes: Any, probabilities: np.ndarray, class_names: Sequence[str], maps: Any = None
+) -> list[Face]:
+    """A `Face` per box `(x, y, w, h)`: its probabilities, top label and attention maps."""
+    maps = [None] * len(boxes) if maps is None else maps
+    return [
+        Face(tuple(int(v) for v in box), p, class_names[int(np.argmax(p))], m)
+        for box, p, m in zip(boxes, probabilities, maps, strict=True)
+    ]
 
 
 # ----------------------------------------------------------------------------- the recogniser
@@ -538,13 +537,5 @@ class Recognizer:
             return []
         crops = self.crop_faces(gray, boxes)
         probabilities = self.predict_faces(crops)
-        maps = self.attention_maps(crops) if attention else [None] * len(crops)
-        return [
-            Face(
-                box=tuple(int(v) for v in box),
-                probabilities=p,
-                label=self.class_names[int(np.argmax(p))],
-                attention=m,
-            )
-            for box, p, m in zip(boxes, probabilities, maps, strict=True)
-        ]
+        maps = self.attention_maps(crops) if attention else None
+        return label_faces(boxes, probabilities, self.class_names, maps)

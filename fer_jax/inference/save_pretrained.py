@@ -1,14 +1,12 @@
 r"""`python -m fer_jax.inference.save_pretrained`: a run's selected checkpoint as the weights file
-shipped in the package (format and loader: `fer_jax.model.pretrained`).
+shipped in the package (format and loader: `fer_jax.model.pretrained`; how and when:
+fer_jax/weights/README.md).
 
     python -m fer_jax.inference.save_pretrained --from=runs/fer2013 --out=fer_jax/weights/NAME.npz \
         [--results=runs/fer2013/results.json] [--replica=k] [--param_dtype=bfloat16] \
         [--matmul_dtype=float32]
 
-`--from` is a run directory (its best checkpoint, chosen on the select split, else its latest)
-or one checkpoint directory. The accuracies of the run's `results.json` (`--results`, default
-`RUN/results.json` when there) go into the provenance; it must report the same step. Separate
-from `fer_jax.model.pretrained` itself because it reads Orbax checkpoints
+Separate from `fer_jax.model.pretrained` because it reads Orbax checkpoints
 (`fer_jax.training.checkpoint`), which in turn loads `pretrained` weights through that module.
 """
 

@@ -1,42 +1,21 @@
 r"""The pretrained model shipped inside the package: one weights file, its manifest, the loader.
 
-Why: a newcomer's first command (`python -m fer_jax.predict --example`, or a photo of their
-own) should work with no dataset, no training run and no download. The trained network travels
-with the package as `fer_jax/weights/<name>.npz`, small enough for a wheel (the full-width
-CBAM-ResNet18, 11.26M parameters, is ~22.6 MB in bfloat16), and is checked before use.
+A newcomer's first command (`python -m fer_jax.predict --example`) should need no dataset, no
+training run and no download: the trained network travels with the package as
+`fer_jax/weights/<name>.npz` (bfloat16 params: ~22.6 MB at full width) with its manifest
+`<name>.json` (the `.npz`'s byte size and sha256, and the same metadata; fer_jax/weights/README.md).
+The `.npz` (uncompressed, no pickles, fixed zip timestamps: a checkpoint always gives the same
+bytes) holds `params/<module>/.../<leaf>` as bfloat16 bit patterns (uint16), `batch_stats/...`
+as float32, and `__meta__`, UTF-8 JSON bytes (uint8) of the metadata: `model` (the config's
+model section), `class_names`, `provenance`, `leaves` (each array's shape and stored dtype) and
+`format_version`.
 
-Files, for a model `<name>` (`DEFAULT_NAME` is the one the tools use):
-  `<name>.npz`   a NumPy zip (uncompressed, no pickles): `params/<module>/.../<leaf>` as
-                 bfloat16 bit patterns (uint16: NumPy has no bfloat16; `ml_dtypes` converts),
-                 `batch_stats/...` (BatchNorm statistics) as float32, and `__meta__`: UTF-8 JSON
-                 bytes (uint8) of the metadata below. Written with fixed zip timestamps, so the
-                 same checkpoint always gives the same bytes.
-  `<name>.json`  the manifest: the `.npz`'s byte size and sha256, and the same metadata,
-                 readable without loading the arrays.
-Metadata: `model` (the config's model section: num_classes, width, cbam, head, dropout_rate,
-conv_impl, ...), `class_names`, `provenance` (what the writer was given: source run, step,
-accuracies), `leaves` (each array's shape and the dtype it is stored in), `format_version`.
-
-Loading (`load`) reads the file once, checks its size and sha256 against the manifest, its
-arrays against the metadata and (by default) against the model the metadata describes, and
-returns float32 variables. Anything wrong is one `PretrainedError` (a `UserError`: the command
-lines print one `error: ...` line and exit with status 2) naming the file and the problem.
-
-Everywhere a checkpoint path is accepted, `pretrained` means the default model, `pretrained:NAME`
-another one (a name, or a path to an `.npz`), and a path ending in `.npz` that file
-(`fer_jax.training.checkpoint.load_variables`): `python -m fer_jax.predict photo.jpg` (the default
-there), `--checkpoint=pretrained` of `fer_jax.main --mode=evaluate` and `fer_jax.export`,
-`--config.init_from=pretrained`, `Recognizer.pretrained()`.
-
-Names are looked up in `fer_jax/weights/` (found from this file's path: editable and regular
-installs alike), or in the directory `$FER_JAX_WEIGHTS_DIR` names when it is set (tests, or
-weights kept outside the package).
-
-Make the file from a finished run (its best checkpoint, as `fer_jax.main` selected it;
-`fer_jax/inference/save_pretrained.py`):
-
-    python -m fer_jax.inference.save_pretrained --from=runs/fer2013 --out=fer_jax/weights/NAME.npz \
-        [--results=runs/fer2013/results.json]
+`load` checks the file's size and sha256 against the manifest and its arrays against the
+metadata and the model it describes; anything wrong is one `PretrainedError` (a `UserError`)
+naming the file. Where a checkpoint is accepted, `pretrained` is `DEFAULT_NAME`,
+`pretrained:NAME` another (a name or an `.npz` path), and a path ending in `.npz` that file.
+Names are looked up in `fer_jax/weights/`, or in `$FER_JAX_WEIGHTS_DIR` when it is set. The
+files are written from a run by `python -m fer_jax.inference.save_pretrained`.
 """
 
 from __future__ import annotations
@@ -235,9 +214,7 @@ def save(
     Args:
       variables: `{'params': ..., 'batch_stats': ...}` nested dicts of float arrays (numpy or
         jax; one model, not a replica run's stack).
-      model_config: the config's `model` section (`fer_jax.model.resnet.model_from_config` builds
-      the
-        network from it).
+      model_config: the config's `model` section (`fer_jax.model.resnet.model_from_config`).
       meta: provenance, stored as given (JSON types): e.g. `source`, `step`, `accuracies`.
       class_names: one per output (default: the FER2013 classes).
       param_dtype: 'bfloat16' (the default: half the bytes) or 'float32' for the params;
@@ -289,7 +266,6 @@ def save(
         "sha256": hashlib.sha256(data).hexdigest(),
         "meta": metadata,
     }
-
     _write_manifest(path, manifest)
     return path
 

@@ -42,66 +42,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Serve the expression recogniser: an HTTP API (POST /v1/predict, "
         "GET /healthz, /docs) and a web page at / (photo upload and live webcam).",
     )
-    parser.add_argument(
-        "--checkpoint",
-        default="pretrained",
-        help="run directory (best, else latest), checkpoint directory, or 'pretrained' (the "
-        "model shipped in the package: the default), as python -m fer_jax.predict",
+    predict.add_model_options(
+        parser, DEFAULT_BATCH_SIZE, "most faces per model call; waiting requests batch up to it"
     )
-    parser.add_argument(
-        "--replica", default=None, help="of a replica run: a replica index k, or 'ensemble'"
-    )
-    parser.add_argument(
-        "--no_adjust",
-        dest="adjust",
-        action="store_false",
-        help="the model's own probabilities, without the shipped model's class-prior logit "
-        "adjustment (as fer_jax.predict --no_adjust)",
-    )
-    predict.add_matmul_dtype(parser)
     parser.add_argument(
         "--host",
         default=DEFAULT_HOST,
         help="address to listen on (default: loopback only; 0.0.0.0 for every interface)",
     )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0: any free port")
-    parser.add_argument(
-        "--batch_size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help="most faces per model call: waiting requests are batched up to it",
-    )
-    parser.add_argument(
-        "--max_bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body, bytes"
-    )
-    parser.add_argument(
-        "--max_pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="largest image, pixels (width x height), against decompression bombs",
-    )
-    parser.add_argument(
-        "--read_seconds",
-        type=float,
-        default=DEFAULT_READ_SECONDS,
-        help="longest time a request's body may take to arrive (408 after it)",
-    )
-    parser.add_argument(
-        "--max_pending",
-        type=int,
-        default=DEFAULT_MAX_PENDING,
-        help="requests in progress at once; more are answered 503 Retry-After",
-    )
+    for name, kind, default, what in (
+        ("max_bytes", int, DEFAULT_MAX_BYTES, "largest request body, bytes"),
+        ("max_pixels", int, DEFAULT_MAX_PIXELS, "largest image in pixels, vs decompression bombs"),
+        ("read_seconds", float, DEFAULT_READ_SECONDS, "most seconds for the body to arrive (408)"),
+        ("max_pending", int, DEFAULT_MAX_PENDING, "requests in progress at once; more get 503"),
+    ):
+        parser.add_argument(f"--{name}", type=kind, default=default, help=what)
     parser.add_argument(
         "--workers", type=int, default=None, help="decoding/detection threads (default: CPUs)"
     )
     parser.add_argument("--access_log", action="store_true", help="log every request")
-    parser.add_argument(
-        "--compilation_cache",
-        default="~/.cache/fer_jax/jax",
-        help="persistent XLA compilation cache, as fer_jax.predict ('' disables)",
-    )
-    parser.add_argument("--verbose", action="store_true", help="tracebacks of errors")
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_bytes", "max_pixels", "max_pending", "read_seconds"):
         if getattr(args, name) < 1:
@@ -128,15 +88,9 @@ def listen(host: str, port: int) -> socket.socket:
 def load_recognizers(args: argparse.Namespace) -> dict[int, Recognizer]:
     """`{crops: Recognizer}` for ten crops and one, loaded as `python -m fer_jax.predict` loads
     its model (`predict.load_recognizer`: the other options at predict's defaults)."""
+    options = {name: getattr(args, name) for name in ("adjust", "batch_size", "matmul_dtype")}
     return {
-        crops: predict.load_recognizer(
-            args.checkpoint,
-            args.replica,
-            adjust=args.adjust,
-            crops=crops,
-            batch_size=args.batch_size,
-            matmul_dtype=args.matmul_dtype,
-        )
+        crops: predict.load_recognizer(args.checkpoint, args.replica, crops=crops, **options)
         for crops in CROP_CHOICES
     }
 

@@ -1,22 +1,13 @@
 """The recogniser behind the API: admission, decoding and detection threads, one batching worker.
 
-A request goes through three stages:
-
-1. Admission (`Service.admit`): at most `max_pending` requests are in progress at once; one more
-   is answered 503 at once (a burst waits in no unbounded queue and cannot exhaust memory).
-2. Decoding and face detection (`Service.find`) on a pool of `workers` threads (Pillow and
-   OpenCV release the GIL): the image's gray pixels, its face boxes (detected, or the caller's),
-   and the 48x48 crops. Detection runs one image at a time: the Haar cascade object that
-   `data_pipelines.faces` shares is not thread-safe (two threads in its `detectMultiScale` fail
-   with a C++ range error), and it already spreads one image over the cores.
-3. The model (`Batcher`): one thread runs it; the crops of every request that is waiting when
-   it becomes free go through it as one batch of up to `batch_size` faces (the recogniser's
-   `predict_faces`, which pads to a power of two). Nothing waits for a batch to fill: one
-   request alone goes at once, and under load requests gather while the previous batch runs.
-   Requests for ten crops and for one are batched apart (they are different programs).
-
-The answer is the record `python -m fer_jax.predict --json` prints for one image, built by the
-same code (`fer_jax.inference.predict.face_record`).
+A request is admitted (`Service.admit`: at most `max_pending` in progress, one more is answered
+503 at once), decoded and its faces found and cropped on a pool of threads (`Service.find`;
+detection one image at a time: the Haar cascade that `data_pipelines.faces` shares is not
+thread-safe), then classified by one thread (`Batcher`) that runs the crops of every request
+waiting for it, with the same crop count, as one batch of up to `batch_size` faces; nothing
+waits for a batch to fill. The stages in full: docs/serve.md, Concurrency. The answer is the
+record `python -m fer_jax.predict --json` prints for one image, built by the same code
+(`fer_jax.inference.predict.face_record`).
 """
 
 from __future__ import annotations
@@ -37,11 +28,11 @@ import numpy as np
 from fer_jax.inference.predict import face_record
 from fer_jax.inference.recognizer import (
     FACE_SIZE,
-    Face,
     ImageError,
     Recognizer,
     check_boxes,
     find_faces,
+    label_faces,
 )
 from fer_jax.serve.uploads import Limits, UploadError, decode
 
@@ -267,14 +258,7 @@ class Service:
 
     def record(self, source: str, boxes: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
         """The JSON record of one image, as `python -m fer_jax.predict --json` writes it."""
-        faces = [
-            Face(
-                box=tuple(int(v) for v in box),
-                probabilities=p,
-                label=self.class_names[int(np.argmax(p))],
-            )
-            for box, p in zip(boxes, probabilities, strict=True)
-        ]
+        faces = label_faces(boxes, probabilities, self.class_names)
         return {"source": source, "faces": [face_record(f, self.class_names) for f in faces]}
 
     def health(self) -> dict[str, Any]:

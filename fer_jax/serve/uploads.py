@@ -1,18 +1,12 @@
 """An uploaded image, from the bytes of a request to gray pixels, in memory and within limits.
 
-A request carries the image either as its raw body (`Content-Type: image/...` or
-`application/octet-stream`) or as the one part of a `multipart/form-data` body (what a browser's
-form or `curl -F file=@photo.jpg` sends). Multipart bodies are parsed here, in memory, with
-python-multipart's streaming parser: Starlette's own form parsing spools uploads over 1 MB to a
-temporary file, and nothing uploaded may reach the disk.
-
-Refused, each with one message and its HTTP status (`UploadError`; the body's size and time
-are checked as it arrives, by `fer_jax.serve.app.read_body`): a body over
-`Limits.max_bytes` (413) or still arriving after `Limits.read_seconds` (408); a content type
-that is not an image (415); an empty body, bytes that are not an image of `IMAGE_FORMATS`, a
-truncated or corrupt image (400); an image of more than `Limits.max_pixels` pixels (413),
-checked from its header before any pixel is decoded, against decompression bombs (a few kB of
-PNG can declare gigapixels).
+The image comes as the raw body (`Content-Type: image/...` or `application/octet-stream`) or as
+the one part of a `multipart/form-data` body (a browser's form, `curl -F file=@photo.jpg`),
+parsed here in memory with python-multipart's streaming parser: Starlette's own form parsing
+spools uploads over 1 MB to a temporary file, and nothing uploaded may reach the disk. Each
+refusal is an `UploadError`, an HTTP status and one message (the statuses: docs/serve.md); the
+pixel limit is checked from the image's header before any pixel is decoded, against
+decompression bombs (a few kB of PNG can declare gigapixels).
 """
 
 from __future__ import annotations
