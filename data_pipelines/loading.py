@@ -39,24 +39,10 @@ def build(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.PathLi
 
 
 def load_split(name: str, split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Loads a built split into memory, in source order (CSV rows; JAFFE file names).
-
-    The same arrays as `files.load_split_from_files` on the files the dataset was built from.
-
-    Args:
-      name: 'fer2013' or 'jaffe'.
-      split: a split name ('train', 'public_test', 'private_test' for fer2013; 'train' for
-        jaffe), or any TFDS split expression such as 'train[:100]'.
-      data_dir: the TFDS data directory it was built into.
-
-    Returns:
-      Every feature as an array: 'image' (N, 48, 48, 1) uint8, 'label' (N,) int64, and per
-      dataset 'index' (N,) int64 (fer2013) or 'subject', 'filename' (N,) str and
-      'face_detected' (N,) bool (jaffe).
-
-    Raises:
-      FileNotFoundError: the dataset is not built in data_dir; the message gives the expected
-        path, the build command and the manual download instructions.
+    """Loads a built split (or any TFDS split expression, e.g. 'train[:100]') of `name` from
+    `data_dir` into memory: the same arrays as `files.load_split_from_files` on the files it
+    was built from. FileNotFoundError (with the build command and the manual download
+    instructions) where it is not built.
     """
     builder = tfds.builder(name, data_dir=os.fspath(data_dir))
     if not builder.is_prepared():
