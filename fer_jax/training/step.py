@@ -1,12 +1,7 @@
 """One training step and everything it reads: the train state with its optimizer (built once),
 the learning-rate and A-Softmax lambda schedules, the pure `train_step` and `eval_step`, and
-their compilation for one device (`OneDevice`).
-
-A plain run is one model on one device: `create_train_state` builds the optimizer and the
-schedules once from the config (`Recipe`), `OneDevice.compile` jits the step with the CPU's
-compiler options. The options wrap this path without changing it: data parallelism
-(`parallel.DataParallel`, same `compile` / `place` interface), K models in one program
-(`replicas.Replicas`, same interface as `OneModel`), and the tf.data input (`tf_data_input`).
+their compilation for one device (`OneDevice`): a plain run's path, which the options wrap
+without changing it (`fer_jax.training.train.create_job`).
 """
 
 from __future__ import annotations
