@@ -209,14 +209,21 @@ class Recipe:
     dropout_rate: float | jax.Array
 
 
-def create_recipe(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Recipe:
-    """The `Recipe` of `config`, from its Python values."""
+def create_recipe(
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    values: dict[str, Any] | None = None,
+    parts: dict[str, bool] | None = None,
+) -> Recipe:
+    """The `Recipe` of `config`, from its Python values, or from `values` (a replica's traced
+    `replicas.OVERRIDABLE` values; `parts`, `optimizer_parts` of all replicas, then fixes the
+    optimizer's structure, so every replica's state has one shape)."""
     return Recipe(
-        tx=create_optimizer(config, steps_per_epoch),
-        learning_rate=learning_rate_schedule(config, steps_per_epoch),
-        lam=lambda_schedule(config.loss, steps_per_epoch, config.num_epochs),
-        margin=config.loss.margin,
-        dropout_rate=config.model.dropout_rate,
+        tx=create_optimizer(config, steps_per_epoch, values, parts),
+        learning_rate=learning_rate_schedule(config, steps_per_epoch, values),
+        lam=lambda_schedule(config.loss, steps_per_epoch, config.num_epochs, values),
+        margin=_value(config, values, "loss.margin"),
+        dropout_rate=_value(config, values, "model.dropout_rate"),
     )
 
 
