@@ -7,11 +7,9 @@ the image followed by the same five crops of its horizontal mirror (not the mirr
 mirror's top-left crop is the mirror of the image's top-right crop), exactly as
 `torchvision.transforms.TenCrop(c)` does.
 
-Training crops are gathered by flat pixel index in both input pipelines: a plain or mirrored
-window (`crop_pixel_offsets`), or, with zoom or rotation, an integer fixed-point affine map per
-crop (`crop_affine`, on the host) that `affine_crop_pixels` turns into pixel indices with integer
-arithmetic alone, the same in numpy, jax.numpy and TensorFlow. Random erasing blanks a
-rectangle of a training crop (`erase_keep`: integer comparisons, the same in every library).
+Training crops (`crop_pixel_offsets`, `crop_affine`, `affine_crop_pixels`, `erase_keep`) are
+gathered by flat pixel index with integer arithmetic alone, the same in numpy, jax.numpy and
+TensorFlow, so that both input pipelines give the same pixels.
 """
 
 from __future__ import annotations

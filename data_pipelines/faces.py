@@ -8,10 +8,7 @@ Crop rule (`crop_face`): a square centred on the detected box's centre, with sid
 `max(w, h) * (1 + 2 * margin)`, i.e. the box's larger side plus `margin` of it on every side
 (default margin 0.1: a 100 px box gives a 120 px square). Parts of the square outside the image
 are filled by repeating the border pixels, so the face stays centred. The square is resized to
-`size` x `size` with `cv2.INTER_AREA`.
-
-Fallback (`centre_crop_face`), for photos where no face is found: the central square of side
-`fraction * min(H, W)` (default fraction 0.6), resized the same way.
+`size` x `size` with `cv2.INTER_AREA`. Where no face is found: `centre_crop_face`.
 """
 
 from __future__ import annotations

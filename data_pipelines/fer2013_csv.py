@@ -1,11 +1,7 @@
 """Reading and validating FER2013 in any of its distributed layouts (numpy only, no TensorFlow).
 
-Accepted files, looked for in this order in a directory (see `find_source`):
-
-- `fer2013.csv`: the original CSV, header `emotion,pixels,Usage`.
-- `fer2013/fer2013.csv`: the same, from an unpacked `fer2013.tar.gz`.
-- `fer2013.tar.gz`: the original archive holding `fer2013/fer2013.csv`; streamed, never unpacked.
-- `icml_face_data.csv`: the later Kaggle layout, header `emotion, Usage, pixels`.
+Accepted files, looked for in this order in a directory (`find_source`): `SOURCE_FILES`, as
+`MANUAL_DOWNLOAD_INSTRUCTIONS` describes them (a `.tar.gz` is streamed, never unpacked).
 
 Columns are found by name (surrounding spaces ignored), so their order does not matter and extra
 columns are ignored. Files as spreadsheet programs re-save them are accepted too: a UTF-8

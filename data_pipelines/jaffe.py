@@ -1,9 +1,6 @@
 """TFDS builder `jaffe`: the 213 JAFFE photos as FER2013-like 48x48 faces (manual download only).
 
-Each photo is read (palette TIFFs through their gray palette), its face found with OpenCV's Haar
-cascade and cropped square with a margin, then resized to 48x48 (`faces`, `jaffe_files`); a
-photo without a detected face gets the centre crop (`faces.centre_crop_face`), is marked
-`face_detected=False`, and the build logs how many fell back. Labels use FER2013's 7 codes.
+The examples are `files.jaffe_arrays`' (faces found and cropped by `jaffe_files.preprocess`).
 One split, train (213); cross-validation folds come from `folds.jaffe_folds`.
 """
 

@@ -7,16 +7,13 @@ TensorFlow (`tf_cpu`).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import fer2013, jaffe  # noqa: F401  (registers the TFDS builders)
-from data_pipelines.pipelines import (
-    Normalize,
-    eval_dataset_from_arrays,
-    train_dataset_from_arrays,
-)
+from data_pipelines.pipelines import eval_dataset_from_arrays, train_dataset_from_arrays
 from data_pipelines.tf_cpu import tf
 
 # Dataset -> the fer_jax.main flags that read its downloaded files without building anything.
@@ -39,24 +36,10 @@ def build(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.PathLi
 
 
 def load_split(name: str, split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Loads a built split into memory, in source order (CSV rows; JAFFE file names).
-
-    The same arrays as `files.load_split_from_files` on the files the dataset was built from.
-
-    Args:
-      name: 'fer2013' or 'jaffe'.
-      split: a split name ('train', 'public_test', 'private_test' for fer2013; 'train' for
-        jaffe), or any TFDS split expression such as 'train[:100]'.
-      data_dir: the TFDS data directory it was built into.
-
-    Returns:
-      Every feature as an array: 'image' (N, 48, 48, 1) uint8, 'label' (N,) int64, and per
-      dataset 'index' (N,) int64 (fer2013) or 'subject', 'filename' (N,) str and
-      'face_detected' (N,) bool (jaffe).
-
-    Raises:
-      FileNotFoundError: the dataset is not built in data_dir; the message gives the expected
-        path, the build command and the manual download instructions.
+    """Loads a built split (or any TFDS split expression, e.g. 'train[:100]') of `name` from
+    `data_dir` into memory: the same arrays as `files.load_split_from_files` on the files it
+    was built from. FileNotFoundError (with the build command and the manual download
+    instructions) where it is not built.
     """
     builder = tfds.builder(name, data_dir=os.fspath(data_dir))
     if not builder.is_prepared():
@@ -98,63 +81,34 @@ def train_dataset(
     data_dir: str | os.PathLike,
     split: str = "train",
     *,
-    batch_size: int,
-    seed: int,
-    start_epoch: int = 0,
-    start_step: int = 0,
-    num_epochs: int | None = None,
-    num_devices: int | None = None,
-    normalize: Normalize = "unit",
     dataset_name: str = "fer2013",
     indices: np.ndarray | None = None,
-    return_index: bool = False,
+    **options: Any,
 ) -> tf.data.Dataset:
-    """`train_dataset_from_arrays` on a built split (or its examples `indices`).
+    """`train_dataset_from_arrays` on a built split (or its examples `indices`); `options`
+    are its keywords (`batch_size`, `seed`, `start_epoch`, `num_devices`, `normalize`, ...).
 
     Yields {'image': (B, 44, 44, 1) float32, 'label': (B,) int32}, epoch after epoch from
-    (start_epoch, start_step); see `pipelines` for the epoch/step of each batch. With
-    `indices` it runs on those examples of the split; 'index' then counts positions in `indices`.
+    (start_epoch, start_step). With `indices` it runs on those examples of the split; 'index'
+    then counts positions in `indices`.
     """
     images, labels = _subset(dataset_name, split, data_dir, indices)
-    return train_dataset_from_arrays(
-        images,
-        labels,
-        batch_size=batch_size,
-        seed=seed,
-        start_epoch=start_epoch,
-        start_step=start_step,
-        num_epochs=num_epochs,
-        num_devices=num_devices,
-        normalize=normalize,
-        return_index=return_index,
-    )
+    return train_dataset_from_arrays(images, labels, **options)
 
 
 def eval_dataset(
     data_dir: str | os.PathLike,
     split: str,
     *,
-    batch_size: int,
-    num_devices: int | None = None,
-    normalize: Normalize = "unit",
     dataset_name: str = "fer2013",
     indices: np.ndarray | None = None,
-    crops: str = "ten",
-    return_index: bool = False,
+    **options: Any,
 ) -> tf.data.Dataset:
-    """`eval_dataset_from_arrays` on a built split (or its examples `indices`).
+    """`eval_dataset_from_arrays` on a built split (or its examples `indices`, in that order);
+    `options` are its keywords (`batch_size`, `num_devices`, `normalize`, `crops`, ...).
 
     Yields {'image': (B, 10, 44, 44, 1) float32, 'label': (B,) int32, 'mask': (B,) bool}, each
-    example exactly once, the last batch padded (mask False). With `indices` it runs on those
-    examples of the split, in that order.
+    example exactly once, the last batch padded (mask False).
     """
     images, labels = _subset(dataset_name, split, data_dir, indices)
-    return eval_dataset_from_arrays(
-        images,
-        labels,
-        batch_size=batch_size,
-        num_devices=num_devices,
-        normalize=normalize,
-        crops=crops,
-        return_index=return_index,
-    )
+    return eval_dataset_from_arrays(images, labels, **options)

@@ -2,30 +2,15 @@
 
 Both take whole splits as numpy arrays (`images (N, H, W, C) uint8`, `labels (N,) int`; FER2013's
 training split is 66 MB) and gather each batch's pixels with one `tf.gather` on the flattened
-images, so augmentation is vectorised over the batch.
+images, so augmentation is vectorised over the batch. The epoch plans (permutation, crops,
+flips, zoom, rotation, erasing: a function of (seed, epoch) alone) and the normalisations
+(`normalize`: 'unit', 'symmetric' or (mean, std)) are `plan`'s, shared with the on-device input.
 
-Training (`train_dataset_from_arrays`), one epoch at a time, forever (or `num_epochs`):
-
-- The epoch's plan comes from numpy: `np.random.default_rng([seed, epoch])` draws the
-  permutation of the N examples (the last N % B are dropped that epoch), then per example a crop
-  offset (top, left), each uniform in 0..H-c / 0..W-c inclusive (0..4 for 44 of 48; no padding),
-  and a horizontal flip with probability 0.5 (`epoch_plan`). It depends only on (seed, epoch).
-  Optional random zoom and rotation (`zoom`, `rotate`, off by default) make each crop an
-  integer affine map of the image (`plan` module docstring), drawn after those; optional random
-  erasing (`erase`) blanks a box of each crop, drawn last.
-- Batch k (0-based) of a dataset started at (start_epoch, start_step) is global step
-  g = start_epoch * steps_per_epoch + start_step + k, i.e. epoch g // steps_per_epoch and step
-  g % steps_per_epoch; it equals the batch an uninterrupted run yields at that step.
-- Output `{'image': (B, c, c, C) float32, 'label': (B,) int32}` (+ `'index': (B,) int64`, the
-  example indices, with `return_index`); with `num_devices=D` every array is (D, B / D, ...).
-
-Evaluation (`eval_dataset_from_arrays`): examples in order, ceil(N / B) batches, the last padded
-with zero images and label 0; `'mask'` is False on padding. Output `{'image': (B, 10, c, c, C)
-float32 (`crops.ten_crop` order), 'label': (B,) int32, 'mask': (B,) bool}`, or (B, c, c, C)
-centre crops with `crops='centre'`; `num_devices` as above.
-
-Normalisation (`normalize`): 'unit' x / 255 in [0, 1]; 'symmetric' x / 127.5 - 1 in [-1, 1];
-or a (mean, std) pair applied after 'unit': (x / 255 - mean) / std.
+Training (`train_dataset_from_arrays`): batch k (0-based) of a dataset started at (start_epoch,
+start_step) is global step g = start_epoch * steps_per_epoch + start_step + k, the batch an
+uninterrupted run yields at that step. Evaluation (`eval_dataset_from_arrays`): examples in
+order, ceil(N / B) batches, the last padded with zero images and label 0 (`'mask'` False).
+With `num_devices=D` every array is (D, B / D, ...).
 """
 
 from __future__ import annotations
@@ -110,7 +95,7 @@ def train_dataset_from_arrays(
       start_epoch, start_step: where to start; step in [0, steps_per_epoch(N, B)).
       num_epochs: epochs to run counting start_epoch's (possibly partial) one; None = forever.
       num_devices: if set, arrays are shaped (num_devices, B / num_devices, ...).
-      normalize: 'unit', 'symmetric' or (mean, std) (module docstring).
+      normalize: 'unit', 'symmetric' or (mean, std) (`plan.normalize_affine`).
       crop: side of the random square crop.
       flip: random horizontal flips with probability 0.5 (else never).
       zoom: crop scale uniform in [1 - zoom, 1 + zoom] (`epoch_plan`); 0 = none.
@@ -237,7 +222,7 @@ def eval_dataset_from_arrays(
       labels: (N,) integer class codes.
       batch_size: global batch size B (divisible by num_devices).
       num_devices: if set, arrays are shaped (num_devices, B / num_devices, ...).
-      normalize: 'unit', 'symmetric' or (mean, std) (module docstring).
+      normalize: 'unit', 'symmetric' or (mean, std) (`plan.normalize_affine`).
       crop: side of the square crops.
       crops: 'ten' (`crops.ten_crop` order) or 'centre'.
       return_index: also yield 'index', the (B,) int64 example indices (0 on padding).

@@ -1,29 +1,10 @@
 """2-D convolution (NHWC / HWIO) with CPU-friendly forms: Winograd, matmul weight gradients.
 
-On CPU (jax 0.10, 2-core x86), a CBAM-ResNet18 train step was dominated by convolution weight
-gradients at large maps (44x44x64 -> 64, 3x3): XLA:CPU hands f32 convolutions to YNNPACK, whose
-weight-gradient convolution (a "convolution" whose kernel is the whole 44x44 map) costs 3-4x
-the forward. Remedies, usable together:
-
-- ``conv2d(impl="matmul_grad")``: XLA forward and input gradient, weight gradient through a
-  ``jax.custom_vjp`` as matmuls of shifted copies: x shifted along W (kw copies) times dy
-  shifted along H (kh copies), ``(kw*Cin, N) @ (N, kh*Cout)``, N ~ B*Ho*Wo, chunked over a few
-  images at a time (:func:`weight_grad_matmul`). ``impl="auto"`` (:func:`select_impl`) uses it
-  where it measured faster (CPU: large maps, strided and 1x1 kernels) and plain XLA elsewhere
-  and on GPU/TPU.
-- ``conv2d(impl="winograd")``: stride-1 3x3 convolutions, forward and input gradient, by
-  Winograd's F(2x2, 3x3) (:func:`conv_winograd`), 2.25x fewer multiplications; ``"auto"`` takes
-  it on CPU at 44x44 and 22x22.
-- Strided convolutions (``"matmul_grad"`` and ``"phase_dx"``): the input gradient as stride**2
-  plain convolutions, one per phase of the input's pixels (:func:`input_grad_phases`), instead
-  of XLA's convolution of the stride-dilated dy, 4x the arithmetic at stride 2.
-- ``conv2d(impl="im2col")``: forward and input gradient as chunked patch matmuls
-  (:func:`conv_im2col`). Slower than XLA's in float32, but with bfloat16 operands
-  (``"auto:bf16"``) it runs at the bf16 multiply rate (2x float32's with AVX512-BF16): taken
-  there for layers 3-4 (11x11x256, 6x6x512), where XLA's float32 convolutions ran before.
-- ``jax.jit(step, compiler_options=cpu_compiler_options())``: XLA:CPU convolutions by Eigen
-  instead of YNNPACK (all shapes, forward and both gradients); the training steps
-  (``fer_jax.training.step.OneDevice``) and the recognizer compile with it.
+On CPU (jax 0.10, 2-core x86) a CBAM-ResNet18 train step was dominated by XLA's convolution
+weight gradients at large maps (3-4x the forward). `conv2d(impl=...)` offers faster forms, each
+described under :data:`IMPLS`; ``impl="auto"`` (:func:`select_impl`) picks one per shape where
+it measured faster, plain XLA elsewhere and on GPU/TPU. :func:`cpu_compiler_options` routes
+XLA:CPU's own convolutions to Eigen instead of YNNPACK (docs/cpu_performance.md).
 
 All impls agree to float32 rounding. Padding is symmetric and explicit, ``((p, p), (p, p))``,
 matching PyTorch ``F.conv2d(stride=s, padding=p)`` (also at stride 2 on even sizes, where XLA's
@@ -34,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +249,11 @@ def _weight_grad_xla(
     return dw
 
 
+def _saving_inputs(primal: jax.custom_vjp) -> Callable[..., Any]:
+    """The forward rule of a ``custom_vjp`` convolution: its output, (x, kernel) as residuals."""
+    return lambda x, kernel, *static: (primal.fun(x, kernel, *static), (x, kernel))
+
+
 def input_grad_phases(
     dy: jax.Array,
     kernel: jax.Array,
@@ -394,10 +382,6 @@ def _conv_im2col(
     return conv_im2col(x, kernel, stride, ((padding, padding),) * 2, bf16)
 
 
-def _conv_im2col_fwd(x, kernel, stride, padding, bf16):
-    return _conv_im2col(x, kernel, stride, padding, bf16), (x, kernel)
-
-
 def _conv_im2col_bwd(stride, padding, bf16, res, dy):
     x, kernel = res
     kh, kw = kernel.shape[:2]
@@ -411,7 +395,7 @@ def _conv_im2col_bwd(stride, padding, bf16, res, dy):
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
 
-_conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
+_conv_im2col.defvjp(_saving_inputs(_conv_im2col), _conv_im2col_bwd)
 
 
 # --- custom gradients: "matmul_grad" and "phase_dx" --------------------------------------------
@@ -424,10 +408,6 @@ def _conv_custom_grad(
     return _conv_xla(x, kernel, stride, padding)
 
 
-def _conv_custom_grad_fwd(x, kernel, stride, padding, dw_by_matmul, bf16):
-    return _conv_xla(x, kernel, stride, padding), (x, kernel)
-
-
 def _conv_custom_grad_bwd(stride, padding, dw_by_matmul, bf16, res, dy):
     x, kernel = res
     dx = _input_grad(dy, kernel, x, stride, padding)
@@ -438,7 +418,7 @@ def _conv_custom_grad_bwd(stride, padding, dw_by_matmul, bf16, res, dy):
     return dx, dw.astype(kernel.dtype)
 
 
-_conv_custom_grad.defvjp(_conv_custom_grad_fwd, _conv_custom_grad_bwd)
+_conv_custom_grad.defvjp(_saving_inputs(_conv_custom_grad), _conv_custom_grad_bwd)
 
 
 # --- "shifted_sums": convolutions between a few channels -------------------------------------
@@ -477,10 +457,6 @@ def _conv_shifted(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     return conv_shifted_sums(x, kernel, padding)
 
 
-def _conv_shifted_fwd(x, kernel, padding):
-    return conv_shifted_sums(x, kernel, padding), (x, kernel)
-
-
 def _conv_shifted_bwd(padding, res, dy):
     # XLA's gradients: shifted sums for dx too ran ~2 ms faster per train step but took ~2 s
     # more to compile (each sum is one large fusion).
@@ -488,7 +464,7 @@ def _conv_shifted_bwd(padding, res, dy):
     return _input_grad(dy, kernel, x, 1, padding), _weight_grad_xla(x, dy, kernel, 1, padding)
 
 
-_conv_shifted.defvjp(_conv_shifted_fwd, _conv_shifted_bwd)
+_conv_shifted.defvjp(_saving_inputs(_conv_shifted), _conv_shifted_bwd)
 
 
 # --- "winograd": F(2x2, 3x3) for stride-1 3x3 convolutions ----------------------------------
@@ -585,10 +561,6 @@ def _conv_wino(x: jax.Array, kernel: jax.Array, dw_by_matmul: bool, bf16: bool) 
     return conv_winograd(x, kernel, bf16)
 
 
-def _conv_wino_fwd(x, kernel, dw_by_matmul, bf16):
-    return conv_winograd(x, kernel, bf16), (x, kernel)
-
-
 def _conv_wino_bwd(dw_by_matmul, bf16, res, dy):
     x, kernel = res
     # At stride 1 and padding 1, dx is dy convolved with the flipped kernel, Cin <-> Cout.
@@ -600,7 +572,7 @@ def _conv_wino_bwd(dw_by_matmul, bf16, res, dy):
     return dx, dw.astype(kernel.dtype)
 
 
-_conv_wino.defvjp(_conv_wino_fwd, _conv_wino_bwd)
+_conv_wino.defvjp(_saving_inputs(_conv_wino), _conv_wino_bwd)
 
 
 # --- public API ---------------------------------------------------------------------------------

@@ -153,15 +153,8 @@ MATMUL_DTYPES = ("float32", "bfloat16", "auto")
 def matmul_bf16(matmul_dtype: str, backend: str | None = None) -> bool:
     """Whether the CPU convolution forms take bfloat16 matmul operands (`model.matmul_dtype`):
     'bfloat16' always, 'float32' never, 'auto' on a CPU with native bf16 multiplies (AMX-BF16
-    or AVX512-BF16).
-
-    Measured on an Intel Xeon with AMX (jax 0.10.2, the Winograd matmul shapes at batch 64):
-    bfloat16 with float32 accumulation 1.2x / 1.6x / 2.7x / 5x float32's GFLOP/s at 64 / 128 /
-    256 / 512 channels. Without native bf16 multiplies it is slower: 0.58-0.69x float32 on an
-    AVX2 AMD EPYC, Zen 3 (`experiments/results/bf16_matmul_cpu_epyc_zen3/`). With AVX512-BF16
-    and no AMX (a Zen 4 EPYC) the whole train step ran 1.19x, ten-crop evaluation 1.12x
-    (`experiments/results/bf16_train_step_cpu_epyc_zen4/`), a real FER2013 run 1.07x with the
-    same loss curve as float32 (`experiments/results/bf16_loss_curve_epyc_zen4/`).
+    or AVX512-BF16): up to 5x float32's matmul rate with AMX, slower (0.58-0.69x) without
+    native bf16 multiplies (measurements: docs/cpu_performance.md, "bfloat16 on a CPU").
     """
     if matmul_dtype not in MATMUL_DTYPES:
         raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")

@@ -1,35 +1,14 @@
 """JAFFE k-fold cross-validation: fine-tune a FER2013 model on each fold, test on the rest.
 
-The model fine-tuned (`config.init_from`) is the shipped one (`pretrained`), a FER2013 run or
-one of its checkpoints. It is fine-tuned the way it was trained (`fine_tuning_config`): every
-model field (head, width, CBAM, dropout, conv forms, the matmul dtype it trained with) and
-A-Softmax's margin come from it, and lambda is held at the value its training ended at, unless
-the command line sets them (`--config.model.head=...`, `--config.loss.lambda_base=...`: then
-the config's values, and, for lambda, the config's whole schedule). Where the source records
-them (`read_source`):
-
-- `pretrained`: the model and its `provenance.trained_matmul_dtype` from the weights' manifest;
-  its loss from `provenance.loss` (`{'margin', 'lambda'}`) where recorded, else the shipped
-  model's recipe (`SHIPPED_MARGIN`, `SHIPPED_LAMBDA`);
-- a run or checkpoint directory: the run's `config.json` (model and loss; lambda where its
-  schedule ends after `num_epochs`), else the shipped recipe's loss and the config's model.
-
-The run logs these settings and where each came from; `--mode=check` prints them with the fold
-plan (`fer_jax.training.data_check.cross_validation_lines`), and `summary.json` records them
-(`fine_tuning`).
-
-`config.fold_protocol` is a protocol of `data_pipelines.folds` ('random', the paper's, or
-'subject') or 'both' (the default of `configs/jaffe.py`): each protocol then runs in a
-sub-workdir of its own (`random/`, `subject/`), itself a one-protocol workdir with its own
-`config.json` and `summary.json`. Each fold trains in its own sub-workdir `fold_<k>/` (resuming
-independently, like any run) and is evaluated once, at the end, on its held-out images: there
-is no validation split, so nothing is selected on the test fold. The summary (`summary.json`,
-`confusion.png` per protocol) gives per-fold accuracy, their mean and standard deviation, and
-the pooled confusion matrix of each protocol (`protocols`), the paper's protocol's figures also
-at its top level; the log ends with the protocols side by side (`summary_lines`).
-`config.json` in the workdir holds the fine-tuning config, so a resume trains the same recipe;
-a workdir of the other layout (one protocol's folds against both protocols') is refused with
-the way to resume it (`check_layout`).
+The model fine-tuned (`config.init_from`: `pretrained`, a FER2013 run or one of its
+checkpoints) is fine-tuned the way it was trained: `read_source` reads its model fields and
+A-Softmax's margin and final lambda from its files, `fine_tuning_config` takes those the command
+line does not set (`summary.json`'s `fine_tuning` records each value and where it came from).
+`config.fold_protocol` is a protocol of `data_pipelines.folds` or 'both' (each protocol in a
+sub-workdir of its own, `check_layout` refusing a workdir of the other layout). Each fold trains
+in `fold_<k>/` (resuming like any run) and is evaluated once, at the end, on its held-out
+images; the summary gives per-fold accuracy, mean, standard deviation and the pooled confusion
+matrix per protocol. The whole story: docs/training.md, "JAFFE cross-validation".
 
 `train_then_cross_validate` is `fer_jax.main --mode=train`'s job: a training run, then this
 cross-validation of the model it selected (`config.cross_validate`).
@@ -164,7 +143,8 @@ def _pretrained_source(reference: str) -> Source:
 
 def read_source(init_from: str, field: str = "config.init_from") -> Source:
     """How the model at `init_from` (`pretrained[:NAME]`, a run or a checkpoint directory) was
-    trained, from its files (module docstring); UserError if there is nothing there."""
+    trained: the weights' manifest, else the run's `config.json`, else the shipped recipe's loss
+    (`SHIPPED_MARGIN`, `SHIPPED_LAMBDA`); UserError if there is nothing there."""
     if pretrained.is_reference(init_from):
         return _pretrained_source(init_from)
     path = os.path.abspath(os.path.expanduser(init_from))

@@ -1,18 +1,10 @@
 """Training and evaluation input that lives on the accelerator(s): no host pipeline per step.
 
-The uint8 training set goes to the devices once, split over them along the example axis. Each
-epoch's plan (`data_pipelines.plan.epoch_plan`: permutation, crop offsets, flips, with zoom or
-rotation each crop's integer affine map, with erasing each crop's box; the same function of
-(seed, epoch) that the tf.data pipeline uses) is sent per dispatch as small int32 arrays, and the
-compiled step gathers the crops on the device and runs `len(plan)` training steps in one call
-(`lax.scan`). Under data parallelism every device gathers the crops of the global batch whose
-images it holds, and one `psum_scatter` hands each device its contiguous slice of the batch (the
-rows the tf.data pipeline would have given it), so both input modes train on exactly the same
-batches.
-
-Evaluation splits go to the devices once too, padded to whole batches of `eval_batch_size`
-(split over the devices along the batch axis), and a whole split is evaluated in one call,
-ten crops gathered per image on the device (`data_pipelines.crops` order).
+The uint8 training set and the evaluation splits go to the devices once. Each epoch's plan
+(`data_pipelines.plan.epoch_plan`, the same as the tf.data pipeline's) is sent per dispatch as
+small int32 arrays, and the compiled step gathers the crops on the device and runs `len(plan)`
+training steps in one call (`lax.scan`): both input modes train on exactly the same batches
+(`gather_train_batch`). A whole split is evaluated in one call (`eval_split_fn`).
 
 `DeviceInput` holds a job's compiled calls over these arrays: `train_calls` (the calls of a
 run from any step on, `dispatches`) and `evaluate` (a split's report); `tf_data_input.TfDataInput`
@@ -85,13 +77,17 @@ def _padded(
 
 
 @dataclasses.dataclass
-class TrainArrays:
-    """The training set on the devices: 'images' (N', H * W, C) uint8 split over the devices
-    along N' (N padded to a multiple of the device count), 'labels' (N',) int32 replicated."""
+class DeviceArrays:
+    """A split on the devices. The training set (`put_train_arrays`): 'images' (N', H * W, C)
+    uint8 split over the devices along N' (N padded to a multiple of the device count),
+    'labels' (N',) int32 replicated. An evaluation split (`put_eval_arrays`): 'images'
+    (S, EB, H * W, C), 'labels' (S, EB) and 'mask' (S, EB) bool (False on padding), split over
+    the devices along EB."""
 
     images: Any
     labels: Any
     layout: Layout
+    mask: Any = None
 
 
 def put_train_arrays(
@@ -101,10 +97,10 @@ def put_train_arrays(
     *,
     normalize: Any = "unit",
     crop: int = CROP_SIZE,
-) -> TrainArrays:
+) -> DeviceArrays:
     """Sends `images (N, H, W, C) uint8` and `labels (N,)` to the devices, once."""
     flat, padded_labels, _ = _padded(images, labels, parallel.num_devices)
-    return TrainArrays(
+    return DeviceArrays(
         images=parallel.place(flat, 0),
         labels=parallel.place(padded_labels, None),
         layout=layout_of(images.shape, normalize, crop, parallel.num_devices),
@@ -139,7 +135,9 @@ def gather_train_batch(
 
     Returns:
       {'image': (B / D, c, c, C) float32, 'label': (B / D,) int32}: this device's slice of
-      the global batch (rows d * B / D ... in device order), normalised.
+      the global batch (rows d * B / D ... in device order, as the tf.data pipeline would give
+      it), normalised. Each device gathers the crops of the images it holds, and one
+      `psum_scatter` hands each its slice.
     """
     index = row["index"]
     if "affine" in row:
@@ -196,17 +194,6 @@ def train_chunk_fn(
     return chunk
 
 
-@dataclasses.dataclass
-class EvalArrays:
-    """A split on the devices: 'images' (S, EB, H * W, C) uint8, 'labels' (S, EB) int32 and
-    'mask' (S, EB) bool (False on padding), split over the devices along EB."""
-
-    images: Any
-    labels: Any
-    mask: Any
-    layout: Layout
-
-
 def put_eval_arrays(
     parallel: OneDevice,
     images: np.ndarray,
@@ -215,11 +202,11 @@ def put_eval_arrays(
     *,
     normalize: Any = "unit",
     crop: int = CROP_SIZE,
-) -> EvalArrays:
+) -> DeviceArrays:
     """Sends a split to the devices as whole padded batches of `batch_size`, once."""
     flat, padded, mask = _padded(images, labels, batch_size)
     shape = (-1, batch_size)
-    return EvalArrays(
+    return DeviceArrays(
         images=parallel.place(flat.reshape(shape + flat.shape[1:]), 1),
         labels=parallel.place(padded.reshape(shape), 1),
         mask=parallel.place(mask.reshape(shape), 1),
@@ -361,7 +348,7 @@ class DeviceInput:
             rows = self.devices.place(plan_chunk(plan, first % steps_per_epoch, steps), None)
             yield steps, lambda s, rows=rows: fn(s, data.images, data.labels, rows)
 
-    def _arrays(self, images: np.ndarray, labels: np.ndarray) -> EvalArrays:
+    def _arrays(self, images: np.ndarray, labels: np.ndarray) -> DeviceArrays:
         for held_images, held_labels, arrays in self._eval_arrays:
             if held_images is images and held_labels is labels:
                 return arrays

@@ -1,14 +1,6 @@
-"""The run's metrics, accumulated with `clu.metrics`.
-
-Evaluation: `eval_step` turns each batch into an `EvalMetrics` collection (the confusion
-matrix, the masked mean cross-entropy, the accuracy) inside the compiled function; batches,
-devices and splits are combined with `merge` (sums: order-independent counts, so the result
-does not depend on how the split was batched), and `report` turns a split's collection into
-`fer_jax.training.evaluate.metrics_from_confusion`'s report.
-
-Training: `train_summaries` averages each per-step metric that `train_step` returns (whatever
-their names) over one log interval with `clu.metrics.Average`, per replica, after checking that
-every step's loss is finite.
+"""The run's metrics, accumulated with `clu.metrics`: `EvalMetrics` per evaluation batch,
+combined over batches, devices and splits by `merge` (sums of counts: the result does not depend
+on the batching) and turned into a report by `report`; `train_summaries` for training.
 
 The writers are the project's own (`fer_jax.training.summary_writer`), not
 `clu.metric_writers`: clu's writers and `clu.periodic_actions` import TensorFlow at import

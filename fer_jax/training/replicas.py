@@ -8,7 +8,7 @@ seed (initialisation, data order, dropout): `config.seed + k`, unless `config.re
 lists the K seeds. Its scalar hyperparameters may differ too: `config.replica_overrides` lists
 K dicts of the `OVERRIDABLE` fields, which the state carries as arrays
 (`ReplicaState.hparams`), so they change values but not the program: each replica's optimizer
-and schedules are built from them inside the step (`replica_recipe`), where a plain run builds
+and schedules are built from them inside the step (`step.create_recipe`), where a plain run builds
 them once from the config. What each field may hold is `fer_jax.training.config_schema`'s to
 check.
 """
@@ -142,32 +142,14 @@ class ReplicaState(plain.TrainState):
     recipe_of: Callable[[dict[str, jax.Array]], plain.Recipe] = flax.struct.field(pytree_node=False)
 
 
-def replica_recipe(
-    config: ml_collections.ConfigDict,
-    steps_per_epoch: int,
-    parts: dict[str, bool],
-    hparams: dict[str, jax.Array],
-) -> plain.Recipe:
-    """One replica's `Recipe` from its (traced) `hparams`; `parts` (`step.optimizer_parts` of
-    all replicas) fixes the optimizer's structure, so every replica's state has one shape."""
-    return plain.Recipe(
-        tx=plain.create_optimizer(config, steps_per_epoch, hparams, parts),
-        learning_rate=plain.learning_rate_schedule(config, steps_per_epoch, hparams),
-        lam=plain.lambda_schedule(config.loss, steps_per_epoch, config.num_epochs, hparams),
-        margin=hparams["loss.margin"],
-        dropout_rate=hparams["model.dropout_rate"],
-    )
-
-
 def create_train_state(
     config: ml_collections.ConfigDict, model: ResNet18, steps_per_epoch: int
 ) -> ReplicaState:
     """K fresh states (`replica_configs`: own seeds and hyperparameters), each exactly as a
     plain run of its config would start, stacked along a leading replica axis."""
     configs = replica_configs(config)
-    recipe_of = functools.partial(
-        replica_recipe, config, steps_per_epoch, plain.optimizer_parts(configs)
-    )
+    parts = plain.optimizer_parts(configs)
+    recipe_of = functools.partial(plain.create_recipe, config, steps_per_epoch, parts=parts)
     fields = []
     for one in configs:  # one by one: a vmapped 'rbg' init would not match a plain run's
         values = hparams(one)

@@ -1,12 +1,7 @@
 """One training step and everything it reads: the train state with its optimizer (built once),
 the learning-rate and A-Softmax lambda schedules, the pure `train_step` and `eval_step`, and
-their compilation for one device (`OneDevice`).
-
-A plain run is one model on one device: `create_train_state` builds the optimizer and the
-schedules once from the config (`Recipe`), `OneDevice.compile` jits the step with the CPU's
-compiler options. The options wrap this path without changing it: data parallelism
-(`parallel.DataParallel`, same `compile` / `place` interface), K models in one program
-(`replicas.Replicas`, same interface as `OneModel`), and the tf.data input (`tf_data_input`).
+their compilation for one device (`OneDevice`): a plain run's path, which the options wrap
+without changing it (`fer_jax.training.train.create_job`).
 """
 
 from __future__ import annotations
@@ -214,14 +209,21 @@ class Recipe:
     dropout_rate: float | jax.Array
 
 
-def create_recipe(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Recipe:
-    """The `Recipe` of `config`, from its Python values."""
+def create_recipe(
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    values: dict[str, Any] | None = None,
+    parts: dict[str, bool] | None = None,
+) -> Recipe:
+    """The `Recipe` of `config`, from its Python values, or from `values` (a replica's traced
+    `replicas.OVERRIDABLE` values; `parts`, `optimizer_parts` of all replicas, then fixes the
+    optimizer's structure, so every replica's state has one shape)."""
     return Recipe(
-        tx=create_optimizer(config, steps_per_epoch),
-        learning_rate=learning_rate_schedule(config, steps_per_epoch),
-        lam=lambda_schedule(config.loss, steps_per_epoch, config.num_epochs),
-        margin=config.loss.margin,
-        dropout_rate=config.model.dropout_rate,
+        tx=create_optimizer(config, steps_per_epoch, values, parts),
+        learning_rate=learning_rate_schedule(config, steps_per_epoch, values),
+        lam=lambda_schedule(config.loss, steps_per_epoch, config.num_epochs, values),
+        margin=_value(config, values, "loss.margin"),
+        dropout_rate=_value(config, values, "model.dropout_rate"),
     )
 
 
