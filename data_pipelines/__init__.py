@@ -1,28 +1,10 @@
 """FER2013 and JAFFE: reading the publishers' files, TFDS builders, and the input pipelines.
 
-`import data_pipelines` imports no TensorFlow: the numpy side (file parsing and
-`load_split_from_files`, face crops, ten crops, folds, epoch plans) is imported with it. The
-TensorFlow side (`build`, `load_split`, `load_arrays`, `train_dataset`, `eval_dataset` from
-`loading`; `train_dataset_from_arrays`, `eval_dataset_from_arrays` from `pipelines`) is imported
-on first use of those names. Whichever of them imports TensorFlow first hides every GPU from it
-(`tf_cpu`: JAX owns the accelerator, tf.data runs on the CPU).
-
-The TFDS builders `fer2013` and `jaffe` are registered by `loading` (so by `build` and
-`load_split`), by importing `data_pipelines.fer2013` / `data_pipelines.jaffe`, and by importing
-this package once `tensorflow_datasets` is imported, as `tfds build fer2013
---imports=data_pipelines` does.
-
-Typical use, without TensorFlow:
-
-    arrays = data_pipelines.load_split_from_files('fer2013', 'train', manual_dir)
-    images, labels = arrays['image'], arrays['label']  # (N, 48, 48, 1) uint8, (N,) int64
-
-or with it:
-
-    images, labels = data_pipelines.load_arrays('fer2013', 'train', data_dir)
-    ds = data_pipelines.train_dataset_from_arrays(images, labels, batch_size=128, seed=0)
-    for batch in ds.as_numpy_iterator():  # {'image': (128, 44, 44, 1) float32, 'label': ...}
-        ...
+`import data_pipelines` imports no TensorFlow: the numpy side (`load_split_from_files`, face
+crops, ten crops, folds, epoch plans) comes with it; the TensorFlow side (`loading`'s and
+`pipelines`' names, `_LAZY`) is imported on first use and hides every GPU from TensorFlow
+(`tf_cpu`). Importing this package once `tensorflow_datasets` is imported registers the TFDS
+builders `fer2013` and `jaffe` (`tfds build fer2013 --imports=data_pipelines`). Use: docs/data.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
-"""Ten-crop evaluation crops (numpy), in torchvision's `TenCrop` order.
+"""Evaluation crops in torchvision's `TenCrop` order, and training crops by flat pixel index.
 
-For a crop side c of an (H, W) image the five crops are, as (top, left) offsets: top-left (0, 0),
-top-right (0, W-c), bottom-left (H-c, 0), bottom-right (H-c, W-c) and centre
-(round((H-c)/2), round((W-c)/2)) -- for 44 of 48, (2, 2). `ten_crop` returns those five crops of
-the image followed by the same five crops of its horizontal mirror (not the mirrored crops: the
-mirror's top-left crop is the mirror of the image's top-right crop), exactly as
-`torchvision.transforms.TenCrop(c)` does.
-
-Training crops (`crop_pixel_offsets`, `crop_affine`, `affine_crop_pixels`, `erase_keep`) are
-gathered by flat pixel index with integer arithmetic alone, the same in numpy, jax.numpy and
-TensorFlow, so that both input pipelines give the same pixels.
+`ten_crop` gives the five crops (corners, then centre) of the image, then the same five of its
+horizontal mirror, exactly as `torchvision.transforms.TenCrop(c)` does. Training crops are
+gathered with integer arithmetic alone, the same in numpy, jax.numpy and TensorFlow, so that
+both input pipelines give the same pixels (docs/data.md, "Input pipeline").
 """
 
 from __future__ import annotations
@@ -36,16 +30,8 @@ def five_crop_offsets(height: int, width: int, crop: int = CROP_SIZE) -> list[tu
 
 
 def ten_crop(images: Any, crop: int = CROP_SIZE) -> Any:
-    """The ten crops of each image, in TenCrop order (module docstring): one gather by
-    `ten_crop_pixel_indices`, the same for numpy and jax.numpy arrays.
-
-    Args:
-      images: (N, H, W, C) array, any dtype.
-      crop: side of the square crops in pixels.
-
-    Returns:
-      (N, 10, crop, crop, C), same dtype and array library.
-    """
+    """(N, H, W, C) images, numpy or jax.numpy -> their ten crops (N, 10, crop, crop, C), in
+    TenCrop order: one gather by `ten_crop_pixel_indices`."""
     if images.ndim != 4:
         raise ValueError(f"expected (N, H, W, C) images, got shape {images.shape}")
     n, height, width, channels = images.shape
@@ -70,24 +56,12 @@ def crop_affine(
     angle: np.ndarray,
     crop: int = CROP_SIZE,
 ) -> np.ndarray:
-    """Each training crop as an integer fixed-point affine map from crop to image pixels.
-
-    Output pixel (i, j) of the crop x crop crop reads image row `(a*i + b*j + e) // 2**16` and
-    column `(d*i + f*j + g) // 2**16` (floor, i.e. an arithmetic shift by 16; then clipped to
-    the image: edge pixels repeat), where the crop's centre maps to the centre of the window at
-    (top, left), and about it the map scales by `scale` (> 1 zooms out: the crop covers
-    `scale` times as many image pixels across, more of the face), turns the sampling axes by
-    `angle` degrees counterclockwise as displayed (rows down; the face appears turned
-    clockwise), and mirrors the crop horizontally where `flip`. e and g hold +2**15, so the
-    floor rounds to the nearest pixel. At scale 1 and angle 0 the map is the window itself,
-    pixel for pixel (`crop_pixel_offsets`).
-
-    Args:
-      top, left: int crop offsets; flip: bool; scale: > 0; angle: degrees (all broadcast).
-
-    Returns:
-      (..., 6) int32 [a, b, e, d, f, g].
-    """
+    """Each training crop as an integer fixed-point affine map, (..., 6) int32 [a, b, e, d, f, g]
+    (all arguments broadcast): crop pixel (i, j) reads image row `(a*i + b*j + e) // 2**16` and
+    column `(d*i + f*j + g) // 2**16`, clipped to the image (edge pixels repeat). About the
+    centre of the window at (top, left) the map scales by `scale` (> 1 zooms out), turns the
+    sampling axes by `angle` degrees counterclockwise as displayed, and mirrors where `flip`;
+    at scale 1 and angle 0 it is the window itself (`crop_pixel_offsets`)."""
     turn = np.deg2rad(angle)
     mirror = np.where(flip, -1.0, 1.0)
     cos, sin = scale * np.cos(turn), scale * np.sin(turn)
@@ -114,20 +88,9 @@ def crop_affine(
 def affine_crop_pixels(
     maps: Any, height: int, width: int, crop: int = CROP_SIZE, xp: Any = np
 ) -> Any:
-    """Flat pixel indices (row * width + col) of the crops `crop_affine` describes.
-
-    Integer arithmetic only, one body for every array library, so that the tf.data and the
-    on-device pipelines gather exactly the same pixels.
-
-    Args:
-      maps: (..., 6) int32 [a, b, e, d, f, g] (`crop_affine`), a numpy, jax or tf array.
-      height, width: the image's size in pixels.
-      crop: side of the crop.
-      xp: the array module with `minimum` and `maximum` (numpy, jax.numpy or tensorflow).
-
-    Returns:
-      (..., crop, crop) int32 indices into the flattened (H * W) image.
-    """
+    """(..., crop, crop) int32 flat pixel indices (row * width + col) of the crops that `maps`
+    (`crop_affine`'s, a numpy, jax or tf array) describe; `xp`: the array module (numpy,
+    jax.numpy or tensorflow). Integer arithmetic only, the same in every library."""
     i, j = np.mgrid[:crop, :crop].astype(np.int32)
     a, b, e, d, f, g = (maps[..., k, None, None] for k in range(6))
     rows = (a * i + b * j + e) // FIXED_POINT_ONE
@@ -147,16 +110,9 @@ ERASE_TRIES = 10  # torchvision's: a box that does not fit is drawn again, then 
 def erase_boxes(
     rng: np.random.Generator, shape: tuple[int, ...], p: float, crop: int
 ) -> np.ndarray:
-    """Random erasing boxes of `shape` crops, drawn from `rng` (torchvision's scheme).
-
-    Each crop is erased with probability `p`; its box covers an area uniform in `ERASE_AREA`
-    of the crop with a log-uniform aspect ratio in `ERASE_RATIO`, at a uniform position; a box
-    that does not fit is drawn again, up to `ERASE_TRIES` times, then the crop is left whole.
-
-    Returns:
-      (*shape, 4) int32 [top, left, bottom, right) in crop pixels; all 0 (empty) where a crop is
-      not erased.
-    """
+    """Random erasing boxes (*shape, 4) int32 [top, left, bottom, right) in crop pixels, drawn
+    from `rng` as torchvision does (above): each crop erased with probability `p`, else its box
+    is empty (all 0), as it is where `ERASE_TRIES` draws do not fit."""
     erase = rng.random(shape) < p
     height = np.zeros(shape, np.int64)
     width = np.zeros(shape, np.int64)

@@ -35,11 +35,9 @@ def _cascade() -> cv2.CascadeClassifier:
 
 def _check_gray(gray: np.ndarray) -> None:
     if not isinstance(gray, np.ndarray) or gray.ndim != 2 or gray.dtype != np.uint8:
-        got = (
-            f"{gray.dtype} array of shape {gray.shape}"
-            if isinstance(gray, np.ndarray)
-            else type(gray).__name__
-        )
+        got = type(gray).__name__
+        if isinstance(gray, np.ndarray):
+            got = f"{gray.dtype} array of shape {gray.shape}"
         raise ValueError(f"expected a (H, W) uint8 grayscale image, got a {got}")
 
 
@@ -50,17 +48,8 @@ def detect_faces(
     min_neighbors: int = 5,
     min_size: tuple[int, int] = (60, 60),
 ) -> np.ndarray:
-    """Detects frontal faces with OpenCV's Haar cascade.
-
-    Args:
-      gray: (H, W) uint8 grayscale image.
-      scale_factor, min_neighbors, min_size: `cv2.CascadeClassifier.detectMultiScale` arguments
-        (min_size is (width, height) in pixels).
-
-    Returns:
-      (N, 4) int64 boxes `[x, y, w, h]` in pixels, largest area first (ties: top-left first);
-      N = 0 when no face is found.
-    """
+    """Frontal faces in (H, W) uint8 `gray` (OpenCV's Haar cascade; the keywords are
+    `detectMultiScale`'s): (N, 4) int64 boxes `[x, y, w, h]`, largest first (ties: top-left)."""
     _check_gray(gray)
     boxes = _cascade().detectMultiScale(
         gray, scaleFactor=scale_factor, minNeighbors=min_neighbors, minSize=tuple(min_size)
@@ -91,17 +80,8 @@ def crop_face(
     margin: float = DEFAULT_MARGIN,
     size: int = 48,
 ) -> np.ndarray:
-    """Crops a square face around `box` (rule in the module docstring).
-
-    Args:
-      gray: (H, W) uint8 grayscale image.
-      box: `[x, y, w, h]` in pixels, e.g. a row of `detect_faces`.
-      margin: fraction of the box's larger side added on each side of the square.
-      size: output side in pixels.
-
-    Returns:
-      (size, size) uint8.
-    """
+    """(size, size) uint8: the square face around `box` `[x, y, w, h]` (e.g. a row of
+    `detect_faces`) in (H, W) uint8 `gray`, as the module docstring says."""
     _check_gray(gray)
     x, y, w, h = (int(v) for v in box)
     if w <= 0 or h <= 0:
@@ -115,16 +95,8 @@ def crop_face(
 def centre_crop_face(
     gray: np.ndarray, size: int = 48, *, fraction: float = DEFAULT_CENTRE_FRACTION
 ) -> np.ndarray:
-    """The fallback crop: the central square of side `fraction * min(H, W)`, resized.
-
-    Args:
-      gray: (H, W) uint8 grayscale image.
-      size: output side in pixels.
-      fraction: side of the square relative to the image's shorter side, in (0, 1].
-
-    Returns:
-      (size, size) uint8.
-    """
+    """The fallback crop, (size, size) uint8: the central square of side `fraction` (in
+    (0, 1]) of the shorter side of (H, W) uint8 `gray`, resized."""
     _check_gray(gray)
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -135,11 +107,8 @@ def centre_crop_face(
 def face_or_centre_crop(
     gray: np.ndarray, *, margin: float = DEFAULT_MARGIN, size: int = 48, **detect_kwargs
 ) -> tuple[np.ndarray, bool]:
-    """Crops the largest detected face, or the centre crop if none is found.
-
-    Returns:
-      ((size, size) uint8 crop, whether a face was found).
-    """
+    """`((size, size) uint8 crop, whether a face was found)`: the largest detected face, or
+    the centre crop if none is found."""
     boxes = detect_faces(gray, **detect_kwargs)
     if len(boxes):
         return crop_face(gray, boxes[0], margin=margin, size=size), True

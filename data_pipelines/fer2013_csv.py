@@ -13,6 +13,7 @@ is an integer 0-6 (order of `labels.CLASS_NAMES`), `pixels` 2,304 space-separate
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -21,7 +22,7 @@ import pathlib
 import re
 import tarfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -63,19 +64,12 @@ _BOM = "\ufeff"
 
 @dataclasses.dataclass(frozen=True)
 class Fer2013Rows:
-    """All rows of a FER2013 file, in file order.
+    """All rows of a FER2013 file, in file order."""
 
-    Attributes:
-      images: (N, 48, 48) uint8.
-      labels: (N,) int64 in [0, 7).
-      splits: (N,) str, the split of each row (`USAGE_SPLITS` values).
-      source: the file the rows came from (`archive:member` for a tar.gz).
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    splits: np.ndarray
-    source: str
+    images: np.ndarray  # (N, 48, 48) uint8
+    labels: np.ndarray  # (N,) int64 in [0, 7)
+    splits: np.ndarray  # (N,) str, the split of each row (`USAGE_SPLITS` values)
+    source: str  # the file the rows came from (`archive:member` for a tar.gz)
 
 
 def find_source(directory: str | pathlib.Path) -> pathlib.Path:
@@ -90,35 +84,59 @@ def find_source(directory: str | pathlib.Path) -> pathlib.Path:
     )
 
 
+@contextlib.contextmanager
+def open_text(path: pathlib.Path) -> Iterator[tuple[Iterable[str], str]]:
+    """`(the text lines, their name in errors)` of a FER2013 `.csv`, or of the CSV inside its
+    `.tar.gz` (streamed)."""
+    if not path.name.endswith((".tar.gz", ".tgz")):
+        with open(path, encoding="utf-8", newline="") as f:
+            yield f, str(path)
+        return
+    with tarfile.open(path, mode="r:gz") as tar:
+        member = next(
+            (m for m in tar if m.isfile() and m.name.lstrip("./") == ARCHIVE_MEMBER), None
+        )
+        if member is None:
+            raise DataError(f"{path}: the archive holds no {ARCHIVE_MEMBER}")
+        with io.TextIOWrapper(tar.extractfile(member), encoding="utf-8", newline="") as text:
+            yield text, f"{path}:{ARCHIVE_MEMBER}"
+
+
 def read_fer2013(path: str | pathlib.Path) -> Fer2013Rows:
     """Reads and validates a FER2013 `.csv` or `.tar.gz` (layouts in the module docstring)."""
     path = pathlib.Path(path)
-    if path.name.endswith((".tar.gz", ".tgz")):
-        return _read_archive(path)
+    archive = path.name.endswith((".tar.gz", ".tgz"))
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return parse_csv(f, source=str(path))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not a UTF-8 text file ({e})") from e
-
-
-def _read_archive(path: pathlib.Path) -> Fer2013Rows:
-    source = f"{path}:{ARCHIVE_MEMBER}"
-    try:
-        with tarfile.open(path, mode="r:gz") as tar:
-            member = next(
-                (m for m in tar if m.isfile() and m.name.lstrip("./") == ARCHIVE_MEMBER), None
-            )
-            if member is None:
-                raise DataError(f"{path}: the archive holds no {ARCHIVE_MEMBER}")
-            f = tar.extractfile(member)
-            assert f is not None  # A regular file member always has contents.
-            with io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
-                return parse_csv(text, source=source)
-    except DataError:
+        with open_text(path) as (text, source):
+            return parse_csv(text, source=source)
+    except (UnicodeDecodeError, tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        if archive:
+            why = f"{type(e).__name__}: {e}"
+            raise DataError(f"{path}: unreadable or truncated archive ({why})") from e
+        if isinstance(e, UnicodeDecodeError):
+            raise DataError(f"{path}: not a UTF-8 text file ({e})") from e
         raise
-    except (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: unreadable or truncated archive ({type(e).__name__}: {e})") from e
+
+
+def count_rows(path: pathlib.Path) -> dict[str, int] | None:
+    """Rows per split of a FER2013 file from its `Usage` column alone (no pixel is parsed; a
+    malformed file is reported when it is read); None if it cannot be counted so."""
+    counts = dict.fromkeys(USAGE_SPLITS.values(), 0)
+    try:
+        with open_text(path) as (text, _):
+            lines = iter(text)
+            header = next(csv.reader([next(lines).removeprefix(_BOM)], skipinitialspace=True))
+            names = [h.strip() for h in header]
+            col = names.index("Usage")
+            last = col == len(names) - 1
+            for line in lines:
+                field = line.rsplit(",", 1)[-1] if last else line.split(",", col + 1)[col]
+                split = USAGE_SPLITS.get(field.strip().strip('"').strip())
+                if split is not None:
+                    counts[split] += 1
+    except (OSError, ValueError, IndexError, StopIteration, tarfile.TarError, EOFError, zlib.error):
+        return None
+    return counts
 
 
 def parse_csv(lines: Iterable[str], *, source: str) -> Fer2013Rows:

@@ -1,14 +1,9 @@
 """FER2013 and JAFFE splits read straight from the publishers' files (numpy only, no TensorFlow).
 
-`load_split_from_files(name, split, manual_dir)` returns exactly the arrays that
-`loading.load_split(name, split, data_dir)` returns after the TFDS builder has built a data_dir
-from the same `manual_dir`: the builders (`fer2013`, `jaffe`) make their examples from these
-arrays (`examples`), so the file -> example mapping exists once, here.
-
-Each source is parsed once per process: FER2013's three splits come from one CSV (300 MB for
-the real one), and every JAFFE photo goes through face detection. The parsed data is cached,
-keyed by the resolved path and the size and modification time of each file, so an edited or
-replaced file is read again.
+`load_split_from_files` returns exactly the arrays `loading.load_split` returns after the TFDS
+builders have built a data_dir from the same files: the builders make their examples from these
+arrays (`examples`). Each source is parsed once per process, cached by path, size and
+modification time (an edited or replaced file is read again).
 """
 
 from __future__ import annotations
@@ -41,25 +36,10 @@ _cache: dict[tuple[str, str], tuple[Hashable, Any]] = {}
 def load_split_from_files(
     name: str, split: str, manual_dir: str | os.PathLike
 ) -> dict[str, np.ndarray]:
-    """One split of `name` read from the downloaded files in `manual_dir`, in source order.
-
-    Args:
-      name: 'fer2013' or 'jaffe'.
-      split: 'train', 'public_test' or 'private_test' (fer2013); 'train' (jaffe).
-      manual_dir: the directory holding the publisher's files (see `fer2013_csv` and
-        `jaffe_files` for the accepted layouts).
-
-    Returns:
-      'image' (N, 48, 48, 1) uint8 and 'label' (N,) int64, plus 'index' (N,) int64, the 0-based
-      CSV data row (fer2013, in CSV row order), or 'subject', 'filename' (N,) str and
-      'face_detected' (N,) bool (jaffe, in file-name order). The arrays are the caller's own.
-
-    Raises:
-      ValueError: unknown dataset or split.
-      FileNotFoundError: no source file in `manual_dir`; the message gives the directory, the
-        expected files and the manual download instructions.
-      DataError: a malformed file (the message names the file and line or problem).
-    """
+    """Split `split` of `name` ('fer2013' or 'jaffe', `SPLITS`) read from the publisher's files
+    in `manual_dir`, in source order: as `fer2013_split_arrays` or `jaffe_arrays` give them (the
+    caller's own copies). FileNotFoundError (with the download instructions) where there are
+    none; DataError for a malformed file."""
     if name not in SPLITS:
         raise ValueError(f"unknown dataset {name!r}, expected one of {', '.join(SPLITS)}")
     if split not in SPLITS[name]:
@@ -77,15 +57,10 @@ def fer2013_split_arrays(rows: fer2013_csv.Fer2013Rows, split: str) -> dict[str,
 
 
 def jaffe_arrays(items: list[jaffe_files.JaffeFile]) -> dict[str, np.ndarray]:
-    """The JAFFE photos as the builder's features, in the order of `items`.
-
-    Each photo is read (`jaffe_files.read_gray`) and cropped to its face, else its centre
-    (`jaffe_files.preprocess`); logs a warning naming the photos without a detected face.
-
-    Returns:
-      'image' (N, 48, 48, 1) uint8, 'label' (N,) int64, 'subject' and 'filename' (N,) str,
-      'face_detected' (N,) bool (False where the centre crop was used).
-    """
+    """The JAFFE photos as the builder's features, in the order of `items`: 'image'
+    (N, 48, 48, 1) uint8 (each face, else the centre: `jaffe_files.preprocess`; a warning names
+    the photos without a face), 'label' (N,) int64, 'subject' and 'filename' (N,) str,
+    'face_detected' (N,) bool."""
     crops, found, fallbacks = [], [], []
     for item in items:
         face, detected = jaffe_files.preprocess(jaffe_files.read_gray(item.path))

@@ -79,12 +79,8 @@ def parse_filename(path: str | pathlib.Path) -> JaffeFile:
 
 
 def list_images(root: str | pathlib.Path) -> list[JaffeFile]:
-    """All JAFFE images under `root` (recursively), sorted by file name.
-
-    Raises:
-      DataError: an image file's name does not parse, or a name occurs twice.
-      FileNotFoundError: no JAFFE image under `root`.
-    """
+    """All JAFFE images under `root` (recursively), sorted by file name; DataError for a name
+    that does not parse or occurs twice, FileNotFoundError where there is none."""
     root = pathlib.Path(root)
     found: dict[str, JaffeFile] = {}
     for path in sorted(root.rglob("*")):
@@ -117,13 +113,6 @@ def read_gray(path: str | pathlib.Path) -> np.ndarray:
 
 
 def preprocess(gray: np.ndarray, size: int = 48) -> tuple[np.ndarray, bool]:
-    """Photo -> face: the largest Haar-cascade face, else the centre crop (`faces`).
-
-    Args:
-      gray: (H, W) uint8.
-      size: output side in pixels.
-
-    Returns:
-      ((size, size) uint8, whether a face was detected).
-    """
+    """(H, W) uint8 photo -> `((size, size) uint8 face, whether one was detected)`: the
+    largest Haar-cascade face, else the centre crop (`faces`)."""
     return faces.face_or_centre_crop(gray, size=size, **DETECT_KWARGS)

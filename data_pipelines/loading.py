@@ -25,12 +25,8 @@ FILES_SOURCE_FLAGS = {
 
 
 def build(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.PathLike) -> None:
-    """Builds dataset `name` ('fer2013' or 'jaffe') into data_dir from the files in manual_dir.
-
-    Equivalent to `tfds build NAME --imports=data_pipelines --manual_dir=MANUAL_DIR
-    --data_dir=DATA_DIR`; a no-op if it is already built. A failed build leaves nothing that
-    `tfds.load` or `load_split` would accept.
-    """
+    """Builds dataset `name` ('fer2013' or 'jaffe') into data_dir from the files in manual_dir,
+    as `tfds build NAME --imports=data_pipelines` does; a no-op if it is already built."""
     config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
     tfds.builder(name, data_dir=os.fspath(data_dir)).download_and_prepare(download_config=config)
 
@@ -85,13 +81,8 @@ def train_dataset(
     indices: np.ndarray | None = None,
     **options: Any,
 ) -> tf.data.Dataset:
-    """`train_dataset_from_arrays` on a built split (or its examples `indices`); `options`
-    are its keywords (`batch_size`, `seed`, `start_epoch`, `num_devices`, `normalize`, ...).
-
-    Yields {'image': (B, 44, 44, 1) float32, 'label': (B,) int32}, epoch after epoch from
-    (start_epoch, start_step). With `indices` it runs on those examples of the split; 'index'
-    then counts positions in `indices`.
-    """
+    """`train_dataset_from_arrays(**options)` on a built split (or its examples `indices`;
+    'index' then counts positions in `indices`)."""
     images, labels = _subset(dataset_name, split, data_dir, indices)
     return train_dataset_from_arrays(images, labels, **options)
 
@@ -104,11 +95,7 @@ def eval_dataset(
     indices: np.ndarray | None = None,
     **options: Any,
 ) -> tf.data.Dataset:
-    """`eval_dataset_from_arrays` on a built split (or its examples `indices`, in that order);
-    `options` are its keywords (`batch_size`, `num_devices`, `normalize`, `crops`, ...).
-
-    Yields {'image': (B, 10, 44, 44, 1) float32, 'label': (B,) int32, 'mask': (B,) bool}, each
-    example exactly once, the last batch padded (mask False).
-    """
+    """`eval_dataset_from_arrays(**options)` on a built split (or its examples `indices`, in
+    that order)."""
     images, labels = _subset(dataset_name, split, data_dir, indices)
     return eval_dataset_from_arrays(images, labels, **options)

@@ -1,16 +1,8 @@
 """In-memory tf.data pipelines: random-crop/flip training batches and ten-crop evaluation batches.
 
-Both take whole splits as numpy arrays (`images (N, H, W, C) uint8`, `labels (N,) int`; FER2013's
-training split is 66 MB) and gather each batch's pixels with one `tf.gather` on the flattened
-images, so augmentation is vectorised over the batch. The epoch plans (permutation, crops,
-flips, zoom, rotation, erasing: a function of (seed, epoch) alone) and the normalisations
-(`normalize`: 'unit', 'symmetric' or (mean, std)) are `plan`'s, shared with the on-device input.
-
-Training (`train_dataset_from_arrays`): batch k (0-based) of a dataset started at (start_epoch,
-start_step) is global step g = start_epoch * steps_per_epoch + start_step + k, the batch an
-uninterrupted run yields at that step. Evaluation (`eval_dataset_from_arrays`): examples in
-order, ceil(N / B) batches, the last padded with zero images and label 0 (`'mask'` False).
-With `num_devices=D` every array is (D, B / D, ...).
+Both take whole splits as numpy arrays and gather each batch's pixels with one `tf.gather` on
+the flattened images, vectorised over the batch; the epoch plans and the normalisation are
+`plan`'s, shared with the on-device input. With `num_devices=D` every array is (D, B / D, ...).
 """
 
 from __future__ import annotations
@@ -31,7 +23,6 @@ from data_pipelines.crops import (
 from data_pipelines.plan import (
     Normalize,
     check_arrays,
-    check_augmentation,
     epoch_plan,
     eval_steps,
     normalize_affine,
@@ -55,8 +46,6 @@ def _split_devices(batch: dict[str, tf.Tensor], num_devices: int | None) -> dict
 
 
 def _check_devices(batch_size: int, num_devices: int | None) -> None:
-    if num_devices is not None and num_devices <= 0:
-        raise ValueError(f"num_devices must be positive, got {num_devices}")
     if num_devices is not None and batch_size % num_devices:
         raise ValueError(f"batch_size {batch_size} is not divisible by num_devices {num_devices}")
 
@@ -85,38 +74,20 @@ def train_dataset_from_arrays(
     erase: float = 0.0,
     return_index: bool = False,
 ) -> tf.data.Dataset:
-    """Augmented training batches, epoch after epoch, from (start_epoch, start_step).
-
-    Args:
-      images: (N, H, W, C) uint8.
-      labels: (N,) integer class codes.
-      batch_size: global batch size B (divisible by num_devices).
-      seed: int >= 0; with (epoch, step) it determines every batch.
-      start_epoch, start_step: where to start; step in [0, steps_per_epoch(N, B)).
-      num_epochs: epochs to run counting start_epoch's (possibly partial) one; None = forever.
-      num_devices: if set, arrays are shaped (num_devices, B / num_devices, ...).
-      normalize: 'unit', 'symmetric' or (mean, std) (`plan.normalize_affine`).
-      crop: side of the random square crop.
-      flip: random horizontal flips with probability 0.5 (else never).
-      zoom: crop scale uniform in [1 - zoom, 1 + zoom] (`epoch_plan`); 0 = none.
-      rotate: crop angle uniform in [-rotate, rotate] degrees; 0 = none.
-      erase: probability of erasing a random box of each crop (`epoch_plan`); 0 = none.
-      return_index: also yield 'index', the (B,) int64 example indices.
-
-    Returns:
-      tf.data.Dataset of {'image': (B, crop, crop, C) float32, 'label': (B,) int32}; iterate
-      with `.as_numpy_iterator()` for numpy.
-    """
+    """Augmented training batches {'image': (B, crop, crop, C) float32, 'label': (B,) int32
+    (, 'index': (B,) int64)} of `images` (N, H, W, C) uint8 and `labels` (N,), epoch after
+    epoch: batch k is global step start_epoch * steps_per_epoch + start_step + k, the batch an
+    uninterrupted run yields there. `num_epochs` counts start_epoch's (None: forever); the
+    augmentation options are `plan.epoch_plan`'s."""
     images, labels = check_arrays(images, labels)
     _check_devices(batch_size, num_devices)
     n, height, width, _ = images.shape
     steps = steps_per_epoch(n, batch_size)
     if not 0 <= start_step < steps:
         raise ValueError(f"start_step {start_step} outside [0, {steps}) (steps per epoch)")
-    if seed < 0 or start_epoch < 0:
-        raise ValueError(f"seed and start_epoch must be >= 0, got {seed} and {start_epoch}")
+    if start_epoch < 0:
+        raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
     five_crop_offsets(height, width, crop)  # Checks that the crop fits.
-    check_augmentation(zoom, rotate, erase)
     keys, types, shapes = _plan_arrays(steps, batch_size, zoom, rotate, erase)
     make_batch = _batch_maker(images, labels, keys[4:], crop, normalize, return_index, num_devices)
 
@@ -215,27 +186,12 @@ def eval_dataset_from_arrays(
     crops: str = "ten",
     return_index: bool = False,
 ) -> tf.data.Dataset:
-    """Every example once, in order, as ten crops (or centre crops), last batch padded.
-
-    Args:
-      images: (N, H, W, C) uint8.
-      labels: (N,) integer class codes.
-      batch_size: global batch size B (divisible by num_devices).
-      num_devices: if set, arrays are shaped (num_devices, B / num_devices, ...).
-      normalize: 'unit', 'symmetric' or (mean, std) (`plan.normalize_affine`).
-      crop: side of the square crops.
-      crops: 'ten' (`crops.ten_crop` order) or 'centre'.
-      return_index: also yield 'index', the (B,) int64 example indices (0 on padding).
-
-    Returns:
-      tf.data.Dataset of eval_steps(N, B) batches {'image': (B, 10, crop, crop, C) float32
-      (or (B, crop, crop, C) for 'centre'), 'label': (B,) int32, 'mask': (B,) bool}.
-    """
+    """Every example once, in order: eval_steps(N, B) batches {'image': (B, 10, crop, crop, C)
+    float32 (`crops.ten_crop`; 'centre': (B, crop, crop, C)), 'label': (B,) int32, 'mask': (B,)
+    bool (, 'index': (B,) int64)}, the last padded with zero images, label 0 and mask False."""
     images, labels = check_arrays(images, labels)
     _check_devices(batch_size, num_devices)
     n, height, width, channels = images.shape
-    if crops not in ("ten", "centre"):
-        raise ValueError(f"crops must be 'ten' or 'centre', got {crops!r}")
     crop_pixels = ten_crop_pixel_indices(height, width, crop)
     if crops == "centre":
         crop_pixels = crop_pixels[CENTRE_CROP_INDEX]

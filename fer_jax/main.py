@@ -1,40 +1,10 @@
-"""Command-line entry point: train, evaluate a checkpoint, or cross-validate on JAFFE.
+"""Command line: train, evaluate a checkpoint, cross-validate on JAFFE, or check a command.
 
-    python -m fer_jax.main --config=configs/fer2013.py --workdir=runs/fer2013
-    python -m fer_jax.main --mode=evaluate --config=configs/fer2013.py --workdir=runs/fer2013 \
-        --split=private_test [--checkpoint=runs/fer2013/checkpoints/4485]
-    python -m fer_jax.main --mode=cross_validate --config=configs/jaffe.py --workdir=runs/jaffe \
-        --config.init_from=runs/fer2013
-    python -m fer_jax.main --mode=check --config=configs/fer2013.py --workdir=runs/fer2013
+    python -m fer_jax.main --config=configs/fer2013.py --workdir=runs/fer2013 [--mode=MODE]
 
-`--mode=check` runs the checks below and prints what would run (the stages, the data found
-for each, devices, batch size, steps per epoch, whether the workdir resumes), then exits 0,
-or 2 with the one-line error: it compiles, trains and writes nothing. It checks what
-`--check_mode` would run (default: train, or cross_validate for configs/jaffe.py).
-
-`--config.FIELD=VALUE` overrides a config field; an unknown field is an error. Running the
-same command again resumes from the latest checkpoint in the workdir, with the same recipe
-(`fer_jax.training.run_config`; `--allow_config_changes` lets it change).
-
-Before any work the config is validated (`fer_jax.training.config_schema`) and every stage's data
-is looked for (`fer_jax.training.data_check`: FER2013 and, with config.cross_validate, the JAFFE of
-the cross-validation after it), then the run takes the workdir's lock
-(`fer_jax.training.workdir_lock`) for its whole length. A mistake in the input (flags, config,
-paths, data, checkpoint, a busy workdir) prints one `error: ...` line and exits with status 2
-(`--verbose` or FER_JAX_VERBOSE=1: with the traceback); a bug exits with status 1 and its traceback
-(`fer_jax.user_errors`).
-
-Data (nothing is downloaded; `--config.manual_dir=DIR` for the main dataset,
-`--config.jaffe.manual_dir=DIR` for the JAFFE stage, or `--config.cross_validate=False`):
-- FER2013: a folder holding fer2013.csv or fer2013.tar.gz, from Kaggle's "Challenges in
-  Representation Learning: Facial Expression Recognition Challenge":
-https://www.kaggle.com/c/challenges-in-representation-learning-facial-expression-recognition-challenge/data
-- JAFFE: https://zenodo.org/record/3451524 : the jaffedbase folder of TIFFs.
-With the default `config.data_source='tfds'` they are built into `config.data_dir` (default
-~/tensorflow_datasets) on first use; with 'files' they are read from the folders every run.
-
-On a CPU, XLA's scratch memory stays mapped between steps (`fer_jax.host_memory`: ~20% faster
-training on a 2-core machine); with --multihost this is left as JAX has it.
+The modes, configs and flags: docs/training.md; the checks before any work (config, every
+stage's data, the workdir lock), `--mode=check` and the one-line errors (exit status 2):
+docs/runs_and_failures.md; where the data comes from: docs/data.md.
 """
 
 from __future__ import annotations
@@ -115,19 +85,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def initialize_distributed() -> None:
-    """`jax.distributed.initialize` from the --multihost flags, before JAX starts its backends.
-
-    On CPU, cross-process collectives need an implementation: 'gloo' (TCP) unless one was
-    chosen ($JAX_CPU_COLLECTIVES_IMPLEMENTATION, e.g. 'mpi'). It is JAX's default in recent
-    releases; older ones had none. It only concerns the CPU backend: harmless on accelerators.
-    """
+    """`jax.distributed.initialize` from the --multihost flags, with 'gloo' as the CPU
+    collectives unless one was chosen ($JAX_CPU_COLLECTIVES_IMPLEMENTATION)."""
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes,
-        process_id=FLAGS.process_id,
-    )
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -138,21 +100,16 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def user_set_fields() -> list[str]:
-    """The config fields the command line set, dotted without `config.` (e.g. 'model.head'):
-    each `--config.FIELD=VALUE` and the config argument's `cbam=`/`head=`
-    (`configs/jaffe.py:head=softmax`). A cross-validation takes the others of the model and
-    the loss from the model it fine-tunes (`fer_jax.training.cross_validate`)."""
+    """The config fields the command line set, dotted without `config.` ('model.head'): each
+    `--config.FIELD=VALUE` and the config argument's `cbam=`/`head=` (`jaffe.py:head=softmax`)."""
     flag = FLAGS["config"]
     fields = list(config_flags.get_override_values(flag))
     _, _, arg = config_flags.get_config_filename(flag).partition(":")
-    fields += [f"model.{item.partition('=')[0]}" for item in arg.split(",") if item]
-    return fields
+    return fields + [f"model.{item.partition('=')[0]}" for item in arg.split(",") if item]
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """`FLAGS(argv)` for `app.run`, with a mistake in a flag or in a `--config.FIELD=VALUE`
-    override raised as `UserError` (ml_collections reports a field that does not exist with a
-    bare AttributeError or KeyError, a field that is not a section with a TypeError)."""
+    """`FLAGS(argv)`, a mistake in a flag or a `--config.FIELD=VALUE` raised as `UserError`."""
     try:
         return FLAGS(argv)
     except SystemExit as e:  # absl's --help prints the usage and exits 1: it is no error
@@ -162,7 +119,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         one_line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise UserError(config_schema.bad_override_value(one_line) or one_line) from e
-    except (AttributeError, KeyError, TypeError) as e:
+    except (AttributeError, KeyError, TypeError) as e:  # ml_collections: no such field
         message = config_schema.unknown_override_in_file(argv, FLAGS["config"].parser.parse)
         if message is None:
             raise
@@ -187,21 +144,15 @@ def main(argv: list[str]) -> None:
         FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
     ):
         raise UserError("--coordinator_address, --num_processes and --process_id need --multihost")
+    options = {"allow_config_changes": FLAGS.allow_config_changes, "user_set": user_set_fields()}
     if FLAGS.mode == "check":  # compiles, trains and writes nothing
         logging.set_verbosity(logging.WARNING)  # not JAX's INFO lines about absent backends
         report = data_check.describe(
-            config,
-            mode,
-            FLAGS.workdir,
-            split=FLAGS.split,
-            checkpoint=FLAGS.checkpoint,
-            allow_config_changes=FLAGS.allow_config_changes,
-            user_set=user_set_fields(),
+            config, mode, FLAGS.workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint, **options
         )
         print("\n".join(report))
         return
-    # Every stage's data, before hours of the first one (FER2013, then JAFFE).
-    data_check.check(config, mode, FLAGS.workdir, FLAGS.split)
+    data_check.check(config, mode, FLAGS.workdir, FLAGS.split)  # before hours of stage 1
     if FLAGS.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
     if FLAGS.multihost:
@@ -209,6 +160,7 @@ def main(argv: list[str]) -> None:
     else:  # on CPU: scratch memory kept between steps (not tried with cross-process collectives)
         host_memory.reuse_scratch_memory()
     from fer_jax.training import checkpoint, cross_validate, train
+    from fer_jax.training.signals import Interrupted
 
     logging.get_absl_handler().addFilter(_QuietLibraries())
     logging.info(
@@ -219,28 +171,17 @@ def main(argv: list[str]) -> None:
         jax.devices(),
     )
     workdir = checkpoint.prepare_workdir(FLAGS.workdir)
-    from fer_jax.training.signals import Interrupted
-
     try:
         with workdir_lock.hold(workdir):
-            if FLAGS.mode == "train":
-                cross_validate.train_then_cross_validate(
-                    config,
-                    workdir,
-                    allow_config_changes=FLAGS.allow_config_changes,
-                    user_set=user_set_fields(),
-                )
-            elif FLAGS.mode == "evaluate":
+            if FLAGS.mode == "evaluate":
+                checkpoint_dir = FLAGS.checkpoint or workdir
                 train.evaluate_checkpoint(
-                    config, workdir, FLAGS.checkpoint or workdir, FLAGS.split, int(FLAGS.crops)
+                    config, workdir, checkpoint_dir, FLAGS.split, int(FLAGS.crops)
                 )
+            elif FLAGS.mode == "train":
+                cross_validate.train_then_cross_validate(config, workdir, **options)
             else:
-                cross_validate.run(
-                    config,
-                    workdir,
-                    user_set=user_set_fields(),
-                    allow_config_changes=FLAGS.allow_config_changes,
-                )
+                cross_validate.run(config, workdir, **options)
     except Interrupted as e:  # SIGTERM / Ctrl-C: checkpointed; the shell's 128 + signal
         print(f"fer_jax: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)

@@ -1,14 +1,8 @@
 """Errors caused by the user's input: one `error: ...` line on stderr and exit status 2.
 
-The command-line tools (`fer_jax.main`, `fer_jax.predict`, `fer_jax.export`) run their work
-through `run_cli`. A `UserError`, or one of the exceptions that only the user's input causes
-(a missing or unreadable path, a malformed dataset file, an unusable checkpoint, a bad flag, an
-optional package that is not installed), is printed as `error: <message>` without a traceback
-and the tool exits with status 2. `--verbose` on the command line, or `FER_JAX_VERBOSE=1` in the
-environment, prints the traceback as well. Any other exception is a bug: it propagates with its
-traceback (exit status 1).
-
-Messages are one line; a missing dataset adds, below it, where to download the files.
+The commands run through `run_cli`: a `UserError`, or an exception only the user's input causes
+(`user_message`), prints `error: <message>` (with the traceback under `--verbose` or
+`FER_JAX_VERBOSE=1`) and gives status 2; any other exception is a bug and propagates (status 1).
 """
 
 from __future__ import annotations

@@ -226,11 +226,9 @@ def test_bad_arguments():
         train(images.astype(np.float32), labels, batch_size=B, seed=0)
     with pytest.raises(ValueError, match="do not fill one batch"):
         train(images, labels, batch_size=64, seed=0)
-    with pytest.raises(ValueError, match="normalize must be"):
-        train(images, labels, batch_size=B, seed=0, normalize="imagenet")
-    with pytest.raises(ValueError, match="seed and start_epoch must be >= 0"):
+    with pytest.raises(ValueError, match="start_epoch must be >= 0"):
         train(images, labels, batch_size=B, seed=0, start_epoch=-1)
-    with pytest.raises(ValueError, match="seed and epoch must be >= 0"):
+    with pytest.raises(ValueError, match="non-negative"):  # numpy's own check of the seed
         data_pipelines.epoch_plan(N, B, seed=-1, epoch=0)
     assert data_pipelines.steps_per_epoch(28_709, 128) == 224
     assert data_pipelines.eval_steps(3_589, 128) == 29
@@ -367,12 +365,6 @@ def test_every_index_stays_inside_the_image_and_the_edge_repeats():
     assert np.all((cols[:, 7:-7] > 0) & (cols[:, 7:-7] < 47))
     with pytest.raises(ValueError, match="overflow int32"):
         crop_affine(2**15, 0, False, 1.0, 0.0)
-    with pytest.raises(ValueError, match="zoom must be in"):
-        data_pipelines.epoch_plan(N, B, seed=0, epoch=0, zoom=1.0)
-    with pytest.raises(ValueError, match="rotate >= 0"):
-        data_pipelines.train_dataset_from_arrays(
-            _coordinate_images(), np.zeros(N, np.int64), batch_size=B, seed=0, rotate=-1.0
-        )
 
 
 def test_zoomed_and_rotated_tf_batches_gather_exactly_the_planned_pixels():
@@ -458,5 +450,3 @@ def test_erased_tf_batches_are_the_planned_crops_with_their_boxes_black():
         np.testing.assert_array_equal(erased[step]["image"], want)
         np.testing.assert_array_equal(erased[step]["label"], whole[step]["label"])
     assert 0.3 < (~erase_keep(plan["erase"], 44)).any((-1, -2)).mean() < 0.95
-    with pytest.raises(ValueError, match="erase must be a probability"):
-        data_pipelines.train_dataset_from_arrays(images, labels, batch_size=B, seed=0, erase=1.5)

@@ -1,13 +1,11 @@
 """What each config field may hold, checked once before a run does any work.
 
-`validate(config)` checks every field of a training config (`configs/fer2013.py`,
-`configs/synthetic.py`) or a cross-validation config (`configs/jaffe.py`, the `jaffe` section)
-for type and range or choices, then the rules that tie fields together, and raises `UserError`
-with one line naming the field's dotted path, its value and what is allowed (an unknown field:
-the closest known one). The choices are the constants of the code that uses them, which does
-not check them again. `check_mode` checks the config against `fer_jax.main --mode`;
-`unknown_override` turns ml_collections' error for a `--config.FIELD=...` that names no field
-into the same kind of line.
+`validate(config)` checks every field of a training or cross-validation config for type and
+range or choices, then the rules that tie fields together, and raises `UserError` with one line
+naming the field's dotted path, its value and what is allowed (an unknown field: the closest
+known one). The choices are the constants of the code that uses them, which does not check them
+again. `check_mode` checks the config against `fer_jax.main --mode`; `unknown_override` and
+`bad_override_value` turn ml_collections' errors for `--config.FIELD=...` into such lines.
 """
 
 from __future__ import annotations
@@ -31,15 +29,13 @@ INPUT_PIPELINES = ("device", "tf_data")  # config.input_pipeline ('': 'device')
 
 
 def input_pipeline(config: Any) -> str:
-    """`config.input_pipeline`, '' meaning 'device': the fast path on an H200, and as fast as
-    tf.data on CPU (experiments/results/input_pipeline_cpu/), with no TensorFlow needed."""
+    """`config.input_pipeline`, '' meaning 'device' (docs/data.md, "Input pipeline")."""
     return config.get("input_pipeline", "") or "device"
 
 
 def select_crops(config: Any) -> int:
-    """Crops of the per-epoch model-selection evaluation (`config.select_crops`): 10, as the
-    report, or 1, the centre crop: a tenth of the compute, for CPU runs where ten-crop
-    selection would cost a third of each epoch. The final report is ten-crop either way."""
+    """Crops of the per-epoch model-selection evaluation (`config.select_crops`): 10, or 1 (the
+    centre crop, a tenth of the compute; docs/training.md)."""
     from data_pipelines.crops import NUM_CROPS
 
     return config.get("select_crops", NUM_CROPS)

@@ -1,17 +1,9 @@
 """JAFFE k-fold cross-validation: fine-tune a FER2013 model on each fold, test on the rest.
 
-The model fine-tuned (`config.init_from`: `pretrained`, a FER2013 run or one of its
-checkpoints) is fine-tuned the way it was trained: `read_source` reads its model fields and
-A-Softmax's margin and final lambda from its files, `fine_tuning_config` takes those the command
-line does not set (`summary.json`'s `fine_tuning` records each value and where it came from).
-`config.fold_protocol` is a protocol of `data_pipelines.folds` or 'both' (each protocol in a
-sub-workdir of its own, `check_layout` refusing a workdir of the other layout). Each fold trains
-in `fold_<k>/` (resuming like any run) and is evaluated once, at the end, on its held-out
-images; the summary gives per-fold accuracy, mean, standard deviation and the pooled confusion
-matrix per protocol. The whole story: docs/training.md, "JAFFE cross-validation".
-
-`train_then_cross_validate` is `fer_jax.main --mode=train`'s job: a training run, then this
-cross-validation of the model it selected (`config.cross_validate`).
+`read_source` reads how the model at `config.init_from` was trained, `fine_tuning_config` takes
+what the command line does not set from it, `run` trains and evaluates each fold (resuming);
+`train_then_cross_validate` is `fer_jax.main --mode=train`'s job. The whole story:
+docs/training.md, "JAFFE cross-validation".
 """
 
 from __future__ import annotations
@@ -30,13 +22,7 @@ from data_pipelines import folds as folds_module
 from data_pipelines.folds import jaffe_folds
 from data_pipelines.labels import CLASS_NAMES
 from fer_jax.model import pretrained
-from fer_jax.training import (
-    checkpoint,
-    config_schema,
-    evaluate,
-    input_data,
-    run_config,
-)
+from fer_jax.training import checkpoint, evaluate, input_data, run_config
 from fer_jax.training.train import Job, create_job, fit, train_and_evaluate
 from fer_jax.user_errors import UserError
 
@@ -47,24 +33,14 @@ from fer_jax.user_errors import UserError
 SHIPPED_MARGIN = 4
 SHIPPED_LAMBDA = 48.0
 SHIPPED_RECIPE = "the shipped model's recipe (cross_validate.SHIPPED_LAMBDA)"
-LAMBDA_FIELDS = (
-    "lambda_base",
-    "lambda_gamma",
-    "lambda_power",
-    "lambda_min",
-    "lambda_per",
-    "lambda_run_epochs",
-)
+LAMBDA_FIELDS = tuple(f"lambda_{f}" for f in ("base", "gamma", "power", "min", "per", "run_epochs"))
 NETWORK_FIELDS = ("num_classes", "width", "cbam", "head")  # what the weights' shapes fix
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """How the model a cross-validation fine-tunes was trained, and where each value was read.
-
-    `model` is its model section with the matmul dtype it trained with (empty: unknown, the
-    config's model is used and checked against the weights when they are loaded).
-    """
+    """How the model a cross-validation fine-tunes was trained, and where each value was read
+    (`model` empty: unknown; the config's, checked against the weights when they load)."""
 
     name: str  # e.g. 'pretrained (/.../cbam_resnet18_fer2013.npz)'
     model: dict[str, Any]
@@ -81,10 +57,8 @@ def config_from_parent(
     cv.model = ml_collections.ConfigDict(config.model.to_dict())
     cv.init_from = cv.init_from or workdir
     cv.data_dir = cv.data_dir or config.data_dir
-    cv.data_source = config.data_source
-    cv.input_pipeline = config.input_pipeline
-    cv.steps_per_dispatch = config.steps_per_dispatch
-    cv.half_precision = config.half_precision
+    for key in ("data_source", "input_pipeline", "steps_per_dispatch", "half_precision"):
+        cv[key] = config[key]
     cv.parallelism = config.parallelism
     return cv
 
@@ -170,14 +144,9 @@ def fine_tuning_config(
     config: ml_collections.ConfigDict, source: Source, user_set: Collection[str] = ()
 ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
     """`(config to fine-tune with, its settings)`: `config` with the model fields, A-Softmax's
-    margin and lambda (held) of `source`, except the fields in `user_set` (dotted, e.g.
-    'model.head', 'loss.lambda_base': those the command line set). The settings say, per field,
-    the value and where it came from (`summary.json`'s `fine_tuning`, `settings_lines`).
-
-    Raises:
-      UserError: the command line sets a network field (`NETWORK_FIELDS`) that the source's
-        weights cannot have.
-    """
+    margin and lambda (held) of `source`, except the fields in `user_set` (dotted: those the
+    command line set; UserError for a `NETWORK_FIELDS` one the weights cannot have). The
+    settings say, per field, the value and where it came from (`summary.json`'s `fine_tuning`)."""
     out = ml_collections.ConfigDict(config.to_dict())
     origin: dict[str, str] = {}
     for key in out.model.keys():
@@ -254,21 +223,28 @@ def settings_lines(settings: Mapping[str, Any], config: ml_collections.ConfigDic
     return lines
 
 
-def protocol_config(config: ml_collections.ConfigDict, protocol: str) -> ml_collections.ConfigDict:
-    """`config` with `fold_protocol` one protocol (`config.fold_protocol` may be 'both')."""
-    out = ml_collections.ConfigDict(config.to_dict())
-    out.fold_protocol = protocol
-    return out
-
-
 def make_folds(
-    labels: np.ndarray, subjects: np.ndarray, config: ml_collections.ConfigDict
+    labels: np.ndarray,
+    subjects: np.ndarray,
+    config: ml_collections.ConfigDict,
+    label: str = "JAFFE (cross-validation)",
+    field: str = "config",
 ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """`{protocol: its folds}` for each protocol `config.fold_protocol` runs, in order."""
-    return {
-        protocol: jaffe_folds(labels, subjects, k=config.folds, protocol=protocol, seed=config.seed)
-        for protocol in folds_module.protocols_of(config.fold_protocol)
-    }
+    """`{protocol: its folds}` for each protocol `config.fold_protocol` runs, in order;
+    UserError (`label`: the stage, `field`: its config section) where they cannot be made."""
+    made = {}
+    for protocol in folds_module.protocols_of(config.fold_protocol):
+        try:
+            made[protocol] = jaffe_folds(
+                labels, subjects, k=config.folds, protocol=protocol, seed=config.seed
+            )
+        except ValueError as e:
+            other = f" or {field}.fold_protocol='random'" if protocol == "subject" else ""
+            raise UserError(
+                f"{label}: {e} for the {protocol} folds ({field}.fold_protocol="
+                f"{config.fold_protocol!r}): use more images, fewer {field}.folds{other}"
+            ) from e
+    return made
 
 
 def fold_plan_lines(
@@ -305,15 +281,9 @@ def _saved_protocol(workdir: str) -> str | None:
 
 
 def check_layout(workdir: str, choice: str, field: str = "config") -> None:
-    """Refuses to resume, with `config.fold_protocol=choice`, a cross-validation workdir laid out
-    for the other kind of run: one protocol's folds in `workdir/fold_<k>/` (a one-protocol run,
-    e.g. of an older fer_jax, whose default was 'random') against both protocols' in
-    `workdir/random/` and `workdir/subject/`. `field`: the config section (`config`,
-    `config.jaffe`), for the message. Nothing is moved: the folds done stay usable.
-
-    Raises:
-      UserError: the workdir holds the other layout.
-    """
+    """UserError where `workdir` holds the other layout than `config.fold_protocol=choice`
+    runs: one protocol's folds in `fold_<k>/` against both protocols' in `random/` and
+    `subject/` (`field`: the config section, for the message). Nothing is moved."""
     path = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(path):
         return
@@ -350,12 +320,9 @@ def run(
     allow_config_changes: bool = False,
     field: str = "config",
 ) -> dict[str, Any]:
-    """Runs (or resumes) every fold of `config` in `workdir`, fine-tuning `config.init_from`
-    as `fine_tuning_config` says (`user_set`: the fields the command line set); returns the
-    summary. `config.fold_protocol='both'`: each protocol in its own sub-workdir
-    (`workdir/random/`, `workdir/subject/`), the summary holding both. `field`: where the
-    config sits in the user's config (`config.jaffe` after training), for messages."""
-    config_schema.check_mode(config, "cross_validate")  # config.init_from names the model
+    """Runs (or resumes) every fold of `config` in `workdir` (with 'both' protocols, each in
+    its sub-workdir), fine-tuning `config.init_from` as `fine_tuning_config` says; returns the
+    summary. `field`: where the config sits in the user's (`config.jaffe` after training)."""
     config, settings = fine_tuning_config(config, read_source(config.init_from), user_set)
     for line in settings_lines(settings, config):
         logging.info("%s", line)
@@ -363,7 +330,7 @@ def run(
     check_layout(workdir, config.fold_protocol, field)
     run_config.save_or_compare(config, workdir, allow_changes=allow_config_changes)
     arrays = input_data.load_split_arrays(config, "train")
-    plans = make_folds(arrays["label"], arrays["subject"], config)
+    plans = make_folds(arrays["label"], arrays["subject"], config, field=field)
     for protocol, folds in plans.items():
         for line in fold_plan_lines(folds, arrays["label"], arrays["subject"], config, protocol):
             logging.info("%s", line)
@@ -375,7 +342,7 @@ def run(
     else:
         by_protocol = {}
         for protocol, folds in plans.items():
-            sub_config = protocol_config(config, protocol)
+            sub_config = ml_collections.ConfigDict({**config.to_dict(), "fold_protocol": protocol})
             subdir = checkpoint.prepare_workdir(os.path.join(workdir, protocol))
             run_config.save_or_compare(sub_config, subdir, allow_changes=allow_config_changes)
             by_protocol[protocol] = _run_protocol(sub_config, job, arrays, folds, subdir)
@@ -417,14 +384,8 @@ def _run_protocol(
         result_path = os.path.join(fold_dir, "result.json")
         result = evaluate.read_json(result_path)
         if result is None:
-            logging.info(
-                "Fold %d/%d (%s): %d training, %d test images.",
-                k + 1,
-                len(folds),
-                protocol,
-                len(train_idx),
-                len(test_idx),
-            )
+            sizes = f"{len(train_idx)} training, {len(test_idx)} test images"
+            logging.info("Fold %d/%d (%s): %s.", k + 1, len(folds), protocol, sizes)
             out = fit(job, fold_dir, images[train_idx], labels[train_idx])
             state = job.devices.replicate(out["state"])
             metrics = job.evaluate(state, images[test_idx], labels[test_idx])
@@ -472,9 +433,8 @@ def _figures_line(summary: Mapping[str, Any]) -> str:
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
-    """The summary in words: mean ± std, each fold, per-class recall, the pooled matrix; with
-    several protocols (`summary['protocols']`), each protocol's figures and matrices side by
-    side."""
+    """The summary in words: mean ± std, each fold, per-class recall, the pooled matrix (with
+    several protocols, side by side)."""
     by_protocol = summary.get("protocols") or {summary["protocol"]: summary}
     if len(by_protocol) == 1:
         (protocol, only), *_ = by_protocol.items()
@@ -508,9 +468,8 @@ def train_then_cross_validate(
     allow_config_changes: bool = False,
     user_set: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The main job: train on `config.dataset`, then (`config.cross_validate`) fine-tune the
-    selected model on JAFFE's folds in `workdir/cross_validation`; returns `results.json`.
-    `user_set`: the fields the command line set (`jaffe.*` for the folds)."""
+    """Trains `config`, then (`config.cross_validate`) cross-validates the selected model in
+    `workdir/cross_validation` (`user_set`'s `jaffe.*` fields for it); returns `results.json`."""
     results = train_and_evaluate(config, workdir, allow_config_changes=allow_config_changes)
     if config.get("cross_validate"):
         cv_config = config_from_parent(config, workdir)

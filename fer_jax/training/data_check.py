@@ -1,31 +1,18 @@
 """Before any work: can every stage of a run have its data? And what `--mode=check` prints.
 
-`check(config, mode, workdir)` runs in every mode of `fer_jax.main`, after the config is
-validated and before anything is compiled: it finds the data of each stage (the training
-dataset and, with `config.cross_validate`, the JAFFE of the cross-validation hours later; the
-JAFFE of `--mode=cross_validate`; the split of `--mode=evaluate`) as a built TFDS dataset in
-`data_dir` (data_source 'tfds'; TensorFlow Datasets must be installed) or the downloaded files in
-`manual_dir` (`WHERE`), and checks that JAFFE's folds fill their batches. It reads no data:
-FER2013's file is found by name, JAFFE's photos are listed by name (their labels and subjects).
-A missing input raises `UserError` with one line naming it and the ways out.
-
-`describe(...)`, for `--mode=check`, also counts FER2013's rows per split (one pass over the
-CSV's lines) and reports the stages, their data, devices, batches and what the workdir holds.
+`check` finds each stage's data (a built TFDS dataset in `data_dir`, or the downloaded files in
+`manual_dir`) by name, without reading it, and raises a one-line `UserError` naming what is
+missing and the ways out; `describe` is `--mode=check`'s report (docs/runs_and_failures.md).
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import importlib.util
-import io
 import json
 import os
 import pathlib
-import tarfile
-import zlib
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 
 import ml_collections
 import numpy as np
@@ -181,7 +168,9 @@ def _manual_files(stage: Stage, manual: str, count: bool) -> Found | None:
     try:
         if stage.config.dataset == "fer2013":
             source = fer2013_csv.find_source(manual)
-            return Found(stage, "files", str(source), count_fer2013(source) if count else None)
+            return Found(
+                stage, "files", str(source), fer2013_csv.count_rows(source) if count else None
+            )
         items = jaffe_files.list_images(manual)  # 'jaffe': names only; DataError for a bad name
     except FileNotFoundError:
         return None
@@ -241,65 +230,15 @@ def _folds(
     found: Found, config: ml_collections.ConfigDict
 ) -> tuple[np.ndarray, np.ndarray, dict[str, list[tuple[np.ndarray, np.ndarray]]]] | None:
     """`(labels, subjects, {protocol: its folds})` of JAFFE listed by name (else None) as
-    `config` (folds, fold_protocol, seed) makes them; UserError where they cannot be made."""
-    from data_pipelines import folds
+    `config` makes them (`cross_validate.make_folds`: UserError where they cannot be made)."""
+    from fer_jax.training.cross_validate import make_folds
 
     if found.jaffe is None:
         return None
     labels = np.asarray([item.label for item in found.jaffe])
     subjects = np.asarray([item.subject for item in found.jaffe])
-    made = {}
-    for protocol in folds.protocols_of(config.fold_protocol):
-        try:
-            made[protocol] = folds.jaffe_folds(
-                labels, subjects, k=config.folds, protocol=protocol, seed=config.seed
-            )
-        except ValueError as e:
-            field = found.stage.field
-            other = f" or {field}.fold_protocol='random'" if protocol == "subject" else ""
-            raise UserError(
-                f"{found.stage.label}: {e} for the {protocol} folds ({field}.fold_protocol="
-                f"{config.fold_protocol!r}): use more images, fewer {field}.folds{other}"
-            ) from e
-    return labels, subjects, made
-
-
-@contextlib.contextmanager
-def _lines(path: pathlib.Path) -> Iterator[Iterator[str]]:
-    """The text lines of a FER2013 `.csv`, or of the CSV inside its `.tar.gz` (streamed)."""
-    if not path.name.endswith((".tar.gz", ".tgz")):
-        with open(path, encoding="utf-8", newline="") as f:
-            yield iter(f)
-        return
-    with tarfile.open(path, mode="r:gz") as tar:
-        for member in tar:
-            if member.isfile() and member.name.lstrip("./") == fer2013_csv.ARCHIVE_MEMBER:
-                f = tar.extractfile(member)
-                assert f is not None
-                with io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
-                    yield iter(text)
-                return
-    raise ValueError(f"{path} holds no {fer2013_csv.ARCHIVE_MEMBER}")
-
-
-def count_fer2013(path: pathlib.Path) -> dict[str, int] | None:
-    """Rows per split of a FER2013 file, from its `Usage` column alone (no pixel is parsed; a
-    malformed file is reported when it is read); None if it cannot be counted so."""
-    counts = dict.fromkeys(fer2013_csv.USAGE_SPLITS.values(), 0)
-    try:
-        with _lines(path) as lines:
-            header = next(csv.reader([next(lines).removeprefix("\ufeff")], skipinitialspace=True))
-            names = [h.strip() for h in header]
-            col = names.index("Usage")
-            last = col == len(names) - 1
-            for line in lines:
-                field = line.rsplit(",", 1)[-1] if last else line.split(",", col + 1)[col]
-                split = fer2013_csv.USAGE_SPLITS.get(field.strip().strip('"').strip())
-                if split is not None:
-                    counts[split] += 1
-    except (OSError, ValueError, IndexError, StopIteration, tarfile.TarError, EOFError, zlib.error):
-        return None
-    return counts
+    stage = found.stage
+    return labels, subjects, make_folds(labels, subjects, config, stage.label, stage.field)
 
 
 # --mode=check: the report.

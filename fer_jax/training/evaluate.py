@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-CLASS_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+from data_pipelines.labels import CLASS_NAMES
 
 
 def metrics_from_confusion(confusion: np.ndarray, *, loss_sum: float | None = None) -> dict:
@@ -70,18 +71,28 @@ def read_json(path: str) -> Any:
 
 
 def write_json(path: str, data: Any, *, indent: int = 2, default: Any = None) -> None:
-    """Writes JSON atomically (temp file + rename): a reader never sees half a file.
-    `indent`, `default`: as `json.dump`'s."""
+    """Writes JSON atomically: a reader never sees half a file. `indent`, `default`: as
+    `json.dump`'s."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=indent, allow_nan=True, default=default)
+
+    _write_atomically(path, ".json", write)
+
+
+def _write_atomically(path: str, suffix: str, write: Callable[[str], None]) -> None:
+    """`write(temporary file)`, then renames it to `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=indent, allow_nan=True, default=default)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def plot_confusion(normalized: np.ndarray, class_names: list[str], path: str, title: str) -> None:
@@ -101,29 +112,14 @@ def plot_confusion(normalized: np.ndarray, class_names: list[str], path: str, ti
     ax.set_title(title)
     for i in range(normalized.shape[0]):
         for j in range(normalized.shape[1]):
-            v = normalized[i, j]
-            ax.text(
-                j,
-                i,
-                f"{100 * v:.1f}",
-                ha="center",
-                va="center",
-                color="white" if v > 0.5 else "black",
-                fontsize=8,
-            )
+            v, color = normalized[i, j], "white" if normalized[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", color=color, fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        _write_atomically(path, ".png", fig.savefig)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_report(directory: str, name: str, metrics: dict) -> None:

@@ -1,12 +1,9 @@
 """The run's config, kept in `workdir/config.json`: a resume must train the same recipe.
 
-The first start of a run writes its config there. A later start (a resume) compares: a field
-that changes the trained result (the model, loss, optimizer, data, seed, epochs, batch size,
-replicas, ...: anything not in `RESULT_NEUTRAL`) with a different value makes it refuse, with a
-`UserError` listing each such field as `old -> new`, unless `allow_changes` (`fer_jax.main
---allow_config_changes`) is given: it then logs a warning and trains on with the new values. The
-fields in `RESULT_NEUTRAL` may change freely. Either way `config.json` then holds the new config.
-Only process 0 writes it (atomically); every process compares, so all refuse alike.
+The first start writes it; a later start refuses, with a `UserError` listing each field as
+`old -> new`, a config whose result-changing fields (all but `RESULT_NEUTRAL`) differ, unless
+`allow_changes` (`--allow_config_changes`: logged, and trained on). Either way `config.json`
+then holds the new config (written by process 0, atomically; every process compares).
 """
 
 from __future__ import annotations
@@ -33,22 +30,9 @@ CONFIG_FILE = "config.json"
 # or the training produces. (eval_every_epochs is not here: which epochs are evaluated decides
 # which checkpoint is selected.)
 RESULT_NEUTRAL = frozenset(
-    {
-        "data_source",
-        "data_dir",
-        "manual_dir",
-        "input_pipeline",
-        "steps_per_dispatch",
-        "parallelism",
-        "replica_map",
-        "peak_tflops",
-        "eval_batch_size",
-        "log_every_steps",
-        "checkpoint_every_epochs",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-        "cross_validate",
-    }
+    "data_source data_dir manual_dir input_pipeline steps_per_dispatch parallelism replica_map "
+    "peak_tflops eval_batch_size log_every_steps checkpoint_every_epochs checkpoint_every_steps "
+    "keep_checkpoints cross_validate".split()
 )
 NEUTRAL_SECTIONS = ("", "jaffe")  # where RESULT_NEUTRAL applies: the top level, config.jaffe
 ABSENT = "<absent>"

@@ -1,14 +1,10 @@
-"""One run per workdir: a lock file that a run holds for its lifetime.
+"""One run per workdir: a lock file, `workdir/.lock`, that a run holds for its lifetime.
 
-`hold(workdir)` creates `workdir/.lock` with `O_CREAT | O_EXCL` (atomic: of two runs starting
-at once, one gets it) holding JSON `{host, pid, started, boot_id, pid_start}`, and removes it
-when the run ends, normally or by an exception. A second run on the workdir is refused with a
-`UserError` naming the holder's host and process id. A lock whose process is gone (killed with
-`kill -9`, the machine rebooted) is taken over with a log line: on the same host, when its
-process id is not alive (`os.kill(pid, 0)`), is a zombie, or now belongs to a process started
-later; on another host liveness cannot be checked, so the run is refused with the command that
-removes the lock. In a multi-process run (`jax.process_count() > 1`, a shared workdir) only
-process 0 takes it.
+`hold(workdir)` creates it atomically (`O_CREAT | O_EXCL`) holding `{host, pid, started,
+boot_id, pid_start}` and removes it when the run ends. A second run is refused with a
+`UserError` naming the holder; a stale lock (its process gone, a zombie or a later process with
+its pid, or the machine rebooted) is taken over; one from another host is refused with the
+command that removes it (docs/runs_and_failures.md). Only process 0 takes it.
 """
 
 from __future__ import annotations
