@@ -1,8 +1,5 @@
-"""`python -m fer_jax.export --checkpoint=... --out_dir=...`: the classifier as StableHLO
-(and optionally a TF SavedModel or TFLite file), to run without this package.
-
-The command's code is `fer_jax.inference.export` (`--help` lists its options).
-"""
+"""`python -m fer_jax.export --checkpoint=... --out_dir=...`: the command of
+`fer_jax.inference.export`."""
 
 import sys
 

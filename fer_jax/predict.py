@@ -1,7 +1,4 @@
-"""`python -m fer_jax.predict photo.jpg ...`: expressions of the faces in photos and videos.
-
-The command's code is `fer_jax.inference.predict` (`--help` lists its options).
-"""
+"""`python -m fer_jax.predict photo.jpg ...`: the command of `fer_jax.inference.predict`."""
 
 import sys
 

@@ -205,6 +205,8 @@ def test_unreadable_video_is_reported(recognizer, tmp_path):
     "argv, message",
     [
         (["--every=0", "a.png"], "--every must be >= 1"),
+        (["--batch_size=0", "a.png"], "--batch_size must be >= 1"),
+        (["--replica=two", "a.png"], "a replica index or 'ensemble'"),
         (["--box=1,2,3", "a.png"], "a box is X,Y,W,H"),
         (["--json", "--csv", "a.png"], "not allowed with"),
         (["--boxes=/nonexistent.json", "a.png"], "cannot read the boxes file"),
@@ -225,7 +227,7 @@ def test_matmul_dtype_flag_reaches_the_recognizer(monkeypatch):
         predict.Recognizer, "from_checkpoint", lambda *a, **kw: seen.append(kw["matmul_dtype"])
     )
     for argv in (["--matmul_dtype=float32"], []):
-        predict.load_recognizer(**predict.model_options(predict.parse_args([*argv, "a.png"])))
+        predict.load_recognizer(predict.parse_args([*argv, "a.png"]))
     assert seen == ["float32", "auto"]
     with pytest.raises(SystemExit):
         predict.parse_args(["--matmul_dtype=float16", "a.png"])

@@ -71,7 +71,8 @@ def test_export_cli_with_a_run_directory(run_dir, tmp_path, capsys):
     assert export.main([f"--checkpoint={run_dir[0]}", f"--out_dir={tmp_path}"]) == 0
     assert f"stablehlo: {tmp_path / export.STABLEHLO_FILE}" in capsys.readouterr().out
     faces = np.random.default_rng(1).integers(0, 256, (2, 48, 48, 1)).astype(np.float32) / 255
-    got = export.load_stablehlo(str(tmp_path / export.STABLEHLO_FILE)).call(faces)
+    with open(tmp_path / export.STABLEHLO_FILE, "rb") as f:
+        got = jax.export.deserialize(bytearray(f.read())).call(faces)
     # The export computes in float32 (XLA's convolutions): the recogniser's float32 twin.
     float32 = Recognizer.from_checkpoint(run_dir[0], batch_size=2, matmul_dtype="float32")
     expected = float32.predict_faces(faces)

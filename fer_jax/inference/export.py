@@ -2,21 +2,15 @@
 
     python -m fer_jax.export --checkpoint=runs/fer2013 --out_dir=exported [--saved_model] [--tflite]
 
-The exported function is `fer_jax.inference.recognizer.ten_crop_probabilities` with the trained
-weights baked in as constants: `(B, 48, 48, 1)` float32 gray faces in [0, 1] (uint8 / 255) ->
-`(B, num_classes)` float32 class probabilities; face detection and cropping stay outside it. It
-writes `model.stablehlo` (batch size symbolic; lowered for cpu, cuda and tpu; running it needs
-only jax: `jax.export.deserialize(data).call(faces)`), `export.json` (class names, input and
-output) and optionally `saved_model/` (jax2tf native serialisation; batch size symbolic) and
-`model.tflite` (fixed batch size). The files, and the XLA flag that makes the StableHLO file as
-fast as the recogniser on a CPU: docs/prediction_and_export.md, Export.
+The function is `ten_crop_probabilities` with the weights baked in: `(B, 48, 48, 1)` float32
+faces in [0, 1] -> `(B, num_classes)` float32 probabilities. The files, how to run them and the
+XLA flag that makes StableHLO fast on a CPU: docs/prediction_and_export.md, Export.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -28,6 +22,7 @@ import jax.numpy as jnp
 from data_pipelines.labels import CLASS_NAMES
 from fer_jax.inference.recognizer import FACE_SIZE, ten_crop_probabilities
 from fer_jax.model.resnet import ResNet18
+from fer_jax.training.evaluate import write_json
 from fer_jax.user_errors import UserError, run_cli
 
 STABLEHLO_FILE = "model.stablehlo"
@@ -54,11 +49,6 @@ def inference_fn(model: ResNet18, variables: Any) -> Callable[[jax.Array], jax.A
     return functools.partial(ten_crop_probabilities, model.clone(conv_impl="xla"), variables)
 
 
-def _input_spec(batch_size: int | None) -> jax.ShapeDtypeStruct:
-    batch = jax.export.symbolic_shape("b")[0] if batch_size is None else batch_size
-    return jax.ShapeDtypeStruct((batch, FACE_SIZE, FACE_SIZE, 1), jnp.float32)
-
-
 def export_stablehlo(
     model: ResNet18,
     variables: Any,
@@ -67,27 +57,9 @@ def export_stablehlo(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
 ) -> jax.export.Exported:
     """The inference function exported with `jax.export` (batch symbolic if `batch_size` None)."""
-    fn = jax.jit(inference_fn(model, variables))
-    return jax.export.export(fn, platforms=tuple(platforms))(_input_spec(batch_size))
-
-
-def save_stablehlo(exported: jax.export.Exported, path: str) -> None:
-    """Writes `exported.serialize()` to `path`."""
-    with open(path, "wb") as f:
-        f.write(exported.serialize())
-
-
-def load_stablehlo(path: str) -> jax.export.Exported:
-    """Reads a `save_stablehlo` file; call it with `.call(faces)`."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ExportError(f"{path}: cannot read the exported model: {e}") from e
-    try:
-        return jax.export.deserialize(bytearray(data))
-    except Exception as e:  # noqa: BLE001 - flatbuffer/StableHLO errors have no common type
-        raise ExportError(f"{path}: not a serialised jax.export model ({e})") from e
+    batch = jax.export.symbolic_shape("b")[0] if batch_size is None else batch_size
+    spec = jax.ShapeDtypeStruct((batch, FACE_SIZE, FACE_SIZE, 1), jnp.float32)
+    return jax.export.export(jax.jit(inference_fn(model, variables)), platforms=platforms)(spec)
 
 
 def export_saved_model(
@@ -122,14 +94,9 @@ def export_saved_model(
 
 
 def export_tflite(model: ResNet18, variables: Any, path: str, *, batch_size: int = 1) -> None:
-    """Writes a TFLite flatbuffer for a fixed `batch_size` (signature as the SavedModel's).
-
-    The batch size must be fixed: with a symbolic one the converter cannot legalise the CBAM
-    arg-max (a variadic `mhlo.reduce`) nor the batch-polymorphic slices (`dynamic_gather`).
-
-    Raises:
-      ExportError: when the TFLite converter cannot translate the model, with its reason.
-    """
+    """Writes a TFLite flatbuffer for a fixed `batch_size` (signature as the SavedModel's; with
+    a symbolic batch the converter cannot legalise CBAM's arg-max nor the batch-polymorphic
+    slices); ExportError with the converter's reason when it cannot translate the model."""
     import tempfile
 
     import tensorflow as tf
@@ -181,19 +148,16 @@ def export_all(
     tflite_batch_size: int = 1,
     class_names: Sequence[str] = CLASS_NAMES,
 ) -> dict[str, str]:
-    """Writes the requested formats under `out_dir`; returns {format: path} of those written.
-
-    A format that fails is reported in the result as `{format}_error` rather than raised, so the
-    others are still written.
-    """
+    """Writes the requested formats under `out_dir`; returns {format: path} of those written,
+    and `{format}_error`: the reason of one that failed (the others are still written)."""
     os.makedirs(out_dir, exist_ok=True)
     written = {
         "stablehlo": os.path.join(out_dir, STABLEHLO_FILE),
         "metadata": os.path.join(out_dir, METADATA_FILE),
     }
-    save_stablehlo(export_stablehlo(model, variables), written["stablehlo"])
-    with open(written["metadata"], "w") as f:
-        json.dump(metadata(model, class_names), f, indent=1)
+    with open(written["stablehlo"], "wb") as f:
+        f.write(export_stablehlo(model, variables).serialize())
+    write_json(written["metadata"], metadata(model, class_names), indent=1)
     if saved_model:
         written["saved_model"] = os.path.join(out_dir, SAVED_MODEL_DIR)
         export_saved_model(model, variables, written["saved_model"])

@@ -1,27 +1,19 @@
 r"""`python -m fer_jax.predict`: facial expressions in photos, folders of photos and videos.
 
-    python -m fer_jax.predict [--checkpoint=runs/fer2013] photo.jpg photos/ clip.mp4 \
-        [--json | --csv] [--output=results.csv] [--annotate=out/] [--attention=out/] \
-        [--every=10] [--box=X,Y,W,H ... | --boxes=boxes.json]
+    python -m fer_jax.predict [--checkpoint=runs/fer2013] photo.jpg photos/ clip.mp4 [--json]
     python -m fer_jax.predict --example
 
-Options, output formats (a table, `--json`, `--csv`), videos, annotations and attention maps:
-docs/prediction_and_export.md. Without `--checkpoint` the model shipped in the package is used
-(`fer_jax.model.pretrained`); `--example` adds the bundled photo `fer_jax/examples/astronaut.jpg`
-(Eileen Collins, NASA, public domain): a first command that needs no dataset, no training and no
-download. An unreadable input is reported on stderr by name and the others are still processed
-(exit status 1); a checkpoint that cannot be loaded is one `error: ...` line and exit status 2
-(`fer_jax.user_errors`). Compiled programs are kept in a persistent XLA cache
-(`--compilation_cache`, shared with `fer_jax.main`): a second run starts in about 2 s on a CPU
-(experiments/results/predict_startup/).
+Options, output formats, videos, annotations, attention maps and exit statuses:
+docs/prediction_and_export.md. `--example` adds the bundled photo `fer_jax/examples/astronaut.jpg`
+(Eileen Collins, NASA, public domain): a first command that needs no data and no download.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import csv
+import itertools
 import json
 import os
 import sys
@@ -58,6 +50,8 @@ EXAMPLE_IMAGE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "astronaut.jpg"
 )
 BOX_COLOUR = (0, 255, 0)  # RGB.
+# `Recognizer.from_checkpoint`'s options that the command lines set.
+MODEL_OPTIONS = ("adjust", "crops", "batch_size", "margin", "max_side", "min_face", "matmul_dtype")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -98,15 +92,24 @@ def parse_box(text: str) -> list[int]:
     return box
 
 
+def parse_replica(text: str) -> int | str:
+    """`--replica`: an index k or 'ensemble'."""
+    if text != "ensemble" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a replica index or 'ensemble', got {text!r}")
+    return text if text == "ensemble" else int(text)
+
+
 def load_boxes_file(path: str) -> dict[str, list[list[float]]]:
     """Reads `--boxes`: JSON `{image path or file name: [[x, y, w, h], ...]}`."""
     try:
         with open(path) as f:
             boxes = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the boxes file: {e}") from e
+        raise argparse.ArgumentTypeError(f"{path}: cannot read the boxes file: {e}") from e
     if not isinstance(boxes, dict):
-        raise ValueError(f"{path}: expected a JSON object {{image: [[x, y, w, h], ...]}}")
+        raise argparse.ArgumentTypeError(
+            f"{path}: expected a JSON object {{image: [[x, y, w, h]]}}"
+        )
     return boxes
 
 
@@ -230,10 +233,8 @@ class Reporter:
         self.failed = 0
         self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
         if self._csv is not None:
-            self._csv.writerow(
-                ["source", "frame", "time_s", "face", "x", "y", "w", "h", *self.class_names]
-                + ["label"]
-            )
+            columns = ["source", "frame", "time_s", "face", "x", "y", "w", "h"]
+            self._csv.writerow([*columns, *self.class_names, "label"])
 
     def error(self, source: str, message: str) -> None:
         self.failed += 1
@@ -244,14 +245,8 @@ class Reporter:
     def message(self, text: str) -> None:
         self.err.write(f"{text}\n")
 
-    def faces(
-        self,
-        source: str,
-        faces: Sequence[Face],
-        frame: int | None = None,
-        time_s: float | None = None,
-    ) -> None:
-        where = source if frame is None else f"{source} frame {frame} ({time_s:.2f} s)"
+    def faces(self, source: str, faces: Sequence[Face], frame: int | None = None, time_s=None):
+        """Reports the faces of an image or of a video's `frame` at `time_s` seconds."""
         if self.fmt == "json":
             entry: dict[str, Any] = {"source": source}
             if frame is not None:
@@ -267,6 +262,7 @@ class Reporter:
                     + [face.label]
                 )
         elif faces:
+            where = source if frame is None else f"{source} frame {frame} ({time_s:.2f} s)"
             self.out.write(self._table(where, faces))
         self.out.flush()
 
@@ -324,51 +320,42 @@ def process_image(
 
 
 def video_frames(capture: cv2.VideoCapture, every: int, decode_all: bool) -> Iterator[Any]:
-    """Yields `(index, sampled, rgb frame or None)`; frames not sampled are decoded if asked."""
-    index = 0
-    while True:
-        sampled = index % every == 0
-        if sampled or decode_all:
+    """Yields `(index, RGB frame)` of every `every`-th frame, and of the others `(index, None)`
+    or, with `decode_all`, `(index, RGB frame)`."""
+    for index in itertools.count():
+        if index % every == 0 or decode_all:
             ok, frame = capture.read()
-            if not ok:
-                return
-            yield index, sampled, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         else:
-            if not capture.grab():
-                return
-            yield index, False, None
-        index += 1
+            ok, frame = capture.grab(), None
+        if not ok:
+            return
+        yield index, None if frame is None else cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
 
 def process_video(
     path: str, recognizer: Recognizer, reporter: Reporter, args: argparse.Namespace, stem: str
 ) -> None:
-    from tqdm import tqdm  # Only videos show a progress bar.
+    from tqdm import tqdm  # Only videos show a progress bar (when stderr is a terminal).
 
     capture = cv2.VideoCapture(path)
     if not capture.isOpened():
         raise ImageError(f"{path}: cannot open the video (not a video, or no codec for it)")
-    writer = None
+    writer, faces, found_any, frames = None, [], False, 0
     try:
         fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
         boxes = boxes_for(path, args.boxes, args.box)
-        faces: list[Face] = []
-        decode_all = bool(args.annotate)
-        bar = tqdm(  # Shown when stderr is a terminal.
+        bar = tqdm(
             total=total, unit="frame", desc=os.path.basename(path), disable=args.quiet or None
         )
-        found_any, frames = False, 0
         with bar:
-            for index, sampled, frame in video_frames(capture, args.every, decode_all):
+            for index, frame in video_frames(capture, args.every, bool(args.annotate)):
                 bar.update(1)
                 frames += 1
-                if sampled:
+                if index % args.every == 0:
+                    gray, where = to_gray(frame), f"{path} frame {index}"
                     faces = recognizer.recognize(
-                        to_gray(frame),
-                        boxes=boxes,
-                        attention=bool(args.attention),
-                        name=f"{path} frame {index}",
+                        gray, boxes=boxes, attention=bool(args.attention), name=where
                     )
                     found_any |= bool(faces)
                     if faces or args.format == "json":
@@ -427,8 +414,7 @@ def add_model_options(
     batch_size: int = DEFAULT_BATCH_SIZE,
     batch_help: str = "faces per model call",
 ) -> None:
-    """The options that load and run the model, predict's and serve's (`model_options`), with
-    `--compilation_cache` and `--verbose`."""
+    """The options that load and run the model (`load_recognizer`), predict's and serve's."""
     parser.add_argument(
         "--checkpoint",
         default="pretrained",
@@ -438,9 +424,9 @@ def add_model_options(
     )
     parser.add_argument(
         "--replica",
-        default=None,
-        help="of a replica run (config.replicas > 1): a replica index k, or 'ensemble' (their "
-        "probabilities averaged); default: the replica chosen on the select split",
+        type=parse_replica,
+        help="of a replica run: an index k, or 'ensemble' (their probabilities averaged); "
+        "default: the one chosen on the select split (docs/replicas.md)",
     )
     parser.add_argument("--batch_size", type=int, default=batch_size, help=batch_help)
     parser.add_argument(
@@ -501,7 +487,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     boxes.add_argument(
         "--box", type=parse_box, action="append", help="X,Y,W,H face box (repeatable), all inputs"
     )
-    boxes.add_argument("--boxes", help="JSON {path or file name: [[x, y, w, h], ...]}")
+    boxes.add_argument(
+        "--boxes", type=load_boxes_file, help="JSON {path or file name: [[x, y, w, h], ...]}"
+    )
     parser.add_argument(
         "--margin", type=float, default=PHOTO_MARGIN, help="face-crop margin (fraction of the box)"
     )
@@ -517,14 +505,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.paths = [*args.paths, EXAMPLE_IMAGE]
     if not args.paths:
         parser.error("give images, folders or videos to recognise, or --example")
-    if args.every < 1:
-        parser.error(f"--every must be >= 1, got {args.every}")
-    if args.boxes:
-        try:
-            args.boxes = load_boxes_file(args.boxes)
-        except ValueError as e:
-            parser.error(str(e))
+    require_positive(parser, args, ("every", "batch_size"))
     return args
+
+
+def require_positive(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]
+) -> None:
+    """`parser.error` naming the first option of `names` that is set and below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -536,39 +528,18 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def load_recognizer(
-    checkpoint: str,
-    replica: str | None = None,
-    *,
-    attention: bool = False,
-    **options: Any,
-) -> Recognizer:
-    """The recognizer of `checkpoint` as the command line loads it (`replica`: 'k' or
-    'ensemble'; `options` are `Recognizer.from_checkpoint`'s: adjust, crops,
-    batch_size, margin, max_side, min_face, matmul_dtype); UserError if the checkpoint cannot
-    be loaded."""
-    from fer_jax.training.checkpoint import (
-        CheckpointError,  # Orbax only when a checkpoint is loaded.
-    )
+def load_recognizer(args: argparse.Namespace, **options: Any) -> Recognizer:
+    """The recognizer of `args.checkpoint` and `args.replica`, with the options `args` holds of
+    `MODEL_OPTIONS` (`options` override them); UserError if it cannot be loaded."""
+    from fer_jax.training.checkpoint import CheckpointError  # Orbax only when loading one.
 
-    if replica is not None and replica != "ensemble":
-        if not replica.isdigit():
-            raise UserError(f"--replica must be a replica index or 'ensemble', got {replica!r}")
-        replica = int(replica)
-    if replica == "ensemble" and attention:
+    options = {n: getattr(args, n) for n in MODEL_OPTIONS if hasattr(args, n)} | options
+    if args.replica == "ensemble" and getattr(args, "attention", None):
         raise UserError("--attention needs one model: give --replica=k, not the ensemble")
     try:
-        return Recognizer.from_checkpoint(checkpoint, replica, **options)
+        return Recognizer.from_checkpoint(args.checkpoint, args.replica, **options)
     except (OSError, ValueError, CheckpointError) as e:
-        raise UserError(f"cannot load the checkpoint {checkpoint}: {e}") from e
-
-
-def model_options(args: argparse.Namespace) -> dict[str, Any]:
-    """`load_recognizer`'s arguments from the parsed command line."""
-    names = ("adjust", "crops", "batch_size", "margin", "max_side", "min_face", "matmul_dtype")
-    return {"checkpoint": args.checkpoint, "replica": args.replica} | {
-        n: getattr(args, n) for n in names
-    }
+        raise UserError(f"cannot load the checkpoint {args.checkpoint}: {e}") from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -578,11 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def predict() -> int:
         use_compilation_cache(args.compilation_cache)
-        recognizer = load_recognizer(attention=bool(args.attention), **model_options(args))
-        with contextlib.ExitStack() as stack:
-            out: TextIO = sys.stdout
-            if args.output:
-                out = stack.enter_context(open(args.output, "w", newline=""))
+        recognizer = load_recognizer(args)
+        if not args.output:
+            return run(args, recognizer, sys.stdout, sys.stderr)
+        with open(args.output, "w", newline="") as out:
             return run(args, recognizer, out, sys.stderr)
 
     return run_cli(predict, sys.argv[1:] if argv is None else argv)

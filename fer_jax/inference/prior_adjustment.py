@@ -1,22 +1,12 @@
 """Post-hoc logit adjustment by the training classes' prior: rare classes get their due.
 
-Why: FER2013's Training split holds 436 disgust faces against 7,215 happy ones, and a model
-trained on it learns that prior: it almost never says "disgust", which fails users on exactly
-the faces they ask about, and on collections where the classes are balanced. Menon et al.
-("Long-tail learning via logit adjustment", ICLR 2021) show that subtracting `tau * log prior`
-from the logits turns a model trained on the skewed prior into one for balanced classes
-(tau = 1 in theory; in practice tau is chosen on held-out data).
-
-Here `tau` is chosen on the select split (FER2013 PublicTest, ten-crop probabilities:
-`choose_tau`, the smallest tau whose mean per-class recall is within `TOLERANCE` of the best),
-never on the reported split, and stored with
-the shipped weights in their manifest (`fer_jax.model.pretrained.set_logit_adjustment`), so the
-weights file itself is unchanged. `Recognizer` applies it by default; `adjust=False` (predict's
-`--no_adjust`) gives the model's own output.
-
-On probabilities p (the softmax of the crops' mean logits) the adjustment is
-`p' = p * exp(offsets) / sum(p * exp(offsets))` with `offsets = -tau * log prior`: exactly the
-softmax of the adjusted logits.
+A model trained on FER2013 (436 disgust faces, 7,215 happy) learns its prior and almost never
+says "disgust". Subtracting `tau * log prior` from the logits (Menon et al., "Long-tail learning
+via logit adjustment", ICLR 2021) makes it one for balanced classes. `tau` is chosen on the select
+split (`choose_tau`), never on the reported one, and stored in the shipped weights' manifest
+(`pretrained.set_logit_adjustment`); `Recognizer` applies it unless `adjust=False` (`--no_adjust`).
+On probabilities: `p' = p * exp(offsets) / sum(p * exp(offsets))`, the softmax of the adjusted
+logits.
 """
 
 from __future__ import annotations

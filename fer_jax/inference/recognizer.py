@@ -1,18 +1,9 @@
-"""Expression recognition on photos: find faces, crop them, classify with ten-crop averaging.
+"""Expression recognition on photos: find the faces, crop them to 48x48, classify ten crops.
 
-`Recognizer.predict(image)` reads the image (`read_image`: a path, a PIL image or a numpy array;
-EXIF orientation honoured) to 8-bit gray, finds the faces (`find_faces`: OpenCV's Haar cascade on
-a copy downscaled to at most `max_side` pixels, boxes mapped back) or takes the caller's boxes,
-crops each from the full-resolution image to 48x48 (`data_pipelines.faces.crop_face`, margin
-`PHOTO_MARGIN`) and classifies it (`ten_crop_probabilities`: the model's logits of its ten 44x44
-crops, TenCrop order as the evaluation pipeline, averaged, then softmax). In full:
-docs/prediction_and_export.md, What happens to a photo.
-
-Attention (`centre_crop_attention`): the CBAM spatial-attention map of the last block of each of
-the four stages (resolutions 44, 22, 11, 6), computed on the centre 44x44 crop and bilinearly
-resized to 44x44: `(B, 4, 44, 44)` in (0, 1). Pixel (r, c) of a map covers pixel (r + 2, c + 2)
-of the 48x48 face (exactly for stage 1; the coarser maps are aligned up to their stride). The
-last block of each stage is the one whose output feeds the next stage.
+The steps (docs/prediction_and_export.md, What happens to a photo): `read_image`, `find_faces`
+(or the caller's boxes), `crop_face` at `PHOTO_MARGIN`, `ten_crop_probabilities`. Attention
+(`centre_crop_attention`): the CBAM spatial gate of each stage's last block on the centre 44x44
+crop, resized to 44x44; pixel (r, c) covers pixel (r + 2, c + 2) of the 48x48 face.
 """
 
 from __future__ import annotations
@@ -69,15 +60,8 @@ class ImageError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Face:
-    """One recognised face.
-
-    Attributes:
-      box: `(x, y, w, h)` in pixels of the (EXIF-rotated) image.
-      probabilities: `(num_classes,)` float32 softmax probabilities, summing to 1.
-      label: the most probable class name.
-      attention: `(4, 44, 44)` float32 spatial-attention maps in (0, 1) (module docstring), or
-        None when not requested.
-    """
+    """One face: `box` (x, y, w, h) in pixels of the EXIF-rotated image, `probabilities`
+    `(num_classes,)` float32, the top `label`, `attention` `(4, 44, 44)` in (0, 1) or None."""
 
     box: tuple[int, int, int, int]
     probabilities: np.ndarray
@@ -95,12 +79,8 @@ def _describe(source: Any) -> str:
 
 
 def to_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
-    """Converts an image array to 8 bits: `(H, W)` gray or `(H, W, 3)` RGB uint8.
-
-    Accepts `(H, W)`, `(H, W, 1)` gray, `(H, W, 2)` gray + alpha, `(H, W, 3)` RGB and
-    `(H, W, 4)` RGBA. Integer images are scaled by their dtype's range (uint16: `v * 255 / 65535`),
-    bool to {0, 255}, float images must lie in [0, 1]. Alpha is composited onto white.
-    """
+    """`(H, W)` gray or `(H, W, 3)` RGB uint8 of a gray (+ alpha), RGB or RGBA array: integers
+    scaled by their dtype's range, bool to {0, 255}, floats in [0, 1]; alpha onto white."""
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -155,15 +135,8 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
 
 
 def read_image(source: ImageLike) -> np.ndarray:
-    """Reads an image to `(H, W)` gray or `(H, W, 3)` RGB uint8 (see `to_uint8`).
-
-    Args:
-      source: a file path (any format Pillow reads; the first frame of animations), a PIL image
-        or a numpy array. EXIF orientation of files and PIL images is applied.
-
-    Raises:
-      ImageError: naming the file when it is missing, not an image, truncated or unusable.
-    """
+    """`(H, W)` gray or `(H, W, 3)` RGB uint8 (`to_uint8`) of a path (any format Pillow reads),
+    a PIL image or an array, EXIF orientation applied; ImageError naming what cannot be read."""
     name = _describe(source)
     if isinstance(source, np.ndarray):
         return to_uint8(source, name)
@@ -197,12 +170,8 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 def find_faces(
     gray: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE, min_face: int = DEFAULT_MIN_FACE
 ) -> np.ndarray:
-    """Face boxes `(N, 4)` int64 `[x, y, w, h]` in `gray`'s pixels, largest first.
-
-    Detection runs on a copy downscaled (area interpolation) so that its longer side is at most
-    `max_side`; `min_face` is the smallest face side in full-image pixels (at least 24 pixels of
-    the downscaled copy: the cascade's window).
-    """
+    """Face boxes `(N, 4)` int64 `[x, y, w, h]` in `gray`'s pixels, largest first, detected on a
+    copy at most `max_side` pixels long; `min_face`: smallest side in full-image pixels."""
     if max_side < 24 or min_face < 1:
         raise ValueError(f"need max_side >= 24 and min_face >= 1, got {max_side}, {min_face}")
     scale = min(1.0, max_side / max(gray.shape))
@@ -236,12 +205,8 @@ def check_boxes(boxes: Any, shape: tuple[int, ...], name: str = "<array>") -> np
 def ten_crop_probabilities(
     model: ResNet18, variables: Any, faces: jax.Array, crops: int = NUM_CROPS
 ) -> jax.Array:
-    """Class probabilities of `(B, 48, 48, 1)` float32 faces in [0, 1]: `(B, num_classes)`.
-
-    The model's logits of the ten crops are averaged, then softmaxed. `crops=1` classifies
-    the centre crop alone: a tenth of the compute (the trade-off: README, Use it on your
-    photos).
-    """
+    """`(B, num_classes)` softmax of the ten crops' mean logits of `(B, 48, 48, 1)` float32
+    faces in [0, 1]; `crops=1`: the centre crop alone, a tenth of the compute."""
     images = ten_crop(faces)  # (B, 10, 44, 44, C); the centre crop is the fifth
     images = images if crops == NUM_CROPS else images[:, CENTRE_CROP_INDEX, None]
     batch = images.shape[0]
@@ -254,19 +219,14 @@ def ten_crop_probabilities(
 def ensemble_probabilities(
     model: ResNet18, variables: Any, faces: jax.Array, crops: int = NUM_CROPS
 ) -> jax.Array:
-    """`ten_crop_probabilities` of K models (every leaf of `variables` stacked `(K, ...)`, a
-    replica run's), averaged: `(B, num_classes)`."""
+    """`ten_crop_probabilities` averaged over K models stacked `(K, ...)` in `variables`."""
     one = functools.partial(ten_crop_probabilities, model, crops=crops)
     per_model = jax.vmap(one, in_axes=(0, None))(variables, faces)
     return per_model.mean(axis=0)
 
 
 def centre_crop_attention(model: ResNet18, variables: Any, faces: jax.Array) -> jax.Array:
-    """Spatial attention of the last CBAM of each stage, on the centre crop: `(B, 4, 44, 44)`.
-
-    Args:
-      faces: `(B, 48, 48, 1)` float32 in [0, 1].
-    """
+    """`(B, 4, 44, 44)` spatial attention of `(B, 48, 48, 1)` faces (module docstring)."""
     if model.cbam is None:
         raise ValueError("the model has no CBAM modules, hence no attention maps")
     centre = ten_crop(faces)[:, CENTRE_CROP_INDEX]
@@ -298,16 +258,6 @@ def faces_to_input(faces: np.ndarray) -> np.ndarray:
     return faces.astype(np.float32)
 
 
-def _checked_offsets(offsets: Sequence[float] | None, num_classes: int) -> np.ndarray | None:
-    """`(num_classes,)` float32 logit offsets, or None; ValueError for another shape."""
-    if offsets is None:
-        return None
-    offsets = np.asarray(offsets, np.float32)
-    if offsets.shape != (num_classes,):
-        raise ValueError(f"logit_offsets must have shape ({num_classes},), got {offsets.shape}")
-    return offsets
-
-
 def label_faces(
     boxes: Any, probabilities: np.ndarray, class_names: Sequence[str], maps: Any = None
 ) -> list[Face]:
@@ -326,9 +276,7 @@ class Recognizer:
     """Facial expression recogniser around a trained `ResNet18` (module docstring).
 
     Faces go through the model in chunks of at most `batch_size`, each zero-padded to the next
-    power of two (capped at `batch_size`), so the jit-compiled functions compile at most
-    `log2(batch_size) + 1` times per instance (once per size bucket, when first needed) while a
-    photo with one face costs one face of compute, not `batch_size`.
+    power of two: at most `log2(batch_size) + 1` compilations, and one face costs one face.
     """
 
     def __init__(
@@ -346,24 +294,12 @@ class Recognizer:
         logit_offsets: Sequence[float] | None = None,
         matmul_dtype: str | None = DEFAULT_MATMUL_DTYPE,
     ):
-        """Wraps a model and its weights; compiles nothing until the first call.
+        """Wraps `model` and its `{'params', 'batch_stats'}`; compiles nothing until first used.
 
-        Args:
-          model: the network; `variables`: its `{'params', 'batch_stats'}`.
-          ensemble: `variables` hold K models stacked `(K, ...)` (a replica run's): their
-            probabilities are averaged (`ensemble_probabilities`; no attention maps).
-          crops: 10 (ten-crop averaging, the paper's evaluation) or 1 (the centre crop:
-            ~10x less compute per face).
-          class_names: one name per model output.
-          batch_size: faces per compiled model call.
-          margin: face-crop margin, as `data_pipelines.faces.crop_face` (`PHOTO_MARGIN`).
-          max_side: longer side in pixels of the copy that face detection runs on.
-          min_face: smallest detected face side in image pixels.
-          logit_offsets: `(num_classes,)` added to the logits before the softmax (the class-
-            prior adjustment, `fer_jax.inference.prior_adjustment`), or None: the model's own.
-          matmul_dtype: operands of the CPU convolution forms' matmuls (`resnet.with_matmul_dtype`):
-            'float32', 'bfloat16' (float32 accumulation) or 'auto' (bfloat16 on a CPU with
-            native bf16 multiplies, `resnet.matmul_bf16`); None: as `model` was built.
+        `ensemble`: `variables` stack K models `(K, ...)`, their probabilities averaged.
+        `logit_offsets`: `(num_classes,)` added to the logits (`prior_adjustment`), or None.
+        `matmul_dtype`: 'float32', 'bfloat16' or 'auto' (`resnet.with_matmul_dtype`); None: as
+        `model` was built. The rest: docs/prediction_and_export.md, Python: the Recognizer.
         """
         if len(class_names) != model.num_classes:
             raise ValueError(
@@ -371,28 +307,26 @@ class Recognizer:
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if crops not in CROP_CHOICES:
+            raise ValueError(f"crops must be one of {CROP_CHOICES}, got {crops!r}")
         missing = {"params", "batch_stats"} - set(variables)
         if missing:
             raise ValueError(f"variables lack the collections {sorted(missing)}")
+        if logit_offsets is not None:
+            logit_offsets = np.asarray(logit_offsets, np.float32)
+            if logit_offsets.shape != (model.num_classes,):
+                raise ValueError(f"logit_offsets: shape {logit_offsets.shape}, not (num_classes,)")
         if matmul_dtype is not None:
             model = with_matmul_dtype(model, matmul_dtype)
-        self.model = model
+        self.model, self.class_names, self.logit_offsets = model, tuple(class_names), logit_offsets
+        self.batch_size, self.crops, self.ensemble = batch_size, crops, ensemble
+        self.margin, self.max_side, self.min_face = margin, max_side, min_face
         # What the model's matmul operands are: 'bfloat16' or 'float32'.
         self.matmul_dtype = "bfloat16" if conv.split_impl(model.conv_impl)[1] else "float32"
         self.variables = jax.device_put(  # Once, not at every call.
             {"params": variables["params"], "batch_stats": variables["batch_stats"]}
         )
-        self.class_names = tuple(class_names)
-        self.batch_size = batch_size
-        self.margin = margin
-        self.max_side = max_side
-        self.min_face = min_face
         options = conv.cpu_compiler_options()  # Eigen convolutions on CPU
-        self.ensemble = ensemble
-        if crops not in CROP_CHOICES:
-            raise ValueError(f"crops must be one of {CROP_CHOICES}, got {crops!r}")
-        self.crops = crops
-        self.logit_offsets = _checked_offsets(logit_offsets, model.num_classes)
         probabilities = ensemble_probabilities if ensemble else ten_crop_probabilities
         # Chunks of one face (a photo's, a video frame's) run the plain XLA convolutions, which
         # trace in ~0.15 s instead of the CPU forms' ~0.5 s and run as fast at that size; bigger
@@ -417,15 +351,9 @@ class Recognizer:
         adjust: bool = True,
         **kwargs: Any,
     ) -> Recognizer:
-        """Loads a run directory (best, else latest checkpoint), one checkpoint directory, or
-        `'pretrained'` (the model shipped in the package; `Recognizer.pretrained`).
-
-        Of a replica run: the replica chosen on the select split (`replica=None`), replica k
-        (`replica=k`), or all of them averaged (`replica='ensemble'`). `adjust`: apply the
-        class-prior logit adjustment that a shipped model's manifest records (the default:
-        rare expressions such as disgust are then recognised; `prior_adjustment`); False: the
-        model's own output.
-        """
+        """Loads a run directory (best, else latest checkpoint), a checkpoint directory or
+        `'pretrained'`; `replica`: k or 'ensemble' (None: the run's choice); `adjust`: apply the
+        class-prior logit adjustment a shipped model's manifest records (`prior_adjustment`)."""
         from fer_jax.inference import prior_adjustment
         from fer_jax.model import pretrained
         from fer_jax.training.checkpoint import load_for_inference  # Orbax etc. only when needed.
@@ -443,12 +371,8 @@ class Recognizer:
 
     @classmethod
     def pretrained(cls, name: str | None = None, **kwargs: Any) -> Recognizer:
-        """The model shipped in the package (`fer_jax.model.pretrained`): the default one, or `name`
-        (a model name or an `.npz` path): `from_checkpoint('pretrained')`.
-
-        Raises:
-          fer_jax.model.pretrained.PretrainedError: the weights are not installed, or corrupt.
-        """
+        """`from_checkpoint('pretrained')`: the shipped model, or `name` (a model name or `.npz`
+        path); `PretrainedError` when the weights are not installed or corrupt."""
         from fer_jax.model import pretrained
 
         reference = pretrained.REFERENCE if name is None else f"{pretrained.REFERENCE}:{name}"
@@ -492,23 +416,18 @@ class Recognizer:
         crops = [crop_face(gray, box, margin=self.margin, size=FACE_SIZE) for box in boxes]
         return np.stack(crops) if crops else np.zeros((0, FACE_SIZE, FACE_SIZE), np.uint8)
 
+    def locate(self, gray: np.ndarray, boxes: Any | None = None, name: str = "<array>"):
+        """`(N, 4)` int64 face boxes of a gray image: `boxes` checked (ImageError naming `name`
+        if one is empty or outside it), or those `find_faces` detects."""
+        if boxes is not None:
+            return check_boxes(boxes, gray.shape, name)
+        return find_faces(gray, max_side=self.max_side, min_face=self.min_face)
+
     def predict(
         self, image: ImageLike, *, boxes: Any | None = None, attention: bool = False
     ) -> list[Face]:
-        """Recognises every face in `image`.
-
-        Args:
-          image: a path, a PIL image or a numpy array (gray, RGB, RGBA; 8-bit, 16-bit, float in
-            [0, 1]).
-          boxes: optional `[[x, y, w, h], ...]` face boxes to use instead of detection.
-          attention: also compute each face's attention maps.
-
-        Returns:
-          The faces, largest detected first (or in `boxes` order); empty when there is none.
-
-        Raises:
-          ImageError: naming the image when it cannot be read or a box is invalid.
-        """
+        """The faces of `image` (a path, PIL image or array), largest first or in `boxes` order
+        (`[[x, y, w, h], ...]`: no detection); a warning when there is none."""
         name = _describe(image)
         faces = self.recognize(
             to_gray(read_image(image)), boxes=boxes, attention=attention, name=name
@@ -518,24 +437,12 @@ class Recognizer:
         return faces
 
     def recognize(
-        self,
-        gray: np.ndarray,
-        *,
-        boxes: Any | None = None,
-        attention: bool = False,
-        name: str = "<array>",
+        self, gray: np.ndarray, *, boxes: Any = None, attention: bool = False, name: str = "<array>"
     ) -> list[Face]:
-        """`predict` on a `(H, W)` uint8 gray image, silent when there is no face.
-
-        `name` names the image in errors about `boxes`.
-        """
-        if boxes is None:
-            boxes = find_faces(gray, max_side=self.max_side, min_face=self.min_face)
-        else:
-            boxes = check_boxes(boxes, gray.shape, name)
+        """`predict` on a `(H, W)` uint8 gray image, silent when there is no face."""
+        boxes = self.locate(gray, boxes, name)
         if not len(boxes):
             return []
         crops = self.crop_faces(gray, boxes)
-        probabilities = self.predict_faces(crops)
         maps = self.attention_maps(crops) if attention else None
-        return label_faces(boxes, probabilities, self.class_names, maps)
+        return label_faces(boxes, self.predict_faces(crops), self.class_names, maps)

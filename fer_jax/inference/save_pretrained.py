@@ -1,13 +1,11 @@
 r"""`python -m fer_jax.inference.save_pretrained`: a run's selected checkpoint as the weights file
-shipped in the package (format and loader: `fer_jax.model.pretrained`; how and when:
-fer_jax/weights/README.md).
+shipped in the package (format: `fer_jax.model.pretrained`; when: fer_jax/weights/README.md).
 
     python -m fer_jax.inference.save_pretrained --from=runs/fer2013 --out=fer_jax/weights/NAME.npz \
         [--results=runs/fer2013/results.json] [--replica=k] [--param_dtype=bfloat16] \
         [--matmul_dtype=float32]
 
-Separate from `fer_jax.model.pretrained` because it reads Orbax checkpoints
-(`fer_jax.training.checkpoint`), which in turn loads `pretrained` weights through that module.
+Not in `pretrained`: it reads Orbax checkpoints, whose loader reads `pretrained` weights.
 """
 
 from __future__ import annotations
@@ -55,15 +53,10 @@ def convert(
     param_dtype: str = "bfloat16",
     matmul_dtype: str = "float32",
 ) -> tuple[str, dict[str, Any]]:
-    """Writes a run's selected checkpoint (or one checkpoint) as shipped weights `out`.
-
-    `results` (default: `source/results.json` when `source` is a run directory holding one) must
-    describe the same checkpoint (its `selected_step`); its accuracies go into the provenance.
-    `matmul_dtype`: the shipped model's `model.matmul_dtype`, what its users' CPU convolution
-    forms compute with. The default, float32, is exact on every CPU; a run trained with other
-    operands keeps what it used in the provenance (`trained_matmul_dtype`).
-    Returns `(out, manifest)`.
-    """
+    """Writes a run's selected checkpoint (or one checkpoint) as shipped weights `out`; returns
+    `(out, manifest)`. `results` (default: `source/results.json` if there) must be of the same
+    checkpoint; its accuracies go into the provenance. `matmul_dtype`: the shipped model's
+    (float32: exact on every CPU); what the run trained with stays in the provenance."""
     variables, ckpt_meta, where = checkpoint.load_variables(source)
     variables, index = checkpoint.take_replica(variables, ckpt_meta, replica, where)
     if "model" not in ckpt_meta:
@@ -71,7 +64,8 @@ def convert(
     step = ckpt_meta.get("step")
     if step is None and os.path.basename(where).isdigit():
         step = int(os.path.basename(where))
-    if checkpoint.replica_count(ckpt_meta) > 1:  # the step at which this replica was selected
+    replicated = checkpoint.replica_count(ckpt_meta) > 1
+    if replicated:  # the step at which this replica was selected
         step = ckpt_meta.get("replica_steps", {index: step})[index]
     if results is None and os.path.isfile(os.path.join(source, "results.json")):
         results = os.path.join(source, "results.json")
@@ -83,7 +77,7 @@ def convert(
         "step": step,
         "epoch": ckpt_meta.get("epoch"),
     }
-    if checkpoint.replica_count(ckpt_meta) > 1:
+    if replicated:
         provenance["replica"] = index
     model = dict(ckpt_meta["model"])
     trained = model.get("matmul_dtype", "float32")

@@ -78,12 +78,6 @@ def to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def _as_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
 def _clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Unwraps `{'net': ...}`, drops `num_batches_tracked`, strips DataParallel's `module.`."""
     if "net" in state_dict and isinstance(state_dict["net"], Mapping):
@@ -92,7 +86,9 @@ def _clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for key, value in state_dict.items():
         if key.endswith("num_batches_tracked"):
             continue
-        cleaned[key.removeprefix("module.")] = _as_numpy(value)
+        if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
+            value = value.detach().cpu().numpy()
+        cleaned[key.removeprefix("module.")] = np.asarray(value)
     return cleaned
 
 
@@ -103,16 +99,9 @@ def from_torch(
     head: str = "softmax",
     **model_kwargs: Any,
 ) -> tuple[ResNet18, dict[str, Any]]:
-    """Builds the model and its variables from a PyTorch state dict.
-
-    Width and class count are read from the weights; `model_kwargs` go to `ResNet18` (e.g.
-    `dtype`, `conv_impl`). A 3-channel stem (gray fed as RGB) becomes 1-channel by summing over
-    input channels, which gives identical outputs on gray images. Raises `KeyError` for missing or
-    unexpected keys and `ValueError` for shape mismatches, naming the key and both shapes.
-
-    Returns `(model, variables)`: `model.apply(variables, images, train=False)` gives logits for
-    `(B, 44, 44, 1)` float images.
-    """
+    """`(model, variables)` of a PyTorch state dict (docs/prediction_and_export.md, PyTorch
+    weights): width and classes from the weights, `model_kwargs` to `ResNet18`; KeyError for a
+    missing or unexpected key, ValueError for a shape mismatch, naming the key and shapes."""
     sd = _clean_state_dict(state_dict)
     for required in ("conv1.weight", "linear.weight"):
         if required not in sd:

@@ -1,21 +1,13 @@
 r"""The pretrained model shipped inside the package: one weights file, its manifest, the loader.
 
-A newcomer's first command (`python -m fer_jax.predict --example`) should need no dataset, no
-training run and no download: the trained network travels with the package as
-`fer_jax/weights/<name>.npz` (bfloat16 params: ~22.6 MB at full width) with its manifest
-`<name>.json` (the `.npz`'s byte size and sha256, and the same metadata; fer_jax/weights/README.md).
-The `.npz` (uncompressed, no pickles, fixed zip timestamps: a checkpoint always gives the same
-bytes) holds `params/<module>/.../<leaf>` as bfloat16 bit patterns (uint16), `batch_stats/...`
-as float32, and `__meta__`, UTF-8 JSON bytes (uint8) of the metadata: `model` (the config's
-model section), `class_names`, `provenance`, `leaves` (each array's shape and stored dtype) and
-`format_version`.
-
-`load` checks the file's size and sha256 against the manifest and its arrays against the
-metadata and the model it describes; anything wrong is one `PretrainedError` (a `UserError`)
-naming the file. Where a checkpoint is accepted, `pretrained` is `DEFAULT_NAME`,
-`pretrained:NAME` another (a name or an `.npz` path), and a path ending in `.npz` that file.
-Names are looked up in `fer_jax/weights/`, or in `$FER_JAX_WEIGHTS_DIR` when it is set. The
-files are written from a run by `python -m fer_jax.inference.save_pretrained`.
+`fer_jax/weights/<name>.npz` (uncompressed, no pickles, fixed zip timestamps: the same variables
+give the same bytes) holds `params/<module>/.../<leaf>` as bfloat16 bit patterns (uint16),
+`batch_stats/...` as float32 and `__meta__`, the metadata as UTF-8 JSON (`model`, `class_names`,
+`provenance`, `leaves`, `format_version`); `<name>.json`, the manifest, adds its size and sha256
+(fer_jax/weights/README.md). `load` verifies both; anything wrong is one `PretrainedError` naming
+the file. A checkpoint argument `pretrained` is `DEFAULT_NAME`, `pretrained:NAME` a name (looked
+up in `$FER_JAX_WEIGHTS_DIR` or `fer_jax/weights/`) or path, `*.npz` that file. Written by
+`python -m fer_jax.inference.save_pretrained`.
 """
 
 from __future__ import annotations
@@ -24,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import pathlib
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -31,6 +24,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
 from fer_jax.user_errors import UserError
 
@@ -118,29 +112,13 @@ def is_reference(path: str | os.PathLike) -> bool:
 # ----------------------------------------------------------------------------- saving
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str, leaf: Any = np.asarray) -> dict[str, Any]:
-    """`{'prefix/a/b': leaf(value)}` of a nested dict."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}/{key}"
-        if "/" in str(key):
-            raise ValueError(f"variable name {key!r} contains '/'")
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name, leaf))
-        else:
-            out[name] = leaf(value)
-    return out
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+def _flatten(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """`{'params/a/b': leaf}` of both collections of nested variables."""
+    return {
+        f"{collection}/{key}": value
+        for collection in COLLECTIONS
+        for key, value in traverse_util.flatten_dict(dict(variables[collection]), sep="/").items()
+    }
 
 
 def _jsonable(value: Any) -> Any:
@@ -205,23 +183,13 @@ def save(
     class_names: Sequence[str] | None = None,
     param_dtype: str = "bfloat16",
 ) -> str:
-    """Writes `path` (`<name>.npz`) and its manifest `<name>.json`; returns the `.npz` path.
+    """Writes `path` (`<name>.npz`, then its manifest `<name>.json`, each renamed into place
+    when complete); returns the `.npz` path.
 
-    Each file is written to a temporary name and renamed when complete (the `.npz` first: a
-    crash between the two renames leaves a manifest that no longer matches, which `load`
-    reports), so a reader never sees half a file.
-
-    Args:
-      variables: `{'params': ..., 'batch_stats': ...}` nested dicts of float arrays (numpy or
-        jax; one model, not a replica run's stack).
-      model_config: the config's `model` section (`fer_jax.model.resnet.model_from_config`).
-      meta: provenance, stored as given (JSON types): e.g. `source`, `step`, `accuracies`.
-      class_names: one per output (default: the FER2013 classes).
-      param_dtype: 'bfloat16' (the default: half the bytes) or 'float32' for the params;
-        BatchNorm statistics are always float32.
-
-    Raises:
-      ValueError: a collection is missing, a leaf is not finite, or the names do not fit.
+    `variables`: one model's `{'params', 'batch_stats'}`; `model_config`: the config's `model`
+    section; `meta`: the provenance (JSON types); `param_dtype`: of the params, 'bfloat16' (half
+    the bytes) or 'float32' (BatchNorm statistics are float32). ValueError for a missing
+    collection, a leaf that is not finite, or class names that do not fit.
     """
     from data_pipelines.labels import CLASS_NAMES
 
@@ -240,10 +208,10 @@ def save(
             f"{len(class_names)} class names for a model with {model_config['num_classes']} outputs"
         )
     arrays, leaves = {}, {}
-    for collection in COLLECTIONS:
-        for key, value in _flatten(variables[collection], collection).items():
-            arrays[key], dtype = _encode(key, value, param_dtype)
-            leaves[key] = {"shape": list(value.shape), "dtype": dtype}
+    for key, value in _flatten(variables).items():
+        value = np.asarray(value)
+        arrays[key], dtype = _encode(key, value, param_dtype)
+        leaves[key] = {"shape": list(value.shape), "dtype": dtype}
     name = os.path.splitext(os.path.basename(path))[0]
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -271,12 +239,9 @@ def save(
 
 
 def _write_manifest(npz_path: str, manifest: Mapping[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.write("\n")
-
-    _write_atomic(os.path.dirname(npz_path), manifest_path(npz_path), write)
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    directory, final = os.path.dirname(npz_path), manifest_path(npz_path)
+    _write_atomic(directory, final, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def set_logit_adjustment(
@@ -310,11 +275,8 @@ def _hint(path: str) -> str:
 
 
 def read_manifest(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The manifest of a model (its `meta` holds the metadata) without reading the weights.
-
-    Raises:
-      PretrainedError: the model is not installed, or its manifest is unreadable.
-    """
+    """The manifest of a model (its `meta` holds the metadata) without reading the weights;
+    PretrainedError if the model is not installed or its manifest is unreadable."""
     path = resolve(name_or_path)
     manifest = manifest_path(path)
     if not os.path.isfile(path):
@@ -384,12 +346,7 @@ def _check_against_model(path: str, metadata: Mapping[str, Any], arrays: Mapping
         model = model_from_config(metadata["model"], dropout_rate=0.0)
     except (KeyError, TypeError, ValueError) as e:
         raise PretrainedError(f"{path}: its model description is unusable ({e})") from e
-    shapes = variable_shapes(model)
-    want = {
-        key: shape
-        for collection in COLLECTIONS
-        for key, shape in _flatten(shapes[collection], collection, lambda a: tuple(a.shape)).items()
-    }
+    want = {key: tuple(leaf.shape) for key, leaf in _flatten(variable_shapes(model)).items()}
     missing, extra = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
     if missing or extra:
         raise PretrainedError(
@@ -407,25 +364,10 @@ def _check_against_model(path: str, metadata: Mapping[str, Any], arrays: Mapping
 def load(
     name_or_path: str | os.PathLike | None = None, *, check_model: bool = True
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """`(model_config, variables, meta)` of a pretrained model, verified.
-
-    Args:
-      name_or_path: a model name in `weights_dir()` (None: `DEFAULT_NAME`) or a `.npz` path.
-      check_model: also check the arrays against the variables of the model the metadata
-        describes (tracing it: ~0.5 s at full width). Callers that check them anyway (the
-        checkpoint loaders) skip it.
-
-    Returns:
-      The model config (`fer_jax.model.resnet.model_from_config` input); the variables
-      `{'params', 'batch_stats'}` as float32 numpy (params: the stored bfloat16 values
-      exactly); the metadata (`model`, `class_names`, `provenance`, `leaves`, ...) with the
-      file's `path` and `sha256` added.
-
-    Raises:
-      NotInstalledError: the default model is not installed.
-      PretrainedError: the file or its manifest is missing, its size or sha256 differs from the
-        manifest (corrupt or truncated), or its arrays miss keys or have the wrong shapes.
-    """
+    """`(model_config, variables, meta)` of a model name (None: `DEFAULT_NAME`) or `.npz` path,
+    its size and sha256 checked against the manifest and its arrays against the metadata (and,
+    with `check_model`, ~0.5 s, against the model it describes); float32 numpy variables; the
+    metadata with the file's `path` and `sha256`. PretrainedError (NotInstalledError) if not."""
     path = resolve(name_or_path)
     manifest = read_manifest(name_or_path)
     try:
@@ -446,9 +388,7 @@ def load(
     arrays, metadata = _decode(path, data)
     if check_model:
         _check_against_model(path, metadata, arrays)
-    variables = _unflatten(arrays)
-    for collection in COLLECTIONS:
-        variables.setdefault(collection, {})
+    variables = {c: {} for c in COLLECTIONS} | traverse_util.unflatten_dict(arrays, sep="/")
     return dict(metadata["model"]), variables, {**metadata, "path": path, "sha256": digest}
 
 

@@ -2,12 +2,9 @@ r"""`python -m fer_jax.serve`: the recogniser as an HTTP API and a web page, on 
 
     python -m fer_jax.serve [--checkpoint=pretrained|RUN_DIR] [--host=127.0.0.1] [--port=8000]
 
-Loads the model (`--checkpoint`, as `python -m fer_jax.predict` does: the shipped model by
-default), compiles and runs every program a request can need, and only then answers: open
-http://127.0.0.1:8000/ for the page, http://127.0.0.1:8000/docs for the API. It listens on the
-loopback address only unless `--host` says otherwise (`--host=0.0.0.0`: every interface; there
-is no authentication). Needs the `serve` extra: `pip install -e ".[serve]"`. API, limits and
-batching: docs/serve.md.
+Loads the model as `python -m fer_jax.predict` does, compiles and warms every program, then
+listens (loopback only unless `--host` says otherwise: there is no authentication). Needs the
+`serve` extra. Page, API, limits and batching: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -63,11 +60,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--access_log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "max_bytes", "max_pixels", "max_pending", "read_seconds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.workers is not None and args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
+    names = ("batch_size", "max_bytes", "max_pixels", "max_pending", "read_seconds", "workers")
+    predict.require_positive(parser, args, names)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     return args
@@ -87,12 +81,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 def load_recognizers(args: argparse.Namespace) -> dict[int, Recognizer]:
     """`{crops: Recognizer}` for ten crops and one, loaded as `python -m fer_jax.predict` loads
-    its model (`predict.load_recognizer`: the other options at predict's defaults)."""
-    options = {name: getattr(args, name) for name in ("adjust", "batch_size", "matmul_dtype")}
-    return {
-        crops: predict.load_recognizer(args.checkpoint, args.replica, crops=crops, **options)
-        for crops in CROP_CHOICES
-    }
+    its model (the options serve lacks at predict's defaults)."""
+    return {crops: predict.load_recognizer(args, crops=crops) for crops in CROP_CHOICES}
 
 
 def load_and_warm(args: argparse.Namespace, sock: socket.socket) -> Service:

@@ -150,21 +150,27 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _problem(500, f"internal server error ({type(error).__name__}); see the log")
 
 
+def _add_files(app: FastAPI, prefix: str, folder: Any, types: dict, headers: Any = None) -> None:
+    """Serves the files of `folder` named in `types` (name: media type) at `prefix/{name}`."""
+    files = {name: (folder / name).read_bytes() for name in types}
+
+    @app.get(prefix + "/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        if name not in files:
+            return _problem(404, f"no such file {name!r}")
+        return Response(files[name], media_type=types[name], headers=headers)
+
+
 def _add_page(app: FastAPI) -> None:
     folder = importlib.resources.files("fer_jax.serve") / "static"
     page = (folder / "index.html").read_bytes()
-    files = {name: (folder / name).read_bytes() for name in STATIC}
     headers = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"}
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers=headers)
 
-    @app.get("/static/{name}", include_in_schema=False)
-    async def static(name: str) -> Response:
-        if name not in files:
-            return _problem(404, f"no static file {name!r}")
-        return Response(files[name], media_type=STATIC[name], headers=headers)
+    _add_files(app, "/static", folder, STATIC, headers)
 
 
 # Swagger UI's files, served from the swagger-ui-bundle package (FastAPI's default /docs loads
@@ -180,8 +186,6 @@ def _add_docs(app: FastAPI) -> None:
     from fastapi.openapi.docs import get_swagger_ui_html
     from swagger_ui_bundle import swagger_ui_path
 
-    files = {name: (swagger_ui_path / name).read_bytes() for name in DOCS_FILES}
-
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(
@@ -192,11 +196,7 @@ def _add_docs(app: FastAPI) -> None:
             swagger_favicon_url="/docs/static/favicon-32x32.png",
         )
 
-    @app.get("/docs/static/{name}", include_in_schema=False)
-    async def docs_static(name: str) -> Response:
-        if name not in files:
-            return _problem(404, f"no API page file {name!r}")
-        return Response(files[name], media_type=DOCS_FILES[name])
+    _add_files(app, "/docs/static", swagger_ui_path, DOCS_FILES)
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:

@@ -1,13 +1,10 @@
 """The recogniser behind the API: admission, decoding and detection threads, one batching worker.
 
-A request is admitted (`Service.admit`: at most `max_pending` in progress, one more is answered
-503 at once), decoded and its faces found and cropped on a pool of threads (`Service.find`;
-detection one image at a time: the Haar cascade that `data_pipelines.faces` shares is not
-thread-safe), then classified by one thread (`Batcher`) that runs the crops of every request
-waiting for it, with the same crop count, as one batch of up to `batch_size` faces; nothing
-waits for a batch to fill. The stages in full: docs/serve.md, Concurrency. The answer is the
-record `python -m fer_jax.predict --json` prints for one image, built by the same code
-(`fer_jax.inference.predict.face_record`).
+`Service.admit` holds one of `max_pending` places (one more request is answered 503);
+`Service.find` decodes and crops on a thread pool (detection one image at a time: the shared
+Haar cascade is not thread-safe); a `Batcher` thread classifies the crops of every request
+waiting with the same crop count as one batch. In full: docs/serve.md, Concurrency. The answer
+is predict's `--json` record (`fer_jax.inference.predict.face_record`).
 """
 
 from __future__ import annotations
@@ -26,14 +23,7 @@ from typing import Any
 import numpy as np
 
 from fer_jax.inference.predict import face_record
-from fer_jax.inference.recognizer import (
-    FACE_SIZE,
-    ImageError,
-    Recognizer,
-    check_boxes,
-    find_faces,
-    label_faces,
-)
+from fer_jax.inference.recognizer import FACE_SIZE, ImageError, Recognizer, find_faces, label_faces
 from fer_jax.serve.uploads import Limits, UploadError, decode
 
 DEFAULT_MAX_PENDING = 32
@@ -52,18 +42,13 @@ class BatchStats:
 
 
 class Batcher:
-    """One thread runs `predictors[key](faces)`; the requests with the same key that wait when
-    it is free go as one batch of at most `max_faces` faces (a larger request goes alone).
-
-    `submit` is thread-safe and returns a `concurrent.futures.Future` of the request's own rows
-    of the batch's output. A failing batch fails its requests' futures, not the thread.
-    """
+    """One thread runs `predictors[key](faces)` on the requests with the same key waiting for
+    it, as one batch of at most `max_faces` faces (a larger request goes alone). `submit` is
+    thread-safe; its future has the request's rows, or the error of a failing batch."""
 
     def __init__(
         self, predictors: Mapping[Any, Callable[[np.ndarray], np.ndarray]], max_faces: int
     ):
-        if max_faces < 1:
-            raise ValueError(f"max_faces must be >= 1, got {max_faces}")
         self._predictors = dict(predictors)
         self.max_faces = max_faces
         self.stats = BatchStats()
@@ -141,16 +126,9 @@ class Batcher:
 
 
 class Service:
-    """Recognises the faces of uploaded images with `recognizers` (`{crops: Recognizer}`, the
-    same model with ten crops and with one) for many concurrent requests (module docstring).
-
-    Args:
-      recognizers: one per `crops` value served; they share `batch_size`, `class_names`.
-      limits: bytes and pixels one request may send.
-      max_pending: requests in progress at once; more are answered 503.
-      workers: decoding and detection threads (default: the CPU count).
-      model_name: what `health` reports as the model (e.g. the `--checkpoint`).
-    """
+    """Recognises the faces of uploaded images for many concurrent requests (module docstring)
+    with `recognizers` `{crops: Recognizer}` (one model, sharing `batch_size` and `class_names`);
+    `workers`: decoding threads (default: the CPUs); `model_name`: what `health` reports."""
 
     def __init__(
         self,
@@ -166,15 +144,9 @@ class Service:
         first = next(iter(recognizers.values()))
         if any(r.batch_size != first.batch_size for r in recognizers.values()):
             raise ValueError("the recognizers must share one batch_size")
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-        self.recognizers = dict(recognizers)
-        self.class_names = first.class_names
-        self.batch_size = first.batch_size
-        self.limits = limits
-        self.max_pending = max_pending
-        self.model_name = model_name
-        self.rejected = 0
+        self.recognizers, self.limits, self.model_name = dict(recognizers), limits, model_name
+        self.class_names, self.batch_size = first.class_names, first.batch_size
+        self.max_pending, self.rejected, self._pending = max_pending, 0, 0
         self.warm_seconds: float | None = None
         self.batcher = Batcher(
             {crops: r.predict_faces for crops, r in self.recognizers.items()}, self.batch_size
@@ -182,7 +154,6 @@ class Service:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers or os.cpu_count() or 2, thread_name_prefix="fer_jax-decode"
         )
-        self._pending = 0
         self._lock = threading.Lock()
         self._detecting = threading.Lock()  # one detectMultiScale at a time (module docstring)
 
@@ -220,20 +191,15 @@ class Service:
         self, data: bytes, crops: int, boxes: list[list[int]] | None, name: str
     ) -> tuple[np.ndarray, np.ndarray]:
         """`(boxes (N, 4), 48x48 crops (N, 48, 48))` of the faces of an encoded image."""
-        if crops not in self.recognizers:
-            raise UploadError(400, f"crops must be one of {sorted(self.recognizers)}, got {crops}")
         if boxes is not None and len(boxes) > MAX_BOXES:
             raise UploadError(400, f"{len(boxes)} face boxes; at most {MAX_BOXES} per request")
         gray = decode(data, self.limits, name)
         recognizer = self.recognizers[crops]
-        if boxes is None:
+        try:
             with self._detecting:
-                found = find_faces(gray, max_side=recognizer.max_side, min_face=recognizer.min_face)
-        else:
-            try:
-                found = check_boxes(boxes, gray.shape, name)
-            except ImageError as e:
-                raise UploadError(400, str(e)) from None
+                found = recognizer.locate(gray, boxes, name)
+        except ImageError as e:
+            raise UploadError(400, str(e)) from None
         return found, recognizer.crop_faces(gray, found)
 
     async def predict(

@@ -1,12 +1,9 @@
 """An uploaded image, from the bytes of a request to gray pixels, in memory and within limits.
 
-The image comes as the raw body (`Content-Type: image/...` or `application/octet-stream`) or as
-the one part of a `multipart/form-data` body (a browser's form, `curl -F file=@photo.jpg`),
-parsed here in memory with python-multipart's streaming parser: Starlette's own form parsing
-spools uploads over 1 MB to a temporary file, and nothing uploaded may reach the disk. Each
-refusal is an `UploadError`, an HTTP status and one message (the statuses: docs/serve.md); the
-pixel limit is checked from the image's header before any pixel is decoded, against
-decompression bombs (a few kB of PNG can declare gigapixels).
+The image is the raw body or the one part of a `multipart/form-data` body, parsed in memory
+(Starlette spools large forms to disk; nothing uploaded may reach it). Each refusal is an
+`UploadError`: an HTTP status and one message (docs/serve.md). The pixel limit is checked from
+the image's header before any pixel is decoded, against decompression bombs.
 """
 
 from __future__ import annotations
@@ -71,12 +68,8 @@ def check_content_type(content_type: str | None) -> str:
 
 
 def image_bytes(body: bytes, content_type: str | None) -> tuple[bytes, str | None]:
-    """The image's bytes in a request body and the file name it was sent under (None if none).
-
-    Raises:
-      UploadError: 415 for a content type that is not an image or a form, 400 for an empty
-        body or a malformed form.
-    """
+    """The image's bytes in a request body and the file name it was sent under (None if none);
+    UploadError 415 for a type that is not an image or a form, 400 for an empty or bad body."""
     if check_content_type(content_type) == MULTIPART:
         data, filename = multipart_file(body, content_type or "")
     else:
@@ -136,11 +129,8 @@ def multipart_file(body: bytes, content_type: str) -> tuple[bytes, str | None]:
 
 
 def decode(data: bytes, limits: Limits, name: str) -> np.ndarray:
-    """`(H, W)` uint8 gray pixels of an encoded image (EXIF orientation applied), in memory.
-
-    Raises:
-      UploadError: 400 not an image / truncated / unusable; 413 over `limits.max_pixels`.
-    """
+    """`(H, W)` uint8 gray pixels of an encoded image (EXIF orientation applied), in memory;
+    UploadError 400 not an image, truncated or unusable, 413 over `limits.max_pixels`."""
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
