@@ -1,7 +1,8 @@
 """experiments/onednn_conv (oneDNN convolutions through the XLA FFI) against XLA's convolution.
 
 Forward, input gradient and kernel gradient at every CBAM-ResNet18 convolution shape (batch 2),
-float32 (tight) and bfloat16 (to bfloat16 rounding), both layouts. Skipped unless
+float32 (tight), bfloat16, and float32 with bfloat16 compute (bf16 primitives writing f32
+results; to bfloat16 rounding), both layouts. Skipped unless
 ``experiments/onednn_conv/build.sh`` has built the library.
 """
 
@@ -63,20 +64,26 @@ def _rel_err(a: jax.Array, b: jax.Array) -> float:
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "any"])
-@pytest.mark.parametrize("dtype,tol", [("float32", 2e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize(
+    "dtype,compute,tol",
+    [("float32", None, 2e-5), ("bfloat16", None, 2e-2), ("float32", "bfloat16", 2e-2)],
+)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "{}x{}x{}->{} k{} s{} p{}".format(s[0], *s))
-def test_matches_xla(shape, dtype, tol, layout):
+def test_matches_xla(shape, dtype, compute, tol, layout):
     h, cin, cout, ksz, stride, padding = shape
     rng = np.random.default_rng(sum(shape))
     ho = (h + 2 * padding - ksz) // stride + 1
     dt = jnp.dtype(dtype)
-    x = jnp.asarray(rng.standard_normal((2, h, h, cin)), dt)
-    k = jnp.asarray(rng.standard_normal((ksz, ksz, cin, cout)) / np.sqrt(ksz * ksz * cin), dt)
-    dy = jnp.asarray(rng.standard_normal((2, ho, ho, cout)), dt)
+    # float32 with compute bfloat16: values exact in bf16, so that the reference sees the same.
+    rounded = jnp.dtype(compute or dtype)
+    x = jnp.asarray(rng.standard_normal((2, h, h, cin)), rounded).astype(dt)
+    k = jnp.asarray(rng.standard_normal((ksz, ksz, cin, cout)) / np.sqrt(ksz * ksz * cin), rounded)
+    k = k.astype(dt)
+    dy = jnp.asarray(rng.standard_normal((2, ho, ho, cout)), rounded).astype(dt)
 
     got = jax.jit(
         lambda x, k, dy: _values_and_grads(
-            lambda x, k: onednn_conv.conv2d_onednn(x, k, stride, padding, layout), x, k, dy
+            lambda x, k: onednn_conv.conv2d_onednn(x, k, stride, padding, layout, compute), x, k, dy
         )
     )(x, k, dy)
     # Reference from the same (bf16-rounded) operands, in float32.

@@ -100,33 +100,32 @@ def _call(
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, layout: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, layout: int, compute: str | None
+) -> jax.Array:
+    return _conv_fwd(x, kernel, stride, padding, layout, compute)[0]
+
+
+def _conv_fwd(x, kernel, stride, padding, layout, compute):
     b, h, w, _ = x.shape
     kh, kw, _, cout = kernel.shape
     ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
     out = jax.ShapeDtypeStruct((b, ho, wo, cout), x.dtype)
-    return _call("fwd", x, kernel, out, stride, padding, layout)
+    if compute is not None:  # operands rounded to `compute`, results in x's dtype
+        x, kernel = x.astype(compute), kernel.astype(compute)
+    return _call("fwd", x, kernel, out, stride, padding, layout), (x, kernel)
 
 
-def _conv_fwd(x, kernel, stride, padding, layout):
-    return _conv(x, kernel, stride, padding, layout), (x, kernel)
-
-
-def _conv_bwd(stride, padding, layout, res, dy):
-    x, kernel = res
+def _conv_bwd(stride, padding, layout, compute, res, dy):
+    x, kernel = res  # in the compute dtype; results in dy's (= the caller's x and kernel dtype)
+    out_dtype = dy.dtype
     dy = dy.astype(x.dtype)
     dx = _call(
-        "bwd_data", dy, kernel, jax.ShapeDtypeStruct(x.shape, x.dtype), stride, padding, layout
+        "bwd_data", dy, kernel, jax.ShapeDtypeStruct(x.shape, out_dtype), stride, padding, layout
     )
     dk = _call(
-        "bwd_weights",
-        x,
-        dy,
-        jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
-        stride,
-        padding,
-        layout,
+        "bwd_weights", x, dy, jax.ShapeDtypeStruct(kernel.shape, out_dtype), stride, padding, layout
     )
     return dx, dk
 
@@ -135,22 +134,30 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv2d_onednn(
-    x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 1, layout: str = "nhwc"
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: int = 1,
+    padding: int = 1,
+    layout: str = "nhwc",
+    compute_dtype: str | None = None,
 ) -> jax.Array:
     """2-D cross-correlation by oneDNN, like ``fer_jax.model.conv.conv2d`` (no bias).
 
     Args:
-      x: (B, H, W, Cin), float32 or bfloat16; the result is in ``x.dtype`` (bfloat16: oneDNN
-        accumulates in float32 and rounds once, as PyTorch's autocast convolution).
+      x: (B, H, W, Cin), float32 or bfloat16; the result is in ``x.dtype``.
       kernel: (kh, kw, Cin, Cout) HWIO; cast to ``x.dtype``.
       stride: spatial stride (both axes).
       padding: zeros on each side of H and W.
       layout: a key of :data:`LAYOUTS`.
+      compute_dtype: e.g. ``"bfloat16"`` with float32 x: the operands (and, in the backward,
+        dy) are rounded to it and oneDNN writes float32 results directly (bf16 primitives with
+        f32 dst / diff_src / diff_weights; oneDNN accumulates in f32). None: x's dtype.
 
     Returns:
       (B, Ho, Wo, Cout), Ho = (H + 2 padding - kh) // stride + 1. Differentiable in x and kernel
-      (backward-data and backward-weights primitives; the kernel's gradient in its dtype).
+      (backward-data and backward-weights primitives; both gradients in x's dtype).
     """
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
         raise ValueError(f"want x (B,H,W,C) and HWIO kernel, got {x.shape} and {kernel.shape}")
-    return _conv(x, kernel.astype(x.dtype), int(stride), int(padding), LAYOUTS[layout])
+    compute = None if compute_dtype in (None, str(x.dtype)) else str(jax.numpy.dtype(compute_dtype))
+    return _conv(x, kernel.astype(x.dtype), int(stride), int(padding), LAYOUTS[layout], compute)
