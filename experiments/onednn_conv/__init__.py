@@ -21,8 +21,10 @@ import jax
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-LIB_PATH = HERE / "libonednn_conv.so"
-PREFIX_PATH = HERE / "libonednn_conv.prefix"  # build.sh writes the oneDNN prefix it used
+LIB_PATH = Path(os.environ.get("ONEDNN_CONV_LIB", HERE / "libonednn_conv.so"))
+"""The library: ``build.sh``'s default output, or ``$ONEDNN_CONV_LIB`` (e.g. a second build
+against another oneDNN, ``OUT=.../libonednn_conv_v3.so build.sh``)."""
+PREFIX_PATH = LIB_PATH.with_suffix(".prefix")  # build.sh writes the oneDNN prefix it used
 
 LAYOUTS = {"nhwc": 0, "any": 1}
 """``layout`` of :func:`conv2d_onednn`: ``"nhwc"`` hands oneDNN the activations in the NHWC
@@ -51,9 +53,10 @@ def available() -> bool:
 def load() -> ctypes.CDLL:
     """Loads the library and registers its three FFI targets for the CPU platform (once).
 
-    The ``onednn`` wheel's libdnnl runs on a SYCL CPU device, found through the OpenCL ICD
-    loader: unless ``OCL_ICD_FILENAMES`` is set, it is pointed at the wheel's ``libintelocl.so``
-    (before the first call, when SYCL enumerates its platforms).
+    Debian's libdnnl (OpenMP) needs nothing more. The ``onednn`` wheel's libdnnl runs on a SYCL
+    CPU device, found through the OpenCL ICD loader: unless ``OCL_ICD_FILENAMES`` is set, it is
+    pointed at the wheel's ``libintelocl.so`` (before the first call, when SYCL enumerates its
+    platforms; harmless when the prefix has none, e.g. /usr).
     """
     if not available():
         raise FileNotFoundError(f"{LIB_PATH} not built: run {HERE / 'build.sh'}")
@@ -65,9 +68,25 @@ def load() -> ctypes.CDLL:
     for op, target in TARGETS.items():
         fn = getattr(lib, _SYMBOLS[op])
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
-    lib.onednn_conv_info.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    lib.onednn_conv_info.restype = ctypes.c_int
+    for name in ("onednn_conv_info", "onednn_conv_version"):
+        getattr(lib, name).argtypes = [ctypes.c_char_p, ctypes.c_int]
+        getattr(lib, name).restype = ctypes.c_int
+    lib.onednn_conv_max_threads.restype = ctypes.c_int
     return lib
+
+
+def version() -> str:
+    """The loaded oneDNN's version and CPU runtime, e.g. ``"2.6.3 omp"`` (Debian's) or
+    ``"3.13.2 sycl"`` (the ``onednn`` wheel)."""
+    buf = ctypes.create_string_buffer(64)
+    load().onednn_conv_version(buf, 64)
+    return buf.value.decode()
+
+
+def max_threads() -> int:
+    """Threads oneDNN uses for a call from the calling thread (OpenMP runtime: its
+    ``omp_get_max_threads()`` after ``ONEDNN_CONV_NUM_THREADS``); -1 for the TBB/SYCL ones."""
+    return load().onednn_conv_max_threads()
 
 
 def info() -> str:

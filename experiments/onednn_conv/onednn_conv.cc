@@ -14,6 +14,12 @@
 // Primitive descriptors, primitives, reorders and internal buffers (including the scratchpad,
 // scratchpad_mode::user) are cached per (op, shape, dtypes, layout); a cache entry has a mutex,
 // so concurrent calls of the same key run one after the other.
+//
+// Builds against oneDNN 3.x (primitive descriptors made directly from memory descriptors; e.g.
+// the `onednn` wheel) and 2.x (through op descriptors, `convolution_forward::desc`; e.g.
+// Debian's libdnnl-dev 2.6.3): see the DNNL_VERSION_MAJOR branches. With an OpenMP CPU runtime
+// (Debian's), the number of threads oneDNN uses is set per calling thread from
+// ONEDNN_CONV_NUM_THREADS (default: OpenMP's own default, OMP_NUM_THREADS or the CPUs).
 
 #include <cstdint>
 #include <cstdio>
@@ -25,8 +31,14 @@
 #include <tuple>
 #include <unordered_map>
 
+#include <cstdlib>
+
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+
+#if DNNL_CPU_RUNTIME == DNNL_RUNTIME_OMP
+#include <omp.h>
+#endif
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -127,9 +139,16 @@ std::unique_ptr<Entry> Build(const Key& k) {
   // the forward of this backward would have them).
   memory::desc fsrc(src_d, sdt, act), fwei(wei_d, sdt, tag::any), fdst(dst_d, sdt, act);
   if (k.op == kFwd) fdst = dst;
+  const auto fwd_prop = dnnl::prop_kind::forward_training;
+  const auto algo = dnnl::algorithm::convolution_direct;
+#if DNNL_VERSION_MAJOR >= 3
+  auto fwd_pd = dnnl::convolution_forward::primitive_desc(eng, fwd_prop, algo, fsrc, fwei, fdst,
+                                                          strides, pads, pads, attr);
+#else
   auto fwd_pd = dnnl::convolution_forward::primitive_desc(
-      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, fsrc, fwei,
-      fdst, strides, pads, pads, attr);
+      dnnl::convolution_forward::desc(fwd_prop, algo, fsrc, fwei, fdst, strides, pads, pads),
+      attr, eng);
+#endif
 
   auto e = std::make_unique<Entry>();
   memory::desc scratch_md;
@@ -141,9 +160,14 @@ std::unique_ptr<Entry> Build(const Key& k) {
     InitSlot(e->out, DNNL_ARG_DST, dst_u, fwd_pd.dst_desc(), false);
     scratch_md = fwd_pd.scratchpad_desc();
   } else if (k.op == kBwdData) {
+#if DNNL_VERSION_MAJOR >= 3
+    auto pd = dnnl::convolution_backward_data::primitive_desc(eng, algo, src, wei, dst, strides,
+                                                              pads, pads, fwd_pd, attr);
+#else
     auto pd = dnnl::convolution_backward_data::primitive_desc(
-        eng, dnnl::algorithm::convolution_direct, src, wei, dst, strides, pads, pads, fwd_pd,
-        attr);
+        dnnl::convolution_backward_data::desc(algo, src, wei, dst, strides, pads, pads), attr,
+        eng, fwd_pd);
+#endif
     e->prim = dnnl::convolution_backward_data(pd);
     e->impl = pd.impl_info_str();
     InitSlot(e->in[0], DNNL_ARG_DIFF_DST, dst_u, pd.diff_dst_desc(), true);
@@ -151,9 +175,14 @@ std::unique_ptr<Entry> Build(const Key& k) {
     InitSlot(e->out, DNNL_ARG_DIFF_SRC, src_u, pd.diff_src_desc(), false);
     scratch_md = pd.scratchpad_desc();
   } else {
+#if DNNL_VERSION_MAJOR >= 3
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(eng, algo, src, wei, dst,
+                                                                 strides, pads, pads, fwd_pd, attr);
+#else
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        eng, dnnl::algorithm::convolution_direct, src, wei, dst, strides, pads, pads, fwd_pd,
-        attr);
+        dnnl::convolution_backward_weights::desc(algo, src, wei, dst, strides, pads, pads), attr,
+        eng, fwd_pd);
+#endif
     e->prim = dnnl::convolution_backward_weights(pd);
     e->impl = pd.impl_info_str();
     InitSlot(e->in[0], DNNL_ARG_SRC, src_u, pd.src_desc(), true);
@@ -163,6 +192,23 @@ std::unique_ptr<Entry> Build(const Key& k) {
   }
   e->scratch = memory(scratch_md, eng);
   return e;
+}
+
+// OpenMP runtime: oneDNN parallelises over omp_get_max_threads() of the calling thread (an XLA
+// worker), an ICV of that thread; set it once per thread from ONEDNN_CONV_NUM_THREADS. Each
+// distinct calling thread gets its own OpenMP team (libgomp), idle (spin-then-sleep,
+// GOMP_SPINCOUNT) between calls. No-op for the TBB/SYCL runtimes.
+void SetThreads() {
+#if DNNL_CPU_RUNTIME == DNNL_RUNTIME_OMP
+  thread_local bool done = false;
+  if (done) return;
+  done = true;
+  static const int n = [] {
+    const char* v = std::getenv("ONEDNN_CONV_NUM_THREADS");
+    return v ? std::atoi(v) : 0;
+  }();
+  if (n > 0) omp_set_num_threads(n);
+#endif
 }
 
 Entry* Lookup(const Key& k) {
@@ -200,6 +246,7 @@ ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
       y[1] != (x[1] + 2 * padding - w[0]) / stride + 1 ||
       y[2] != (x[2] + 2 * padding - w[1]) / stride + 1)
     return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes");
+  SetThreads();
   try {
     Entry* e = Lookup(k);
     std::lock_guard<std::mutex> lock(e->mu);
@@ -246,9 +293,15 @@ ffi::Error BwdWeights(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
 std::string FormatMd(const memory::desc& md) {
   // Strides of the dims in (N/O, C/I, H, W) order and whether the layout is blocked.
   std::ostringstream o;
+#if DNNL_VERSION_MAJOR >= 3
   o << (md.get_inner_nblks() > 0 ? "blocked" : "plain") << "[";
   auto st = md.get_strides();
   for (size_t i = 0; i < st.size(); ++i) o << (i ? "," : "") << st[i];
+#else
+  const auto& blk = md.data.format_desc.blocking;
+  o << (blk.inner_nblks > 0 ? "blocked" : "plain") << "[";
+  for (int i = 0; i < md.data.ndims; ++i) o << (i ? "," : "") << blk.strides[i];
+#endif
   o << "]";
   return o.str();
 }
@@ -295,4 +348,25 @@ extern "C" EXPORT int onednn_conv_info(char* buf, int len) {
 extern "C" EXPORT int onednn_conv_cache_size() {
   std::lock_guard<std::mutex> lock(g_cache_mu);
   return static_cast<int>(g_cache.size());
+}
+
+// "major.minor.patch runtime" of the oneDNN library loaded at run time.
+extern "C" EXPORT int onednn_conv_version(char* buf, int len) {
+  const dnnl_version_t* v = dnnl_version();
+  const char* rt = v->cpu_runtime == DNNL_RUNTIME_OMP    ? "omp"
+                   : v->cpu_runtime == DNNL_RUNTIME_TBB  ? "tbb"
+                   : v->cpu_runtime == DNNL_RUNTIME_SEQ  ? "seq"
+                   : v->cpu_runtime == DNNL_RUNTIME_SYCL ? "sycl"
+                                                         : "other";
+  return std::snprintf(buf, len, "%d.%d.%d %s", v->major, v->minor, v->patch, rt);
+}
+
+// Threads oneDNN would use for a call from the calling thread (OpenMP runtime), -1 otherwise.
+extern "C" EXPORT int onednn_conv_max_threads() {
+  SetThreads();
+#if DNNL_CPU_RUNTIME == DNNL_RUNTIME_OMP
+  return omp_get_max_threads();
+#else
+  return -1;
+#endif
 }
