@@ -213,7 +213,7 @@ def save(
 
     Args:
       variables: `{'params': ..., 'batch_stats': ...}` nested dicts of float arrays (numpy or
-        jax; one model, not a replica run's stack).
+        jax; one model, not a stack of several).
       model_config: the config's `model` section (`fer_jax.model.resnet.model_from_config`).
       meta: provenance, stored as given (JSON types): e.g. `source`, `step`, `accuracies`.
       class_names: one per output (default: the FER2013 classes).
