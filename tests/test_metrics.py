@@ -1,8 +1,6 @@
 """`fer_jax.training.metrics`: the clu collections give the same numbers as counting by hand,
 merging batches equals evaluating them at once, and a non-finite loss names its step."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -52,21 +50,6 @@ def test_report_refuses_a_miscounted_split():
     logits, labels = _batch(rng, 5)
     with pytest.raises(RuntimeError, match="evaluated 5 examples, expected 6"):
         metrics.report(metrics.eval_metrics(logits, labels, np.ones(5, bool)), num_examples=6)
-
-
-def test_replica_reports_one_per_replica_and_the_ensemble():
-    rng = np.random.default_rng(3)
-    logits = rng.normal(size=(2, 10, 7)).astype(np.float32)
-    labels = rng.integers(0, 7, 10).astype(np.int32)
-    mask = np.ones(10, bool)
-    each = jax.vmap(metrics.eval_metrics, in_axes=(0, None, None))(logits, labels, mask)
-    ensemble = metrics.eval_metrics(jnp.asarray(logits[0]), labels, mask)
-    report = metrics.report({"replicas": each, "ensemble": ensemble}, num_examples=10)
-    assert len(report["replicas"]) == 2
-    for k in range(2):
-        want = metrics.report(metrics.eval_metrics(logits[k], labels, mask), num_examples=10)
-        assert report["replicas"][k]["accuracy"] == want["accuracy"]
-    assert metrics.per_replica(report) == report["replicas"]
 
 
 def _history(losses, k=1):

@@ -195,7 +195,7 @@ def _write_run(tmp_path, config, variables, step=7):
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes).replace(**variables)
     run = tmp_path / "run"
     checkpoints = checkpoint.Checkpoints(str(run), config)
-    checkpoints.maybe_save_best(step, state, {"epoch": 1}, 0.4)
+    checkpoints.maybe_save_best(step, state, {"epoch": 1}, {"accuracy": 0.4})
     checkpoints.close()
     return run
 

@@ -19,11 +19,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import synthetic
-from fer_jax.training import checkpoint, config_schema, replicas, synthetic_data
+from fer_jax.training import checkpoint, config_schema, metrics, replicas, synthetic_data
 from fer_jax.training.step import create_model, create_train_state
 from fer_jax.training.train import create_job, fit
 from fer_jax.user_errors import UserError
@@ -185,6 +186,21 @@ def test_one_replica_keeps_the_plain_state_and_checkpoint_layout():
     np.testing.assert_array_equal(
         stacked.hparams["optimizer.learning_rate"], np.float32([0.05] * 3)
     )
+
+
+def test_replica_reports_one_per_replica_and_the_ensemble():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 10, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, 10).astype(np.int32)
+    mask = np.ones(10, bool)
+    each = jax.vmap(metrics.eval_metrics, in_axes=(0, None, None))(logits, labels, mask)
+    ensemble = metrics.eval_metrics(jnp.asarray(logits[0]), labels, mask)
+    report = replicas.Replicas.report({"replicas": each, "ensemble": ensemble}, num_examples=10)
+    assert len(report["replicas"]) == 2
+    for k in range(2):
+        want = metrics.report(metrics.eval_metrics(logits[k], labels, mask), num_examples=10)
+        assert report["replicas"][k]["accuracy"] == want["accuracy"]
+    assert replicas.per_replica(report) == report["replicas"]
 
 
 # --- The command line: results.json, per-replica curves, kill -9 and resume. ---------------

@@ -66,7 +66,7 @@ def angular_logits(features: jax.Array, kernel: jax.Array) -> jax.Array:
 def run_time(*values: float | jax.Array) -> tuple[jax.Array, ...]:
     """Python numbers as float32 run-time values (`optimization_barrier`), arrays as they are.
 
-    A run's margin, lambda constants and dropout rate are Python numbers, a replica's are
+    A run's margin, lambda constants and dropout rate are Python numbers or
     traced arrays; as run-time values both compile to the same program. Folded as constants
     they would change the rounding (XLA selects T_m alone, rewrites `x ** -1` and `x / 0.7` as
     other operations: the last bits of losses, BatchNorm statistics and weights move), and so
@@ -122,7 +122,7 @@ def a_softmax_logits(
 ) -> jax.Array:
     """Training logits of A-Softmax, `(B, K)` float32: margin applied to the target column.
 
-    `margin` is an int in `MARGINS` (1..5), or an array holding one (a replica's); the
+    `margin` is an int in `MARGINS` (1..5), or an array holding one (traced); the
     config's is checked by `fer_jax.training.config_schema`; an int enters as a run-time
     value (`run_time`).
     """

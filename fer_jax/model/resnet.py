@@ -101,7 +101,7 @@ class ResNet18(nn.Module):
 
         With `return_features`, also returns the `(B, 8w)` float32 classifier inputs (the pooled
         features, after dropout in training), which the A-Softmax loss takes. `dropout_rate`
-        (possibly traced: a replica's) replaces the module's `dropout_rate` in training.
+        (possibly traced) replaces the module's `dropout_rate` in training.
         """
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")

@@ -10,10 +10,9 @@ data position (epoch, step in epoch). Where a checkpoint is read for its weights
 predict, evaluate, export, `init_from`), a moving average is what it gives: the weights that
 selection chose.
 
-Replica runs (`config.replicas = K > 1`, `fer_jax.training.replicas`) save the stacked state (a
-leading axis K on every leaf) with `meta['replicas'] = K`. Their best checkpoint holds each replica
-as it was at its own best select-split accuracy (`meta['select_accuracy']`, `['replica_steps']`,
-`['replica_epochs']`: lists of K); `chosen_replica` is the one that scored best there.
+Replica runs (`config.replicas = K > 1`) save the stacked state (a leading axis K on every leaf)
+with `meta['replicas'] = K` (`fer_jax.training.replicas` writes them); the readers here take one
+replica out (`take_replica`: by default `chosen_replica`, the best on the select split).
 
 Orbax writes a checkpoint to a temporary directory and renames it when complete (a killed
 process leaves a whole checkpoint or none); an unreadable one is reported and skipped. With
@@ -38,7 +37,6 @@ from flax import serialization, traverse_util
 
 from fer_jax.model import pretrained
 from fer_jax.model.resnet import ResNet18, model_from_config, variable_shapes
-from fer_jax.training import replicas
 
 if TYPE_CHECKING:  # Orbax is imported where a run directory is read or written: not for
     import orbax.checkpoint as ocp  # 'pretrained' (~0.15 s of a `predict` start).
@@ -163,22 +161,6 @@ def chosen_replica(meta: Mapping[str, Any]) -> int:
     return int(np.argmax(accuracy))
 
 
-def replica_selections(restored: Restored) -> list[dict[str, Any]]:
-    """Per replica of a (best) checkpoint: `selected_step`, `selected_epoch`, `select_accuracy`
-    (None where it was not selected on an evaluation)."""
-    meta, k = restored.meta, replica_count(restored.meta)
-    selected = meta.get("select_accuracy")  # a list of K, or (K = 1) a number
-    return [
-        {"selected_step": step, "selected_epoch": epoch, "select_accuracy": accuracy}
-        for step, epoch, accuracy in zip(
-            meta.get("replica_steps", [restored.step] * k),
-            meta.get("replica_epochs", [meta.get("epoch")] * k),
-            [selected] if k == 1 else selected or [None] * k,
-            strict=True,
-        )
-    ]
-
-
 def _check_model(meta: Mapping[str, Any], model_config: Mapping[str, Any], source: str) -> None:
     saved = meta.get("model", {})
     differ = {
@@ -255,31 +237,31 @@ def _restore_newest(
 
 
 class Checkpoints:
-    """The latest-few and best checkpoint managers of one workdir."""
+    """The latest-few and best checkpoint managers of one workdir (`replicas.Checkpoints`: the
+    best of each replica)."""
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
         self.model_config = config.model.to_dict()
         self.replicas = int(config.get("replicas", 1))
         self.latest = _manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
         self.best = _manager(os.path.join(workdir, "best"), 1)
-        self.best_accuracy = np.full(self.replicas, -1.0)
         self.best_meta: dict[str, Any] = {}
-        self._best_state: Any = None  # replicas: the best state, read back when first needed
         if self.best.latest_step() is not None:
             try:
                 _, meta = _restore_step(self.best, self.best.latest_step())
                 if replica_count(meta) == self.replicas:
-                    self.best_accuracy = np.resize(meta.get("select_accuracy", -1.0), self.replicas)
                     self.best_meta = meta
             except Exception as e:  # noqa: BLE001
                 logging.error("best checkpoint in %s is unreadable: %s", workdir, e)
+        self.best_accuracy = self.best_meta.get("select_accuracy", -1.0)
+
+    def _meta(self, step: int, meta: dict[str, Any]) -> dict[str, Any]:
+        return {**meta, "step": step, "model": self.model_config}
 
     def _save(self, manager, step: int, state: Any, meta: dict[str, Any]) -> None:
         import orbax.checkpoint as ocp
 
-        meta = {**meta, "step": step, "model": self.model_config}
-        if self.replicas > 1:
-            meta["replicas"] = self.replicas
+        meta = self._meta(step, meta)
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -291,47 +273,13 @@ class Checkpoints:
         """Saves host `state` at `step` (asynchronously; `close` waits)."""
         self._save(self.latest, step, state, meta)
 
-    def maybe_save_best(
-        self, step: int, state: Any, meta: dict[str, Any], accuracy: float | list[float]
-    ) -> None:
-        """Keeps `state` as the best checkpoint if `accuracy` beats the best so far; with
-        replicas (one accuracy each), each replica that improved replaces its slice."""
-        accuracy = np.resize(np.asarray(accuracy, np.float64), self.replicas)
-        improved = accuracy > self.best_accuracy
-        if not improved.any():
-            return
-        self.best_accuracy = np.where(improved, accuracy, self.best_accuracy)
-        if self.replicas == 1:
-            self._save(self.best, step, state, {**meta, "select_accuracy": float(accuracy[0])})
-            return
-        if not improved.all():
-            previous = self._previous_best(state)
-
-            def merge(new, old):
-                return np.where(improved.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, old)
-
-            state = jax.tree.map(merge, state, previous)
-        old, k = self.best_meta, self.replicas
-        steps = old.get("replica_steps", [step] * k)
-        epochs = old.get("replica_epochs", [meta["epoch"]] * k)
-        meta = {
-            **meta,
-            "select_accuracy": self.best_accuracy.tolist(),
-            "replica_steps": [step if up else s for up, s in zip(improved, steps, strict=True)],
-            "replica_epochs": [
-                meta["epoch"] if up else e for up, e in zip(improved, epochs, strict=True)
-            ],
-        }
-        self._best_state, self.best_meta = state, meta
-        self._save(self.best, step, state, meta)
-
-    def _previous_best(self, template: Any) -> Any:
-        """The best state saved so far (replicas), read back once after a resume."""
-        if self._best_state is None and self.best_meta:
-            step = self.best.latest_step()
-            tree, _ = _restore_step(self.best, step)
-            self._best_state = _from_tree(template, tree, f"best checkpoint {step}")
-        return self._best_state
+    def maybe_save_best(self, step: int, state: Any, meta: dict[str, Any], report: dict) -> None:
+        """Keeps `state` as the best checkpoint if its select-split `report` (`metrics.report`)
+        beats the best accuracy so far."""
+        accuracy = float(report["accuracy"])
+        if accuracy > self.best_accuracy:
+            self.best_accuracy = accuracy
+            self._save(self.best, step, state, {**meta, "select_accuracy": accuracy})
 
     def restore_latest(self, template: Any) -> Restored | None:
         """The newest readable checkpoint as a host state like `template`, or None."""
@@ -433,7 +381,7 @@ def take_replica(
     index = chosen_replica(meta) if replica is None else replica
     if not 0 <= index < k:
         raise CheckpointError(f"{source} holds replicas 0..{k - 1}, not {index}")
-    return replicas.take(variables, index), index
+    return jax.tree.map(lambda x: np.asarray(x)[index], variables), index
 
 
 def init_from(path: str, template: Any, config: ml_collections.ConfigDict) -> Any:
@@ -445,13 +393,13 @@ def init_from(path: str, template: Any, config: ml_collections.ConfigDict) -> An
     """
     variables, meta, source = load_variables(path)
     _check_model(meta, config.model.to_dict(), source)
-    k = replicas.count(config)
+    k = int(config.get("replicas", 1))
     if replica_count(meta) != k:
         variables, index = take_replica(variables, meta, None, source)
         if replica_count(meta) > 1:
             logging.info("%s: replica %d (chosen on its select split)", source, index)
         if k > 1:
-            variables = replicas.stack([variables] * k)
+            variables = jax.tree.map(lambda x: np.stack([x] * k), variables)
     params = _from_tree_part(template.params, variables["params"], source)
     batch_stats = _from_tree_part(template.batch_stats, variables["batch_stats"], source)
     logging.info(
@@ -491,7 +439,7 @@ def load_for_inference(
         if k > 1:
             shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), shapes)
         else:
-            variables = replicas.stack([variables])
+            variables = jax.tree.map(lambda x: np.asarray(x)[None], variables)
     else:
         variables, _ = take_replica(variables, meta, replica, source)
     return model, {

@@ -281,7 +281,7 @@ class DeviceInput:
     config: ml_collections.ConfigDict
     devices: OneDevice  # or `parallel.DataParallel`: the same interface
     model: ResNet18
-    models: OneModel  # or `replicas.Replicas`
+    models: OneModel  # or K models in one program: the same interface
     _train_fns: dict[Any, Compiled] = dataclasses.field(default_factory=dict)
     _eval_fns: dict[Any, Compiled] = dataclasses.field(default_factory=dict)
     _eval_arrays: list[tuple[np.ndarray, np.ndarray, Any]] = dataclasses.field(default_factory=list)
@@ -366,10 +366,9 @@ class DeviceInput:
     def evaluate(
         self, state: TrainState, images: np.ndarray, labels: np.ndarray, crops: int = NUM_CROPS
     ) -> dict[str, Any]:
-        """The report (`metrics.report`) of device `state` on the ten crops (`crops=10`) or
-        the centre crop alone (`crops=1`); with replicas `{'replicas': [report of each],
-        'ensemble': report}`. With a moving average of the weights (`config.ema_decay`) it is
-        the average that is evaluated."""
+        """The report (`models.report`) of device `state` on the ten crops (`crops=10`) or
+        the centre crop alone (`crops=1`). With a moving average of the weights
+        (`config.ema_decay`) it is the average that is evaluated."""
         arrays = self._arrays(images, labels)
         fn = self._eval_fns.get((arrays.layout, crops))
         if fn is None:
@@ -379,4 +378,4 @@ class DeviceInput:
             )
             self._eval_fns[(arrays.layout, crops)] = fn
         totals = fn(ema_view(state), arrays.images, arrays.labels, arrays.mask)
-        return metrics.report(self.devices.unreplicate(totals), len(labels))
+        return self.models.report(self.devices.unreplicate(totals), len(labels))

@@ -63,42 +63,22 @@ def eval_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> EvalM
 
 
 def merge(total: Any, new: Any) -> Any:
-    """`total` and `new` combined: collections (or dicts of them, as the replicas' step
-    returns; stacked collections merge element-wise) by `merge`."""
+    """`total` and `new` combined: collections (or dicts of them; stacked collections merge
+    element-wise) by `merge`."""
     if isinstance(total, Mapping):
         return {name: merge(total[name], new[name]) for name in total}
     return total.merge(new)
 
 
-def _report_one(metrics: EvalMetrics) -> dict[str, Any]:
-    return evaluate.metrics_from_confusion(
-        np.asarray(metrics.confusion.counts), loss_sum=float(metrics.loss.total)
-    )
-
-
-def report(totals: EvalMetrics | Mapping[str, EvalMetrics], num_examples: int) -> dict:
+def report(totals: EvalMetrics, num_examples: int) -> dict[str, Any]:
     """The report (`evaluate.metrics_from_confusion`) of a split's host-side totals, checking
-    that all `num_examples` were counted. Replicas' totals (`{'replicas': stacked,
-    'ensemble': ...}`) give `{'replicas': [report of each], 'ensemble': report}`."""
-    counted = (totals["ensemble"] if isinstance(totals, Mapping) else totals).loss.count
-    counted = int(np.ravel(counted)[0])
+    that all `num_examples` were counted."""
+    counted = int(np.ravel(totals.loss.count)[0])
     if counted != num_examples:
         raise RuntimeError(f"evaluated {counted} examples, expected {num_examples}")
-    if not isinstance(totals, Mapping):
-        return _report_one(totals)
-    stacked = totals["replicas"]
-    num_replicas = np.shape(stacked.loss.count)[0]
-    return {
-        "replicas": [
-            _report_one(jax.tree.map(lambda x, k=k: x[k], stacked)) for k in range(num_replicas)
-        ],
-        "ensemble": _report_one(totals["ensemble"]),
-    }
-
-
-def per_replica(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """A `report` as one report per replica (one without replicas)."""
-    return report["replicas"] if "replicas" in report else [report]
+    return evaluate.metrics_from_confusion(
+        np.asarray(totals.confusion.counts), loss_sum=float(totals.loss.total)
+    )
 
 
 def train_summaries(

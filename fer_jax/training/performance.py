@@ -59,9 +59,9 @@ class Timer:
         self, config: ml_collections.ConfigDict, steps_per_epoch: int, wall_seconds: float
     ) -> dict[str, Any]:
         """The speed figures of `results.json`'s 'performance' (README: Speed); images
-        are counted over all replicas (aggregate throughput)."""
-        num_replicas = self.job.models.count
-        images = self.steps * config.batch_size * num_replicas
+        are counted over all the models trained (aggregate throughput)."""
+        num_models = self.job.models.count
+        images = self.steps * config.batch_size * num_models
         train_ips = images / self.train_seconds if self.train_seconds > 0 else None
         busy = self.train_seconds + self.eval_seconds
         total_ips = images / busy if busy > 0 else None
@@ -91,7 +91,7 @@ class Timer:
             "input_pipeline": self.job.input_pipeline,
             "steps_per_dispatch": self.job.steps_per_dispatch,
             "half_precision": bool(config.half_precision),
-            "replicas": num_replicas,
+            "replicas": num_models,
             "replica_map": getattr(self.job.models, "map_kind", None),
             "batch_size": config.batch_size,
             "steps_per_epoch": steps_per_epoch,

@@ -11,12 +11,18 @@ K dicts of the `OVERRIDABLE` fields, which the state carries as arrays
 and schedules are built from them inside the step (`step.create_recipe`), where a plain run builds
 them once from the config. What each field may hold is `fer_jax.training.config_schema`'s to
 check.
+
+The host side of a replica run is here too: its reports (`report`: each replica's and the
+ensemble's), checkpoints (`Checkpoints`: the best of each replica), writers (`RunWriters`: one
+TensorBoard run and report directory per replica) and `results` (`results.json`, whose layout,
+one entry per replica, is every run's).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,10 +31,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
-from fer_jax.model.resnet import ResNet18
+from fer_jax.model.resnet import ResNet18, matmul_bf16
+from fer_jax.training import checkpoint, evaluate, metrics, run_writers
 from fer_jax.training import step as plain
 from fer_jax.training.metrics import EvalMetrics, eval_metrics
+from fer_jax.training.summary_writer import SummaryWriter
 
 # Config fields a replica may override: scalars the step takes as traced arrays.
 OVERRIDABLE = (
@@ -230,3 +239,187 @@ class Replicas:
         """One batch per replica (`stream_of(seed)`), stacked: `(K, B, ...)`."""
         streams = [stream_of(seed) for seed in seeds(self.config)]
         return (stack(batch) for batch in zip(*streams, strict=True))
+
+    @staticmethod
+    def report(totals: Mapping[str, EvalMetrics], num_examples: int) -> dict[str, Any]:
+        """`metrics.report` of `replica_eval_step`'s totals: `{'replicas': [report of each],
+        'ensemble': report}`."""
+        each, k = totals["replicas"], np.shape(totals["replicas"].loss.count)[0]
+        return {
+            "replicas": [metrics.report(take(each, i), num_examples) for i in range(k)],
+            "ensemble": metrics.report(totals["ensemble"], num_examples),
+        }
+
+
+# --- The host side: reports, checkpoints, writers, results ---------------------------------
+
+
+def per_replica(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """A `report` as one report per replica (one without replicas)."""
+    return report["replicas"] if "replicas" in report else [report]
+
+
+def named_reports(name: str, report: dict[str, Any], suffix: str = "") -> dict[str, Any]:
+    """`{name + suffix: report}`; a replica run's as `{name}_replica_<k>{suffix}` and
+    `{name}_ensemble{suffix}`."""
+    if "replicas" not in report:
+        return {f"{name}{suffix}": report}
+    out = {f"{name}_replica_{k}{suffix}": one for k, one in enumerate(report["replicas"])}
+    return {**out, f"{name}_ensemble{suffix}": report["ensemble"]}
+
+
+class Checkpoints(checkpoint.Checkpoints):
+    """A replica run's checkpoints: the stacked state with `meta['replicas'] = K`; the best
+    holds each replica as it was at its own best select-split accuracy
+    (`meta['select_accuracy']`, `['replica_steps']`, `['replica_epochs']`: lists of K)."""
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+        super().__init__(workdir, config)
+        self.best_accuracy = np.resize(self.best_accuracy, self.replicas)
+        self._best_state: Any = None  # the best state, read back when first needed
+
+    def _meta(self, step: int, meta: dict[str, Any]) -> dict[str, Any]:
+        return {**super()._meta(step, meta), "replicas": self.replicas}
+
+    def maybe_save_best(self, step: int, state: Any, meta: dict[str, Any], report: dict) -> None:
+        """Each replica whose accuracy in `report` beats its best so far replaces its slice of
+        the best checkpoint."""
+        accuracy = np.array([m["accuracy"] for m in report["replicas"]], np.float64)
+        improved = accuracy > self.best_accuracy
+        if not improved.any():
+            return
+        self.best_accuracy = np.where(improved, accuracy, self.best_accuracy)
+        if not improved.all():
+            previous = self._previous_best(state)
+
+            def merge(new, old):
+                return np.where(improved.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, old)
+
+            state = jax.tree.map(merge, state, previous)
+        old, k = self.best_meta, self.replicas
+        steps = old.get("replica_steps", [step] * k)
+        epochs = old.get("replica_epochs", [meta["epoch"]] * k)
+        meta = {
+            **meta,
+            "select_accuracy": self.best_accuracy.tolist(),
+            "replica_steps": [step if up else s for up, s in zip(improved, steps, strict=True)],
+            "replica_epochs": [
+                meta["epoch"] if up else e for up, e in zip(improved, epochs, strict=True)
+            ],
+        }
+        self._best_state, self.best_meta = state, meta
+        self._save(self.best, step, state, meta)
+
+    def _previous_best(self, template: Any) -> Any:
+        """The best state saved so far, read back once after a resume."""
+        if self._best_state is None and self.best_meta:
+            step = self.best.latest_step()
+            tree, _ = checkpoint._restore_step(self.best, step)
+            self._best_state = checkpoint._from_tree(template, tree, f"best checkpoint {step}")
+        return self._best_state
+
+
+class RunWriters(run_writers.RunWriters):
+    """A replica run's writers: one TensorBoard run and report directory per replica
+    (`workdir/replica_<k>`, `workdir/eval/replica_<k>`: its curves, hparams and reports)
+    beside the main writer (hparams, the ensemble's accuracy, performance)."""
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, enabled: bool):
+        super().__init__(workdir, config, enabled=enabled)
+        self.dirs = [f"replica_{k}" for k in range(count(config))]
+        self.curves = [SummaryWriter(os.path.join(workdir, d), enabled=enabled) for d in self.dirs]
+        self.writers = [self.main, *self.curves]
+
+    def write_start(self, params: Any) -> None:
+        super().write_start(take(params, 0))
+        for curve, one in zip(self.curves, replica_configs(self.config), strict=True):
+            curve.write_hparams(run_writers.flat_hparams(one))
+
+    def write_train(
+        self, step: int, summaries: Sequence[Mapping[str, float]], images_per_s: float
+    ) -> None:
+        """Each replica's summary, and its share of all replicas' images/s."""
+        for curve, summary in zip(self.curves, summaries, strict=True):
+            speed = images_per_s / len(self.curves)
+            curve.write_scalars(step, {**summary, "train_images_per_second": speed})
+
+    def write_evaluation(self, step: int, split: str, epoch: int, report: dict[str, Any]) -> None:
+        name = f"{split}_epoch{epoch:03d}"
+        for one, curve, directory in zip(report["replicas"], self.curves, self.dirs, strict=True):
+            self.write_report(curve, directory, step, name, split, one)
+        accuracy = report["ensemble"]["accuracy"]
+        self.main.write_scalars(step, {f"{split}_ensemble_accuracy": accuracy})
+
+
+def write_final_reports(
+    workdir: str, split: str, results: dict[str, Any], report: dict[str, Any]
+) -> None:
+    """`run_writers.write_final_reports`, with each replica's report
+    (`eval/replica_<k>/<split>_selected.json`) and the ensemble's (`eval/<split>_ensemble`)."""
+    eval_dir = os.path.join(workdir, "eval")
+    for k, one in enumerate(report["replicas"]):
+        evaluate.write_report(os.path.join(eval_dir, f"replica_{k}"), f"{split}_selected", one)
+    evaluate.write_report(eval_dir, f"{split}_ensemble", report["ensemble"])
+    run_writers.write_final_reports(workdir, split, results, report)
+
+
+def selections(restored: checkpoint.Restored) -> list[dict[str, Any]]:
+    """Per replica of a (best) checkpoint: `selected_step`, `selected_epoch`, `select_accuracy`
+    (None where it was not selected on an evaluation)."""
+    meta, k = restored.meta, checkpoint.replica_count(restored.meta)
+    selected = meta.get("select_accuracy")  # a list of K, or (K = 1) a number
+    return [
+        {"selected_step": step, "selected_epoch": epoch, "select_accuracy": accuracy}
+        for step, epoch, accuracy in zip(
+            meta.get("replica_steps", [restored.step] * k),
+            meta.get("replica_epochs", [meta.get("epoch")] * k),
+            [selected] if k == 1 else selected or [None] * k,
+            strict=True,
+        )
+    ]
+
+
+def results(
+    config: ml_collections.ConfigDict,
+    best: checkpoint.Restored,
+    report: dict[str, Any],
+    performance: dict[str, Any] | None,
+    *,
+    centre: dict[str, Any],
+) -> dict[str, Any]:
+    """`results.json` of any run: the report split's ten-crop metrics of the model chosen on
+    the select split (with replicas: of the replica that scored best there), its centre-crop
+    metrics ('centre_crop', from `centre`), and per replica (one for a plain run), their mean,
+    standard deviation (ddof=1; None for one) and the ensemble's accuracy."""
+    per = per_replica(report)
+    chosen, picked = checkpoint.chosen_replica(best.meta), selections(best)
+    entries = [
+        {"replica": k, "seed": seed, "overrides": fields, **picked[k], config.report_split: one}
+        for k, (seed, fields, one) in enumerate(
+            zip(seeds(config), overrides(config), per, strict=True)
+        )
+    ]
+    accuracies = np.array([m["accuracy"] for m in per])
+    out = {
+        "report_split": config.report_split,
+        "selected_on": config.select_split,
+        **picked[chosen],
+        config.report_split: per[chosen],
+        "centre_crop": per_replica(centre)[chosen],
+        "replicas": entries,
+        "mean_accuracy": float(accuracies.mean()),
+        "std_accuracy": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else None,
+        "ensemble_accuracy": report.get("ensemble", per[0])["accuracy"],
+        # What `model.matmul_dtype` ('auto' depends on the CPU) resolved to where this ran.
+        "matmul_dtype_resolved": (
+            "bfloat16" if matmul_bf16(config.model.get("matmul_dtype", "float32")) else "float32"
+        ),
+        "performance": performance,
+    }
+    if len(per) > 1:
+        out["selected_replica"] = chosen
+        out["ensemble"] = report["ensemble"]
+        spread = [out[k] for k in ("mean_accuracy", "std_accuracy", "ensemble_accuracy")]
+        message = "%d replicas: %s accuracy %.4f +- %.4f (ensemble %.4f)"
+        logging.info(message, len(per), config.report_split, *spread)
+    return out

@@ -21,7 +21,7 @@ import optax
 
 from fer_jax.model import conv, losses
 from fer_jax.model.resnet import ResNet18, model_from_config
-from fer_jax.training.metrics import EvalMetrics, eval_metrics
+from fer_jax.training.metrics import EvalMetrics, eval_metrics, report
 
 NAMES = ("sgd", "adamw")  # config.optimizer.name
 SCHEDULES = ("step", "cosine", "constant")  # config.optimizer.schedule
@@ -48,7 +48,7 @@ def sgd_pytorch(
     (`clip_gradient(optimizer, 0.1)`), add `weight_decay * param` to the gradient (PyTorch's
     coupled weight decay, on every parameter), then heavy-ball momentum `buf = m * buf + g`
     (the first step's buffer is g, as PyTorch's) and `param -= lr * buf`. None leaves a part
-    out; a clip <= 0 passes gradients as they are (values may be a replica's traced arrays).
+    out; a clip <= 0 passes gradients as they are (values may be traced arrays).
     """
     parts = []
     if clip is not None:
@@ -78,7 +78,7 @@ def field(config: ml_collections.ConfigDict, path: str) -> Any:
 
 
 def _value(config, values: dict[str, Any] | None, name: str) -> Any:
-    """`values[name]` where given (a replica's traced values), else the config's field."""
+    """`values[name]` where given (possibly traced), else the config's field."""
     return field(config, name) if values is None else values[name]
 
 
@@ -91,7 +91,7 @@ def learning_rate_schedule(
       once `epoch > decay_start` (0-based epochs), else `lr`: 0.01, x0.9 every 5 epochs after 80.
     - 'cosine': cosine decay to 0 over `num_epochs`, after `warmup_epochs` of linear warmup.
     - 'constant'.
-    `values` (dotted names, e.g. a replica's traced ones) replace the config's rate and decay.
+    `values` (dotted names, possibly traced) replace the config's rate and decay.
     """
     opt = config.optimizer
     lr = _value(config, values, "optimizer.learning_rate")
@@ -121,8 +121,8 @@ def learning_rate_schedule(
 
 def optimizer_parts(configs: list[ml_collections.ConfigDict]) -> dict[str, bool]:
     """Which optional transformations the optimizer includes: gradient clipping, weight decay,
-    momentum, each where any of `configs` turns it on (several: replicas, whose values may then
-    differ without changing the optimizer state's structure)."""
+    momentum, each where any of `configs` turns it on (several: runs in one program, whose values
+    may then differ without changing the optimizer state's structure)."""
     opts = [c.optimizer for c in configs]
     return {
         "clip": any(o.grad_clip > 0 for o in opts),
@@ -139,7 +139,7 @@ def create_optimizer(
 ) -> optax.GradientTransformation:
     """The optimizer of `config.optimizer.name` ('sgd': `sgd_pytorch`, or 'adamw').
 
-    `values` (a replica's, possibly traced) replace the config's scalars; `parts`
+    `values` (possibly traced) replace the config's scalars; `parts`
     (`optimizer_parts`, default: of `config` alone) fixes the structure.
     """
     opt = config.optimizer
@@ -172,7 +172,7 @@ def lambda_schedule(
     epochs (`'epoch'`, t = step / steps_per_epoch, fractional), or over the run's own length
     (`'run'`, t = lambda_run_epochs * step / (num_epochs * steps_per_epoch): the per-epoch curve
     of a `lambda_run_epochs`-epoch run compressed into this one, so a short run ends at the
-    lambda the long recipe ends at). `values` ('loss.lambda_base', ...: a replica's) replace
+    lambda the long recipe ends at). `values` ('loss.lambda_base', ...) replace
     the section's constants.
     """
     c = loss_config
@@ -215,9 +215,9 @@ def create_recipe(
     values: dict[str, Any] | None = None,
     parts: dict[str, bool] | None = None,
 ) -> Recipe:
-    """The `Recipe` of `config`, from its Python values, or from `values` (a replica's traced
-    `replicas.OVERRIDABLE` values; `parts`, `optimizer_parts` of all replicas, then fixes the
-    optimizer's structure, so every replica's state has one shape)."""
+    """The `Recipe` of `config`, from its Python values, or from traced `values` (dotted
+    names; `parts`, `optimizer_parts` of all the configs traced in one program, then fixes the
+    optimizer's structure, so every state has one shape)."""
     return Recipe(
         tx=create_optimizer(config, steps_per_epoch, values, parts),
         learning_rate=learning_rate_schedule(config, steps_per_epoch, values),
@@ -408,7 +408,7 @@ def eval_step(
 
 @dataclasses.dataclass(frozen=True)
 class OneModel:
-    """The model the steps train: one (`replicas.Replicas`: K in one program)."""
+    """The model the steps train: one (the options may train K in one program)."""
 
     config: ml_collections.ConfigDict
     count: int = 1
@@ -435,6 +435,8 @@ class OneModel:
     def batches(self, stream_of: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
         """The training batches of a pipeline (`stream_of(seed)`: tf.data's)."""
         return stream_of(self.config.seed)
+
+    report = staticmethod(report)  # `metrics.report` of the eval step's host-side totals
 
 
 # --- Compiling for one device --------------------------------------------------------------

@@ -99,4 +99,4 @@ class TfDataInput(DeviceInput):
         for batch in prefetch(self.devices, ds.as_numpy_iterator(), 0):
             out = fn(state, batch)
             totals = out if totals is None else metrics.merge(totals, out)
-        return metrics.report(self.devices.unreplicate(totals), len(labels))
+        return self.models.report(self.devices.unreplicate(totals), len(labels))

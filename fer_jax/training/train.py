@@ -33,7 +33,6 @@ from absl import logging
 
 from data_pipelines.plan import steps_per_epoch as plan_steps_per_epoch
 from fer_jax import host_memory
-from fer_jax.model.resnet import matmul_bf16
 from fer_jax.training import (
     checkpoint,
     config_schema,
@@ -46,7 +45,6 @@ from fer_jax.training import (
     tf_data_input,
 )
 from fer_jax.training.device_input import DeviceInput
-from fer_jax.training.metrics import per_replica
 from fer_jax.training.performance import Timer, performance_scalars
 from fer_jax.training.run_writers import RunWriters, write_final_reports
 from fer_jax.training.signals import Interrupted, StopSignal
@@ -118,9 +116,10 @@ def train_and_evaluate(
     performance = summary["performance"]
     if performance is None:  # finished before this call: keep the figures of the run that trained
         performance = _previous_performance(workdir)
-    results = _results(config, best, report, performance, centre=centre)
+    results = replicas.results(config, best, report, performance, centre=centre)
     if is_main:
-        write_final_reports(workdir, config.report_split, results, report)
+        write = replicas.write_final_reports if job.models.count > 1 else write_final_reports
+        write(workdir, config.report_split, results, report)
     logging.info(
         "%s accuracy of the model chosen on %s (step %d): %.4f (mean class accuracy %.4f)",
         config.report_split,
@@ -129,15 +128,6 @@ def train_and_evaluate(
         results[config.report_split]["accuracy"],
         results[config.report_split].get("mean_class_accuracy", float("nan")),
     )
-    if job.models.count > 1:
-        logging.info(
-            "%d replicas: %s accuracy %.4f +- %.4f (ensemble %.4f)",
-            job.models.count,
-            config.report_split,
-            results["mean_accuracy"],
-            results["std_accuracy"],
-            results["ensemble_accuracy"],
-        )
     return results
 
 
@@ -183,8 +173,9 @@ class TrainLog:
     """Training curves (`metrics.train_summaries`: means since the last log, checked finite)
     and the progress line, every `config.log_every_steps` and at every epoch end."""
 
-    def __init__(self, config: ml_collections.ConfigDict, devices: OneDevice, writers):
-        self.config, self.devices, self.writers = config, devices, writers
+    def __init__(self, job: Job, writers: RunWriters):
+        self.config, self.devices, self.writers = job.config, job.devices, writers
+        self.count = job.models.count
         self.history: list[dict] = []
         self.restart_clock()
 
@@ -194,8 +185,8 @@ class TrainLog:
     def _write(self, step: int, seconds: float | None) -> None:
         history = self.devices.unreplicate(self.history)  # pmap: drop the device axis
         self.history = []
-        summaries = metrics.train_summaries(history, self.writers.num_replicas, step)
-        images = sum(np.size(h["loss"]) for h in history) * self.config.batch_size  # all replicas
+        summaries = metrics.train_summaries(history, self.count, step)
+        images = sum(np.size(h["loss"]) for h in history) * self.config.batch_size  # all models'
         self.writers.write_train(step, summaries, images / seconds if seconds else float("nan"))
 
     def __call__(self, step_metrics: dict[str, Any], at: Position) -> None:
@@ -223,7 +214,7 @@ class TrainLog:
 
 class Selection:
     """Evaluation on the select split (`config.select_crops` crops) after every
-    `config.eval_every_epochs` epochs and the last one; returns each replica's accuracy."""
+    `config.eval_every_epochs` epochs and the last one; returns the report."""
 
     def __init__(self, job: Job, writers: RunWriters, select, select_name: str):
         self.job, self.writers = job, writers
@@ -239,17 +230,17 @@ class Selection:
             and (at.epoch % self.every == 0 or at.last)
         )
 
-    def __call__(self, state: TrainState, at: Position, timer: Timer) -> list[float]:
+    def __call__(self, state: TrainState, at: Position, timer: Timer) -> dict[str, Any]:
         report = self.job.evaluate(state, *self.select, crops=self.crops)
         timer.evaluated(len(self.select[1]) * self.crops)
         self.writers.write_evaluation(at.step, self.select_name, at.epoch, report)
-        return [m["accuracy"] for m in metrics.per_replica(report)]
+        return report
 
 
 class Saving:
     """Checkpoints: the latest (each `checkpoint_every_epochs` epochs and
     `checkpoint_every_steps` steps, the last step, and before a stop) and the best by the
-    select split's accuracy (per replica)."""
+    select split's accuracy."""
 
     def __init__(self, manager: checkpoint.Checkpoints, devices: OneDevice, config):
         self.manager, self.devices, self.config = manager, devices, config
@@ -263,14 +254,12 @@ class Saving:
             or stopping
         )
 
-    def __call__(
-        self, state: TrainState, at: Position, save: bool, accuracy: list[float] | None
-    ) -> None:
+    def __call__(self, state: TrainState, at: Position, save: bool, report: dict | None) -> None:
         host_state = self.devices.unreplicate(state)
         if save:
             self.manager.save(at.step, host_state, at.meta())
-        if accuracy is not None:
-            self.manager.maybe_save_best(at.step, host_state, at.meta(), accuracy)
+        if report is not None:
+            self.manager.maybe_save_best(at.step, host_state, at.meta(), report)
 
 
 def _resume(manager: checkpoint.Checkpoints, template: TrainState, config) -> TrainState:
@@ -308,7 +297,8 @@ def fit(
     steps_per_epoch = plan_steps_per_epoch(len(train_labels), config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
     template = job.models.create_state(job.model, steps_per_epoch)
-    manager = checkpoint.Checkpoints(workdir, config)
+    many = job.models.count > 1  # K replicas: each one's best checkpoint, curves and reports
+    manager = (replicas.Checkpoints if many else checkpoint.Checkpoints)(workdir, config)
     host_state = _resume(manager, template, config)
     at = Position(int(np.ravel(host_state.step)[0]), 0, steps_per_epoch, total_steps)
     if at.step >= total_steps:
@@ -316,10 +306,12 @@ def fit(
         manager.close()
         return {"state": host_state, "template": template, "performance": None}
 
-    writers = RunWriters(workdir, config, enabled=jax.process_index() == 0)
+    writers = (replicas.RunWriters if many else RunWriters)(
+        workdir, config, enabled=jax.process_index() == 0
+    )
     if at.step == 0:
         writers.write_start(host_state.params)
-    log = TrainLog(config, devices, writers)
+    log = TrainLog(job, writers)
     selection = Selection(job, writers, select, select_name)
     saving, timer, stop = Saving(manager, devices, config), Timer(job), StopSignal()
     state = devices.replicate(host_state)
@@ -335,9 +327,9 @@ def fit(
             if not (evaluate_now or save_now):
                 continue
             timer.pause(state)
-            accuracy = selection(state, at, timer) if evaluate_now else None
+            report = selection(state, at, timer) if evaluate_now else None
             log.check_pending(at.step)
-            saving(state, at, save_now, accuracy)
+            saving(state, at, save_now, report)
             writers.flush()
             if stop_now:
                 manager.close()  # waits for the checkpoint to be written
@@ -369,12 +361,7 @@ def evaluate_checkpoint(
     images, labels = input_data.load_splits(config, [split])[split]
     report = job.evaluate(state, images, labels, crops=crops)
     suffix = "" if crops == 10 else "_centre_crop"
-    reports = {f"{split}_evaluate{suffix}": report}
-    if "replicas" in report:
-        reports = {
-            f"{split}_evaluate_replica_{k}{suffix}": m for k, m in enumerate(report["replicas"])
-        }
-        reports[f"{split}_evaluate_ensemble{suffix}"] = report["ensemble"]
+    reports = replicas.named_reports(f"{split}_evaluate", report, suffix)
     if jax.process_index() == 0:
         for name, one in reports.items():
             evaluate.write_report(os.path.join(workdir, "eval"), name, one)
@@ -385,56 +372,6 @@ def evaluate_checkpoint(
             f"mean class accuracy {100 * one['mean_class_accuracy']:.2f}%)"
         )
     return report
-
-
-def _results(
-    config: ml_collections.ConfigDict,
-    best: checkpoint.Restored,
-    report: dict[str, Any],
-    performance: dict[str, Any] | None,
-    *,
-    centre: dict[str, Any],
-) -> dict[str, Any]:
-    """`results.json`: the report split's ten-crop metrics of the model chosen on the select
-    split (with replicas: of the replica that scored best there), its centre-crop metrics
-    ('centre_crop', from `centre`), and per replica, their mean, standard deviation (ddof=1;
-    None for one) and the ensemble's accuracy."""
-    per = per_replica(report)
-    selections = checkpoint.replica_selections(best)
-    chosen = checkpoint.chosen_replica(best.meta)
-    entries = [
-        {
-            "replica": k,
-            "seed": seed,
-            "overrides": fields,
-            **selections[k],
-            config.report_split: metrics,
-        }
-        for k, (seed, fields, metrics) in enumerate(
-            zip(replicas.seeds(config), replicas.overrides(config), per, strict=True)
-        )
-    ]
-    accuracies = np.array([m["accuracy"] for m in per])
-    results = {
-        "report_split": config.report_split,
-        "selected_on": config.select_split,
-        **selections[chosen],
-        config.report_split: per[chosen],
-        "centre_crop": per_replica(centre)[chosen],
-        "replicas": entries,
-        "mean_accuracy": float(accuracies.mean()),
-        "std_accuracy": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else None,
-        "ensemble_accuracy": report.get("ensemble", per[0])["accuracy"],
-        # What `model.matmul_dtype` ('auto' depends on the CPU) resolved to where this ran.
-        "matmul_dtype_resolved": (
-            "bfloat16" if matmul_bf16(config.model.get("matmul_dtype", "float32")) else "float32"
-        ),
-        "performance": performance,
-    }
-    if len(per) > 1:
-        results["selected_replica"] = chosen
-        results["ensemble"] = report["ensemble"]
-    return results
 
 
 def _previous_performance(workdir: str) -> dict[str, Any] | None:
