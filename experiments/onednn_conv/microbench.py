@@ -46,27 +46,20 @@ COLS = (
 
 def _jax_fns(col: str, stride: int, padding: int) -> tuple[Callable, Callable, jnp.dtype]:
     """Jitted forward f(x, k), fwd+bwd f(x, k, dy), and the dtype of the arrays it takes."""
-    opts = None
-    dtype = jnp.float32
-    if col.startswith("onednn"):
-        name, _, layout = col.partition("/")
-        compute = {"onednn": None, "onednn:bf16": "bfloat16", "onednn:bf16io": None}[name]
-        dtype = jnp.bfloat16 if name == "onednn:bf16io" else jnp.float32
+    if not col.startswith("onednn"):  # fer_jax's own impls, as conv_microbench times them
+        return *conv_microbench._jax_fns(col, stride, padding), jnp.float32
+    name, _, layout = col.partition("/")
+    compute = {"onednn": None, "onednn:bf16": "bfloat16", "onednn:bf16io": None}[name]
+    dtype = jnp.bfloat16 if name == "onednn:bf16io" else jnp.float32
 
-        def fwd(x, k):
-            return onednn_conv.conv2d_onednn(x, k, stride, padding, layout or "nhwc", compute)
-    else:
-        impl, _, variant = col.partition("+")
-        opts = conv.cpu_compiler_options() if variant == "eigen" else None
-
-        def fwd(x, k):
-            return conv.conv2d(x, k, stride=stride, padding=padding, impl=impl)
+    def fwd(x, k):
+        return onednn_conv.conv2d_onednn(x, k, stride, padding, layout or "nhwc", compute)
 
     def fwd_bwd(x, k, dy):
         y, vjp = jax.vjp(fwd, x, k)
         return y, *vjp(dy)
 
-    return jax.jit(fwd, compiler_options=opts), jax.jit(fwd_bwd, compiler_options=opts), dtype
+    return jax.jit(fwd), jax.jit(fwd_bwd), dtype
 
 
 def bench_shape(name: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
