@@ -351,16 +351,13 @@ class RunWriters(run_writers.RunWriters):
         self.main.write_scalars(step, {f"{split}_ensemble_accuracy": accuracy})
 
 
-def write_final_reports(
-    workdir: str, split: str, results: dict[str, Any], report: dict[str, Any]
-) -> None:
-    """`run_writers.write_final_reports`, with each replica's report
+def write_final_reports(workdir: str, split: str, report: dict[str, Any]) -> None:
+    """Beside `run_writers.write_final_reports`: each replica's report
     (`eval/replica_<k>/<split>_selected.json`) and the ensemble's (`eval/<split>_ensemble`)."""
     eval_dir = os.path.join(workdir, "eval")
     for k, one in enumerate(report["replicas"]):
         evaluate.write_report(os.path.join(eval_dir, f"replica_{k}"), f"{split}_selected", one)
     evaluate.write_report(eval_dir, f"{split}_ensemble", report["ensemble"])
-    run_writers.write_final_reports(workdir, split, results, report)
 
 
 def selections(restored: checkpoint.Restored) -> list[dict[str, Any]]:

@@ -78,12 +78,9 @@ class RunWriters:
             writer.close()
 
 
-def write_final_reports(
-    workdir: str, split: str, results: dict[str, Any], report: dict[str, Any]
-) -> None:
+def write_final_reports(workdir: str, split: str, results: dict[str, Any]) -> None:
     """The end of a run: the selected model's `eval/<split>_selected.json` (and
-    `_centre_crop`), and `results.json` (`replicas.write_final_reports`: each replica's too)."""
-    del report  # a plain run's is `results[split]`
+    `_centre_crop`), and `results.json` (`replicas.write_final_reports`: each replica's)."""
     eval_dir = os.path.join(workdir, "eval")
     evaluate.write_report(eval_dir, f"{split}_selected", results[split])
     evaluate.write_report(eval_dir, f"{split}_selected_centre_crop", results["centre_crop"])

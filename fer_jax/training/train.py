@@ -118,8 +118,9 @@ def train_and_evaluate(
         performance = _previous_performance(workdir)
     results = replicas.results(config, best, report, performance, centre=centre)
     if is_main:
-        write = replicas.write_final_reports if job.models.count > 1 else write_final_reports
-        write(workdir, config.report_split, results, report)
+        if job.models.count > 1:  # each replica's report and the ensemble's
+            replicas.write_final_reports(workdir, config.report_split, report)
+        write_final_reports(workdir, config.report_split, results)
     logging.info(
         "%s accuracy of the model chosen on %s (step %d): %.4f (mean class accuracy %.4f)",
         config.report_split,
