@@ -10,10 +10,16 @@ arrays, bfloat16 oneDNN primitives with float32 results, ``compute_dtype="bfloat
 ``"onednn/any:bf16"`` (the same with ``layout="any"``). These send every convolution with
 Cout >= 16 to ``conv2d_onednn``; the rest (CBAM's 7x7 2->1) to ``conv2d(impl="auto[:bf16]")``
 (``shifted_sums``).
+
+``onednn3`` (e.g. ``onednn3:bf16+eigen``) is the same in a worker that loads the library named by
+``$ONEDNN3_CONV_LIB`` instead (a second build against another oneDNN,
+``OUT=.../libonednn_conv_v3.so ONEDNN_PREFIX=... build.sh``), so that two oneDNN versions run side
+by side in one benchmark.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -38,15 +44,15 @@ def patch() -> None:
             return original(
                 x, kernel, stride=stride, padding=padding, impl="auto:bf16" if bf16 else "auto"
             )
-        layout = "any" if base.endswith("/any") else "nhwc"
+        layout = "any" if base.endswith("/any") else "nhwc"  # onednn, onednn3: nhwc
         return onednn_conv.conv2d_onednn(
             x, kernel, stride, padding, layout, "bfloat16" if bf16 else None
         )
 
     conv2d._onednn_patched = True
     conv.conv2d = conv2d
-    conv.IMPLS = (*conv.IMPLS, "onednn", "onednn/any")
-    conv.BF16_IMPLS = (*conv.BF16_IMPLS, "onednn", "onednn/any")
+    conv.IMPLS = (*conv.IMPLS, "onednn", "onednn3", "onednn/any")
+    conv.BF16_IMPLS = (*conv.BF16_IMPLS, "onednn", "onednn3", "onednn/any")
 
 
 class _Subprocess:
@@ -59,6 +65,10 @@ class _Subprocess:
     def Popen(cmd, *args, **kwargs):  # noqa: N802
         if cmd[1:3] == ["-m", "experiments.benchmark"]:
             cmd = [cmd[0], "-m", "experiments.onednn_conv.train_step_bench", *cmd[3:]]
+            if any(a.startswith("--worker=jax:onednn3") for a in cmd):
+                env = dict(kwargs.get("env") or os.environ)
+                env["ONEDNN_CONV_LIB"] = env["ONEDNN3_CONV_LIB"]
+                kwargs["env"] = env
         return subprocess.Popen(cmd, *args, **kwargs)
 
 
