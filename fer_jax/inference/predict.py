@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from data_pipelines.crops import CROP_CHOICES, CROP_SIZE
+from data_pipelines.crops import CROP_CHOICES, CROP_SIZE, NUM_CROPS
 from fer_jax.inference.recognizer import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MATMUL_DTYPE,
@@ -464,7 +464,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--crops",
         type=int,
         choices=CROP_CHOICES,
-        default=10,
+        default=NUM_CROPS,
         help="10: average the ten 44x44 crops (the paper's evaluation); 1: the centre crop "
         "alone, ~10x less compute per face",
     )
