@@ -49,7 +49,8 @@ def detect_faces(
     min_size: tuple[int, int] = (60, 60),
 ) -> np.ndarray:
     """Frontal faces in (H, W) uint8 `gray` (OpenCV's Haar cascade; the keywords are
-    `detectMultiScale`'s): (N, 4) int64 boxes `[x, y, w, h]`, largest first (ties: top-left)."""
+    `detectMultiScale`'s, whose defaults here find exactly one face in each real JAFFE photo):
+    (N, 4) int64 boxes `[x, y, w, h]`, largest first (ties: top-left)."""
     _check_gray(gray)
     boxes = _cascade().detectMultiScale(
         gray, scaleFactor=scale_factor, minNeighbors=min_neighbors, minSize=tuple(min_size)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from data_pipelines import fer2013_csv, jaffe_files
+from data_pipelines import faces, fer2013_csv, jaffe_files
 
 # Dataset -> its split names, in the builders' order.
 SPLITS: dict[str, tuple[str, ...]] = {
@@ -58,12 +58,12 @@ def fer2013_split_arrays(rows: fer2013_csv.Fer2013Rows, split: str) -> dict[str,
 
 def jaffe_arrays(items: list[jaffe_files.JaffeFile]) -> dict[str, np.ndarray]:
     """The JAFFE photos as the builder's features, in the order of `items`: 'image'
-    (N, 48, 48, 1) uint8 (each face, else the centre: `jaffe_files.preprocess`; a warning names
+    (N, 48, 48, 1) uint8 (each face, else the centre: `faces.face_or_centre_crop`; a warning names
     the photos without a face), 'label' (N,) int64, 'subject' and 'filename' (N,) str,
     'face_detected' (N,) bool."""
     crops, found, fallbacks = [], [], []
     for item in items:
-        face, detected = jaffe_files.preprocess(jaffe_files.read_gray(item.path))
+        face, detected = faces.face_or_centre_crop(jaffe_files.read_gray(item.path))
         crops.append(face)
         found.append(detected)
         if not detected:

@@ -1,6 +1,6 @@
 """TFDS builder `jaffe`: the 213 JAFFE photos as FER2013-like 48x48 faces (manual download only).
 
-The examples are `files.jaffe_arrays`' (faces found and cropped by `jaffe_files.preprocess`).
+The examples are `files.jaffe_arrays`' (faces found and cropped by `faces.face_or_centre_crop`).
 One split, train (213); cross-validation folds come from `folds.jaffe_folds`.
 """
 

@@ -7,7 +7,8 @@ two-letter subject, expression code (AN DI FE HA SA SU NE) with a repeat number,
 `list_images` walks a directory tree (the distribution unpacks to `jaffedbase/`), ignores hidden
 files and folders (`.DS_Store`, macOS `__MACOSX/`) and every file without an image suffix
 (README, rating tables); an image file whose name does not parse is an error naming the file.
-`preprocess` turns a photo into a FER2013-like (48, 48) uint8 face (see `faces`).
+`files.jaffe_arrays` turns each photo into a FER2013-like (48, 48) uint8 face
+(`faces.face_or_centre_crop`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import re
 import numpy as np
 from PIL import Image
 
-from data_pipelines import faces
 from data_pipelines.errors import DataError
 from data_pipelines.labels import JAFFE_EXPRESSION_CODES
 
@@ -28,8 +28,6 @@ _NAME = re.compile(
     r"(?P<subject>[A-Z]{2})\.(?P<expression>[A-Z]{2})(?P<repeat>[0-9]+)\.(?P<id>[0-9]+)"
     r"\.(?i:tiff?)"
 )
-# Haar-cascade settings that find exactly one face in each real JAFFE photo.
-DETECT_KWARGS = {"scale_factor": 1.1, "min_neighbors": 5, "min_size": (60, 60)}
 _READABLE_MODES = ("L", "P", "1", "LA", "RGB", "RGBA")
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 JAFFE cannot be downloaded automatically and may not be redistributed. Request it from its
@@ -110,9 +108,3 @@ def read_gray(path: str | pathlib.Path) -> np.ndarray:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: unreadable or truncated image ({type(e).__name__}: {e})") from e
-
-
-def preprocess(gray: np.ndarray, size: int = 48) -> tuple[np.ndarray, bool]:
-    """(H, W) uint8 photo -> `((size, size) uint8 face, whether one was detected)`: the
-    largest Haar-cascade face, else the centre crop (`faces`)."""
-    return faces.face_or_centre_crop(gray, size=size, **DETECT_KWARGS)

@@ -18,13 +18,7 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 NUM_CLASSES: int = len(CLASS_NAMES)
 
-# JAFFE file-name expression code -> class code in CLASS_NAMES.
+# JAFFE file-name expression code -> class code in CLASS_NAMES (the codes in that order).
 JAFFE_EXPRESSION_CODES: dict[str, int] = {
-    "AN": 0,
-    "DI": 1,
-    "FE": 2,
-    "HA": 3,
-    "SA": 4,
-    "SU": 5,
-    "NE": 6,
+    code: label for label, code in enumerate(("AN", "DI", "FE", "HA", "SA", "SU", "NE"))
 }

@@ -15,10 +15,11 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+from data_pipelines.fer2013_csv import ARCHIVE_MEMBER, SOURCE_FILES, USAGE_SPLITS
 from data_pipelines.labels import NUM_CLASSES
 
-LAYOUTS = ("csv", "unpacked", "tar.gz", "icml")
-USAGES = ("Training", "PublicTest", "PrivateTest")
+LAYOUTS = ("csv", "unpacked", "tar.gz", "icml")  # written as the files of SOURCE_FILES
+USAGES = tuple(USAGE_SPLITS)  # Training, PublicTest, PrivateTest
 
 
 def fer2013_rows(
@@ -58,20 +59,13 @@ def write_fer2013(directory: str | pathlib.Path, text: str, layout: str = "csv")
         holding fer2013/fer2013.csv) or 'icml' (icml_face_data.csv; `text` should then come
         from `fer2013_csv_text(..., icml=True)`).
     """
-    directory = pathlib.Path(directory)
-    names = {
-        "csv": "fer2013.csv",
-        "unpacked": "fer2013/fer2013.csv",
-        "tar.gz": "fer2013.tar.gz",
-        "icml": "icml_face_data.csv",
-    }
-    if layout not in names:
+    if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}, expected one of {LAYOUTS}")
-    path = directory / names[layout]
+    path = pathlib.Path(directory) / SOURCE_FILES[LAYOUTS.index(layout)]
     path.parent.mkdir(parents=True, exist_ok=True)
     if layout == "tar.gz":
         data = text.encode("utf-8")
-        info = tarfile.TarInfo("fer2013/fer2013.csv")
+        info = tarfile.TarInfo(ARCHIVE_MEMBER)
         info.size = len(data)
         with tarfile.open(path, "w:gz") as tar:
             tar.addfile(info, io.BytesIO(data))

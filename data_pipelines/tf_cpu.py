@@ -11,14 +11,9 @@ import logging
 
 import tensorflow as tf
 
-
-def _hide_gpus_from_tensorflow() -> None:
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except (RuntimeError, ValueError) as e:  # TensorFlow had already initialised its devices.
-        logging.getLogger(__name__).warning("Could not hide GPUs from TensorFlow: %s", e)
-
-
-_hide_gpus_from_tensorflow()
+try:
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError) as e:  # TensorFlow had already initialised its devices.
+    logging.getLogger(__name__).warning("Could not hide GPUs from TensorFlow: %s", e)
 
 __all__ = ["tf"]

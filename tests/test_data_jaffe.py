@@ -114,13 +114,13 @@ def test_truncated_or_unreadable_tiff_is_an_error_naming_the_file(tmp_path, keep
         jaffe_files.read_gray(path)
 
 
-def test_preprocess_face_and_fallback(face_photo):
-    face, found = jaffe_files.preprocess(face_photo)
+def test_jaffe_face_or_centre_crop(face_photo):
+    face, found = faces.face_or_centre_crop(face_photo)
     assert found and face.shape == (48, 48) and face.dtype == np.uint8
     boxes = faces.detect_faces(face_photo, scale_factor=1.1, min_neighbors=5, min_size=(60, 60))
     assert len(boxes) == 1
     np.testing.assert_array_equal(face, faces.crop_face(face_photo, boxes[0]))
-    blank, found = jaffe_files.preprocess(_blank())
+    blank, found = faces.face_or_centre_crop(_blank())
     assert not found
     np.testing.assert_array_equal(blank, faces.centre_crop_face(_blank()))
 
@@ -165,7 +165,7 @@ def test_builder_builds_faces_labels_subjects(tmp_path, jaffe_manual, face_photo
     np.testing.assert_array_equal(ex["label"], [0, 3, 5, 1, 6])
     np.testing.assert_array_equal(ex["face_detected"], [True, True, True, True, False])
     assert ex["image"].shape == (5, 48, 48, 1) and ex["image"].dtype == np.uint8
-    expected = jaffe_files.preprocess(face_photo)[0]
+    expected = faces.face_or_centre_crop(face_photo)[0]
     np.testing.assert_array_equal(ex["image"][0, ..., 0], expected)  # Plain TIFF.
     np.testing.assert_array_equal(ex["image"][3, ..., 0], expected)  # Palette TIFF.
     np.testing.assert_array_equal(ex["image"][4, ..., 0], faces.centre_crop_face(_blank(40)))

@@ -189,25 +189,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--verbose", action="store_true", help="show the traceback of an error in the input"
     )
     args = parser.parse_args(argv)
-    return run_cli(lambda: _export(args), sys.argv[1:] if argv is None else argv)
 
+    def export() -> int:
+        from fer_jax.training.checkpoint import load_for_inference
 
-def _export(args: argparse.Namespace) -> int:
-    from fer_jax.training.checkpoint import load_for_inference
+        try:
+            model, variables = load_for_inference(args.checkpoint)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"cannot load the checkpoint {args.checkpoint}: {e}") from e
+        written = export_all(
+            model,
+            variables,
+            args.out_dir,
+            saved_model=args.saved_model,
+            tflite=args.tflite,
+            tflite_batch_size=args.tflite_batch_size,
+        )
+        for kind, path in written.items():
+            stream = sys.stderr if kind.endswith("_error") else sys.stdout
+            stream.write(f"{kind}: {path}\n")
+        return 1 if any(k.endswith("_error") for k in written) else 0
 
-    try:
-        model, variables = load_for_inference(args.checkpoint)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load the checkpoint {args.checkpoint}: {e}") from e
-    written = export_all(
-        model,
-        variables,
-        args.out_dir,
-        saved_model=args.saved_model,
-        tflite=args.tflite,
-        tflite_batch_size=args.tflite_batch_size,
-    )
-    for kind, path in written.items():
-        stream = sys.stderr if kind.endswith("_error") else sys.stdout
-        stream.write(f"{kind}: {path}\n")
-    return 1 if any(k.endswith("_error") for k in written) else 0
+    return run_cli(export, sys.argv[1:] if argv is None else argv)

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from data_pipelines.crops import CROP_CHOICES, CROP_SIZE
+from data_pipelines.crops import CROP_CHOICES, CROP_SIZE, NUM_CROPS
 from fer_jax.inference.recognizer import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MATMUL_DTYPE,
@@ -61,10 +61,6 @@ def is_video(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
 
 
-def _is_image_name(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in Image.registered_extensions()
-
-
 def expand_inputs(paths: Sequence[str]) -> list[str]:
     """The files to process: files as given, folders replaced by their sorted image/video files."""
     files = []
@@ -74,7 +70,8 @@ def expand_inputs(paths: Sequence[str]) -> list[str]:
             files += [
                 os.path.join(path, n)
                 for n in names
-                if os.path.isfile(os.path.join(path, n)) and (_is_image_name(n) or is_video(n))
+                if os.path.isfile(os.path.join(path, n))
+                and (os.path.splitext(n)[1].lower() in Image.registered_extensions() or is_video(n))
             ]
         else:
             files.append(path)
@@ -366,7 +363,11 @@ def process_video(
                         _write_attention(args.attention, name, frame, faces, recognizer)
                 if frame is not None and args.annotate:
                     if writer is None:
-                        writer = _open_writer(args.annotate, stem, fps, frame.shape)
+                        out = os.path.join(args.annotate, f"{stem}_annotated.avi")
+                        codec = cv2.VideoWriter_fourcc(*VIDEO_CODEC)
+                        writer = cv2.VideoWriter(out, codec, fps, frame.shape[1::-1])
+                        if not writer.isOpened():
+                            raise OSError(f"{out}: cannot open a {VIDEO_CODEC} video writer")
                     writer.write(cv2.cvtColor(annotate(frame, faces), cv2.COLOR_RGB2BGR))
         if frames == 0:
             raise ImageError(f"{path}: the video has no readable frame")
@@ -376,14 +377,6 @@ def process_video(
         capture.release()
         if writer is not None:
             writer.release()
-
-
-def _open_writer(directory: str, stem: str, fps: float, shape: tuple[int, ...]) -> Any:
-    path = os.path.join(directory, f"{stem}_annotated.avi")
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*VIDEO_CODEC), fps, shape[1::-1])
-    if not writer.isOpened():
-        raise OSError(f"{path}: cannot open a {VIDEO_CODEC} video writer")
-    return writer
 
 
 def run(args: argparse.Namespace, recognizer: Recognizer, out: TextIO, err: TextIO) -> int:
@@ -471,7 +464,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--crops",
         type=int,
         choices=CROP_CHOICES,
-        default=10,
+        default=NUM_CROPS,
         help="10: average the ten 44x44 crops (the paper's evaluation); 1: the centre crop "
         "alone, ~10x less compute per face",
     )

@@ -60,13 +60,9 @@ def _transpose_for_torch(path: tuple[str, ...], ndim: int, head: str) -> tuple[i
     return (1, 0)  # Dense (in, out) -> (out, in)
 
 
-def _head_of(params: Mapping[str, Any]) -> str:
-    return "softmax" if "bias" in params["linear"] else "a_softmax"
-
-
 def to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flax `{'params', 'batch_stats'}` -> PyTorch-named dict of numpy arrays."""
-    head = _head_of(variables["params"])
+    head = "softmax" if "bias" in variables["params"]["linear"] else "a_softmax"
     out = {}
     for collection in ("params", "batch_stats"):
         for path, value in traverse_util.flatten_dict(dict(variables[collection])).items():

@@ -1,10 +1,10 @@
 """FLOPs of the network counted from the model (its jaxpr) and by XLA, and accelerator peaks.
 
-`forward_flops` walks the jaxpr of one forward pass and adds up 2 x multiply-adds of every
+`model_flops_per_image` walks the jaxpr of one forward pass and adds up 2 x multiply-adds of every
 convolution and matrix product (elementwise work, BatchNorm, pooling, CBAM's gating are not
 counted: they are < 1% here); a training step is counted as `TRAIN_FACTOR` = 3 x forward
-(forward, input gradient, weight gradient), the usual convention. `compiled_flops` asks XLA's
-cost analysis of a compiled or lowered function instead (it counts only the non-padding taps of a
+(forward, input gradient, weight gradient), the usual convention. `lowered_flops` asks XLA's
+cost analysis of a lowered function instead (it counts only the non-padding taps of a
 convolution: ~10% lower here). For the paper's CBAM-ResNet18 at 44x44: 2.19 GFLOP forward,
 6.58 GFLOP per training image (analytic); XLA: 1.99 GFLOP forward.
 
@@ -110,15 +110,6 @@ def jaxpr_flops(jaxpr: Any) -> float:
     return total
 
 
-def forward_flops(
-    model: Any, variables: Any, batch_shape: tuple[int, ...] = (1, 44, 44, 1)
-) -> float:
-    """FLOPs of one inference forward pass of `model` on a batch of `batch_shape` (NHWC)."""
-    x = jnp.zeros(batch_shape, jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
-    return jaxpr_flops(jaxpr.jaxpr)
-
-
 def model_flops_per_image(model_config: Any, crop: int = 44) -> dict[str, float]:
     """`{'forward': FLOPs per image, 'train': TRAIN_FACTOR x forward}` of a config's `model`.
 
@@ -130,28 +121,19 @@ def model_flops_per_image(model_config: Any, crop: int = 44) -> dict[str, float]
     model = model_from_config(model_config, conv_impl="xla")
     x = jnp.zeros((1, crop, crop, 1), jnp.float32)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-    fwd = forward_flops(model, variables, (1, crop, crop, 1))
+    fwd = jaxpr_flops(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables).jaxpr)
     return {"forward": fwd, "train": TRAIN_FACTOR * fwd}
 
 
-def compiled_flops(stage: Any) -> float | None:
-    """`flops` of XLA's cost analysis of a `jax.stages.Compiled` or `Lowered` (None if
-    unavailable)."""
+def lowered_flops(fn: Callable, *args: Any) -> float | None:
+    """XLA's cost-analysis FLOPs of `jax.jit(fn)` on `args`, lowered without a backend compile;
+    None where it fails or the backend does not implement it (a count must not stop a run)."""
     try:
-        analysis = stage.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
+        analysis = jax.jit(fn).lower(*args).cost_analysis()
+    except Exception:  # noqa: BLE001
         return None
     if isinstance(analysis, list | tuple):
         analysis = analysis[0] if analysis else None
     if not analysis or "flops" not in analysis:
         return None
     return float(analysis["flops"])
-
-
-def lowered_flops(fn: Callable, *args: Any) -> float | None:
-    """XLA's cost-analysis FLOPs of `jax.jit(fn)` on `args` without a backend compile."""
-    try:
-        lowered = jax.jit(fn).lower(*args)
-    except Exception:  # noqa: BLE001 - a count failing must not stop a run
-        return None
-    return compiled_flops(lowered)

@@ -38,12 +38,6 @@ def normalize_columns(kernel: jax.Array) -> jax.Array:
     return kernel / jnp.sqrt(jnp.sum(jnp.square(kernel), axis=0, keepdims=True))
 
 
-def _clamp_unit(c: jax.Array) -> jax.Array:
-    # Like torch.clamp(-1, 1): the gradient passes where -1 <= c <= 1 (inclusive) and is zero
-    # outside (jnp.clip splits the gradient at ties instead).
-    return jnp.where(c > 1.0, 1.0, jnp.where(c < -1.0, -1.0, c))
-
-
 def cosine(features: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`cos(theta_j)` between `(B, D)` features and the columns of a `(D, K)` kernel.
 
@@ -54,7 +48,9 @@ def cosine(features: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array
     norm = feature_norm(features)
     w_norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=0))
     cos = (features @ w) / norm[:, None] / w_norm[None, :]
-    return _clamp_unit(cos), norm
+    # Clipped as torch.clamp(-1, 1): the gradient passes where -1 <= cos <= 1 (inclusive) and
+    # is zero outside (jnp.clip splits the gradient at ties instead).
+    return jnp.where(cos > 1.0, 1.0, jnp.where(cos < -1.0, -1.0, cos)), norm
 
 
 def angular_logits(features: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -112,28 +108,6 @@ def psi(cos: jax.Array, m: int) -> jax.Array:
     return sign * chebyshev(cos, m) - 2.0 * k
 
 
-def a_softmax_logits(
-    features: jax.Array,
-    kernel: jax.Array,
-    labels: jax.Array,
-    *,
-    margin: int | jax.Array,
-    lam: jax.Array | float,
-) -> jax.Array:
-    """Training logits of A-Softmax, `(B, K)` float32: margin applied to the target column.
-
-    `margin` is an int in `MARGINS` (1..5), or an array holding one (traced); the
-    config's is checked by `fer_jax.training.config_schema`; an int enters as a run-time
-    value (`run_time`).
-    """
-    (margin,) = run_time(margin)
-    cos, norm = cosine(features, kernel)
-    onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=cos.dtype)
-    target = (lam * cos + psi(cos, margin)) / (1.0 + lam)
-    mixed = cos + onehot * (target - cos)
-    return mixed * norm[:, None]
-
-
 def a_softmax_loss(
     features: jax.Array,
     kernel: jax.Array,
@@ -142,17 +116,23 @@ def a_softmax_loss(
     margin: int | jax.Array,
     lam: jax.Array | float,
 ) -> jax.Array:
-    """Mean A-Softmax loss, float32 scalar.
+    """Mean A-Softmax loss, float32 scalar: cross-entropy of the logits whose target column
+    takes the margin.
 
     Args:
       features: `(B, D)` inputs of the AngleLinear layer.
       kernel: `(D, K)` un-normalised AngleLinear kernel (normalised here, as on every call).
       labels: `(B,)` integer labels in [0, K).
-      margin: the integer angular margin m (1 gives the "modified softmax").
+      margin: the integer angular margin m in `MARGINS` (1 gives the "modified softmax"), or an
+        array holding one (traced); an int enters as a run-time value (`run_time`).
       lam: annealing weight, see `sphereface_lambda`.
     """
-    logits = a_softmax_logits(features, kernel, labels, margin=margin, lam=lam)
-    return softmax_cross_entropy(logits, labels)
+    (margin,) = run_time(margin)
+    cos, norm = cosine(features, kernel)
+    onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=cos.dtype)
+    target = (lam * cos + psi(cos, margin)) / (1.0 + lam)
+    mixed = cos + onehot * (target - cos)
+    return softmax_cross_entropy(mixed * norm[:, None], labels)
 
 
 def sphereface_lambda(

@@ -56,15 +56,11 @@ def weights_dir() -> str:
     return os.environ.get(WEIGHTS_DIR_ENV) or os.path.join(package, "weights")
 
 
-def _is_path(name_or_path: str) -> bool:
-    return name_or_path.endswith(".npz") or "/" in name_or_path or os.sep in name_or_path
-
-
 def resolve(name_or_path: str | os.PathLike | None = None) -> str:
     """The `.npz` path of a model name (in `weights_dir()`), or of an explicit path; None is
     `DEFAULT_NAME`."""
     name = DEFAULT_NAME if name_or_path is None else os.fspath(name_or_path)
-    if _is_path(name):
+    if name.endswith(".npz") or "/" in name or os.sep in name:
         return os.path.abspath(os.path.expanduser(name))
     return os.path.join(weights_dir(), f"{name}.npz")
 

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from data_pipelines.crops import CROP_CHOICES
+from data_pipelines.crops import CROP_CHOICES, NUM_CROPS
 from fer_jax.inference.predict import parse_box
 from fer_jax.serve.service import MAX_BOXES, Service
 from fer_jax.serve.uploads import (
@@ -39,8 +39,6 @@ PAGE_POLICY = (
 UPLOAD_NAME = "upload"  # the record's "source" when the upload names no file
 RETRY_AFTER_S = "1"
 
-
-DEFAULT_CROPS = 10
 CropsQuery = Annotated[
     int,
     Query(
@@ -250,7 +248,7 @@ def _add_api(app: FastAPI, service: Service) -> None:
         openapi_extra={"requestBody": REQUEST_BODY},
     )
     async def predict(
-        request: Request, crops: CropsQuery = DEFAULT_CROPS, box: BoxesQuery = None
+        request: Request, crops: CropsQuery = NUM_CROPS, box: BoxesQuery = None
     ) -> JSONResponse:
         """The same record as `python -m fer_jax.predict --json` prints for one image."""
         if crops not in service.recognizers:
