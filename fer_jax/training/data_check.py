@@ -1,8 +1,8 @@
 """Before any work: can every stage of a run have its data? And what `--mode=check` prints.
 
-`check` finds each stage's data (a built TFDS dataset in `data_dir`, or the downloaded files in
-`manual_dir`) by name, without reading it, and raises a one-line `UserError` naming what is
-missing and the ways out; `describe` is `--mode=check`'s report (docs/runs_and_failures.md).
+`check` finds each stage's data (a built TFDS dataset or the downloaded files) by name, without
+reading it, or raises a one-line `UserError` naming what is missing and the ways out;
+`describe` is `--mode=check`'s report (docs/runs_and_failures.md).
 """
 
 from __future__ import annotations
@@ -99,12 +99,8 @@ def check(
     *,
     count: bool = False,
 ) -> list[Found]:
-    """Finds every stage's data (see the module docstring); `count`: FER2013's rows too.
-
-    Raises:
-      UserError: one line naming the missing input and the ways out.
-      DataError: a JAFFE photo whose name does not parse.
-    """
+    """Finds every stage's data (`count`: FER2013's rows too); UserError where it is missing,
+    DataError for a JAFFE photo whose name does not parse."""
     found = []
     for stage in stages(config, mode, workdir, split):
         if stage.config.get("input_pipeline") == "tf_data":
@@ -138,8 +134,7 @@ def find(stage: Stage, *, count: bool = False) -> Found:
 
 
 def built_tfds(name: str, data_dir: str) -> pathlib.Path | None:
-    """`<data_dir>/<name>/<version>` if TFDS has built `name` there (as `is_prepared` sees it:
-    `dataset_info.json` and `features.json` in the builder's version folder), else None."""
+    """`<data_dir>/<name>/<version>` if TFDS has built `name` there, else None."""
     path = pathlib.Path(data_dir, name, files.TFDS_VERSIONS.get(name, ""))
     ok = all((path / f).is_file() for f in ("dataset_info.json", "features.json"))
     return path if ok else None
@@ -220,8 +215,7 @@ def _check_folds(found: Found) -> None:
 
 
 def fold_train_sizes(found: Found) -> list[int] | None:
-    """Training images of each fold (of each protocol `fold_protocol` runs), where the labels
-    and subjects are known without reading the photos (JAFFE listed by name); None otherwise."""
+    """Training images of each fold of JAFFE listed by name (else None)."""
     made = _folds(found, found.stage.config)
     return None if made is None else [len(t) for split in made[2].values() for t, _ in split]
 
@@ -229,8 +223,7 @@ def fold_train_sizes(found: Found) -> list[int] | None:
 def _folds(
     found: Found, config: ml_collections.ConfigDict
 ) -> tuple[np.ndarray, np.ndarray, dict[str, list[tuple[np.ndarray, np.ndarray]]]] | None:
-    """`(labels, subjects, {protocol: its folds})` of JAFFE listed by name (else None) as
-    `config` makes them (`cross_validate.make_folds`: UserError where they cannot be made)."""
+    """`(labels, subjects, {protocol: its folds})` of JAFFE listed by name (else None)."""
     from fer_jax.training.cross_validate import make_folds
 
     if found.jaffe is None:
@@ -325,9 +318,7 @@ def _checkpoint_steps(directory: str) -> list[int]:
 
 
 def _folds_done(directory: str, config: ml_collections.ConfigDict, field: str) -> str:
-    """How many folds of a cross-validation workdir have their `result.json` (per protocol
-    where `config.fold_protocol` is 'both'); refuses a workdir of the other layout
-    (`cross_validate.check_layout`)."""
+    """How many folds of a cross-validation workdir have their `result.json` (per protocol)."""
     from data_pipelines import folds
     from fer_jax.training.cross_validate import check_layout
 
@@ -402,9 +393,8 @@ def describe(
     allow_config_changes: bool = False,
     user_set: Collection[str] = (),
 ) -> list[str]:
-    """`--mode=check`'s report of what `fer_jax.main --mode=mode` would run (`user_set`: the
-    fields the command line set, as `cross_validation_lines` takes them); compiles, trains
-    and writes nothing. Raises UserError (one line) where the run would fail at once."""
+    """`--mode=check`'s report of what `--mode=mode` would run, compiling, training and writing
+    nothing; UserError where the run would fail at once."""
     import jax
 
     found = check(config, mode, workdir, split, count=True)
@@ -448,8 +438,7 @@ def cross_validation_lines(
     config: ml_collections.ConfigDict, mode: str, workdir: str, user_set: Collection[str] = ()
 ) -> list[str]:
     """`--mode=check`'s report of the cross-validation stage of `mode` (none: []): the
-    fine-tuning settings (`fer_jax.training.cross_validate.fine_tuning_config`) and the fold
-    plan. Reads no image and no weights."""
+    fine-tuning settings and the fold plan, without reading images or weights."""
     from fer_jax.model import pretrained
     from fer_jax.training import cross_validate as cv_module
 

@@ -1,8 +1,5 @@
-"""Evaluation metrics from a confusion matrix, and their JSON/PNG reports.
-
-The confusion matrix counts rows = true class, columns = predicted class; the paper's
-Tables 3 and 4 are its row-normalised form.
-"""
+"""Evaluation metrics from a confusion matrix (rows: true class, columns: predicted; the paper's
+Tables 3 and 4 are its row-normalised form), and their JSON/PNG reports."""
 
 from __future__ import annotations
 
@@ -71,8 +68,7 @@ def read_json(path: str) -> Any:
 
 
 def write_json(path: str, data: Any, *, indent: int = 2, default: Any = None) -> None:
-    """Writes JSON atomically: a reader never sees half a file. `indent`, `default`: as
-    `json.dump`'s."""
+    """Writes JSON atomically: a reader never sees half a file."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
