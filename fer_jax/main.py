@@ -85,8 +85,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def initialize_distributed() -> None:
-    """`jax.distributed.initialize` from the --multihost flags, with 'gloo' as the CPU
-    collectives unless one was chosen ($JAX_CPU_COLLECTIVES_IMPLEMENTATION)."""
+    """`jax.distributed.initialize` from the --multihost flags ('gloo' CPU collectives unless
+    chosen)."""
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -100,8 +100,7 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def user_set_fields() -> list[str]:
-    """The config fields the command line set, dotted without `config.` ('model.head'): each
-    `--config.FIELD=VALUE` and the config argument's `cbam=`/`head=` (`jaffe.py:head=softmax`)."""
+    """The config fields the command line set ('model.head'), the config argument's too."""
     flag = FLAGS["config"]
     fields = list(config_flags.get_override_values(flag))
     _, _, arg = config_flags.get_config_filename(flag).partition(":")

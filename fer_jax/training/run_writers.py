@@ -56,8 +56,7 @@ class RunWriters:
         self.main.write_scalars(step, {**summary, "train_images_per_second": images_per_s})
 
     def write_evaluation(self, step: int, split: str, epoch: int, report: dict[str, Any]) -> None:
-        """A selection evaluation after `epoch` epochs: its report
-        (`eval/<split>_epochNNN.json` and the confusion PNG) and scalars."""
+        """A selection evaluation's report (`eval/<split>_epochNNN.json`, PNG) and scalars."""
         self.write_report(self.main, "", step, f"{split}_epoch{epoch:03d}", split, report)
 
     def write_report(
@@ -79,8 +78,7 @@ class RunWriters:
 
 
 def write_final_reports(workdir: str, split: str, results: dict[str, Any]) -> None:
-    """The end of a run: the selected model's `eval/<split>_selected.json` (and
-    `_centre_crop`), and `results.json` (`replicas.write_final_reports`: each replica's)."""
+    """The selected model's `eval/<split>_selected[_centre_crop].json` and `results.json`."""
     eval_dir = os.path.join(workdir, "eval")
     evaluate.write_report(eval_dir, f"{split}_selected", results[split])
     evaluate.write_report(eval_dir, f"{split}_selected_centre_crop", results["centre_crop"])

@@ -375,15 +375,15 @@ class OneModel:
         return eval_step
 
     def gather(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """`fn(plan_row) -> batch` for the plan rows of `epoch_plan`."""
+
         return fn
 
     def epoch_plan(self, plan_of: Callable[[int], dict[str, np.ndarray]]):
-        """The epoch's plan (`plan_of(seed)`: `data_pipelines.plan.epoch_plan`'s)."""
+
         return plan_of(self.config.seed)
 
     def batches(self, stream_of: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
-        """The training batches of a pipeline (`stream_of(seed)`: tf.data's)."""
+
         return stream_of(self.config.seed)
 
     report = staticmethod(report)  # `metrics.report` of the eval step's host-side totals
@@ -411,8 +411,7 @@ class Compiled:
 
 
 class OneDevice:
-    """Step functions compiled for one device, and their arrays placed there
-    (`parallel.DataParallel`: the same for several)."""
+    """Step functions compiled for one device, and their arrays placed there."""
 
     axis_name = None
     num_devices = 1
