@@ -262,22 +262,16 @@ def fold_plan_lines(
     return lines
 
 
-def _saved_protocol(workdir: str) -> str | None:
-    try:
-        saved = evaluate.read_json(os.path.join(workdir, run_config.CONFIG_FILE))
-    except (OSError, ValueError):
-        return None  # run_config.save_or_compare says what is wrong with it
-    protocol = saved.get("fold_protocol") if isinstance(saved, dict) else None
-    return protocol if isinstance(protocol, str) else None
-
-
 def check_layout(workdir: str, choice: str, field: str = "config") -> None:
     """UserError where `workdir` holds the other layout than `fold_protocol=choice` runs: one
     protocol's folds in `fold_<k>/`, or both protocols' in `random/` and `subject/`."""
     path = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(path):
         return
-    saved = _saved_protocol(path)
+    # Unreadable: run_config.save_or_compare says what is wrong with it.
+    saved = evaluate.read_json(os.path.join(path, run_config.CONFIG_FILE), check=False)
+    saved = saved.get("fold_protocol") if isinstance(saved, dict) else None
+    saved = saved if isinstance(saved, str) else None
     names = os.listdir(path)
     one = saved in folds_module.PROTOCOLS or (
         saved is None and any(n.startswith("fold_") for n in names)

@@ -58,12 +58,16 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
-def read_json(path: str) -> Any:
-    """The JSON in `path`; None if there is no such file."""
+def read_json(path: str, *, check: bool = True) -> Any:
+    """The JSON in `path`; None if there is no such file (`check=False`: or it is unreadable)."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        if check:
+            raise
         return None
 
 

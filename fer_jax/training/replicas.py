@@ -33,7 +33,6 @@ from fer_jax.training import checkpoint, evaluate, metrics, run_writers
 from fer_jax.training import step as plain
 from fer_jax.training.checkpoint import stack, take
 from fer_jax.training.metrics import EvalMetrics, eval_metrics
-from fer_jax.training.summary_writer import SummaryWriter
 
 # Config fields a replica may override: scalars the step takes as traced arrays.
 OVERRIDABLE = (
@@ -295,7 +294,8 @@ class RunWriters(run_writers.RunWriters):
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, enabled: bool):
         super().__init__(workdir, config, enabled=enabled)
         self.dirs = [f"replica_{k}" for k in range(count(config))]
-        self.curves = [SummaryWriter(os.path.join(workdir, d), enabled=enabled) for d in self.dirs]
+        writer = run_writers.SummaryWriter
+        self.curves = [writer(os.path.join(workdir, d), enabled=enabled) for d in self.dirs]
         self.writers = [self.main, *self.curves]
 
     def write_start(self, params: Any) -> None:

@@ -104,7 +104,8 @@ def train_and_evaluate(
     centre = job.evaluate(state, *splits[config.report_split], crops=1)
     performance = summary["performance"]
     if performance is None:  # finished before this call: keep the figures of the run that trained
-        performance = _previous_performance(workdir)
+        previous = evaluate.read_json(os.path.join(workdir, "results.json"), check=False)
+        performance = (previous or {}).get("performance")
     results = replicas.results(config, best, report, performance, centre=centre)
     if is_main:
         if job.models.count > 1:  # each replica's report and the ensemble's
@@ -355,11 +356,3 @@ def evaluate_checkpoint(
             f"mean class accuracy {100 * one['mean_class_accuracy']:.2f}%)"
         )
     return report
-
-
-def _previous_performance(workdir: str) -> dict[str, Any] | None:
-    """`results.json`'s speed figures from the call that trained (None if there are none)."""
-    try:
-        return (evaluate.read_json(os.path.join(workdir, "results.json")) or {}).get("performance")
-    except (OSError, ValueError):
-        return None

@@ -19,6 +19,7 @@ from typing import Any
 
 from absl import logging
 
+from fer_jax.training.evaluate import read_json
 from fer_jax.user_errors import UserError
 
 LOCK_FILE = ".lock"
@@ -54,21 +55,12 @@ def _record() -> dict[str, Any]:
     }
 
 
-def _load(path: str) -> Any:
-    """The JSON in `path`; None if it cannot be read."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _read(path: str) -> dict[str, Any] | None:
     """The lock's record; None if it vanished; UserError if it stays unreadable."""
     for _ in range(_READ_TRIES):
         if not os.path.exists(path):
             return None
-        holder = _load(path)
+        holder = read_json(path, check=False)
         if holder is not None:
             return holder
         time.sleep(0.1)
@@ -113,7 +105,7 @@ def _take_over(path: str, stale: dict[str, Any]) -> None:
         os.rename(path, moved)  # of several runs taking it over, one moves it
     except FileNotFoundError:
         return
-    same = _load(moved) == stale
+    same = read_json(moved, check=False) == stale
     if not same:  # a live run's lock, created after we read the stale one: put it back
         with contextlib.suppress(FileExistsError):
             os.link(moved, path)
@@ -170,7 +162,7 @@ def acquire(workdir: str) -> str:
 
 def release(path: str) -> None:
     """Removes the lock at `path` if this process holds it."""
-    holder = _load(path)
+    holder = read_json(path, check=False)
     if holder is None:
         return
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
