@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import fer2013_csv, files, jaffe_files
+from fer_jax.training import input_data
 from fer_jax.user_errors import UserError
 
 NAMES = {"fer2013": "FER2013", "jaffe": "JAFFE", "synthetic": "synthetic data"}
@@ -116,9 +117,8 @@ def find(stage: Stage, *, count: bool = False) -> Found:
     if config.dataset == "synthetic":
         sizes = {s: int(config.synthetic[s]) for s in stage.splits}
         return Found(stage, "synthetic", f"generated from {stage.field}.seed", sizes)
-    source = config.get("data_source", "tfds")
+    source, data_dir = input_data.data_source(config), input_data.data_dir(config)
     manual = os.path.expanduser(config.manual_dir) if config.manual_dir else ""
-    data_dir = os.path.expanduser(config.data_dir or "~/tensorflow_datasets")
     if source == "tfds":
         _need_tfds(stage, "data_source 'tfds'", "--config.data_source=files")
         built = built_tfds(config.dataset, data_dir)
@@ -216,12 +216,12 @@ def _check_folds(found: Found) -> None:
 
 def fold_train_sizes(found: Found) -> list[int] | None:
     """Training images of each fold of JAFFE listed by name (else None)."""
-    made = _folds(found, found.stage.config)
+    made = _folds(found)
     return None if made is None else [len(t) for split in made[2].values() for t, _ in split]
 
 
 def _folds(
-    found: Found, config: ml_collections.ConfigDict
+    found: Found,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, list[tuple[np.ndarray, np.ndarray]]]] | None:
     """`(labels, subjects, {protocol: its folds})` of JAFFE listed by name (else None)."""
     from fer_jax.training.cross_validate import make_folds
@@ -231,7 +231,7 @@ def _folds(
     labels = np.asarray([item.label for item in found.jaffe])
     subjects = np.asarray([item.subject for item in found.jaffe])
     stage = found.stage
-    return labels, subjects, make_folds(labels, subjects, config, stage.label, stage.field)
+    return labels, subjects, make_folds(labels, subjects, stage.config, stage.label, stage.field)
 
 
 # --mode=check: the report.
@@ -420,17 +420,18 @@ def describe(
     return lines
 
 
-def _fold_plan_lines(config: ml_collections.ConfigDict, stage: Stage) -> list[str]:
-    """The fold plan of a stage whose images are listed by name (without reading them)."""
+def _fold_plan_lines(stage: Stage) -> list[str]:
+    """The fold plan of a stage whose images are listed by name (without reading them); the
+    folds, made from `stage.config`'s folds, seed and protocol, are those the run makes."""
     from fer_jax.training.cross_validate import fold_plan_lines
 
-    made = _folds(find(stage), config)
+    made = _folds(find(stage))
     if made is None:
-        return [f"fold plan: {_folds_text(config)}, made when the data is read"]
+        return [f"fold plan: {_folds_text(stage.config)}, made when the data is read"]
     labels, subjects, splits = made
     lines = []
     for protocol, split in splits.items():
-        lines += fold_plan_lines(split, labels, subjects, config, protocol)
+        lines += fold_plan_lines(split, labels, subjects, stage.config, protocol)
     return lines
 
 
@@ -459,6 +460,6 @@ def cross_validation_lines(
         source = cv_module.read_source(cv.init_from, field)
     else:  # data_check warns that it is not there (yet)
         settings = f"fine-tuning {cv.init_from}: its settings are read from it when the run starts"
-        return [settings] + _fold_plan_lines(cv, stage)
+        return [settings] + _fold_plan_lines(stage)
     tuned, settings = cv_module.fine_tuning_config(cv, source, user_set)
-    return cv_module.settings_lines(settings, tuned) + _fold_plan_lines(tuned, stage)
+    return cv_module.settings_lines(settings, tuned) + _fold_plan_lines(stage)
