@@ -260,12 +260,13 @@ class Checkpoints(checkpoint.Checkpoints):
             return
         self.best_accuracy = np.where(improved, accuracy, self.best_accuracy)
         if not improved.all():
-            previous = self._previous_best(state)
+            if self._best_state is None:  # after a resume: read back once
+                self._best_state = self.restore_best(state)
 
             def merge(new, old):
                 return np.where(improved.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, old)
 
-            state = jax.tree.map(merge, state, previous)
+            state = jax.tree.map(merge, state, self._best_state)
         old, k = self.best_meta, self.replicas
         steps = old.get("replica_steps", [step] * k)
         epochs = old.get("replica_epochs", [meta["epoch"]] * k)
@@ -279,12 +280,6 @@ class Checkpoints(checkpoint.Checkpoints):
         }
         self._best_state, self.best_meta = state, meta
         self._save(self.best, step, state, meta)
-
-    def _previous_best(self, template: Any) -> Any:
-        """The best state saved so far, read back once after a resume."""
-        if self._best_state is None and self.best_meta:
-            self._best_state = self.restore_best(template)
-        return self._best_state
 
 
 class RunWriters(run_writers.RunWriters):

@@ -131,9 +131,6 @@ class Position:
     steps_per_epoch: int
     total_steps: int
 
-    def advance(self, steps: int) -> Position:
-        return dataclasses.replace(self, step=self.step + steps, steps=steps)
-
     @property
     def epoch(self) -> int:
         """Completed epochs."""
@@ -306,7 +303,7 @@ def fit(
     try:
         for steps, run in calls:
             state, step_metrics = run(state)
-            at = at.advance(steps)
+            at = dataclasses.replace(at, step=at.step + steps, steps=steps)
             timer.steps += steps
             log(step_metrics, at)
             evaluate_now, stop_now = selection.due(at), stop.agreed()
