@@ -2,7 +2,7 @@
 
     python -m experiments.tb_curves runs/fer2013 [--out curves.png] [--title "..."]
 
-Reads the scalars that `fer_jax.training.train.fit` writes (`fer_jax.training.summary_writer`; TF2
+Reads the scalars that `fer_jax.training.train.fit` writes (`fer_jax.training.run_writers`; TF2
 summaries stored as tensors and plain `simple_value` scalars are both read) with TensorBoard's
 `EventAccumulator`, and draws five panels: train loss (and PublicTest loss), train and PublicTest
 accuracy, learning rate, A-Softmax lambda (logged for every run; only an a_softmax head uses

@@ -1,10 +1,9 @@
 """Keep XLA:CPU's per-step scratch memory mapped between steps, instead of faulting it in anew.
 
 `reuse_scratch_memory` turns off `jax_cpu_enable_async_dispatch` (executions then allocate from
-glibc's main heap) and sets `mallopt(M_MMAP_MAX, 0)` and a 2 GiB `M_TRIM_THRESHOLD`, so freed
-scratch stays mapped for the next step: ~20% faster training on a 2-core CPU
-(docs/cpu_performance.md). Call it before the first JAX computation; elsewhere than glibc's
-CPU backend it changes nothing.
+glibc's main heap) and sets `mallopt(M_MMAP_MAX, 0)` and a 2 GiB `M_TRIM_THRESHOLD`: ~20%
+faster training on a 2-core CPU (docs/cpu_performance.md). Call it before the first JAX
+computation.
 """
 
 from __future__ import annotations

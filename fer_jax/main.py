@@ -84,14 +84,6 @@ config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).",
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def initialize_distributed() -> None:
-    """`jax.distributed.initialize` from the --multihost flags, with 'gloo' as the CPU
-    collectives unless one was chosen ($JAX_CPU_COLLECTIVES_IMPLEMENTATION)."""
-    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-
-
 class _QuietLibraries(std_logging.Filter):
     """Drops Orbax's per-save INFO chatter (dozens of lines per checkpoint); keeps warnings."""
 
@@ -100,8 +92,7 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def user_set_fields() -> list[str]:
-    """The config fields the command line set, dotted without `config.` ('model.head'): each
-    `--config.FIELD=VALUE` and the config argument's `cbam=`/`head=` (`jaffe.py:head=softmax`)."""
+    """The config fields the command line set ('model.head'), the config argument's too."""
     flag = FLAGS["config"]
     fields = list(config_flags.get_override_values(flag))
     _, _, arg = config_flags.get_config_filename(flag).partition(":")
@@ -155,8 +146,10 @@ def main(argv: list[str]) -> None:
     data_check.check(config, mode, FLAGS.workdir, FLAGS.split)  # before hours of stage 1
     if FLAGS.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
-    if FLAGS.multihost:
-        initialize_distributed()
+    if FLAGS.multihost:  # CPU collectives: 'gloo' unless chosen
+        if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     else:  # on CPU: scratch memory kept between steps (not tried with cross-process collectives)
         host_memory.reuse_scratch_memory()
     from fer_jax.training import checkpoint, cross_validate, train

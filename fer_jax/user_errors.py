@@ -1,8 +1,8 @@
 """Errors caused by the user's input: one `error: ...` line on stderr and exit status 2.
 
-The commands run through `run_cli`: a `UserError`, or an exception only the user's input causes
-(`user_message`), prints `error: <message>` (with the traceback under `--verbose` or
-`FER_JAX_VERBOSE=1`) and gives status 2; any other exception is a bug and propagates (status 1).
+Under `run_cli`, a `UserError` or another exception only the user's input causes prints `error:
+<message>` (and the traceback under `--verbose` or `FER_JAX_VERBOSE=1`) and gives status 2; any
+other exception is a bug and propagates (status 1).
 """
 
 from __future__ import annotations
@@ -24,15 +24,12 @@ OPTIONAL_PACKAGES = {"tensorflow": "tfds", "tensorflow_datasets": "tfds"}
 
 
 class UserError(Exception):
-    """A mistake in the user's input (config, flags, paths, data, checkpoint, a busy workdir).
-
-    The message is one line that says what is wrong and what is allowed or what to do.
-    """
+    """A mistake in the user's input; the message, one line, says what is allowed or to do."""
 
 
 def verbose(argv: Sequence[str] | None = None) -> bool:
     """Whether tracebacks of user errors are wanted: `--verbose` in `argv` (default
-    `sys.argv`) or `$FER_JAX_VERBOSE` set to anything but '', '0' or 'false'."""
+    `sys.argv`) or `$FER_JAX_VERBOSE` set."""
     env = os.environ.get(VERBOSE_ENV, "").strip().lower()
     if env not in ("", "0", "false", "no"):
         return True
@@ -73,8 +70,8 @@ def user_message(error: BaseException) -> str | None:
 
 
 def report(error: BaseException, argv: Sequence[str] | None = None) -> int | None:
-    """Prints a user error (with its traceback if `verbose(argv)`) and returns the exit status
-    2; returns None, printing nothing, if `error` is not a user error."""
+    """Prints a user error (with its traceback if `verbose(argv)`) and returns 2; None for a
+    bug."""
     message = user_message(error)
     if message is None:
         return None
@@ -87,8 +84,7 @@ def report(error: BaseException, argv: Sequence[str] | None = None) -> int | Non
 
 
 def run_cli(main: Callable[[], int | None], argv: Sequence[str] | None = None) -> int:
-    """Runs `main()` and returns its exit status (None counts as 0); a user error is reported
-    (`report`) and gives 2; any other exception propagates with its traceback."""
+    """Runs `main()` and returns its exit status (None: 0), 2 for a reported user error."""
     try:
         return main() or 0
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs by `report`

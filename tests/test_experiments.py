@@ -648,13 +648,13 @@ def test_model_card_training_time_sums_the_sessions_and_skips_the_gaps(tmp_path,
     """Two sessions of one resumed run (two event files): 300 s + 100 s of training logs, with
     a 2.7 h pause between them that is not training time."""
     from experiments import model_card
-    from fer_jax.training import summary_writer
+    from fer_jax.training import run_writers
 
     clock = iter([1000.0, 1100.0, 1200.0, 1300.0, 11000.0, 11100.0])
     # The events' clock only (TensorBoard's writer keeps the real one for its file names).
-    monkeypatch.setattr(summary_writer, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    monkeypatch.setattr(run_writers, "time", types.SimpleNamespace(time=lambda: next(clock)))
     for steps in ((100, 200, 300, 400), (500, 600)):
-        writer = summary_writer.SummaryWriter(str(tmp_path))
+        writer = run_writers.SummaryWriter(str(tmp_path))
         for step in steps:
             writer.write_scalars(step, {"train_loss": 1.0})
         writer.close()

@@ -4,20 +4,11 @@ Layout of a workdir:
   checkpoints/<step>/{state,meta}  the last `config.keep_checkpoints` saves (every epoch, and
                                    every `checkpoint_every_steps` if set)
   best/<step>/{state,meta}         the best so far by `config.select_split` accuracy
-`state` holds the step, params, BatchNorm statistics, optimizer state and dropout key, and with
-`config.ema_decay > 0` their moving average ('ema'); `meta` (JSON) the model description and the
-data position (epoch, step in epoch). Where a checkpoint is read for its weights (`load_variables`:
-predict, evaluate, export, `init_from`), a moving average is what it gives: the weights that
-selection chose.
-
-Replica runs (`config.replicas = K > 1`) save the stacked state (a leading axis K on every leaf)
-with `meta['replicas'] = K` (`fer_jax.training.replicas` writes them); the readers here take one
-replica out (`take_replica`: by default `chosen_replica`, the best on the select split).
-
-Orbax writes a checkpoint to a temporary directory and renames it when complete (a killed
-process leaves a whole checkpoint or none); an unreadable one is reported and skipped. With
-several processes Orbax writes from process 0 into the workdir all share (`prepare_workdir`
-checks that they do), and every restore checks that all got the same checkpoint.
+`state` holds `STATE_FIELDS` (and 'ema', the moving average, which `load_variables` gives where
+there is one); `meta` (JSON) the model and the data position. A stacked checkpoint of K models
+has `meta['replicas'] = K`; the readers take one out (`take_replica`). Orbax renames a complete
+checkpoint into place; an unreadable one is logged and skipped. With several processes, Orbax
+writes from process 0 into a workdir all share, and every restore checks all got the same one.
 """
 
 from __future__ import annotations
@@ -26,7 +17,7 @@ import dataclasses
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -57,8 +48,7 @@ class Restored:
 
 
 def prepare_workdir(workdir: str) -> str:
-    """Creates `workdir` if needed and checks that it is writable (and, with several processes,
-    shared by all of them); returns its absolute path."""
+    """Creates `workdir`, checks it is writable (and shared by all processes); its abspath."""
     path = os.path.abspath(os.path.expanduser(workdir))
     try:
         os.makedirs(path, exist_ok=True)
@@ -72,11 +62,8 @@ def prepare_workdir(workdir: str) -> str:
 
 
 def _check_shared(path: str) -> None:
-    """Raises unless every process sees a file that process 0 creates in `path`.
-
-    Orbax writes checkpoints from process 0 alone and every process reads them back: on
-    per-host directories the other processes would silently start over instead of resuming.
-    """
+    """Raises unless every process sees a file that process 0 creates in `path` (else the
+    others would silently start over instead of resuming)."""
     from jax.experimental import multihost_utils
 
     token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
@@ -98,7 +85,7 @@ def _check_shared(path: str) -> None:
 
 def _check_same_checkpoint(kind: int, step: int | None, what: str) -> None:
     """With several processes, raises unless all restored the same checkpoint (`kind`: which
-    directory, `step`: which step; None: none) of `what`, instead of training apart."""
+    directory, `step`: which step; None: none) of `what`."""
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
@@ -143,6 +130,16 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
 
 
+def stack(trees: Sequence[Any]) -> Any:
+    """K host pytrees -> one with a leading axis `(K, ...)` on every leaf."""
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def take(tree: Any, k: int) -> Any:
+    """Slice k of a stacked host pytree."""
+    return jax.tree.map(lambda x: np.asarray(x)[k], tree)
+
+
 def _from_tree(template: Any, tree: Mapping[str, Any], source: str) -> Any:
     fields = {k: getattr(template, k) for k in _fields(template)}
     return template.replace(**_from_tree_part(fields, jax.device_get(dict(tree)), source))
@@ -174,10 +171,8 @@ def _check_model(meta: Mapping[str, Any], model_config: Mapping[str, Any], sourc
 
 
 def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
-    # With several processes Orbax synchronises each save through barriers named after the
-    # step ('_async_write_complete.<step>'): the latest and best managers, both saving step N
-    # at once, would wait at the same barriers and fail. A prefix per directory name
-    # ('checkpoints', 'best') keeps them apart (the same on every host, whatever its mounts).
+    # Orbax's multi-process barriers are named after the step: the latest and best managers,
+    # both saving step N, would meet at the same ones. A prefix per directory keeps them apart.
     import orbax.checkpoint as ocp
 
     prefix = os.path.basename(os.path.normpath(directory))
@@ -202,7 +197,7 @@ def _readable(
     manager: ocp.CheckpointManager, steps: list[int] | None = None
 ) -> Iterator[tuple[int, dict, dict, str]]:
     """`(step, state tree, meta, its directory)` of each readable checkpoint of `steps`
-    (default: all, newest first); an unreadable one is logged and skipped."""
+    (default: all, newest first)."""
     for step in sorted(manager.all_steps(), reverse=True) if steps is None else steps:
         path = os.path.join(str(manager.directory), str(step))
         try:
@@ -221,8 +216,8 @@ def _restore_newest(
     model_config: Mapping[str, Any] | None = None,
     replicas: int = 0,
 ) -> Restored | None:
-    """Newest readable checkpoint of `manager` as a state like `template`; `model_config`:
-    its model must be that; `replicas` > 0: it must hold that many replicas."""
+    """Newest readable checkpoint of `manager` as a state like `template`, checked to be of
+    `model_config` and (> 0) of `replicas`."""
     for step, tree, meta, path in _readable(manager):
         source = f"{label} checkpoint {path}"
         if model_config is not None:
@@ -237,8 +232,7 @@ def _restore_newest(
 
 
 class Checkpoints:
-    """The latest-few and best checkpoint managers of one workdir (`replicas.Checkpoints`: the
-    best of each replica)."""
+    """The latest-few and best checkpoint managers of one workdir."""
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
         self.model_config = config.model.to_dict()
@@ -255,13 +249,12 @@ class Checkpoints:
                 logging.error("best checkpoint in %s is unreadable: %s", workdir, e)
         self.best_accuracy = self.best_meta.get("select_accuracy", -1.0)
 
-    def _meta(self, step: int, meta: dict[str, Any]) -> dict[str, Any]:
-        return {**meta, "step": step, "model": self.model_config}
-
     def _save(self, manager, step: int, state: Any, meta: dict[str, Any]) -> None:
         import orbax.checkpoint as ocp
 
-        meta = self._meta(step, meta)
+        meta = {**meta, "step": step, "model": self.model_config}
+        if self.replicas > 1:
+            meta["replicas"] = self.replicas
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -289,6 +282,12 @@ class Checkpoints:
         step = None if restored is None else restored.step
         _check_same_checkpoint(0, step, f"{self.latest.directory} (resuming)")
         return restored
+
+    def restore_best(self, template: Any) -> Any:
+        """The state of the best checkpoint saved so far, like `template`."""
+        step = self.best.latest_step()
+        tree, _ = _restore_step(self.best, step)
+        return _from_tree(template, tree, f"best checkpoint {step}")
 
     def close(self) -> None:
         for manager in (self.latest, self.best):
@@ -343,11 +342,8 @@ def load_variables(
 ) -> tuple[dict[str, Any], dict[str, Any], str]:
     """`(variables {'params', 'batch_stats'} as numpy, meta, source)` from a run or checkpoint:
     its moving average where it has one (`meta['ema'] = True` then); `average=False`: the
-    weights the optimizer reached (`meta['has_ema']` says whether it had an average too).
-
-    `pretrained`, `pretrained:NAME` or a path ending in `.npz` is the model shipped in the
-    package (`fer_jax.model.pretrained`; float32 variables): the one place where every checkpoint
-    argument (predict, export, evaluate, `config.init_from`) learns that word.
+    optimizer's weights (`meta['has_ema']`: it had an average too). `pretrained[:NAME]` or an
+    `.npz` is a model shipped in the package: every checkpoint argument learns that word here.
     """
     if pretrained.is_reference(path):
         return pretrained.load_as_checkpoint(path)
@@ -372,7 +368,7 @@ def take_replica(
     variables: dict[str, Any], meta: Mapping[str, Any], replica: int | None, source: str
 ) -> tuple[dict[str, Any], int]:
     """`(variables of one replica, its index)` of a replica run's stacked `variables`:
-    `replica`, or (None) the one chosen on the select split. A plain run's are returned as is."""
+    `replica`, or (None) `chosen_replica`. A plain run's are returned as is."""
     k = replica_count(meta)
     if k == 1:
         if replica not in (None, 0):
@@ -381,15 +377,13 @@ def take_replica(
     index = chosen_replica(meta) if replica is None else replica
     if not 0 <= index < k:
         raise CheckpointError(f"{source} holds replicas 0..{k - 1}, not {index}")
-    return jax.tree.map(lambda x: np.asarray(x)[index], variables), index
+    return take(variables, index), index
 
 
 def init_from(path: str, template: Any, config: ml_collections.ConfigDict) -> Any:
-    """`template` with params and BatchNorm statistics from another run (or `pretrained`:
-    `load_variables`); fresh optimizer; a moving average (if the template has one) starts there.
-
-    Replicas: a run with as many replicas starts each from its namesake; otherwise from the
-    source's replica chosen on its select split (or its only model), copied to every replica.
+    """`template` with params and BatchNorm statistics from another run (`load_variables`),
+    and its moving average (if any) starting there. A stacked source with as many models gives
+    each its namesake; otherwise its `chosen_replica` (or only model) goes to every one.
     """
     variables, meta, source = load_variables(path)
     _check_model(meta, config.model.to_dict(), source)
@@ -399,7 +393,7 @@ def init_from(path: str, template: Any, config: ml_collections.ConfigDict) -> An
         if replica_count(meta) > 1:
             logging.info("%s: replica %d (chosen on its select split)", source, index)
         if k > 1:
-            variables = jax.tree.map(lambda x: np.stack([x] * k), variables)
+            variables = stack([variables] * k)
     params = _from_tree_part(template.params, variables["params"], source)
     batch_stats = _from_tree_part(template.batch_stats, variables["batch_stats"], source)
     logging.info(
@@ -421,13 +415,9 @@ def _from_tree_part(template: Any, tree: Any, source: str) -> Any:
 def load_for_inference(
     path: str, replica: int | str | None = None, **overrides: Any
 ) -> tuple[ResNet18, dict[str, Any]]:
-    """`(model, variables)` for `model.apply(variables, x, train=False)` from a run directory
-    (its best checkpoint, else its latest), one checkpoint directory or `pretrained`
-    (`load_variables`). `overrides` go to the model (e.g. `conv_impl`).
-
-    From a replica run: the replica chosen on the select split (`replica=None`), replica k
-    (`replica=k`), or all of them (`replica='all'`: every leaf stacked `(K, ...)`, for an
-    ensemble).
+    """`(model, variables)` for `model.apply(variables, x, train=False)` from a run (its best
+    checkpoint, else its latest), a checkpoint or `pretrained` (`load_variables`); `overrides`
+    go to the model. Of a replica run: `take_replica`'s, or (`replica='all'`) all stacked.
     """
     variables, meta, source = load_variables(path)
     if "model" not in meta:

@@ -1,11 +1,10 @@
 """What each config field may hold, checked once before a run does any work.
 
-`validate(config)` checks every field of a training or cross-validation config for type and
-range or choices, then the rules that tie fields together, and raises `UserError` with one line
-naming the field's dotted path, its value and what is allowed (an unknown field: the closest
-known one). The choices are the constants of the code that uses them, which does not check them
-again. `check_mode` checks the config against `fer_jax.main --mode`; `unknown_override` and
-`bad_override_value` turn ml_collections' errors for `--config.FIELD=...` into such lines.
+`validate(config)` checks every field's type and range or choices, then the rules that tie
+fields together, and raises `UserError` with one line naming the field, its value and what is
+allowed (an unknown field: the closest known one). The choices are the constants of the code
+that uses them, which does not check them again. `check_mode` checks the config against
+`--mode`; `unknown_override` and `bad_override_value` word `--config.FIELD=...` mistakes.
 """
 
 from __future__ import annotations
@@ -28,14 +27,8 @@ MAX_SEED = 2**31 - 1
 INPUT_PIPELINES = ("device", "tf_data")  # config.input_pipeline ('': 'device')
 
 
-def input_pipeline(config: Any) -> str:
-    """`config.input_pipeline`, '' meaning 'device' (docs/data.md, "Input pipeline")."""
-    return config.get("input_pipeline", "") or "device"
-
-
 def select_crops(config: Any) -> int:
-    """Crops of the per-epoch model-selection evaluation (`config.select_crops`): 10, or 1 (the
-    centre crop, a tenth of the compute; docs/training.md)."""
+    """`config.select_crops`: crops of the per-epoch selection evaluation (10, or 1)."""
     from data_pipelines.crops import NUM_CROPS
 
     return config.get("select_crops", NUM_CROPS)
@@ -43,8 +36,8 @@ def select_crops(config: Any) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One field: the types it may hold, what values of them are allowed (`ok`), the same in
-    words (`allowed`), and whether a config may leave it out."""
+    """One field: the types it may hold, the values allowed (`ok`; in words: `allowed`), and
+    whether a config may leave it out."""
 
     types: tuple[type, ...]
     allowed: str
@@ -59,7 +52,7 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Section:
-    """A section of fields (`model`, `jaffe`, ...); `required=False` lets a config leave it out."""
+    """A section of fields (`model`, `jaffe`, ...)."""
 
     fields: dict[str, Rule | Section]
     required: bool = True
@@ -137,7 +130,6 @@ def _section(value: Any) -> bool:
 
 @functools.cache
 def _recipe_sections() -> dict[str, Section]:
-    """The `model`, `loss` and `optimizer` sections."""
     from data_pipelines import labels
     from fer_jax.model import cbam, conv, losses, resnet
     from fer_jax.training import step
@@ -321,8 +313,7 @@ def _split_names(config: Any) -> tuple[str, ...]:
 
 
 def _check_data(config: Any, path: str) -> None:
-    """The dataset's fields fit together: a synthetic dataset has sizes. (Whether the data is
-    there, in `manual_dir` or a built TFDS dataset, is `fer_jax.training.data_check`'s to say.)"""
+    """A synthetic dataset has sizes (whether other data is there: `data_check`)."""
     if config["dataset"] == "synthetic" and "synthetic" not in config:
         raise UserError(
             f"{path}.synthetic is missing; {path}.dataset='synthetic' needs its split sizes"
@@ -347,8 +338,7 @@ def _check_splits(config: Any, path: str) -> None:
 
 
 def _check_replicas(config: Any, path: str, schema: Schema) -> None:
-    """One seed and one dict of overrides per replica, each override a field of
-    `fer_jax.training.replicas.OVERRIDABLE` holding what the field itself may hold."""
+    """One seed and dict of overrides per replica, each of an `OVERRIDABLE` field."""
     from fer_jax.training.replicas import OVERRIDABLE
 
     k = config.get("replicas", 1)
@@ -384,11 +374,9 @@ def _not_overridable(config: Any, name: str, overridable: Sequence[str]) -> str:
 
 
 def validate(config: Any) -> None:
-    """Raises `UserError`, naming the first field that is wrong, unless `config` is usable.
-
-    A config with `folds` is a cross-validation config (`configs/jaffe.py`), any other a
-    training config; the `jaffe` section of a training config is checked as the former.
-    """
+    """Raises `UserError`, naming the first field that is wrong, unless `config` is usable: a
+    cross-validation config if it has `folds`, else a training config (its `jaffe` section one
+    of the former)."""
     training, cv = schemas()
     schema = (cv if "folds" in config else training).fields
     known = sorted(field_paths(schema))
@@ -437,8 +425,7 @@ def check_mode(config: Any, mode: str, split: str | None = None) -> None:
 
 
 def allowed_for(path: str) -> str | None:
-    """What the field at dotted `path` (e.g. 'config.model.cbam') may hold, in words; None if
-    no schema has it or it is a section."""
+    """What the field at dotted `path` ('config.model.cbam') may hold, in words, or None."""
     for section in schemas():
         node: Rule | Section = section
         for part in path.split(".")[1:]:
@@ -456,7 +443,7 @@ _BAD_VALUE = re.compile(r"^flag --(?P<path>[A-Za-z_]\w*\.[^=]+)=(?P<value>.*?): 
 
 def bad_override_value(message: str) -> str | None:
     """absl's "flag --config.FIELD=VALUE: <parse error>" as "config.FIELD is 'VALUE'; allowed:
-    ..." (None if `message` is not about a config field the schema knows)."""
+    ..." (or None)."""
     match = _BAD_VALUE.match(message)
     allowed = match and allowed_for(match["path"])
     if not allowed:
@@ -480,30 +467,23 @@ def _lookup(config: Any, parts: Sequence[str]) -> tuple[str, bool] | None:
     return None
 
 
-def config_file_argument(argv: Sequence[str], flag: str = "config") -> str | None:
-    """The value of `--config=PATH` (or `--config PATH`) in `argv`; None if absent."""
+def unknown_override_in_file(
+    argv: Sequence[str], load: Callable[[str], Any], flag: str = "config"
+) -> str | None:
+    """`unknown_override` against the config file of `--config[=]PATH` in `argv` (None if
+    none), loaded with `load`: ml_collections words such mistakes as bare Python errors."""
     path = None
     for i, arg in enumerate(argv):
         if arg.startswith((f"--{flag}=", f"-{flag}=")):
             path = arg.split("=", 1)[1]
         elif arg in (f"--{flag}", f"-{flag}") and i + 1 < len(argv):
             path = argv[i + 1]
-    return path
-
-
-def unknown_override_in_file(
-    argv: Sequence[str], load: Callable[[str], Any], flag: str = "config"
-) -> str | None:
-    """`unknown_override` against the config file `argv` names, loaded again with `load` (the
-    config flag's own parser): ml_collections reports a `--config.FIELD=...` that names no
-    field with a bare AttributeError, KeyError or TypeError. None if `argv` names no file."""
-    path = config_file_argument(argv, flag)
     return None if path is None else unknown_override(argv, load(path), flag)
 
 
 def unknown_override(argv: Sequence[str], config: Any, flag: str = "config") -> str | None:
     """The message for the first `--config.PATH=...` in `argv` that names no field of `config`
-    (or goes into a field that is not a section), or None if every override names a field."""
+    (or goes into a field that is not a section), or None."""
     known = sorted(field_paths(config, flag))
     for arg in argv:
         match = _OVERRIDE.match(arg)

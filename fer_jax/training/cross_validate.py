@@ -2,8 +2,7 @@
 
 `read_source` reads how the model at `config.init_from` was trained, `fine_tuning_config` takes
 what the command line does not set from it, `run` trains and evaluates each fold (resuming);
-`train_then_cross_validate` is `fer_jax.main --mode=train`'s job. The whole story:
-docs/training.md, "JAFFE cross-validation".
+`train_then_cross_validate` is `--mode=train`'s job (docs/training.md, "JAFFE cross-validation").
 """
 
 from __future__ import annotations
@@ -26,10 +25,8 @@ from fer_jax.training import checkpoint, evaluate, input_data, run_config
 from fer_jax.training.train import Job, create_job, fit, train_and_evaluate
 from fer_jax.user_errors import UserError
 
-# The shipped model's loss (configs/fer2013_cpu.py's cycles: margin 4, `--config.loss.
-# lambda_base=48 --config.loss.lambda_min=48`; 48 is also where the paper's 300-epoch schedule
-# ends), taken for a source that does not record its own: the manifest of the shipped weights
-# has no loss, and neither has a bare checkpoint directory without its run's config.json.
+# The shipped model's loss (margin 4, lambda held at 48, where the paper's 300-epoch schedule
+# ends), taken for a source that records none (the weights' manifest, a bare checkpoint).
 SHIPPED_MARGIN = 4
 SHIPPED_LAMBDA = 48.0
 SHIPPED_RECIPE = "the shipped model's recipe (cross_validate.SHIPPED_LAMBDA)"
@@ -40,7 +37,7 @@ NETWORK_FIELDS = ("num_classes", "width", "cbam", "head")  # what the weights' s
 @dataclasses.dataclass(frozen=True)
 class Source:
     """How the model a cross-validation fine-tunes was trained, and where each value was read
-    (`model` empty: unknown; the config's, checked against the weights when they load)."""
+    (`model` empty: unknown)."""
 
     name: str  # e.g. 'pretrained (/.../cbam_resnet18_fer2013.npz)'
     model: dict[str, Any]
@@ -72,9 +69,8 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def _lambda_at_end(run: Mapping[str, Any], steps_per_epoch: int | None) -> float:
-    """A-Softmax's lambda at the last step of a run of config `run` (its JSON), as
-    `step.lambda_schedule` gives it; a per-step clock without the run's steps per epoch:
-    `lambda_min`, where it is within a few FER2013 epochs."""
+    """A-Softmax's lambda at the last step of a run of config `run` (its JSON); a per-step
+    clock without the run's steps per epoch: `lambda_min` (reached within a few epochs)."""
     from fer_jax.training.step import lambda_schedule
 
     loss = ml_collections.ConfigDict(dict(run["loss"]))
@@ -88,8 +84,7 @@ def _lambda_at_end(run: Mapping[str, Any], steps_per_epoch: int | None) -> float
 def source_from_config(
     run: Mapping[str, Any], name: str, where: str, steps_per_epoch: int | None = None
 ) -> Source:
-    """The `Source` of a run trained with config `run` (a dict, e.g. its `config.json`, read
-    from `where`); `steps_per_epoch` where known (a per-step lambda clock needs it)."""
+    """The `Source` of a run trained with config `run` (a dict read from `where`)."""
     lam = _lambda_at_end(run, steps_per_epoch)
     origin = {"model": where, "matmul_dtype": where, "loss": f"{where}: where its schedule ends"}
     return Source(name, dict(run["model"]), int(run["loss"]["margin"]), lam, origin)
@@ -116,9 +111,8 @@ def _pretrained_source(reference: str) -> Source:
 
 
 def read_source(init_from: str, field: str = "config.init_from") -> Source:
-    """How the model at `init_from` (`pretrained[:NAME]`, a run or a checkpoint directory) was
-    trained: the weights' manifest, else the run's `config.json`, else the shipped recipe's loss
-    (`SHIPPED_MARGIN`, `SHIPPED_LAMBDA`); UserError if there is nothing there."""
+    """How the model at `init_from` (`pretrained[:NAME]`, a run or a checkpoint) was trained:
+    its manifest, else its run's `config.json`, else the shipped recipe's loss."""
     if pretrained.is_reference(init_from):
         return _pretrained_source(init_from)
     path = os.path.abspath(os.path.expanduser(init_from))
@@ -144,9 +138,8 @@ def fine_tuning_config(
     config: ml_collections.ConfigDict, source: Source, user_set: Collection[str] = ()
 ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
     """`(config to fine-tune with, its settings)`: `config` with the model fields, A-Softmax's
-    margin and lambda (held) of `source`, except the fields in `user_set` (dotted: those the
-    command line set; UserError for a `NETWORK_FIELDS` one the weights cannot have). The
-    settings say, per field, the value and where it came from (`summary.json`'s `fine_tuning`)."""
+    margin and lambda (held) of `source`, except the dotted fields in `user_set` (the command
+    line's). The settings (`summary.json`'s `fine_tuning`) say where each value came from."""
     out = ml_collections.ConfigDict(config.to_dict())
     origin: dict[str, str] = {}
     for key in out.model.keys():
@@ -230,8 +223,8 @@ def make_folds(
     label: str = "JAFFE (cross-validation)",
     field: str = "config",
 ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """`{protocol: its folds}` for each protocol `config.fold_protocol` runs, in order;
-    UserError (`label`: the stage, `field`: its config section) where they cannot be made."""
+    """`{protocol: its folds}` for each protocol `config.fold_protocol` runs, or a UserError
+    (`label`: the stage, `field`: its config section)."""
     made = {}
     for protocol in folds_module.protocols_of(config.fold_protocol):
         try:
@@ -254,8 +247,7 @@ def fold_plan_lines(
     config: ml_collections.ConfigDict,
     protocol: str | None = None,
 ) -> list[str]:
-    """The folds of `protocol` (default `config.fold_protocol`): each one's training and test
-    sizes, test images per class, test subjects."""
+    """Each fold's training and test sizes, test images per class and subjects."""
     labels, subjects = np.asarray(labels), np.asarray(subjects)
     lines = [
         f"fold plan: {len(folds)} folds ({protocol or config.fold_protocol}, seed {config.seed}) "
@@ -270,24 +262,16 @@ def fold_plan_lines(
     return lines
 
 
-def _saved_protocol(workdir: str) -> str | None:
-    """The `fold_protocol` of the cross-validation config saved in `workdir`; None if none."""
-    try:
-        saved = evaluate.read_json(os.path.join(workdir, run_config.CONFIG_FILE))
-    except (OSError, ValueError):
-        return None  # run_config.save_or_compare says what is wrong with it
-    protocol = saved.get("fold_protocol") if isinstance(saved, dict) else None
-    return protocol if isinstance(protocol, str) else None
-
-
 def check_layout(workdir: str, choice: str, field: str = "config") -> None:
-    """UserError where `workdir` holds the other layout than `config.fold_protocol=choice`
-    runs: one protocol's folds in `fold_<k>/` against both protocols' in `random/` and
-    `subject/` (`field`: the config section, for the message). Nothing is moved."""
+    """UserError where `workdir` holds the other layout than `fold_protocol=choice` runs: one
+    protocol's folds in `fold_<k>/`, or both protocols' in `random/` and `subject/`."""
     path = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(path):
         return
-    saved = _saved_protocol(path)
+    # Unreadable: run_config.save_or_compare says what is wrong with it.
+    saved = evaluate.read_json(os.path.join(path, run_config.CONFIG_FILE), check=False)
+    saved = saved.get("fold_protocol") if isinstance(saved, dict) else None
+    saved = saved if isinstance(saved, str) else None
     names = os.listdir(path)
     one = saved in folds_module.PROTOCOLS or (
         saved is None and any(n.startswith("fold_") for n in names)
@@ -320,9 +304,9 @@ def run(
     allow_config_changes: bool = False,
     field: str = "config",
 ) -> dict[str, Any]:
-    """Runs (or resumes) every fold of `config` in `workdir` (with 'both' protocols, each in
-    its sub-workdir), fine-tuning `config.init_from` as `fine_tuning_config` says; returns the
-    summary. `field`: where the config sits in the user's (`config.jaffe` after training)."""
+    """Runs (or resumes) every fold of `config` in `workdir` (each protocol of 'both' in its
+    subdirectory), fine-tuning `config.init_from`; returns the summary. `field`: where the
+    config sits in the user's."""
     config, settings = fine_tuning_config(config, read_source(config.init_from), user_set)
     for line in settings_lines(settings, config):
         logging.info("%s", line)
@@ -373,8 +357,8 @@ def _run_protocol(
     folds: Sequence[tuple[np.ndarray, np.ndarray]],
     workdir: str,
 ) -> dict[str, Any]:
-    """Runs (or resumes) the folds of one protocol (`config.fold_protocol`) in `workdir`
-    (`fold_<k>/` each), writes its `confusion.png`; returns its figures."""
+    """Runs (or resumes) the folds of one protocol in `workdir/fold_<k>/`, writes its
+    `confusion.png`; returns its figures."""
     is_main = jax.process_index() == 0  # every process trains; process 0 writes the reports
     images, labels = arrays["image"], arrays["label"]
     protocol = config.fold_protocol
@@ -419,7 +403,6 @@ def _run_protocol(
 
 
 def _figures_line(summary: Mapping[str, Any]) -> str:
-    """Mean ± std, each fold, mean class recall and per-class recall of one protocol."""
     pooled = summary["pooled"]
     folds = ", ".join(f"{100 * a:.2f}" for a in summary["fold_accuracy"])
     recall = ", ".join(
@@ -433,8 +416,7 @@ def _figures_line(summary: Mapping[str, Any]) -> str:
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
-    """The summary in words: mean ± std, each fold, per-class recall, the pooled matrix (with
-    several protocols, side by side)."""
+    """The summary in words: mean ± std, each fold, per-class recall, the pooled matrices."""
     by_protocol = summary.get("protocols") or {summary["protocol"]: summary}
     if len(by_protocol) == 1:
         (protocol, only), *_ = by_protocol.items()
@@ -469,7 +451,7 @@ def train_then_cross_validate(
     user_set: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Trains `config`, then (`config.cross_validate`) cross-validates the selected model in
-    `workdir/cross_validation` (`user_set`'s `jaffe.*` fields for it); returns `results.json`."""
+    `workdir/cross_validation`; returns `results.json`."""
     results = train_and_evaluate(config, workdir, allow_config_changes=allow_config_changes)
     if config.get("cross_validate"):
         cv_config = config_from_parent(config, workdir)

@@ -1,8 +1,8 @@
 """Before any work: can every stage of a run have its data? And what `--mode=check` prints.
 
-`check` finds each stage's data (a built TFDS dataset in `data_dir`, or the downloaded files in
-`manual_dir`) by name, without reading it, and raises a one-line `UserError` naming what is
-missing and the ways out; `describe` is `--mode=check`'s report (docs/runs_and_failures.md).
+`check` finds each stage's data (a built TFDS dataset or the downloaded files) by name, without
+reading it, or raises a one-line `UserError` naming what is missing and the ways out;
+`describe` is `--mode=check`'s report (docs/runs_and_failures.md).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import fer2013_csv, files, jaffe_files
+from fer_jax.training import input_data
 from fer_jax.user_errors import UserError
 
 NAMES = {"fer2013": "FER2013", "jaffe": "JAFFE", "synthetic": "synthetic data"}
@@ -99,12 +100,8 @@ def check(
     *,
     count: bool = False,
 ) -> list[Found]:
-    """Finds every stage's data (see the module docstring); `count`: FER2013's rows too.
-
-    Raises:
-      UserError: one line naming the missing input and the ways out.
-      DataError: a JAFFE photo whose name does not parse.
-    """
+    """Finds every stage's data (`count`: FER2013's rows too); UserError where it is missing,
+    DataError for a JAFFE photo whose name does not parse."""
     found = []
     for stage in stages(config, mode, workdir, split):
         if stage.config.get("input_pipeline") == "tf_data":
@@ -120,9 +117,8 @@ def find(stage: Stage, *, count: bool = False) -> Found:
     if config.dataset == "synthetic":
         sizes = {s: int(config.synthetic[s]) for s in stage.splits}
         return Found(stage, "synthetic", f"generated from {stage.field}.seed", sizes)
-    source = config.get("data_source", "tfds")
+    source, data_dir = input_data.data_source(config), input_data.data_dir(config)
     manual = os.path.expanduser(config.manual_dir) if config.manual_dir else ""
-    data_dir = os.path.expanduser(config.data_dir or "~/tensorflow_datasets")
     if source == "tfds":
         _need_tfds(stage, "data_source 'tfds'", "--config.data_source=files")
         built = built_tfds(config.dataset, data_dir)
@@ -138,8 +134,7 @@ def find(stage: Stage, *, count: bool = False) -> Found:
 
 
 def built_tfds(name: str, data_dir: str) -> pathlib.Path | None:
-    """`<data_dir>/<name>/<version>` if TFDS has built `name` there (as `is_prepared` sees it:
-    `dataset_info.json` and `features.json` in the builder's version folder), else None."""
+    """`<data_dir>/<name>/<version>` if TFDS has built `name` there, else None."""
     path = pathlib.Path(data_dir, name, files.TFDS_VERSIONS.get(name, ""))
     ok = all((path / f).is_file() for f in ("dataset_info.json", "features.json"))
     return path if ok else None
@@ -220,17 +215,15 @@ def _check_folds(found: Found) -> None:
 
 
 def fold_train_sizes(found: Found) -> list[int] | None:
-    """Training images of each fold (of each protocol `fold_protocol` runs), where the labels
-    and subjects are known without reading the photos (JAFFE listed by name); None otherwise."""
-    made = _folds(found, found.stage.config)
+    """Training images of each fold of JAFFE listed by name (else None)."""
+    made = _folds(found)
     return None if made is None else [len(t) for split in made[2].values() for t, _ in split]
 
 
 def _folds(
-    found: Found, config: ml_collections.ConfigDict
+    found: Found,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, list[tuple[np.ndarray, np.ndarray]]]] | None:
-    """`(labels, subjects, {protocol: its folds})` of JAFFE listed by name (else None) as
-    `config` makes them (`cross_validate.make_folds`: UserError where they cannot be made)."""
+    """`(labels, subjects, {protocol: its folds})` of JAFFE listed by name (else None)."""
     from fer_jax.training.cross_validate import make_folds
 
     if found.jaffe is None:
@@ -238,7 +231,7 @@ def _folds(
     labels = np.asarray([item.label for item in found.jaffe])
     subjects = np.asarray([item.subject for item in found.jaffe])
     stage = found.stage
-    return labels, subjects, make_folds(labels, subjects, config, stage.label, stage.field)
+    return labels, subjects, make_folds(labels, subjects, stage.config, stage.label, stage.field)
 
 
 # --mode=check: the report.
@@ -325,9 +318,7 @@ def _checkpoint_steps(directory: str) -> list[int]:
 
 
 def _folds_done(directory: str, config: ml_collections.ConfigDict, field: str) -> str:
-    """How many folds of a cross-validation workdir have their `result.json` (per protocol
-    where `config.fold_protocol` is 'both'); refuses a workdir of the other layout
-    (`cross_validate.check_layout`)."""
+    """How many folds of a cross-validation workdir have their `result.json` (per protocol)."""
     from data_pipelines import folds
     from fer_jax.training.cross_validate import check_layout
 
@@ -402,9 +393,8 @@ def describe(
     allow_config_changes: bool = False,
     user_set: Collection[str] = (),
 ) -> list[str]:
-    """`--mode=check`'s report of what `fer_jax.main --mode=mode` would run (`user_set`: the
-    fields the command line set, as `cross_validation_lines` takes them); compiles, trains
-    and writes nothing. Raises UserError (one line) where the run would fail at once."""
+    """`--mode=check`'s report of what `--mode=mode` would run, compiling, training and writing
+    nothing; UserError where the run would fail at once."""
     import jax
 
     found = check(config, mode, workdir, split, count=True)
@@ -430,17 +420,18 @@ def describe(
     return lines
 
 
-def _fold_plan_lines(config: ml_collections.ConfigDict, stage: Stage) -> list[str]:
-    """The fold plan of a stage whose images are listed by name (without reading them)."""
+def _fold_plan_lines(stage: Stage) -> list[str]:
+    """The fold plan of a stage whose images are listed by name (without reading them); the
+    folds, made from `stage.config`'s folds, seed and protocol, are those the run makes."""
     from fer_jax.training.cross_validate import fold_plan_lines
 
-    made = _folds(find(stage), config)
+    made = _folds(find(stage))
     if made is None:
-        return [f"fold plan: {_folds_text(config)}, made when the data is read"]
+        return [f"fold plan: {_folds_text(stage.config)}, made when the data is read"]
     labels, subjects, splits = made
     lines = []
     for protocol, split in splits.items():
-        lines += fold_plan_lines(split, labels, subjects, config, protocol)
+        lines += fold_plan_lines(split, labels, subjects, stage.config, protocol)
     return lines
 
 
@@ -448,8 +439,7 @@ def cross_validation_lines(
     config: ml_collections.ConfigDict, mode: str, workdir: str, user_set: Collection[str] = ()
 ) -> list[str]:
     """`--mode=check`'s report of the cross-validation stage of `mode` (none: []): the
-    fine-tuning settings (`fer_jax.training.cross_validate.fine_tuning_config`) and the fold
-    plan. Reads no image and no weights."""
+    fine-tuning settings and the fold plan, without reading images or weights."""
     from fer_jax.model import pretrained
     from fer_jax.training import cross_validate as cv_module
 
@@ -470,6 +460,6 @@ def cross_validation_lines(
         source = cv_module.read_source(cv.init_from, field)
     else:  # data_check warns that it is not there (yet)
         settings = f"fine-tuning {cv.init_from}: its settings are read from it when the run starts"
-        return [settings] + _fold_plan_lines(cv, stage)
+        return [settings] + _fold_plan_lines(stage)
     tuned, settings = cv_module.fine_tuning_config(cv, source, user_set)
-    return cv_module.settings_lines(settings, tuned) + _fold_plan_lines(tuned, stage)
+    return cv_module.settings_lines(settings, tuned) + _fold_plan_lines(stage)

@@ -1,14 +1,10 @@
 """Training and evaluation input that lives on the accelerator(s): no host pipeline per step.
 
 The uint8 training set and the evaluation splits go to the devices once. Each epoch's plan
-(`data_pipelines.plan.epoch_plan`, the same as the tf.data pipeline's) is sent per dispatch as
-small int32 arrays, and the compiled step gathers the crops on the device and runs `len(plan)`
-training steps in one call (`lax.scan`): both input modes train on exactly the same batches
-(`gather_train_batch`). A whole split is evaluated in one call (`eval_split_fn`).
-
-`DeviceInput` holds a job's compiled calls over these arrays: `train_calls` (the calls of a
-run from any step on, `dispatches`) and `evaluate` (a split's report); `tf_data_input.TfDataInput`
-is the same over tf.data pipelines.
+(`data_pipelines.plan.epoch_plan`, as the tf.data pipeline's) is sent per dispatch as small int32
+arrays; the compiled step gathers the crops on the device and runs the plan's steps in one call
+(`lax.scan`), on exactly the tf.data input's batches. A split is evaluated in one call.
+`DeviceInput` holds a job's compiled calls: `train_calls` and `evaluate`.
 """
 
 from __future__ import annotations
@@ -42,7 +38,7 @@ AFFINE_PLAN_KEYS = ("index", "affine")  # a plan with zoom or rotation: the maps
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Static facts the compiled functions need: image shape, crop, normalisation."""
+    """Static facts the compiled functions need."""
 
     height: int
     width: int
@@ -64,8 +60,8 @@ def layout_of(images_shape: tuple[int, ...], normalize: Any, crop: int, num_devi
 def _padded(
     images: np.ndarray, labels: np.ndarray, multiple: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`images (N, H, W, C) uint8`, `labels (N,)` padded with zeros to N' (a multiple of
-    `multiple`): `(N', H * W, C)` uint8, `(N',)` int32, and the `(N',)` bool mask of real rows."""
+    """Images `(N, H, W, C)` uint8 and labels zero-padded to N' (a multiple of `multiple`):
+    `(N', H * W, C)` uint8, `(N',)` int32, the `(N',)` bool mask of real rows."""
     images, labels = check_arrays(images, labels)
     n, height, width, channels = images.shape
     size = -(-n // multiple) * multiple
@@ -78,11 +74,9 @@ def _padded(
 
 @dataclasses.dataclass
 class DeviceArrays:
-    """A split on the devices. The training set (`put_train_arrays`): 'images' (N', H * W, C)
-    uint8 split over the devices along N' (N padded to a multiple of the device count),
-    'labels' (N',) int32 replicated. An evaluation split (`put_eval_arrays`): 'images'
-    (S, EB, H * W, C), 'labels' (S, EB) and 'mask' (S, EB) bool (False on padding), split over
-    the devices along EB."""
+    """A split on the devices: for training, images `(N', H * W, C)` uint8 split along N', labels
+    `(N',)` replicated; for evaluation, images `(S, EB, H * W, C)`, labels and mask `(S, EB)`,
+    split along EB."""
 
     images: Any
     labels: Any
@@ -108,9 +102,7 @@ def put_train_arrays(
 
 
 def plan_chunk(plan: dict[str, np.ndarray], start: int, length: int) -> dict[str, np.ndarray]:
-    """Steps [start, start + length) of an epoch plan as int32 arrays `(length, B)` (and
-    'affine' `(length, B, 6)`): those of `PLAN_KEYS`, or of `AFFINE_PLAN_KEYS` if it has maps;
-    and 'erase' `(length, B, 4)` if it has erasing boxes."""
+    """Steps [start, start + length) of an epoch plan as int32 arrays `(length, B, ...)`."""
     keys = AFFINE_PLAN_KEYS if "affine" in plan else PLAN_KEYS
     keys += ("erase",) if "erase" in plan else ()
     return {k: plan[k][start : start + length].astype(np.int32) for k in keys}
@@ -123,22 +115,10 @@ def gather_train_batch(
     layout: Layout,
     axis_name: str | None,
 ) -> dict[str, jax.Array]:
-    """One step's batch on this device from its shard of the training set.
-
-    Args:
-      images: (rows_per_device, H * W, C) uint8, this device's examples.
-      labels: (N',) int32, all labels.
-      row: one plan step over the global batch, `plan_chunk`'s keys: each (B,) int32 ('flip'
-        0/1), 'affine' (B, 6) int32, 'erase' (B, 4) int32.
-      layout: shapes and normalisation.
-      axis_name: the data-parallel axis, or None on one device.
-
-    Returns:
-      {'image': (B / D, c, c, C) float32, 'label': (B / D,) int32}: this device's slice of
-      the global batch (rows d * B / D ... in device order, as the tf.data pipeline would give
-      it), normalised. Each device gathers the crops of the images it holds, and one
-      `psum_scatter` hands each its slice.
-    """
+    """This device's slice `{'image': (B / D, c, c, C) float32, 'label': (B / D,) int32}` of
+    one plan step's global batch (`row`: `plan_chunk`'s keys, each `(B, ...)`), gathered from
+    its `(rows_per_device, H * W, C)` images: each device crops the images it holds, and one
+    `psum_scatter` hands each its slice (in device order, as the tf.data pipeline's)."""
     index = row["index"]
     if "affine" in row:
         pixels = affine_crop_pixels(row["affine"], layout.height, layout.width, layout.crop, jnp)
@@ -175,9 +155,8 @@ def train_chunk_fn(
     over_rows: Callable[[Callable], Callable] = lambda gather: gather,
 ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
     """`chunk(state, images, labels, plan, *, axis_name) -> (state, metrics (L,) each)`:
-    `train_step(state, batch, axis_name=...)` once per plan row, batches gathered on the
-    device (`over_rows(gather)`: as the model's plan rows hold them, `OneModel.gather`); for
-    `compile(..., split_axes=(0, None, None))`."""
+    `train_step` once per plan row on the batch gathered on the device (`over_rows`:
+    `OneModel.gather`)."""
 
     def chunk(state, images, labels, plan, *, axis_name):
         def gather(row):
@@ -218,8 +197,7 @@ def eval_split_fn(
     eval_step: Callable[..., Any], layout: Layout, crops: int = NUM_CROPS
 ) -> Callable[..., Any]:
     """`evaluate(state, images, labels, mask, *, axis_name)` -> `eval_step`'s metrics merged
-    over the whole split (`fer_jax.training.metrics.merge`), of the ten crops (`crops=10`) or
-    the centre crop alone (`crops=1`, a tenth of the compute) gathered on the device."""
+    over the split, of the ten crops or (`crops=1`) the centre one, gathered on the device."""
     pixels = ten_crop_pixel_indices(layout.height, layout.width, layout.crop)
     if crops == 1:
         pixels = pixels[CENTRE_CROP_INDEX, None]
@@ -249,9 +227,8 @@ def dispatches(
     checkpoint_every_steps: int,
 ) -> Iterator[tuple[int, int]]:
     """`(first global step, steps)` of each call: at most `steps_per_dispatch` steps, ending at
-    every epoch end and every multiple of `checkpoint_every_steps` (if > 0). A function of the
-    step alone: a resumed run makes the same calls as an uninterrupted one from there on (so it
-    ends bit-identical)."""
+    every epoch end and multiple of `checkpoint_every_steps` (if > 0). A function of the step
+    alone, so a resumed run ends bit-identical to an uninterrupted one."""
     step = start_step
     every = checkpoint_every_steps
     while step < total_steps:
@@ -263,8 +240,7 @@ def dispatches(
 
 
 def augmentation(config: ml_collections.ConfigDict) -> dict[str, float]:
-    """`epoch_plan`'s `zoom`, `rotate` and `erase` from `config.augment` (a field or section
-    absent, as in configs from before it: 0, none)."""
+    """`epoch_plan`'s `zoom`, `rotate` and `erase` from `config.augment` (absent: 0)."""
     augment = config.get("augment", {})
     return {k: float(augment.get(k, 0.0)) for k in ("zoom", "rotate", "erase")}
 
@@ -274,9 +250,8 @@ TrainCall = Callable[[TrainState], tuple[TrainState, dict[str, jax.Array]]]
 
 @dataclasses.dataclass
 class DeviceInput:
-    """The compiled calls of one training job over data on the devices: a training call runs
-    a chunk of steps (`steps_per_dispatch`), an evaluation call a whole split. Shared by
-    training and the cross-validation folds (the splits in use stay on the devices)."""
+    """The compiled calls of one training job (shared by the cross-validation folds) over data
+    on the devices: a training call runs `steps_per_dispatch` steps, an evaluation a split."""
 
     config: ml_collections.ConfigDict
     devices: OneDevice  # or `parallel.DataParallel`: the same interface
@@ -290,15 +265,14 @@ class DeviceInput:
 
     @property
     def steps_per_dispatch(self) -> int:
-        """Training steps per call: `config.steps_per_dispatch`, 0 meaning 64 on accelerators
-        and 1 on CPU (`configs/common.py`)."""
+        """`config.steps_per_dispatch`, 0 meaning 64 on accelerators and 1 on CPU."""
         if self.config.steps_per_dispatch:
             return self.config.steps_per_dispatch
         return 1 if self.devices.devices[0].platform == "cpu" else 64
 
     @property
     def compile_seconds(self) -> dict[str, float]:
-        """Seconds spent compiling so far: {'train': ..., 'eval': ...}."""
+
         return {
             "train": sum(f.compile_seconds for f in self._train_fns.values()),
             "eval": sum(f.compile_seconds for f in self._eval_fns.values()),
@@ -321,8 +295,7 @@ class DeviceInput:
         total_steps: int,
         steps_per_epoch: int,
     ) -> Iterator[tuple[int, TrainCall]]:
-        """`(steps, run)` per call from `start_step` on, where `run(state) -> (state,
-        metrics)` does `steps` optimizer steps on the batches of `epoch_plan`."""
+        """`(steps, run)` per call from `start_step` on: `run(state) -> (state, metrics)`."""
         config = self.config
         data = put_train_arrays(self.devices, images, labels, normalize=config.normalize)
         fn = self.train_fn(data.layout)
@@ -366,9 +339,8 @@ class DeviceInput:
     def evaluate(
         self, state: TrainState, images: np.ndarray, labels: np.ndarray, crops: int = NUM_CROPS
     ) -> dict[str, Any]:
-        """The report (`models.report`) of device `state` on the ten crops (`crops=10`) or
-        the centre crop alone (`crops=1`). With a moving average of the weights
-        (`config.ema_decay`) it is the average that is evaluated."""
+        """The report (`models.report`) of device `state` (its moving average, if any) on
+        the ten crops or (`crops=1`) the centre one."""
         arrays = self._arrays(images, labels)
         fn = self._eval_fns.get((arrays.layout, crops))
         if fn is None:

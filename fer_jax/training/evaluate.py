@@ -1,8 +1,5 @@
-"""Evaluation metrics from a confusion matrix, and their JSON/PNG reports.
-
-The confusion matrix counts rows = true class, columns = predicted class; the paper's
-Tables 3 and 4 are its row-normalised form.
-"""
+"""Evaluation metrics from a confusion matrix (rows: true class, columns: predicted; the paper's
+Tables 3 and 4 are its row-normalised form), and their JSON/PNG reports."""
 
 from __future__ import annotations
 
@@ -61,18 +58,21 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
-def read_json(path: str) -> Any:
-    """The JSON in `path`; None if there is no such file."""
+def read_json(path: str, *, check: bool = True) -> Any:
+    """The JSON in `path`; None if there is no such file (`check=False`: or it is unreadable)."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
         return None
+    except (OSError, ValueError):
+        if check:
+            raise
+        return None
 
 
 def write_json(path: str, data: Any, *, indent: int = 2, default: Any = None) -> None:
-    """Writes JSON atomically: a reader never sees half a file. `indent`, `default`: as
-    `json.dump`'s."""
+    """Writes JSON atomically: a reader never sees half a file."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

@@ -32,13 +32,8 @@ def data_source(config: ml_collections.ConfigDict) -> str:
 
 
 def load_split_arrays(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
-    """All features of one split: 'image' (N, 48, 48, 1) uint8, 'label' (N,) int32, ...
-
-    With data_source 'tfds' and `config.manual_dir` set, builds the dataset from those files
-    first if needed; with 'files', reads them. Raises ValueError for a missing
-    `config.manual_dir` ('files'), FileNotFoundError (with the manual-download instructions) if
-    the dataset is neither built nor in `config.manual_dir`.
-    """
+    """All features of one split: 'image' (N, 48, 48, 1) uint8, 'label' (N,) int32, ...; with
+    'tfds', built from `config.manual_dir` first if needed (FileNotFoundError if it cannot be)."""
     source = data_source(config)
     if config.dataset == "synthetic":
         sizes = config.synthetic

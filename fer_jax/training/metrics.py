@@ -1,10 +1,6 @@
 """The run's metrics, accumulated with `clu.metrics`: `EvalMetrics` per evaluation batch,
-combined over batches, devices and splits by `merge` (sums of counts: the result does not depend
-on the batching) and turned into a report by `report`; `train_summaries` for training.
-
-The writers are the project's own (`fer_jax.training.summary_writer`), not
-`clu.metric_writers`: clu's writers and `clu.periodic_actions` import TensorFlow at import
-time, and training must run without it. `clu.metrics` and `clu.parameter_overview` do not.
+combined by `merge` (sums of counts, whatever the batching) into a `report`; `train_summaries`
+for training. (Not clu's writers: they import TensorFlow, which training must not need.)
 """
 
 # No `from __future__ import annotations`: clu reads the collections' annotations as classes.
@@ -63,16 +59,14 @@ def eval_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> EvalM
 
 
 def merge(total: Any, new: Any) -> Any:
-    """`total` and `new` combined: collections (or dicts of them; stacked collections merge
-    element-wise) by `merge`."""
+    """`total` and `new` (collections, or dicts of them) combined by `merge`."""
     if isinstance(total, Mapping):
         return {name: merge(total[name], new[name]) for name in total}
     return total.merge(new)
 
 
 def report(totals: EvalMetrics, num_examples: int) -> dict[str, Any]:
-    """The report (`evaluate.metrics_from_confusion`) of a split's host-side totals, checking
-    that all `num_examples` were counted."""
+    """The report of a split's host-side totals, checking all `num_examples` were counted."""
     counted = int(np.ravel(totals.loss.count)[0])
     if counted != num_examples:
         raise RuntimeError(f"evaluated {counted} examples, expected {num_examples}")
@@ -84,10 +78,9 @@ def report(totals: EvalMetrics, num_examples: int) -> dict[str, Any]:
 def train_summaries(
     history: Sequence[Mapping[str, Any]], num_replicas: int, step: int
 ) -> list[dict[str, float]]:
-    """Per replica, the means of the training metrics over `history` (one dict per dispatch
-    ending at global step `step`: scalars, or arrays with a leading step axis; with replicas a
-    trailing replica axis), as `train_<name>` scalars. A non-finite loss raises
-    `FloatingPointError` naming its step (and replica): the run stops before saving it."""
+    """Per model, the means of the training metrics over `history` (a dict per dispatch up to
+    global step `step`: `(steps[, K])` arrays) as `train_<name>` scalars. A non-finite loss
+    raises `FloatingPointError` naming its step: the run stops before saving it."""
     stacked = jax.device_get(list(history))
     k = num_replicas
     per_step = {  # (steps, K) float32

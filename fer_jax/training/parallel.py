@@ -1,16 +1,9 @@
 """Data parallelism: a layer over `step.OneDevice` (same interface), chosen where a job sees
-more than one device. One per-device step function, compiled data-parallel over many.
-
-Modes (`config.parallelism`):
-- 'shard_map' (the default): `jax.jit(jax.shard_map(step))` over a 1-D mesh named 'data';
-  the state is replicated, the batch `(B, ...)` is split along its first axis. JAX has put
-  `pmap` in maintenance mode and recommends this for new code.
-- 'pmap': `jax.pmap(step)` over the named axis 'data'; the state carries a leading device
-  axis and the batch is shaped `(devices, B / devices, ...)`.
-With a single device both compile to a plain `jax.jit(step)` without collectives, so one
-device trains exactly the same program whatever the mode. Step functions take an
-`axis_name` keyword (None or 'data') for their collectives (gradient and metric averaging,
-cross-device BatchNorm).
+more than one device. `config.parallelism`: 'shard_map' (the default, as JAX recommends:
+`jax.jit(jax.shard_map(step))` over a 1-D mesh 'data', the state replicated, batches split
+along axis 0) or 'pmap' (a leading device axis on the state, batches `(devices, B / devices,
+...)`). One device compiles a plain `jax.jit(step)` in either mode. Step functions take an
+`axis_name` keyword (None or 'data') for their collectives.
 """
 
 from __future__ import annotations
@@ -36,8 +29,7 @@ def _spec(split_axis: int | None) -> P:
 
 
 class DataParallel(OneDevice):
-    """Compiles step functions for `mode` over `devices` and places state and batches (on one
-    device: as `OneDevice`)."""
+    """Compiles step functions for `mode` over `devices` and places state and batches."""
 
     def __init__(self, mode: str, devices: list[jax.Device] | None = None):
         self.mode = mode
@@ -59,13 +51,9 @@ class DataParallel(OneDevice):
         donate_state: bool = True,
         replicated_out: int = 2,
     ) -> Compiled:
-        """`step(state, *data, *, axis_name)` -> compiled `fn(state, *data)`.
-
-        `split_axes[i]` is the axis along which data argument i is split over the devices
-        (None: replicated); place data with `place(x, split_axes[i])` (or `shard_batch` for a
-        pipeline batch, split along 0). Outputs must be replicated across devices (averaged or
-        summed with collectives).
-        """
+        """`step(state, *data, *, axis_name)` -> compiled `fn(state, *data)`, data argument i
+        split over the devices along `split_axes[i]` (None: replicated; `place`); outputs must
+        be replicated (reduced with collectives)."""
         if self.num_devices == 1:
             return super().compile(step, donate_state=donate_state)
         donate = (0,) if donate_state else ()
@@ -87,11 +75,7 @@ class DataParallel(OneDevice):
         return Compiled(jax.jit(mapped, donate_argnums=donate, compiler_options=options))
 
     def replicate(self, tree: Any) -> Any:
-        """Host or device pytree -> a fresh copy in the layout compiled steps take.
-
-        Always a copy: the compiled train step donates its state, which must not delete the
-        caller's arrays.
-        """
+        """Host or device pytree -> a fresh copy (the step donates it) in the steps' layout."""
         if self.num_devices == 1:
             return super().replicate(tree)
         tree = jax.device_get(tree)
@@ -112,12 +96,8 @@ class DataParallel(OneDevice):
         return jax.device_get(tree)
 
     def place(self, tree: Any, split_axis: int | None) -> Any:
-        """Host numpy pytree -> device arrays, split over the devices along `split_axis`
-        (None: a replicated copy on each), in the layout `compile`'s functions take.
-
-        Under pmap the split axis becomes a leading device axis. With several processes every
-        process passes the same global arrays and contributes the slice of its own devices.
-        """
+        """Host numpy pytree -> device arrays split along `split_axis` (None: replicated; pmap:
+        a leading device axis). Every process passes the same global arrays."""
         if split_axis is None or self.num_devices == 1:
             return self.replicate(tree)
         if self.mode == "pmap":
@@ -142,8 +122,7 @@ class DataParallel(OneDevice):
         return jax.make_array_from_process_local_data(sharding, part, x.shape)
 
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host batch from a pipeline -> device arrays split over the devices (axis 0; under
-        pmap the pipeline already made it device-major)."""
+        """A pipeline's host batch -> device arrays split along axis 0 (pmap: device-major)."""
         if self.num_devices == 1:
             return self.replicate(batch)
         sharding = NamedSharding(self.mesh, P(AXIS))

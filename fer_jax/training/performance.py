@@ -17,11 +17,8 @@ from fer_jax.training import config_schema
 
 
 class Timer:
-    """Splits the loop's wall clock into training, evaluation and the rest (compiles, saves).
-
-    Training time runs from `resume` to `pause` (which waits for the dispatched steps), less
-    the compiles inside; evaluation time is that of `job.evaluate`, less its compiles.
-    """
+    """Training time runs from `resume` to `pause` (which waits for the steps), evaluation
+    time over `job.evaluate`, each less its compiles."""
 
     def __init__(self, job: Any):
         self.job = job  # `fer_jax.training.train.Job`
@@ -58,8 +55,7 @@ class Timer:
     def performance(
         self, config: ml_collections.ConfigDict, steps_per_epoch: int, wall_seconds: float
     ) -> dict[str, Any]:
-        """The speed figures of `results.json`'s 'performance' (README: Speed); images
-        are counted over all the models trained (aggregate throughput)."""
+        """`results.json`'s 'performance'; images counted over all the models trained."""
         num_models = self.job.models.count
         images = self.steps * config.batch_size * num_models
         train_ips = images / self.train_seconds if self.train_seconds > 0 else None

@@ -2,20 +2,15 @@
 
 A layer over the plain step (`fer_jax.training.step`), chosen where `config.replicas = K > 1`:
 `Replicas` has `step.OneModel`'s interface. Every leaf of the train state carries a leading
-replica axis `(K, ...)` and the train and eval steps are mapped over it (`map_over`: `jax.vmap`
-or unrolled; inside the data parallelism: replica axis x data axis). Replica k has its own
-seed (initialisation, data order, dropout): `config.seed + k`, unless `config.replica_seeds`
-lists the K seeds. Its scalar hyperparameters may differ too: `config.replica_overrides` lists
-K dicts of the `OVERRIDABLE` fields, which the state carries as arrays
-(`ReplicaState.hparams`), so they change values but not the program: each replica's optimizer
-and schedules are built from them inside the step (`step.create_recipe`), where a plain run builds
-them once from the config. What each field may hold is `fer_jax.training.config_schema`'s to
-check.
+replica axis `(K, ...)` and the steps are mapped over it (`map_over`: `jax.vmap` or unrolled).
+Replica k has its own seed (`config.seed + k`, or `config.replica_seeds[k]`) and may override
+the `OVERRIDABLE` scalars (`config.replica_overrides[k]`), which the state carries as arrays
+(`ReplicaState.hparams`): each replica's optimizer and schedules are built from them inside the
+step, where a plain run builds them once.
 
-The host side of a replica run is here too: its reports (`report`: each replica's and the
-ensemble's), checkpoints (`Checkpoints`: the best of each replica), writers (`RunWriters`: one
-TensorBoard run and report directory per replica) and `results` (`results.json`, whose layout,
-one entry per replica, is every run's).
+The host side of a replica run is here too: its reports, checkpoints (`Checkpoints`: the best
+of each replica), writers (`RunWriters`: a TensorBoard run and report directory per replica)
+and `results` (`results.json`, whose layout, one entry per replica, is every run's).
 """
 
 from __future__ import annotations
@@ -36,8 +31,8 @@ from absl import logging
 from fer_jax.model.resnet import ResNet18, matmul_bf16
 from fer_jax.training import checkpoint, evaluate, metrics, run_writers
 from fer_jax.training import step as plain
+from fer_jax.training.checkpoint import stack, take
 from fer_jax.training.metrics import EvalMetrics, eval_metrics
-from fer_jax.training.summary_writer import SummaryWriter
 
 # Config fields a replica may override: scalars the step takes as traced arrays.
 OVERRIDABLE = (
@@ -96,16 +91,14 @@ MAPS = ("vmap", "unroll")
 
 
 def map_kind(config: ml_collections.ConfigDict, platform: str) -> str:
-    """How the steps run over replicas (`config.replica_map`, '' = per platform): 'vmap' (one
-    batched program: fills an accelerator) or 'unroll' (K copies of the step in one program:
-    XLA:CPU runs vmapped, i.e. grouped, convolutions 2-3x slower than K plain ones)."""
+    """`config.replica_map`, '' meaning 'vmap' (fills an accelerator) or on CPU 'unroll' (K
+    copies of the step: XLA:CPU runs grouped convolutions 2-3x slower than K plain ones)."""
     return config.get("replica_map", "") or ("unroll" if platform == "cpu" else "vmap")
 
 
 def map_over(fn: Callable[..., Any], kind: str, in_axes: tuple[int | None, ...]) -> Callable:
-    """`jax.vmap(fn, in_axes)` ('vmap'), or the same function unrolled ('unroll'): `fn` called
-    once per replica on slice k of the mapped arguments, outputs stacked. K is the leading
-    size of the first mapped argument's leaves."""
+    """`jax.vmap(fn, in_axes)` ('vmap'), or unrolled ('unroll'): `fn` once per slice k of the
+    mapped arguments, outputs stacked."""
     if kind == "vmap":
         return jax.vmap(fn, in_axes=in_axes)
 
@@ -126,16 +119,6 @@ def map_over(fn: Callable[..., Any], kind: str, in_axes: tuple[int | None, ...])
     return unrolled
 
 
-def stack(trees: Sequence[Any]) -> Any:
-    """K host pytrees -> one with a leading replica axis `(K, ...)` on every leaf."""
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
-
-
-def take(tree: Any, k: int) -> Any:
-    """Replica k of a stacked host pytree."""
-    return jax.tree.map(lambda x: np.asarray(x)[k], tree)
-
-
 def stack_plans(plans: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """K epoch plans (`(S, B)` arrays) -> one `(S, K, B)` plan, step-major like one's."""
     return {key: np.stack([plan[key] for plan in plans], axis=1) for key in plans[0]}
@@ -143,9 +126,9 @@ def stack_plans(plans: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarr
 
 @flax.struct.dataclass
 class ReplicaState(plain.TrainState):
-    """A replica's `TrainState` (stacked: K of them) with its `OVERRIDABLE` values as float32
-    arrays (`hparams`, not checkpointed) and the static `recipe_of(hparams) -> Recipe`
-    (`recipe` is None outside the step)."""
+    """K stacked `TrainState`s with their `OVERRIDABLE` values as float32 arrays (`hparams`,
+    not checkpointed) and the static `recipe_of(hparams) -> Recipe` (`recipe`: None outside
+    the step)."""
 
     hparams: dict[str, jax.Array]
     recipe_of: Callable[[dict[str, jax.Array]], plain.Recipe] = flax.struct.field(pytree_node=False)
@@ -154,8 +137,7 @@ class ReplicaState(plain.TrainState):
 def create_train_state(
     config: ml_collections.ConfigDict, model: ResNet18, steps_per_epoch: int
 ) -> ReplicaState:
-    """K fresh states (`replica_configs`: own seeds and hyperparameters), each exactly as a
-    plain run of its config would start, stacked along a leading replica axis."""
+    """K fresh states (`replica_configs`), each as a plain run of its config starts, stacked."""
     configs = replica_configs(config)
     parts = plain.optimizer_parts(configs)
     recipe_of = functools.partial(plain.create_recipe, config, steps_per_epoch, parts=parts)
@@ -167,8 +149,7 @@ def create_train_state(
 
 
 def _replica_train_step(state: ReplicaState, batch, *, config, axis_name):
-    """`step.train_step` of one replica (a slice of the stacked state), its recipe built from
-    its `hparams` inside the trace."""
+    """`step.train_step` of one replica, its recipe built from its `hparams` in the trace."""
     one = state.replace(recipe=state.recipe_of(state.hparams))
     new, metrics = plain.train_step(one, batch, config=config, axis_name=axis_name)
     return new.replace(recipe=None), metrics
@@ -181,9 +162,8 @@ def replica_eval_step(
     axis_name: str | None,
     replica_map: str = "vmap",
 ) -> dict[str, EvalMetrics]:
-    """`step.eval_step` of a stacked `(K, ...)` state: 'replicas', each replica's `EvalMetrics`
-    (stacked, leading axis K), and 'ensemble', those of the K replicas' probabilities
-    averaged. `replica_map`: `map_over`'s kind."""
+    """`step.eval_step` of a stacked state: 'replicas', each replica's `EvalMetrics` (stacked),
+    and 'ensemble', those of the replicas' mean probabilities."""
     logits = map_over(plain.tencrop_logits, replica_map, (0, None))(state, batch["image"])
     each = jax.vmap(eval_metrics, in_axes=(0, None, None))(logits, batch["label"], batch["mask"])
     probs = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
@@ -197,8 +177,7 @@ def replica_eval_step(
 
 @dataclasses.dataclass(frozen=True)
 class Replicas:
-    """`step.OneModel`'s interface for K replicas: stacked states, steps mapped over them,
-    batches and epoch plans with a replica axis (`(K, B, ...)`, plans `(S, K, B)`)."""
+    """`step.OneModel`'s interface for K replicas: batches `(K, B, ...)`, plans `(S, K, B)`."""
 
     config: ml_collections.ConfigDict
     platform: str
@@ -209,7 +188,6 @@ class Replicas:
 
     @property
     def map_kind(self) -> str:
-        """'vmap' or 'unroll' (`map_kind`)."""
         return map_kind(self.config, self.platform)
 
     def create_state(self, model: ResNet18, steps_per_epoch: int) -> ReplicaState:
@@ -228,22 +206,18 @@ class Replicas:
         return functools.partial(replica_eval_step, replica_map=self.map_kind)
 
     def gather(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """One batch per replica from plan rows `(K, B)`."""
         return jax.vmap(fn)
 
     def epoch_plan(self, plan_of: Callable[[int], dict[str, np.ndarray]]):
-        """Each replica's plan (`plan_of(seed)`), stacked step-major: `(S, K, B)`."""
         return stack_plans([plan_of(seed) for seed in seeds(self.config)])
 
     def batches(self, stream_of: Callable[[int], Any]) -> Any:
-        """One batch per replica (`stream_of(seed)`), stacked: `(K, B, ...)`."""
         streams = [stream_of(seed) for seed in seeds(self.config)]
         return (stack(batch) for batch in zip(*streams, strict=True))
 
     @staticmethod
     def report(totals: Mapping[str, EvalMetrics], num_examples: int) -> dict[str, Any]:
-        """`metrics.report` of `replica_eval_step`'s totals: `{'replicas': [report of each],
-        'ensemble': report}`."""
+        """`{'replicas': [report of each], 'ensemble': report}` of `replica_eval_step`'s."""
         each, k = totals["replicas"], np.shape(totals["replicas"].loss.count)[0]
         return {
             "replicas": [metrics.report(take(each, i), num_examples) for i in range(k)],
@@ -269,17 +243,13 @@ def named_reports(name: str, report: dict[str, Any], suffix: str = "") -> dict[s
 
 
 class Checkpoints(checkpoint.Checkpoints):
-    """A replica run's checkpoints: the stacked state with `meta['replicas'] = K`; the best
-    holds each replica as it was at its own best select-split accuracy
-    (`meta['select_accuracy']`, `['replica_steps']`, `['replica_epochs']`: lists of K)."""
+    """A replica run's checkpoints: the best holds each replica at its own best select-split
+    accuracy (`meta['select_accuracy']`, `['replica_steps']`, `['replica_epochs']`: K each)."""
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
         super().__init__(workdir, config)
         self.best_accuracy = np.resize(self.best_accuracy, self.replicas)
         self._best_state: Any = None  # the best state, read back when first needed
-
-    def _meta(self, step: int, meta: dict[str, Any]) -> dict[str, Any]:
-        return {**super()._meta(step, meta), "replicas": self.replicas}
 
     def maybe_save_best(self, step: int, state: Any, meta: dict[str, Any], report: dict) -> None:
         """Each replica whose accuracy in `report` beats its best so far replaces its slice of
@@ -290,12 +260,13 @@ class Checkpoints(checkpoint.Checkpoints):
             return
         self.best_accuracy = np.where(improved, accuracy, self.best_accuracy)
         if not improved.all():
-            previous = self._previous_best(state)
+            if self._best_state is None:  # after a resume: read back once
+                self._best_state = self.restore_best(state)
 
             def merge(new, old):
                 return np.where(improved.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, old)
 
-            state = jax.tree.map(merge, state, previous)
+            state = jax.tree.map(merge, state, self._best_state)
         old, k = self.best_meta, self.replicas
         steps = old.get("replica_steps", [step] * k)
         epochs = old.get("replica_epochs", [meta["epoch"]] * k)
@@ -310,24 +281,16 @@ class Checkpoints(checkpoint.Checkpoints):
         self._best_state, self.best_meta = state, meta
         self._save(self.best, step, state, meta)
 
-    def _previous_best(self, template: Any) -> Any:
-        """The best state saved so far, read back once after a resume."""
-        if self._best_state is None and self.best_meta:
-            step = self.best.latest_step()
-            tree, _ = checkpoint._restore_step(self.best, step)
-            self._best_state = checkpoint._from_tree(template, tree, f"best checkpoint {step}")
-        return self._best_state
-
 
 class RunWriters(run_writers.RunWriters):
-    """A replica run's writers: one TensorBoard run and report directory per replica
-    (`workdir/replica_<k>`, `workdir/eval/replica_<k>`: its curves, hparams and reports)
-    beside the main writer (hparams, the ensemble's accuracy, performance)."""
+    """A replica run's writers: a TensorBoard run and report directory per replica
+    (`workdir/replica_<k>`, `workdir/eval/replica_<k>`) beside the main writer."""
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, enabled: bool):
         super().__init__(workdir, config, enabled=enabled)
         self.dirs = [f"replica_{k}" for k in range(count(config))]
-        self.curves = [SummaryWriter(os.path.join(workdir, d), enabled=enabled) for d in self.dirs]
+        writer = run_writers.SummaryWriter
+        self.curves = [writer(os.path.join(workdir, d), enabled=enabled) for d in self.dirs]
         self.writers = [self.main, *self.curves]
 
     def write_start(self, params: Any) -> None:
@@ -384,10 +347,9 @@ def results(
     *,
     centre: dict[str, Any],
 ) -> dict[str, Any]:
-    """`results.json` of any run: the report split's ten-crop metrics of the model chosen on
-    the select split (with replicas: of the replica that scored best there), its centre-crop
-    metrics ('centre_crop', from `centre`), and per replica (one for a plain run), their mean,
-    standard deviation (ddof=1; None for one) and the ensemble's accuracy."""
+    """`results.json` of any run: the report split's ten-crop and ('centre_crop') centre-crop
+    metrics of the model chosen on the select split, and per replica (one for a plain run),
+    their mean, standard deviation (ddof=1; None for one) and the ensemble's accuracy."""
     per = per_replica(report)
     chosen, picked = checkpoint.chosen_replica(best.meta), selections(best)
     entries = [

@@ -1,9 +1,8 @@
 """The run's config, kept in `workdir/config.json`: a resume must train the same recipe.
 
-The first start writes it; a later start refuses, with a `UserError` listing each field as
-`old -> new`, a config whose result-changing fields (all but `RESULT_NEUTRAL`) differ, unless
-`allow_changes` (`--allow_config_changes`: logged, and trained on). Either way `config.json`
-then holds the new config (written by process 0, atomically; every process compares).
+The first start writes it; a later start refuses (a `UserError` listing `old -> new`) a config
+whose result-changing fields (all but `RESULT_NEUTRAL`) differ, unless `allow_changes`
+(`--allow_config_changes`). Then `config.json` holds the new config (written by process 0).
 """
 
 from __future__ import annotations
@@ -51,8 +50,7 @@ ADDED_FIELDS = {
 
 
 def changes_result(path: str) -> bool:
-    """Whether the field at dotted `path` (e.g. 'model.width', 'jaffe.log_every_steps')
-    changes the trained result."""
+    """Whether the field at dotted `path` ('model.width') changes the trained result."""
     section, _, name = path.rpartition(".")
     return not (section in NEUTRAL_SECTIONS and name in RESULT_NEUTRAL)
 
@@ -66,8 +64,8 @@ def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """`(dotted path, old value, new value)` of each leaf field that differs (`ABSENT` where a
-    field is in one config only), sorted by path. Both are JSON-like dicts."""
+    """`(dotted path, old value, new value)` of each leaf that differs (`ABSENT`: in one config
+    only), sorted by path."""
     before, after = dict(_leaves(old)), dict(_leaves(new))
 
     def was(path: str) -> Any:
@@ -92,12 +90,8 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def compare(
     config: ml_collections.ConfigDict, workdir: str, *, allow_changes: bool = False
 ) -> list[tuple[str, Any, Any]] | None:
-    """`differences` of `config` from the one saved in `workdir` (None: none saved).
-
-    Raises:
-      UserError: the saved one is unreadable, or a result-changing field differs; unless
-        `allow_changes`.
-    """
+    """`differences` of `config` from the one saved in `workdir` (None: none saved); unless
+    `allow_changes`, UserError where that is unreadable or a result-changing field differs."""
     path = os.path.join(workdir, CONFIG_FILE)
     try:
         old = evaluate.read_json(path)
@@ -122,9 +116,8 @@ def compare(
 def save_or_compare(
     config: ml_collections.ConfigDict, workdir: str, *, allow_changes: bool = False
 ) -> None:
-    """Writes `workdir/config.json` at a run's first start; at a later start refuses a config
-    whose result-changing fields differ from the saved one (`compare`; see the module
-    docstring) and logs those it lets through."""
+    """Writes `workdir/config.json` at a run's first start; later, `compare`s and logs the
+    changes it lets through."""
     import jax
 
     changed = compare(config, workdir, allow_changes=allow_changes)

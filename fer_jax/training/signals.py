@@ -24,7 +24,7 @@ class Interrupted(Exception):
 
 
 class StopSignal:
-    """SIGTERM or Ctrl-C (SIGINT) asks the training loop to stop after the step in flight
+    """SIGTERM or Ctrl-C asks the training loop to stop after the step in flight
     (a second one stops at once). Installed from the main thread only; `restore` puts the
     previous handlers back."""
 
@@ -50,8 +50,7 @@ class StopSignal:
         )
 
     def agreed(self) -> bool:
-        """Whether to stop now: on any process, when several train together (every one then
-        checkpoints the same step)."""
+        """Whether to stop now: a signal on any process of those training together."""
         mine = self.signum is not None
         if jax.process_count() == 1:
             return mine

@@ -1,7 +1,6 @@
 """One training step and everything it reads: the train state with its optimizer (built once),
 the learning-rate and A-Softmax lambda schedules, the pure `train_step` and `eval_step`, and
-their compilation for one device (`OneDevice`): a plain run's path, which the options wrap
-without changing it (`fer_jax.training.train.create_job`).
+their compilation for one device (`OneDevice`): a plain run's path, which the options wrap.
 """
 
 from __future__ import annotations
@@ -26,12 +25,7 @@ from fer_jax.training.metrics import EvalMetrics, eval_metrics, report
 NAMES = ("sgd", "adamw")  # config.optimizer.name
 SCHEDULES = ("step", "cosine", "constant")  # config.optimizer.schedule
 LAMBDA_UNITS = ("step", "epoch", "run")  # config.loss.lambda_per
-# lambda_per='run': the per-epoch curve of a run this long (the reference recipe's 300 epochs)
-# compressed into the run's own length, unless `loss.lambda_run_epochs` says otherwise.
-DEFAULT_LAMBDA_RUN_EPOCHS = 300.0
-
-
-# --- The optimizer and the schedules -------------------------------------------------------
+DEFAULT_LAMBDA_RUN_EPOCHS = 300.0  # lambda_per='run' without `loss.lambda_run_epochs`
 
 
 def sgd_pytorch(
@@ -40,22 +34,16 @@ def sgd_pytorch(
     momentum: Any = 0.9,
     weight_decay: Any = 5e-4,
     clip: Any = 0.1,
-    nesterov: bool = False,
 ) -> optax.GradientTransformation:
-    """`torch.optim.SGD(lr, momentum, weight_decay)` preceded by element-wise gradient clipping.
-
-    Order as in the reference training script: clip each gradient element to [-clip, clip]
-    (`clip_gradient(optimizer, 0.1)`), add `weight_decay * param` to the gradient (PyTorch's
-    coupled weight decay, on every parameter), then heavy-ball momentum `buf = m * buf + g`
-    (the first step's buffer is g, as PyTorch's) and `param -= lr * buf`. None leaves a part
-    out; a clip <= 0 passes gradients as they are (values may be traced arrays).
+    """`torch.optim.SGD(lr, momentum, weight_decay)` after the reference script's element-wise
+    clipping to [-clip, clip]: PyTorch's coupled weight decay (`g + wd * param`), then
+    heavy-ball momentum (the first buffer is g). None leaves a part out; a clip <= 0 passes
+    gradients as they are (values may be traced arrays).
     """
-    parts = []
-    if clip is not None:
-        parts.append(_clip(clip))
+    parts = [] if clip is None else [_clip(clip)]
     if weight_decay is not None:
         parts.append(optax.add_decayed_weights(weight_decay))
-    parts.append(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+    parts.append(optax.sgd(learning_rate, momentum=momentum))
     return optax.chain(*parts)
 
 
@@ -78,21 +66,16 @@ def field(config: ml_collections.ConfigDict, path: str) -> Any:
 
 
 def _value(config, values: dict[str, Any] | None, name: str) -> Any:
-    """`values[name]` where given (possibly traced), else the config's field."""
     return field(config, name) if values is None else values[name]
 
 
 def learning_rate_schedule(
     config: ml_collections.ConfigDict, steps_per_epoch: int, values: dict[str, Any] | None = None
 ) -> optax.Schedule:
-    """The learning rate as a function of the global step (config: `optimizer` section).
-
-    - 'step' (the reference recipe): `lr * decay_rate ** ((epoch - decay_start) // decay_every)`
-      once `epoch > decay_start` (0-based epochs), else `lr`: 0.01, x0.9 every 5 epochs after 80.
-    - 'cosine': cosine decay to 0 over `num_epochs`, after `warmup_epochs` of linear warmup.
-    - 'constant'.
-    `values` (dotted names, possibly traced) replace the config's rate and decay.
-    """
+    """The learning rate of the global step: 'step' (the reference recipe: `lr * decay_rate **
+    ((epoch - decay_start) // decay_every)` once `epoch > decay_start`, 0-based), 'cosine' (to 0
+    over the run after `warmup_epochs` of linear warmup) or 'constant'. `values` (dotted names,
+    possibly traced) replace the config's rate and decay."""
     opt = config.optimizer
     lr = _value(config, values, "optimizer.learning_rate")
     if opt.schedule == "step":
@@ -120,9 +103,8 @@ def learning_rate_schedule(
 
 
 def optimizer_parts(configs: list[ml_collections.ConfigDict]) -> dict[str, bool]:
-    """Which optional transformations the optimizer includes: gradient clipping, weight decay,
-    momentum, each where any of `configs` turns it on (several: runs in one program, whose values
-    may then differ without changing the optimizer state's structure)."""
+    """Which optional transformations the optimizer includes, each where any of `configs` (runs
+    in one program) turns it on: their values may then differ in one state structure."""
     opts = [c.optimizer for c in configs]
     return {
         "clip": any(o.grad_clip > 0 for o in opts),
@@ -137,11 +119,8 @@ def create_optimizer(
     values: dict[str, Any] | None = None,
     parts: dict[str, bool] | None = None,
 ) -> optax.GradientTransformation:
-    """The optimizer of `config.optimizer.name` ('sgd': `sgd_pytorch`, or 'adamw').
-
-    `values` (possibly traced) replace the config's scalars; `parts`
-    (`optimizer_parts`, default: of `config` alone) fixes the structure.
-    """
+    """The optimizer of `config.optimizer.name` ('sgd': `sgd_pytorch`, or 'adamw'); `values`
+    (possibly traced) replace the config's scalars, `parts` (`optimizer_parts`) fix its form."""
     opt = config.optimizer
     parts = parts or optimizer_parts([config])
     schedule = learning_rate_schedule(config, steps_per_epoch, values)
@@ -165,15 +144,11 @@ def lambda_schedule(
     num_epochs: int | None = None,
     values: dict[str, Any] | None = None,
 ) -> Callable[[jax.Array], jax.Array]:
-    """A-Softmax's annealed lambda as a function of the global step (config: `loss` section).
-
-    `max(lambda_min, lambda_base * (1 + lambda_gamma * t) ** -lambda_power)` (SphereFace), with
-    t counted in optimizer steps (`lambda_per='step'`, as SphereFace and its PyTorch port), in
-    epochs (`'epoch'`, t = step / steps_per_epoch, fractional), or over the run's own length
-    (`'run'`, t = lambda_run_epochs * step / (num_epochs * steps_per_epoch): the per-epoch curve
-    of a `lambda_run_epochs`-epoch run compressed into this one, so a short run ends at the
-    lambda the long recipe ends at). `values` ('loss.lambda_base', ...) replace
-    the section's constants.
+    """A-Softmax's lambda of the global step: `max(lambda_min, lambda_base * (1 + lambda_gamma *
+    t) ** -lambda_power)` (SphereFace), t counted in steps (`lambda_per='step'`), epochs
+    (`'epoch'`, fractional) or over the run (`'run'`: t = lambda_run_epochs * step / total steps,
+    so a short run ends at the lambda the long recipe ends at). `values` ('loss.lambda_base',
+    ...) replace the section's constants.
     """
     c = loss_config
     if c.lambda_per == "step":
@@ -194,13 +169,9 @@ def lambda_schedule(
     return schedule
 
 
-# --- The train state -----------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Recipe:
-    """What the step takes from the config besides the weights: the optimizer, the schedules,
-    A-Softmax's margin and the dropout rate. Built once for a run (`create_recipe`)."""
+    """What the step takes from the config besides the weights (`create_recipe`)."""
 
     tx: optax.GradientTransformation
     learning_rate: Callable[[jax.Array], jax.Array]
@@ -215,9 +186,8 @@ def create_recipe(
     values: dict[str, Any] | None = None,
     parts: dict[str, bool] | None = None,
 ) -> Recipe:
-    """The `Recipe` of `config`, from its Python values, or from traced `values` (dotted
-    names; `parts`, `optimizer_parts` of all the configs traced in one program, then fixes the
-    optimizer's structure, so every state has one shape)."""
+    """The `Recipe` of `config`, or of traced `values` (dotted names) with `parts`
+    (`optimizer_parts` of all the configs in one program)."""
     return Recipe(
         tx=create_optimizer(config, steps_per_epoch, values, parts),
         learning_rate=learning_rate_schedule(config, steps_per_epoch, values),
@@ -229,21 +199,15 @@ def create_recipe(
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a training run carries from step to step (the checkpoint's fields), and the
-    model's `apply_fn` and `recipe` (static: part of the compiled program).
-
-    `dropout_key` is the run's base key: step t uses `fold_in(dropout_key, t)` (and the device
-    index), so no key needs to be split and stored per step.
-    """
+    """What a run carries from step to step (the checkpoint's fields), and the static
+    `apply_fn` and `recipe`."""
 
     step: jax.Array  # () int32, global optimizer steps done
     params: Any
     batch_stats: Any
     opt_state: Any
-    dropout_key: jax.Array  # (2,) uint32
-    # `config.ema_decay > 0`: {'params', 'batch_stats'}, their exponential moving average
-    # (`update_ema`), which evaluation uses (`ema_view`); else None.
-    ema: Any
+    dropout_key: jax.Array  # (2,) uint32; step t uses fold_in(dropout_key, t)
+    ema: Any  # {'params', 'batch_stats'} moving average (`update_ema`), or None
     apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
     recipe: Recipe = flax.struct.field(pytree_node=False)
 
@@ -260,9 +224,8 @@ def create_model(config: ml_collections.ConfigDict, *, axis_name: str | None = N
 def init_fields(
     config: ml_collections.ConfigDict, model: ResNet18, tx: optax.GradientTransformation
 ) -> dict[str, Any]:
-    """The checkpointed fields of a fresh state from `config.seed`: random init (the paper)."""
-    # The 'rbg' generator compiles the ~100 initialisers several times faster than threefry on
-    # XLA:CPU; it is as deterministic for a given seed.
+    """The checkpointed fields of a fresh state from `config.seed`."""
+    # 'rbg' compiles the ~100 initialisers several times faster than threefry on XLA:CPU.
     init = jax.jit(functools.partial(model.init, train=False))
     variables = init(jax.random.key(config.seed, impl="rbg"), jnp.zeros((1, 44, 44, 1)))
     params = variables["params"]
@@ -279,7 +242,7 @@ def init_fields(
 def create_train_state(
     config: ml_collections.ConfigDict, model: ResNet18, steps_per_epoch: int
 ) -> TrainState:
-    """Fresh state of `config`, its optimizer and schedules built once (`create_recipe`)."""
+    """Fresh state of `config`."""
     recipe = create_recipe(config, steps_per_epoch)
     return TrainState(**init_fields(config, model, recipe.tx), apply_fn=model.apply, recipe=recipe)
 
@@ -292,9 +255,8 @@ def start_ema(config: ml_collections.ConfigDict, params: Any, batch_stats: Any) 
 
 
 def update_ema(state: TrainState, decay: float) -> Any:
-    """The average after a step: `ema <- d * ema + (1 - d) * new`, of the params and BatchNorm
-    statistics, with `d = min(decay, (1 + t) / (10 + t))` at step t (a short memory early on,
-    so an average from a random start does not linger there; timm's warm-up)."""
+    """`ema <- d * ema + (1 - d) * new` with `d = min(decay, (1 + t) / (10 + t))` at step t
+    (timm's warm-up: a random start does not linger)."""
     if state.ema is None:
         return None
     t = state.step.astype(jnp.float32)
@@ -304,14 +266,10 @@ def update_ema(state: TrainState, decay: float) -> Any:
 
 
 def ema_view(state: TrainState) -> TrainState:
-    """`state` with the moving average in place of the weights and statistics, for evaluation
-    (as is, without an average)."""
+    """`state` with the moving average (if any) in place of the weights, for evaluation."""
     if state.ema is None:
         return state
     return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
-
-
-# --- The steps -----------------------------------------------------------------------------
 
 
 def train_step(
@@ -321,11 +279,8 @@ def train_step(
     config: ml_collections.ConfigDict,
     axis_name: str | None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on `{'image': (B, 44, 44, 1) float32, 'label': (B,) int32}`.
-
-    Under data parallelism B is the per-device batch; gradients and metrics are averaged over
-    `axis_name`, and BatchNorm statistics too when they are not already global.
-    """
+    """One optimizer step on `{'image': (B, 44, 44, 1) float32, 'label': (B,) int32}` (B per
+    device; gradients, metrics and local BatchNorm statistics averaged over `axis_name`)."""
     recipe = state.recipe
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
     if axis_name is not None:
@@ -357,8 +312,7 @@ def train_step(
     metrics = {  # the training metrics, named here only: `metrics.train_summaries` averages each
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        # Mean |x| of the classifier's input: A-Softmax's failure mode is driving it to 0
-        # (logits -> 0, loss -> log K, the final ReLUs dead), which this makes visible.
+        # A-Softmax's failure mode drives the features to 0 (loss -> log K): this shows it.
         "feature_norm": jnp.mean(losses.feature_norm(features.astype(jnp.float32))),
     }
     if axis_name is not None:
@@ -380,8 +334,7 @@ def train_step(
 
 
 def tencrop_logits(state: TrainState, images: jax.Array) -> jax.Array:
-    """`(B, crops, 44, 44, 1)` -> `(B, classes)` logits, each the mean of its crops' (ten, or
-    the centre one)."""
+    """`(B, crops, 44, 44, 1)` -> `(B, classes)` logits, the mean of the crops'."""
     b, crops = images.shape[:2]
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats},
@@ -394,11 +347,8 @@ def tencrop_logits(state: TrainState, images: jax.Array) -> jax.Array:
 def eval_step(
     state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None
 ) -> EvalMetrics:
-    """Evaluation of `{'image': (B, crops, 44, 44, 1), 'label': (B,), 'mask': (B,)}`.
-
-    The logits of each image's crops (ten, or the centre one) are averaged. Returns the
-    batch's `EvalMetrics`, summed over devices.
-    """
+    """The `EvalMetrics` (summed over devices) of `{'image': (B, crops, 44, 44, 1), 'label':
+    (B,), 'mask': (B,)}`, each image's crops' logits averaged."""
     logits = tencrop_logits(state, batch["image"])
     out = eval_metrics(logits, batch["label"], batch["mask"])
     if axis_name is not None:
@@ -425,29 +375,23 @@ class OneModel:
         return eval_step
 
     def gather(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """`fn(plan_row) -> batch` for the plan rows of `epoch_plan`."""
+
         return fn
 
     def epoch_plan(self, plan_of: Callable[[int], dict[str, np.ndarray]]):
-        """The epoch's plan (`plan_of(seed)`: `data_pipelines.plan.epoch_plan`'s)."""
+
         return plan_of(self.config.seed)
 
     def batches(self, stream_of: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
-        """The training batches of a pipeline (`stream_of(seed)`: tf.data's)."""
+
         return stream_of(self.config.seed)
 
     report = staticmethod(report)  # `metrics.report` of the eval step's host-side totals
 
 
-# --- Compiling for one device --------------------------------------------------------------
-
-
 class Compiled:
-    """A jitted (or pmapped) function compiled ahead of time once per argument shape.
-
-    Calls compile explicitly (`lower(...).compile()`), so `compile_seconds` is the time spent
-    compiling (all shapes so far), kept apart from the time spent running.
-    """
+    """A jitted (or pmapped) function compiled ahead of time once per argument shape, so that
+    `compile_seconds` (all shapes so far) is kept apart from the time spent running."""
 
     def __init__(self, fn: Callable[..., Any]):
         self.fn = fn
@@ -467,20 +411,18 @@ class Compiled:
 
 
 class OneDevice:
-    """Step functions compiled for one device, and their arrays placed there
-    (`parallel.DataParallel`: the same for several)."""
+    """Step functions compiled for one device, and their arrays placed there."""
 
     axis_name = None
     num_devices = 1
-    # The input pipelines' `num_devices`: None, plain `(B, ...)` batches.
-    batch_shape_devices: int | None = None
+    batch_shape_devices: int | None = None  # the input pipelines' `num_devices`
 
     def __init__(self, device: jax.Device | None = None):
         self.devices = [device or jax.devices()[0]]
 
     def compile(self, step: Callable[..., Any], *, donate_state: bool = True, **_: Any) -> Compiled:
         """`step(state, *data, *, axis_name)` -> compiled `fn(state, *data)`, donating the
-        state; on CPU with Eigen convolutions (`fer_jax.model.conv.cpu_compiler_options`)."""
+        state (on CPU: `conv.cpu_compiler_options`)."""
         options = conv.cpu_compiler_options(self.devices[0].platform)
         fn = functools.partial(step, axis_name=None)
         donate = (0,) if donate_state else ()

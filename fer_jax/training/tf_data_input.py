@@ -16,8 +16,7 @@ from fer_jax.training.step import OneDevice, TrainState, ema_view
 
 
 def prefetch(devices: OneDevice, batches: Iterator[Any], split_axis: int, size: int = 2):
-    """Puts the next `size` batches on the devices ahead of use (transfers overlap compute),
-    split along `split_axis` (pipeline batches: 0, `shard_batch`)."""
+    """The batches, each put on the devices (split along `split_axis`) `size` ahead of use."""
     queue: list[Any] = []
     for batch in batches:
         on_device = (
@@ -43,8 +42,7 @@ class TfDataInput(DeviceInput):
         total_steps: int,
         steps_per_epoch: int,
     ) -> Iterator[tuple[int, TrainCall]]:
-        """`(1, run)` per step from `start_step` on; with K models a batch per model, from its
-        own seed, stacked `(K, B, ...)`."""
+        """`(1, run)` per step from `start_step` on."""
         import data_pipelines
 
         config = self.config

@@ -1,22 +1,14 @@
-"""A whole training job, read top to bottom (in the style of flax/examples/imagenet and
-big_vision): `train_and_evaluate(config, workdir)` loads the splits, `fit`s (resuming from the
-checkpoints in `workdir` after any interruption), then evaluates the model chosen on the select
-split on the report split (ten-crop and centre crop) and writes `results.json`;
-`evaluate_checkpoint` is a trained model's report on one split (`fer_jax.main --mode=evaluate`).
+"""A whole training job, read top to bottom (as flax/examples/imagenet and big_vision):
+`train_and_evaluate(config, workdir)` loads the splits, `fit`s (resuming from `workdir`), then
+evaluates the model chosen on the select split on the report split and writes `results.json`;
+`evaluate_checkpoint` is `fer_jax.main --mode=evaluate`.
 
-`create_job` makes the one choice of the options: one device or data-parallel
-(`parallel.DataParallel`), one model or K replicas (`replicas.Replicas`), the data on the devices
-(`device_input.DeviceInput`) or tf.data (`tf_data_input.TfDataInput`). A plain run is
-`step.OneDevice`, `step.OneModel` and `DeviceInput`: its step is `step.train_step`, jitted by
-`OneDevice.compile`, over the batches `device_input` gathers on the device.
-
-`fit` runs the compiled calls and hands each one's result to a few named actions, in the
-spirit of `clu.periodic_actions`:
-- `TrainLog`: training curves and the progress line (every `log_every_steps`, each epoch);
-- `Selection`: evaluation on the select split (each `eval_every_epochs`, and the last epoch);
-- `Saving`: checkpoints (each `checkpoint_every_epochs` / `_steps`, the last step, before a
-  stop) and the best by the select split's accuracy;
-- `signals.StopSignal`: SIGTERM or Ctrl-C checkpoints the step in flight, then stops.
+`create_job` makes the one choice of the options: data parallelism (`parallel.DataParallel`),
+K replicas (`replicas.Replicas`), tf.data (`tf_data_input.TfDataInput`). A plain run is
+`step.OneDevice`, `step.OneModel` and `DeviceInput`: `step.train_step`, jitted, over the
+batches `device_input` gathers on the device. `fit` hands each compiled call's result to a few
+actions, in the spirit of `clu.periodic_actions`: `TrainLog`, `Selection`, `Saving` and
+`signals.StopSignal` (SIGTERM or Ctrl-C checkpoints the step in flight, then stops).
 """
 
 from __future__ import annotations
@@ -54,8 +46,8 @@ Job = DeviceInput | tf_data_input.TfDataInput
 
 
 def create_job(config: ml_collections.ConfigDict) -> Job:
-    """The compiled calls of one training job (shared by training and the CV folds): the
-    options are chosen here and only here (module docstring)."""
+    """The compiled calls of one training job (shared by the CV folds): the options are
+    chosen here and only here."""
     if jax.device_count() == 1:
         devices = OneDevice()
     else:
@@ -71,7 +63,7 @@ def create_job(config: ml_collections.ConfigDict) -> Job:
         models = OneModel(config)
     else:
         models = replicas.Replicas(config, devices.devices[0].platform)
-    if config_schema.input_pipeline(config) == "tf_data":
+    if config.get("input_pipeline") == "tf_data":
         return tf_data_input.TfDataInput(config, devices, model, models)
     return DeviceInput(config, devices, model, models)
 
@@ -79,15 +71,12 @@ def create_job(config: ml_collections.ConfigDict) -> Job:
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, allow_config_changes: bool = False
 ) -> dict[str, Any]:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one, and
+    returns `results.json`'s summary (the selected model's `config.report_split` metrics).
 
-    Validates `config` first (`config_schema.validate`: a `UserError` naming the field) and,
-    in a single process, keeps XLA:CPU's scratch memory mapped (`fer_jax.host_memory`; both
-    harmless when already done). Writes TensorBoard events, per-evaluation JSON metrics and
-    confusion-matrix PNGs, and Orbax checkpoints (latest few + best by `config.select_split`
-    accuracy). Returns the final summary (also `workdir/results.json`): the selected model's
-    `config.report_split` metrics, and where it came from. (The JAFFE cross-validation that
-    may follow: `cross_validate.train_then_cross_validate`.)
+    Validates `config` first (`UserError` naming the field) and, in a single process, keeps
+    XLA:CPU's scratch memory mapped (`fer_jax.host_memory`). Writes TensorBoard events, JSON
+    and PNG reports per evaluation, and the latest and best Orbax checkpoints.
     """
     config_schema.validate(config)
     if not jax.distributed.is_initialized():  # multi-process: left as JAX has it
@@ -115,7 +104,8 @@ def train_and_evaluate(
     centre = job.evaluate(state, *splits[config.report_split], crops=1)
     performance = summary["performance"]
     if performance is None:  # finished before this call: keep the figures of the run that trained
-        performance = _previous_performance(workdir)
+        previous = evaluate.read_json(os.path.join(workdir, "results.json"), check=False)
+        performance = (previous or {}).get("performance")
     results = replicas.results(config, best, report, performance, centre=centre)
     if is_main:
         if job.models.count > 1:  # each replica's report and the ensemble's
@@ -140,9 +130,6 @@ class Position:
     steps: int
     steps_per_epoch: int
     total_steps: int
-
-    def advance(self, steps: int) -> Position:
-        return dataclasses.replace(self, step=self.step + steps, steps=steps)
 
     @property
     def epoch(self) -> int:
@@ -171,8 +158,8 @@ class Position:
 
 
 class TrainLog:
-    """Training curves (`metrics.train_summaries`: means since the last log, checked finite)
-    and the progress line, every `config.log_every_steps` and at every epoch end."""
+    """Training curves (`metrics.train_summaries`) and the progress line, every
+    `config.log_every_steps` and at every epoch end."""
 
     def __init__(self, job: Job, writers: RunWriters):
         self.config, self.devices, self.writers = job.config, job.devices, writers
@@ -239,9 +226,8 @@ class Selection:
 
 
 class Saving:
-    """Checkpoints: the latest (each `checkpoint_every_epochs` epochs and
-    `checkpoint_every_steps` steps, the last step, and before a stop) and the best by the
-    select split's accuracy."""
+    """The latest checkpoint (each `checkpoint_every_epochs` / `_steps`, the last step, before
+    a stop) and the best by the select split's accuracy."""
 
     def __init__(self, manager: checkpoint.Checkpoints, devices: OneDevice, config):
         self.manager, self.devices, self.config = manager, devices, config
@@ -288,11 +274,8 @@ def fit(
     select: tuple[np.ndarray, np.ndarray] | None = None,
     select_name: str = "",
 ) -> dict[str, Any]:
-    """The training loop: resume, train `config.num_epochs`, evaluate, checkpoint.
-
-    Returns `{'state': final host state, 'template': host template for restores,
-    'performance': speed figures of this process's training (`performance` keys)}`.
-    """
+    """The training loop: resume, train `config.num_epochs`, evaluate, checkpoint. Returns
+    `{'state': final host state, 'template': for restores, 'performance': speed figures}`."""
     config, devices = job.config, job.devices
     wall_start = time.perf_counter()
     steps_per_epoch = plan_steps_per_epoch(len(train_labels), config.batch_size)
@@ -320,7 +303,7 @@ def fit(
     try:
         for steps, run in calls:
             state, step_metrics = run(state)
-            at = at.advance(steps)
+            at = dataclasses.replace(at, step=at.step + steps, steps=steps)
             timer.steps += steps
             log(step_metrics, at)
             evaluate_now, stop_now = selection.due(at), stop.agreed()
@@ -351,11 +334,8 @@ def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, path: str, split: str, crops: int = 10
 ) -> dict[str, Any]:
     """Ten-crop (or `crops=1`: centre-crop) metrics of a checkpoint on `split`, written to
-    `workdir/eval/` (`<split>_evaluate[_centre_crop].json` and its confusion-matrix PNG).
-
-    With `config.replicas = K` matching a replica run: each replica's and the ensemble's;
-    with K = 1, a replica run's replica chosen on its select split (`checkpoint.init_from`).
-    """
+    `workdir/eval/<split>_evaluate[_centre_crop].json` (and PNG); of a replica run's replicas
+    as `checkpoint.init_from` takes them."""
     job = create_job(config)
     template = job.models.create_state(job.model, steps_per_epoch=1)
     state = job.devices.replicate(checkpoint.init_from(path, template, config))
@@ -373,11 +353,3 @@ def evaluate_checkpoint(
             f"mean class accuracy {100 * one['mean_class_accuracy']:.2f}%)"
         )
     return report
-
-
-def _previous_performance(workdir: str) -> dict[str, Any] | None:
-    """`results.json`'s speed figures from the call that trained (None if there are none)."""
-    try:
-        return (evaluate.read_json(os.path.join(workdir, "results.json")) or {}).get("performance")
-    except (OSError, ValueError):
-        return None

@@ -1,10 +1,9 @@
 """One run per workdir: a lock file, `workdir/.lock`, that a run holds for its lifetime.
 
-`hold(workdir)` creates it atomically (`O_CREAT | O_EXCL`) holding `{host, pid, started,
-boot_id, pid_start}` and removes it when the run ends. A second run is refused with a
-`UserError` naming the holder; a stale lock (its process gone, a zombie or a later process with
-its pid, or the machine rebooted) is taken over; one from another host is refused with the
-command that removes it (docs/runs_and_failures.md). Only process 0 takes it.
+`hold(workdir)` creates it atomically holding `{host, pid, started, boot_id, pid_start}` and
+removes it at the end. A second run is refused with a `UserError` naming the holder; a stale
+lock (process gone or reused, or a reboot) is taken over; one from another host is refused with
+the command that removes it (docs/runs_and_failures.md). Only process 0 takes it.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from typing import Any
 
 from absl import logging
 
+from fer_jax.training.evaluate import read_json
 from fer_jax.user_errors import UserError
 
 LOCK_FILE = ".lock"
@@ -35,8 +35,7 @@ def _boot_id() -> str | None:
 
 
 def _stat(pid: int) -> list[str] | None:
-    """The fields of `/proc/<pid>/stat` after the parenthesised name (Linux), else None:
-    [0] the state ('Z': a zombie), [19] the start time in clock ticks since boot."""
+    """`/proc/<pid>/stat` after the name (Linux; else None): [0] state, [19] start time."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()
@@ -56,21 +55,12 @@ def _record() -> dict[str, Any]:
     }
 
 
-def _load(path: str) -> Any:
-    """The JSON in `path`; None if it cannot be read."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _read(path: str) -> dict[str, Any] | None:
-    """The lock's record; None if it vanished. Raises UserError if it stays unreadable."""
+    """The lock's record; None if it vanished; UserError if it stays unreadable."""
     for _ in range(_READ_TRIES):
         if not os.path.exists(path):
             return None
-        holder = _load(path)
+        holder = read_json(path, check=False)
         if holder is not None:
             return holder
         time.sleep(0.1)
@@ -115,7 +105,7 @@ def _take_over(path: str, stale: dict[str, Any]) -> None:
         os.rename(path, moved)  # of several runs taking it over, one moves it
     except FileNotFoundError:
         return
-    same = _load(moved) == stale
+    same = read_json(moved, check=False) == stale
     if not same:  # a live run's lock, created after we read the stale one: put it back
         with contextlib.suppress(FileExistsError):
             os.link(moved, path)
@@ -151,11 +141,7 @@ def check_free(workdir: str) -> None:
 
 
 def acquire(workdir: str) -> str:
-    """Takes the lock of `workdir` for this process; returns the lock file's path.
-
-    Raises:
-      UserError: another run holds it (or one on another host, which cannot be checked).
-    """
+    """Takes the lock of `workdir` (UserError if another run holds it); returns its path."""
     path = os.path.join(workdir, LOCK_FILE)
     record = _record()
     while True:
@@ -176,7 +162,7 @@ def acquire(workdir: str) -> str:
 
 def release(path: str) -> None:
     """Removes the lock at `path` if this process holds it."""
-    holder = _load(path)
+    holder = read_json(path, check=False)
     if holder is None:
         return
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
