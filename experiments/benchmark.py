@@ -24,6 +24,9 @@ contestant alike. Then the same for ten-crop evaluation batches. Contestants:
   Every JAX worker first calls `fer_jax.host_memory.reuse_scratch_memory()`, as
   `python -m fer_jax.main` does, except with the suffix `+fresh_scratch` (e.g.
   `auto+eigen+fresh_scratch`: what a script that drives `fer_jax.training.train` without it gets).
+  `IMPL:bf16` takes oneDNN's convolutions where they are built (`fer_jax.model.onednn_conv`;
+  `onednn:bf16` for them alone); the suffix `+no_onednn` runs the worker with them off
+  (`FER_JAX_ONEDNN_CONV=0`): `auto:bf16+eigen+no_onednn` is fer_jax's own bf16 forms.
 - `jax:SPEC@REV` (e.g. `auto+eigen@96aab9e`): the same contestant from git commit REV (its
   tracked files, exported by `git archive` to the temp dir; the worker runs there), so that a
   change is measured before and after in one run, beside PyTorch:
@@ -69,12 +72,12 @@ def _maxrss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-JAX_VARIANTS = ("eigen", "fresh_scratch")
+JAX_VARIANTS = ("eigen", "fresh_scratch", "no_onednn")
 
 
 class JaxContestant:
     """fer_jax's train and ten-crop eval steps for one conv impl (+eigen: compiler options;
-    +fresh_scratch: without `fer_jax.host_memory`)."""
+    +fresh_scratch: without `fer_jax.host_memory`; +no_onednn: without oneDNN's convolutions)."""
 
     def __init__(self, spec: str, args: argparse.Namespace):
         import functools
@@ -89,6 +92,8 @@ class JaxContestant:
         from fer_jax.training.step import create_model, create_train_state, eval_step, train_step
 
         impl, *variants = spec.split("+")
+        if "no_onednn" in variants:  # before anything asks onednn_conv.available()
+            os.environ["FER_JAX_ONEDNN_CONV"] = "0"
         if "fresh_scratch" not in variants:
             host_memory.reuse_scratch_memory()  # as `python -m fer_jax.main` does
         config = fer2013.get_config(f"cbam={args.cbam},head={args.head}")
@@ -129,12 +134,16 @@ class JaxContestant:
         # The first step: from the seeded initial state (equal for every impl) on a fixed batch.
         self.state, metrics = self.train_fn(self.state, self.batch)
         self.first_loss = float(metrics["loss"])
+        from fer_jax.model import onednn_conv
+
+        self.onednn = onednn_conv.version() if onednn_conv.available() else "-"
 
     def ready(self) -> dict[str, Any]:
         return {
             "compile_train_s": self.compile_train_s,
             "compile_eval_s": self.compile_eval_s,
             "first_loss": self.first_loss,
+            "onednn": self.onednn,  # the oneDNN this worker's convolutions could use
         }
 
     def train(self, steps: int) -> float:
@@ -591,16 +600,26 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
             False,
         )
         row(f"first-step loss, batch {batch}", r, lambda x: x["first_loss"], ".6f", False)
-    p = res.get("pipeline") or {}
+        if i == 0 and any("onednn" in x for x in r.values()):
+            row(
+                "oneDNN convolutions (for IMPL:bf16, onednn)",
+                r,
+                lambda x: x.get("onednn"),
+                "",
+                False,
+            )
+    return "\n".join(lines + _pipeline_lines(res.get("pipeline") or {}))
+
+
+def _pipeline_lines(p: dict[str, Any]) -> list[str]:
+    """The input pipeline's figures under the table (none if it was not run)."""
     if "train_images_per_s" in p:
-        lines += [
+        return [
             "",
             f"Input pipeline (tf.data, {p['source']}): training {p['train_images_per_s']:,.0f} "
             f"images/s (batch 128), ten-crop evaluation {p['eval_crops_per_s']:,.0f} crops/s.",
         ]
-    elif p:
-        lines += ["", f"Input pipeline: not measured ({p.get('error', '')[-300:]})"]
-    return "\n".join(lines)
+    return ["", f"Input pipeline: not measured ({p.get('error', '')[-300:]})"] if p else []
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

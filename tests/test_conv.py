@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from fer_jax.model import conv
+from fer_jax.model import conv, onednn_conv
 
 # (batch, H=W, Cin, Cout, k, stride, padding); batch 4 runs the chunked (lax.scan) weight
 # gradient, batch 3 and 1 the single-chunk path.
@@ -281,9 +281,11 @@ def test_bfloat16(impl):
         ("auto:bf16", (8, 6, 16, 16, 3, 1, 1)),
     ],
 )
-def test_bf16_matmul_operands_keep_float32_outputs_close_to_xla(impl, case):
+def test_bf16_matmul_operands_keep_float32_outputs_close_to_xla(impl, case, monkeypatch):
     """':bf16': float32 in and out, matmul operands rounded to bfloat16 (relative error ~1e-2
-    of the magnitude), and not bit-equal to float32, so the suffix really took effect."""
+    of the magnitude), and not bit-equal to float32, so the suffix really took effect.
+    fer_jax's own forms: "auto:bf16" as without oneDNN's (tests/test_onednn_conv.py)."""
+    monkeypatch.setattr(onednn_conv, "available", lambda backend=None: False)
     x, kern, dy = _inputs(case)
     s, p = case[5], case[6]
     ref = _fwd_bwd("xla", s, p)(x, kern, dy)
@@ -299,9 +301,9 @@ def test_bf16_matmul_operands_keep_float32_outputs_close_to_xla(impl, case):
 
 
 def test_auto_bf16_leaves_float32_picks_alone():
-    """`bf16=True` changes select_impl's pick only for layers 3-4's 3x3 convolutions
-    ("im2col": stride 1 at 11x11 and 6x6, and 11x11 -> 6x6 at stride 2); every float32 pick
-    is as before."""
+    """Without oneDNN's convolutions, `bf16=True` changes select_impl's pick only for layers
+    3-4's 3x3 convolutions ("im2col": stride 1 at 11x11 and 6x6, and 11x11 -> 6x6 at stride 2);
+    every float32 pick is as before. (With them: tests/test_onednn_conv.py.)"""
     shapes = [  # (x_shape, kernel_shape, stride, padding): every convolution of the network
         ((64, 44, 44, 1), (3, 3, 1, 64), 1, 1),
         ((64, 44, 44, 64), (3, 3, 64, 64), 1, 1),
@@ -321,7 +323,7 @@ def test_auto_bf16_leaves_float32_picks_alone():
     changed = {}
     for x_shape, k_shape, s, p in shapes:
         f32 = conv.select_impl(x_shape, k_shape, s, p, backend="cpu")
-        bf16 = conv.select_impl(x_shape, k_shape, s, p, backend="cpu", bf16=True)
+        bf16 = conv.select_impl(x_shape, k_shape, s, p, backend="cpu", bf16=True, onednn=False)
         assert f32 == conv.select_impl(x_shape, k_shape, s, p, backend="cpu", bf16=False)
         if bf16 != f32:
             changed[(x_shape[1], k_shape)] = (f32, bf16)

@@ -477,7 +477,12 @@ def test_benchmark_compares_bf16_contestants_with_torch_autocast():
         "batches": {
             "64": {
                 "jax:auto+eigen": {**one, "train_images_per_s": 40.0, "eval_crops_per_s": 150.0},
-                "jax:auto:bf16+eigen": {**one, "train_images_per_s": 60.0, "eval_crops_per_s": 200},
+                "jax:auto:bf16+eigen": {
+                    **one,
+                    "train_images_per_s": 60.0,
+                    "eval_crops_per_s": 200,
+                    "onednn": "2.6.3 omp",
+                },
                 "torch": {**one, "train_images_per_s": 40.0, "eval_crops_per_s": 100.0},
                 "torch:bf16": {**one, "train_images_per_s": 50.0, "eval_crops_per_s": 160.0},
             }
@@ -495,6 +500,10 @@ def test_benchmark_compares_bf16_contestants_with_torch_autocast():
     assert (
         "| ten-crop eval crops/s (16 images x 10 per batch) | 150.0 | 200.0 | 100.0 | 160.0 " in md
     )
+    assert "| oneDNN convolutions (for IMPL:bf16, onednn) | - | 2.6.3 omp | - | - |" in md
+    # Today's bf16 forms beside oneDNN's: the same spec with oneDNN off in its worker.
+    args = benchmark.parse_args(["--conv_impls", "auto:bf16+eigen", "auto:bf16+eigen+no_onednn"])
+    assert args.conv_impls[1] == "auto:bf16+eigen+no_onednn"
 
 
 def test_benchmark_torch_bf16_contestant_runs_under_autocast():

@@ -1,5 +1,7 @@
-"""oneDNN convolutions (``conv2d_onednn``) vs fer_jax's ``conv2d`` vs PyTorch, per network shape.
+"""oneDNN convolutions (``conv2d(impl="onednn...")``) vs fer_jax's other forms vs PyTorch, per
+network shape.
 
+    python -m fer_jax.model.onednn_conv          # build the library once
     PYTHONPATH=$PWD python -m experiments.onednn_conv.microbench [--batch 64] [--reps 7]
         [--shapes 44 22 ...] [--cols auto+eigen auto:bf16+eigen onednn:bf16 ...] [--no-torch]
 
@@ -8,12 +10,12 @@ Times forward and forward+backward (dx, dk) of the CBAM-ResNet18 convolution sha
 (``experiments.conv_microbench``'s method: 20 ms sleep before each call, min or median of the
 reps). Columns, all jitted, float32 arrays in and out unless noted:
 
-- ``auto+eigen`` / ``auto:bf16+eigen``: ``fer_jax.model.conv.conv2d(impl="auto[:bf16]")`` with
-  ``cpu_compiler_options()`` (what fer_jax trains with in float32 / bfloat16);
-- ``onednn``: ``conv2d_onednn`` in float32; ``onednn:bf16``: float32 in/out, bfloat16 compute
-  (bf16 primitives with f32 results); ``onednn:bf16io``: bfloat16 arrays in and out (as
-  autocast's tensors); suffix ``/any``: ``layout="any"`` (oneDNN's blocked layouts, reorders in
-  and out of every call) instead of ``"nhwc"``;
+- any ``fer_jax.model.conv.conv2d`` impl, ``+eigen`` with ``cpu_compiler_options()``, as
+  ``experiments.conv_microbench`` times them: ``auto+eigen`` / ``auto:bf16+eigen`` are what
+  fer_jax trains with in float32 / bfloat16 (``auto:bf16`` is oneDNN's where built: use
+  ``auto:bf16+eigen+no_onednn`` for fer_jax's own bf16 forms), ``onednn`` oneDNN in float32,
+  ``onednn:bf16`` float32 in/out with bfloat16 compute (bf16 primitives writing f32);
+- ``onednn:bf16io``: bfloat16 arrays in and out (as autocast's tensors);
 - ``torch:bf16``: ``F.conv2d`` on bfloat16 NCHW tensors, ``torch.set_num_threads(2)``
   (autocast's convolution), ``torch:bf16cl`` the same channels-last.
 """
@@ -30,36 +32,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common, conv_microbench, onednn_conv
-from fer_jax.model import conv
+from experiments import common, conv_microbench
+from fer_jax.model import conv, onednn_conv
 
 SHAPES = conv_microbench.SHAPES
-COLS = (
-    "auto+eigen",
-    "auto:bf16+eigen",
-    "onednn",
-    "onednn:bf16",
-    "onednn:bf16/any",
-    "onednn:bf16io",
-)
+COLS = ("auto+eigen", "auto:bf16+eigen+no_onednn", "onednn", "onednn:bf16", "onednn:bf16io")
 
 
 def _jax_fns(col: str, stride: int, padding: int) -> tuple[Callable, Callable, jnp.dtype]:
     """Jitted forward f(x, k), fwd+bwd f(x, k, dy), and the dtype of the arrays it takes."""
-    if not col.startswith("onednn"):  # fer_jax's own impls, as conv_microbench times them
-        return *conv_microbench._jax_fns(col, stride, padding), jnp.float32
-    name, _, layout = col.partition("/")
-    compute = {"onednn": None, "onednn:bf16": "bfloat16", "onednn:bf16io": None}[name]
-    dtype = jnp.bfloat16 if name == "onednn:bf16io" else jnp.float32
+    if col == "onednn:bf16io":  # bfloat16 arrays: oneDNN in bfloat16 throughout
+        return (*conv_microbench._jax_fns("onednn", stride, padding), jnp.bfloat16)
+    name, _, variants = col.partition("+")
+    if "no_onednn" in variants.split("+"):  # fer_jax's own forms, as without the library
+        variants = "+".join(v for v in variants.split("+") if v != "no_onednn")
+        f, fb = conv_microbench._jax_fns(f"{name}+{variants}", stride, padding)
+        return _without_onednn(f), _without_onednn(fb), jnp.float32
+    return (*conv_microbench._jax_fns(col, stride, padding), jnp.float32)
 
-    def fwd(x, k):
-        return onednn_conv.conv2d_onednn(x, k, stride, padding, layout or "nhwc", compute)
 
-    def fwd_bwd(x, k, dy):
-        y, vjp = jax.vjp(fwd, x, k)
-        return y, *vjp(dy)
+def _without_onednn(fn: Callable) -> Callable:
+    """`fn` traced (at its first call) with oneDNN's convolutions unavailable."""
 
-    return jax.jit(fwd), jax.jit(fwd_bwd), dtype
+    def call(*args):
+        real = onednn_conv.available
+        onednn_conv.available = lambda backend=None: False
+        try:
+            return fn(*args)
+        finally:
+            onednn_conv.available = real
+
+    return call
 
 
 def bench_shape(name: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:

@@ -3,8 +3,10 @@
 On CPU (jax 0.10, 2-core x86) a CBAM-ResNet18 train step was dominated by XLA's convolution
 weight gradients at large maps (3-4x the forward). `conv2d(impl=...)` offers faster forms, each
 described under :data:`IMPLS`; ``impl="auto"`` (:func:`select_impl`) picks one per shape where
-it measured faster, plain XLA elsewhere and on GPU/TPU. :func:`cpu_compiler_options` routes
-XLA:CPU's own convolutions to Eigen instead of YNNPACK (docs/cpu_performance.md).
+it measured faster, plain XLA elsewhere and on GPU/TPU; ``"auto:bf16"`` picks oneDNN's
+convolutions (:mod:`fer_jax.model.onednn_conv`) where that library is built.
+:func:`cpu_compiler_options` routes XLA:CPU's own convolutions to Eigen instead of YNNPACK
+(docs/cpu_performance.md).
 
 All impls agree to float32 rounding. Padding is symmetric and explicit, ``((p, p), (p, p))``,
 matching PyTorch ``F.conv2d(stride=s, padding=p)`` (also at stride 2 on even sizes, where XLA's
@@ -23,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fer_jax.model import mesh_axes
+from fer_jax.model import mesh_axes, onednn_conv
 
-IMPLS = ("xla", "matmul_grad", "phase_dx", "shifted_sums", "winograd", "im2col", "auto")
+IMPLS = ("xla", "matmul_grad", "phase_dx", "shifted_sums", "winograd", "im2col", "onednn", "auto")
 """Accepted values of ``conv2d(impl=...)``.
 
 - ``"xla"``: ``lax.conv_general_dilated``; its autodiff rules give both gradients.
@@ -42,20 +44,23 @@ IMPLS = ("xla", "matmul_grad", "phase_dx", "shifted_sums", "winograd", "im2col",
   stride > 1 the input gradient per phase as in ``"phase_dx"``), weight gradient as
   ``"matmul_grad"``. Slower than XLA's convolution in float32; ``"auto:bf16"`` takes it for
   the stride-1 convolutions on small maps (11x11, 6x6).
+- ``"onednn"``: forward and both gradients by oneDNN's convolution primitives through the XLA
+  FFI (:func:`fer_jax.model.onednn_conv.conv2d_onednn`); CPU only, float32 or bfloat16 x, and
+  only once built (``python -m fer_jax.model.onednn_conv``; an error otherwise).
 - ``"auto"``: :func:`select_impl` at trace time.
 
-``"winograd"``, ``"matmul_grad"``, ``"im2col"`` and ``"auto"`` also take the suffix
+``"winograd"``, ``"matmul_grad"``, ``"im2col"``, ``"onednn"`` and ``"auto"`` also take the suffix
 :data:`BF16_SUFFIX` (``"auto:bf16"``): the operands of their matmuls (Winograd's 16 per tile,
-im2col's, the weight gradient's) are rounded to bfloat16 and accumulated in float32
-(``preferred_element_type``); ``"auto:bf16"`` also picks those forms on more shapes
-(:func:`select_impl` with ``bf16=True``: the 256- and 512-channel layers too);
-everything else, transforms included, stays in the input's dtype. That pays only where the CPU
-multiplies bfloat16 natively (AMX: 2-5x at 256-512 channels); ``fer_jax.model.resnet``'s
-``matmul_dtype='auto'`` picks it there alone.
+im2col's, the weight gradient's; oneDNN's convolutions) are rounded to bfloat16 and accumulated
+in float32 (``preferred_element_type``); ``"auto:bf16"`` also picks those forms on more shapes
+(:func:`select_impl` with ``bf16=True``: oneDNN's where built, else the 256- and 512-channel
+layers too); everything else, transforms included, stays in the input's dtype. That pays only
+where the CPU multiplies bfloat16 natively (AMX: 2-5x at 256-512 channels);
+``fer_jax.model.resnet``'s ``matmul_dtype='auto'`` picks it there alone.
 """
 
 BF16_SUFFIX = ":bf16"
-BF16_IMPLS = ("winograd", "matmul_grad", "im2col", "auto")  # the impls that accept BF16_SUFFIX
+BF16_IMPLS = ("winograd", "matmul_grad", "im2col", "onednn", "auto")  # take BF16_SUFFIX
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -585,43 +590,23 @@ def select_impl(
     padding: int = 1,
     backend: str | None = None,
     bf16: bool = False,
+    onednn: bool | None = None,
 ) -> str:
     """The impl ``"auto"`` (``bf16``: ``"auto:bf16"``, without the suffix) resolves to for this
     shape on ``backend`` (default: jax's default).
 
     On CPU, ``"shifted_sums"`` for stride-1 square kernels between a few channels
     (<= SHIFTED_MAX_CHANNEL_PAIRS (Cin, Cout) pairs) on maps of >= SHIFTED_MIN_OUTPUT_PIXELS
-    (CBAM's 7x7 2->1: forward 2.5-10x faster than XLA's); and when Cout >= 16 (a
-    thinner matmul is slower than XLA's):
+    (CBAM's 7x7 2->1: forward 2.5-10x faster than XLA's); ``"xla"`` when Cout < 16 (a
+    thinner matmul is slower than XLA's); otherwise:
 
-    - ``"winograd"`` for stride-1, padding-1 3x3 kernels with Cin >= 16 on maps of
-      >= WINOGRAD_MIN_OUTPUT_PIXELS (44x44, 22x22): the whole train step 44.8 -> 46.5
-      images/s, ten-crop evaluation 146 -> 162 crops/s (one-process A/B, 2-core AMD EPYC,
-      Zen 5). Not at 6x6 (slower). Not at 11x11 either: +1.6% more, but there two compiles of
-      the same steps (one scanned, one per call) drifted apart 100x more than with any other
-      impl (4.7e-5 vs 3e-7 after two steps), unexplained;
-    - ``"matmul_grad"`` for 1x1 kernels (the weight gradient is one plain matmul; 2-3x faster
-      than XLA's at the shortcut shapes);
-    - ``"matmul_grad"`` for the other strided kernels too (the 3x3 stride-2 ones). Alone,
-      ``"phase_dx"`` (XLA's weight gradient) was 1.1-1.7x faster there; in the network it was
-      not: XLA's weight gradient wants x transposed, and XLA built that transpose in the forward
-      as a fusion recomputing x's producers (BatchNorm, CBAM gates, residual), ~60 ms at 44x44.
-      The whole train step: 38.0 -> 39.7 images/s (2-core AMD EPYC, Zen 5);
-    - ``"matmul_grad"`` for output maps of >= AUTO_MIN_OUTPUT_PIXELS pixels (44x44, 22x22:
-      2-3x faster than XLA:CPU's default YNNPACK weight gradient, on par with its Eigen one).
+    - with ``bf16`` where oneDNN's convolutions are built (``onednn``; None: asks
+      :func:`fer_jax.model.onednn_conv.available`), ``"onednn"``: the whole train step 47.1 ->
+      79.9 images/s (1.69x, 1.07x PyTorch's bf16 autocast), ten-crop evaluation 1.47x (2-core
+      AMD EPYC, Zen 5, AVX512_BF16, quiet; experiments/results/onednn_conv_quiet_epyc_zen5/);
+    - else fer_jax's own forms (:func:`_select_form`).
 
-    ``"xla"`` otherwise and on every other backend (GPU/TPU convolutions are fast).
-
-    With ``bf16`` (bfloat16 matmul operands, where the CPU multiplies them at twice float32's
-    rate), the same, except ``"im2col"`` for kernels larger than 1x1 with Cin >= 16 at stride 1
-    on output maps below AUTO_MIN_OUTPUT_PIXELS (11x11x256, 6x6x512) and strided into maps of
-    <= IM2COL_BF16_MAX_STRIDED_OUTPUT_PIXELS (11x11x256 -> 6x6x512 s2), where float32 takes
-    XLA's convolutions or ``"matmul_grad"``. Forward + both gradients, B=64, 2-core AMD EPYC
-    (Zen 5) shared with other jobs (load 5-7; alternating, min of 9-11): 11x11x256 205 -> 127
-    ms and 6x6x512 251 -> 180 (vs XLA float32), 11x11x256 -> 6x6x512 s2 122 -> 76 (vs
-    ``"matmul_grad:bf16"``). Not taken: bf16 Winograd at 11x11 (as fast as im2col, not faster)
-    and 6x6 (slower than XLA's float32); im2col into 11x11 at stride 2 and for 1x1 kernels
-    (no faster than ``"matmul_grad:bf16"``).
+    ``"xla"`` on every other backend (GPU/TPU convolutions are fast).
     """
     backend = jax.default_backend() if backend is None else backend
     kh, kw, cin, cout = kernel_shape
@@ -638,25 +623,64 @@ def select_impl(
         return "shifted_sums"
     if cout < 16:
         return "xla"
+    if bf16 and (onednn_conv.available(backend) if onednn is None else onednn):
+        return "onednn"
+    return _select_form(kh, kw, cin, stride, padding, ho * wo, bf16)
+
+
+def _select_form(
+    kh: int, kw: int, cin: int, stride: int, padding: int, pixels: int, bf16: bool
+) -> str:
+    """:func:`select_impl`'s pick among fer_jax's own forms, on CPU, Cout >= 16, for a
+    kh x kw kernel from Cin channels into an output map of `pixels` (Ho*Wo):
+
+    - ``"winograd"`` for stride-1, padding-1 3x3 kernels with Cin >= 16 on maps of
+      >= WINOGRAD_MIN_OUTPUT_PIXELS (44x44, 22x22): the whole train step 44.8 -> 46.5
+      images/s, ten-crop evaluation 146 -> 162 crops/s (one-process A/B, 2-core AMD EPYC,
+      Zen 5). Not at 6x6 (slower). Not at 11x11 either: +1.6% more, but there two compiles of
+      the same steps (one scanned, one per call) drifted apart 100x more than with any other
+      impl (4.7e-5 vs 3e-7 after two steps), unexplained;
+    - ``"matmul_grad"`` for 1x1 kernels (the weight gradient is one plain matmul; 2-3x faster
+      than XLA's at the shortcut shapes);
+    - ``"matmul_grad"`` for the other strided kernels too (the 3x3 stride-2 ones). Alone,
+      ``"phase_dx"`` (XLA's weight gradient) was 1.1-1.7x faster there; in the network it was
+      not: XLA's weight gradient wants x transposed, and XLA built that transpose in the forward
+      as a fusion recomputing x's producers (BatchNorm, CBAM gates, residual), ~60 ms at 44x44.
+      The whole train step: 38.0 -> 39.7 images/s (2-core AMD EPYC, Zen 5);
+    - ``"matmul_grad"`` for output maps of >= AUTO_MIN_OUTPUT_PIXELS pixels (44x44, 22x22:
+      2-3x faster than XLA:CPU's default YNNPACK weight gradient, on par with its Eigen one);
+    - ``"xla"`` otherwise.
+
+    With ``bf16`` (bfloat16 matmul operands, where the CPU multiplies them at twice float32's
+    rate), the same, except ``"im2col"`` for kernels larger than 1x1 with Cin >= 16 at stride 1
+    on output maps below AUTO_MIN_OUTPUT_PIXELS (11x11x256, 6x6x512) and strided into maps of
+    <= IM2COL_BF16_MAX_STRIDED_OUTPUT_PIXELS (11x11x256 -> 6x6x512 s2), where float32 takes
+    XLA's convolutions or ``"matmul_grad"``. Forward + both gradients, B=64, 2-core AMD EPYC
+    (Zen 5) shared with other jobs (load 5-7; alternating, min of 9-11): 11x11x256 205 -> 127
+    ms and 6x6x512 251 -> 180 (vs XLA float32), 11x11x256 -> 6x6x512 s2 122 -> 76 (vs
+    ``"matmul_grad:bf16"``). Not taken: bf16 Winograd at 11x11 (as fast as im2col, not faster)
+    and 6x6 (slower than XLA's float32); im2col into 11x11 at stride 2 and for 1x1 kernels
+    (no faster than ``"matmul_grad:bf16"``).
+    """
     if (
         bf16
         and cin >= 16
         and kh * kw > 1
         and (
-            (stride == 1 and ho * wo < AUTO_MIN_OUTPUT_PIXELS)
-            or ho * wo <= IM2COL_BF16_MAX_STRIDED_OUTPUT_PIXELS
+            (stride == 1 and pixels < AUTO_MIN_OUTPUT_PIXELS)
+            or pixels <= IM2COL_BF16_MAX_STRIDED_OUTPUT_PIXELS
         )
     ):
         return "im2col"
     if (
         (kh, kw, stride, padding) == (3, 3, 1, 1)
         and cin >= 16
-        and ho * wo >= WINOGRAD_MIN_OUTPUT_PIXELS
+        and pixels >= WINOGRAD_MIN_OUTPUT_PIXELS
     ):
         return "winograd"
     if kh == kw == 1 or stride > 1:
         return "matmul_grad"
-    return "matmul_grad" if ho * wo >= AUTO_MIN_OUTPUT_PIXELS else "xla"
+    return "matmul_grad" if pixels >= AUTO_MIN_OUTPUT_PIXELS else "xla"
 
 
 def split_impl(impl: str) -> tuple[str, bool]:
@@ -710,6 +734,11 @@ def conv2d(
     impl, bf16 = split_impl(impl)
     if impl == "auto":
         impl = select_impl(x.shape, kernel.shape, stride, padding, bf16=bf16)
+        if impl == "onednn" and x.dtype not in onednn_conv.DTYPES:  # float16, float64
+            impl = select_impl(x.shape, kernel.shape, stride, padding, bf16=bf16, onednn=False)
+    if impl == "onednn":
+        x, kernel = mesh_axes.match_varying_axes(x, kernel)
+        return onednn_conv.conv2d_onednn(x, kernel, stride, padding, bf16)
     if impl == "xla":
         return _conv_xla(x, kernel, stride, padding)
     if impl == "shifted_sums":

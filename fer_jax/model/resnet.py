@@ -10,6 +10,7 @@ Submodule names mirror the PyTorch reference so that `fer_jax.model.convert` is 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fer_jax.model import conv
+from fer_jax.model import conv, onednn_conv
 from fer_jax.model.batch_norm import BatchNorm
 from fer_jax.model.cbam import CBAM
 from fer_jax.model.layers import AngleLinear, Conv
@@ -173,6 +174,37 @@ def with_matmul_dtype(model: ResNet18, matmul_dtype: str) -> ResNet18:
         matmul_bf16(matmul_dtype)  # still checks the value
         return model
     return model.clone(conv_impl=base + (conv.BF16_SUFFIX if matmul_bf16(matmul_dtype) else ""))
+
+
+_ONEDNN_WARNED: list[bool] = []  # non-empty once warn_if_onednn_missing has warned
+
+
+def warn_if_onednn_missing(model: ResNet18, backend: str | None = None) -> bool:
+    """Logs a warning (once per process; returns whether it applies) where `model` runs
+    ``"auto:bf16"`` on a CPU with native bfloat16 multiplies but oneDNN's convolutions are not
+    built (or do not load): its training would run ~1.7x faster with them
+    (docs/cpu_performance.md, "oneDNN convolutions"). Training calls it at start. Silent where
+    they are off on purpose (``FER_JAX_ONEDNN_CONV=0``).
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if (
+        conv.split_impl(model.conv_impl) != ("auto", True)
+        or backend != "cpu"
+        or not {"amx_bf16", "avx512_bf16"} & cpu_flags()
+        or onednn_conv.available(backend)
+        or onednn_conv.unavailable_reason().startswith("off")
+    ):
+        return False
+    if _ONEDNN_WARNED:
+        return True
+    _ONEDNN_WARNED.append(True)
+    logging.getLogger(__name__).warning(
+        "oneDNN convolutions are not available (%s): training on this CPU runs ~1.7x slower "
+        "without them. Build them once with: apt-get install libdnnl-dev && %s",
+        onednn_conv.unavailable_reason(),
+        onednn_conv.BUILD_COMMAND,
+    )
+    return True
 
 
 def cpu_flags() -> frozenset[str]:

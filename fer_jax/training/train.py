@@ -25,6 +25,7 @@ from absl import logging
 
 from data_pipelines.plan import steps_per_epoch as plan_steps_per_epoch
 from fer_jax import host_memory
+from fer_jax.model import resnet
 from fer_jax.training import (
     checkpoint,
     config_schema,
@@ -59,6 +60,7 @@ def create_job(config: ml_collections.ConfigDict) -> Job:
             f"({config.eval_batch_size}) must be divisible by the {n} devices"
         )
     model = create_model(config, axis_name=devices.axis_name)
+    resnet.warn_if_onednn_missing(model)  # "auto:bf16" on CPU without oneDNN's convolutions
     if replicas.count(config) == 1:
         models = OneModel(config)
     else:

@@ -1,28 +1,32 @@
 // XLA FFI handlers: NHWC / HWIO 2-D convolution (forward, backward-data, backward-weights) by
-// oneDNN primitives, float32 or bfloat16 operands (result dtype = the result buffer's: f32 or
-// bf16; oneDNN accumulates bf16 in f32). Prototype for issue 34; see NOTES.md.
+// oneDNN primitives, for fer_jax.model.onednn_conv (which builds this file: `python -m
+// fer_jax.model.onednn_conv`; docs/cpu_performance.md). Float32 or bfloat16 operands; the
+// result dtype is the result buffer's (f32 or bf16; oneDNN accumulates bf16 in f32).
 //
 // Every handler takes two operand buffers and one result buffer; all shapes come from the
 // buffers, so one generic Run() serves the three ops:
 //   fwd:         a = x  (N,H,W,Ci)   b = w  (KH,KW,Ci,Co)  out = y  (N,Ho,Wo,Co)
 //   bwd_data:    a = dy (N,Ho,Wo,Co) b = w  (KH,KW,Ci,Co)  out = dx (N,H,W,Ci)
 //   bwd_weights: a = x  (N,H,W,Ci)   b = dy (N,Ho,Wo,Co)   out = dw (KH,KW,Ci,Co)
-// Attributes: stride, padding (symmetric, both axes), layout (0: activations in NHWC as the
-// caller holds them, weights format_tag::any; 1: every tensor format_tag::any, i.e. oneDNN's
-// blocked formats, with reorders from/to the caller's NHWC/HWIO around each call).
+// Attributes: stride, padding (symmetric, both axes). Activations go to oneDNN in the NHWC
+// order XLA holds them (oneDNN picks its brgemm kernels for NHWC); weights in the layout oneDNN
+// prefers (format_tag::any), reordered from/to HWIO on every call (small). Letting oneDNN pick
+// blocked activation layouts too, with reorders around each call, was slower (prototype).
 //
 // Primitive descriptors, primitives, reorders and internal buffers (including the scratchpad,
-// scratchpad_mode::user) are cached per (op, shape, dtypes, layout); a cache entry has a mutex,
-// so concurrent calls of the same key run one after the other.
+// scratchpad_mode::user) are cached per (op, shape, dtypes), so a call allocates nothing; a
+// cache entry has a mutex, so concurrent calls of the same key run one after the other.
 //
-// Builds against oneDNN 3.x (primitive descriptors made directly from memory descriptors; e.g.
-// the `onednn` wheel) and 2.x (through op descriptors, `convolution_forward::desc`; e.g.
-// Debian's libdnnl-dev 2.6.3): see the DNNL_VERSION_MAJOR branches. With an OpenMP CPU runtime
-// (Debian's), the number of threads oneDNN uses is set per calling thread from
-// ONEDNN_CONV_NUM_THREADS (default: OpenMP's own default, OMP_NUM_THREADS or the CPUs).
+// Builds against oneDNN 3.x (primitive descriptors made directly from memory descriptors) and
+// 2.x >= 2.6 (through op descriptors, `convolution_forward::desc`; e.g. Debian's libdnnl-dev
+// 2.6.3): see the DNNL_VERSION_MAJOR branches. With an OpenMP CPU runtime (Debian's), the number
+// of threads oneDNN uses is set per calling thread from FER_JAX_ONEDNN_CONV_THREADS (default:
+// OpenMP's own default, OMP_NUM_THREADS or the CPUs the process may run on).
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -30,8 +34,6 @@
 #include <string>
 #include <tuple>
 #include <unordered_map>
-
-#include <cstdlib>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -61,11 +63,11 @@ dnnl::stream& Stream() {
 }
 
 struct Key {
-  int op, n, h, w, ci, co, kh, kw, stride, pad, src_dt, dst_dt, layout;
+  int op, n, h, w, ci, co, kh, kw, stride, pad, src_dt, dst_dt;
   bool operator<(const Key& o) const {
-    return std::tie(op, n, h, w, ci, co, kh, kw, stride, pad, src_dt, dst_dt, layout) <
+    return std::tie(op, n, h, w, ci, co, kh, kw, stride, pad, src_dt, dst_dt) <
            std::tie(o.op, o.n, o.h, o.w, o.ci, o.co, o.kh, o.kw, o.stride, o.pad, o.src_dt,
-                    o.dst_dt, o.layout);
+                    o.dst_dt);
   }
 };
 
@@ -124,7 +126,7 @@ std::unique_ptr<Entry> Build(const Key& k) {
   const memory::dims src_d = {k.n, k.ci, k.h, k.w}, dst_d = {k.n, k.co, ho, wo};
   const memory::dims wei_d = {k.co, k.ci, k.kh, k.kw};
   const memory::dims strides = {k.stride, k.stride}, pads = {k.pad, k.pad};
-  const tag act = k.layout == 0 ? tag::nhwc : tag::any;
+  const tag act = tag::nhwc;
   // Data types per tensor: the operands in src_dt, the result in dst_dt.
   const dt src_t = k.op == kBwdData ? odt : sdt;
   const dt wei_t = k.op == kBwdWeights ? odt : sdt;
@@ -195,16 +197,16 @@ std::unique_ptr<Entry> Build(const Key& k) {
 }
 
 // OpenMP runtime: oneDNN parallelises over omp_get_max_threads() of the calling thread (an XLA
-// worker), an ICV of that thread; set it once per thread from ONEDNN_CONV_NUM_THREADS. Each
+// worker), an ICV of that thread; set it once per thread from FER_JAX_ONEDNN_CONV_THREADS. Each
 // distinct calling thread gets its own OpenMP team (libgomp), idle (spin-then-sleep,
-// GOMP_SPINCOUNT) between calls. No-op for the TBB/SYCL runtimes.
+// GOMP_SPINCOUNT) between calls. No-op for the other runtimes (TBB, ...).
 void SetThreads() {
 #if DNNL_CPU_RUNTIME == DNNL_RUNTIME_OMP
   thread_local bool done = false;
   if (done) return;
   done = true;
   static const int n = [] {
-    const char* v = std::getenv("ONEDNN_CONV_NUM_THREADS");
+    const char* v = std::getenv("FER_JAX_ONEDNN_CONV_THREADS");
     return v ? std::atoi(v) : 0;
   }();
   if (n > 0) omp_set_num_threads(n);
@@ -219,7 +221,7 @@ Entry* Lookup(const Key& k) {
 }
 
 ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
-               int64_t stride, int64_t padding, int64_t layout) {
+               int64_t stride, int64_t padding) {
   const auto da = a.dimensions(), db = b.dimensions(), dout = out->dimensions();
   if (da.size() != 4 || db.size() != 4 || dout.size() != 4)
     return ffi::Error::InvalidArgument("onednn_conv: want rank-4 operands and result");
@@ -240,8 +242,7 @@ ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
         static_cast<int>(stride),
         static_cast<int>(padding),
         static_cast<int>(in_t),
-        static_cast<int>(out_t),
-        static_cast<int>(layout)};
+        static_cast<int>(out_t)};
   if (w[2] != x[3] || y[0] != x[0] || y[3] != w[3] ||
       y[1] != (x[1] + 2 * padding - w[0]) / stride + 1 ||
       y[2] != (x[2] + 2 * padding - w[1]) / stride + 1)
@@ -271,23 +272,23 @@ ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
     if (e->out.needs_reorder) e->out.reorder.execute(s, e->out.prim_mem, user_out);
     s.wait();
     ++e->calls;
-  } catch (const dnnl::error& err) {
+  } catch (const std::exception& err) {
     return ffi::Error::Internal(std::string("onednn_conv: ") + err.what());
   }
   return ffi::Error::Success();
 }
 
 ffi::Error Fwd(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, int64_t s,
-               int64_t p, int64_t l) {
-  return Run(kFwd, a, b, out, s, p, l);
+               int64_t p) {
+  return Run(kFwd, a, b, out, s, p);
 }
 ffi::Error BwdData(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
-                   int64_t s, int64_t p, int64_t l) {
-  return Run(kBwdData, a, b, out, s, p, l);
+                   int64_t s, int64_t p) {
+  return Run(kBwdData, a, b, out, s, p);
 }
 ffi::Error BwdWeights(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
-                      int64_t s, int64_t p, int64_t l) {
-  return Run(kBwdWeights, a, b, out, s, p, l);
+                      int64_t s, int64_t p) {
+  return Run(kBwdWeights, a, b, out, s, p);
 }
 
 std::string FormatMd(const memory::desc& md) {
@@ -316,8 +317,7 @@ std::string FormatMd(const memory::desc& md) {
       .Arg<ffi::AnyBuffer>()                                                       \
       .Ret<ffi::AnyBuffer>()                                                       \
       .Attr<int64_t>("stride")                                                     \
-      .Attr<int64_t>("padding")                                                    \
-      .Attr<int64_t>("layout")
+      .Attr<int64_t>("padding")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvFwd, Fwd, BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBwdData, BwdData, BIND);
@@ -334,7 +334,7 @@ extern "C" EXPORT int onednn_conv_info(char* buf, int len) {
       << " " << k.kh << "x" << k.kw << " s" << k.stride << " p" << k.pad
       << " in=" << (k.src_dt == static_cast<int>(dt::bf16) ? "bf16" : "f32")
       << " out=" << (k.dst_dt == static_cast<int>(dt::bf16) ? "bf16" : "f32")
-      << " layout=" << (k.layout ? "any" : "nhwc") << " impl=" << e->impl;
+      << " impl=" << e->impl;
     const Slot* slots[3] = {&e->in[0], &e->in[1], &e->out};
     for (const Slot* s : slots)
       o << " " << (s->needs_reorder ? "REORDER:" : "") << FormatMd(s->prim_md);
@@ -345,18 +345,12 @@ extern "C" EXPORT int onednn_conv_info(char* buf, int len) {
   return static_cast<int>(str.size());
 }
 
-extern "C" EXPORT int onednn_conv_cache_size() {
-  std::lock_guard<std::mutex> lock(g_cache_mu);
-  return static_cast<int>(g_cache.size());
-}
-
 // "major.minor.patch runtime" of the oneDNN library loaded at run time.
 extern "C" EXPORT int onednn_conv_version(char* buf, int len) {
   const dnnl_version_t* v = dnnl_version();
   const char* rt = v->cpu_runtime == DNNL_RUNTIME_OMP    ? "omp"
                    : v->cpu_runtime == DNNL_RUNTIME_TBB  ? "tbb"
                    : v->cpu_runtime == DNNL_RUNTIME_SEQ  ? "seq"
-                   : v->cpu_runtime == DNNL_RUNTIME_SYCL ? "sycl"
                                                          : "other";
   return std::snprintf(buf, len, "%d.%d.%d %s", v->major, v->minor, v->patch, rt);
 }
