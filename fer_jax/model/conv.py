@@ -733,9 +733,8 @@ def conv2d(
     kernel = kernel.astype(x.dtype)
     impl, bf16 = split_impl(impl)
     if impl == "auto":
-        impl = select_impl(x.shape, kernel.shape, stride, padding, bf16=bf16)
-        if impl == "onednn" and x.dtype not in onednn_conv.DTYPES:  # float16, float64
-            impl = select_impl(x.shape, kernel.shape, stride, padding, bf16=bf16, onednn=False)
+        onednn = None if x.dtype in onednn_conv.DTYPES else False  # float16, float64: not it
+        impl = select_impl(x.shape, kernel.shape, stride, padding, bf16=bf16, onednn=onednn)
     if impl == "onednn":
         x, kernel = mesh_axes.match_varying_axes(x, kernel)
         return onednn_conv.conv2d_onednn(x, kernel, stride, padding, bf16)
