@@ -285,7 +285,7 @@ def test_bf16_matmul_operands_keep_float32_outputs_close_to_xla(impl, case, monk
     """':bf16': float32 in and out, matmul operands rounded to bfloat16 (relative error ~1e-2
     of the magnitude), and not bit-equal to float32, so the suffix really took effect.
     fer_jax's own forms: "auto:bf16" as without oneDNN's (tests/test_onednn_conv.py)."""
-    monkeypatch.setattr(onednn_conv, "available", lambda backend=None: False)
+    monkeypatch.setattr(onednn_conv, "available", lambda backend=None, bf16=False: False)
     x, kern, dy = _inputs(case)
     s, p = case[5], case[6]
     ref = _fwd_bwd("xla", s, p)(x, kern, dy)

@@ -28,6 +28,11 @@ needs_library = pytest.mark.skipif(
     reason=f"oneDNN convolutions unavailable ({onednn_conv.unavailable_reason() or 'not CPU'}):"
     " python -m fer_jax.model.onednn_conv builds them",
 )
+needs_bf16 = pytest.mark.skipif(
+    not onednn_conv.available(bf16=True),
+    reason="oneDNN's bfloat16 convolutions unavailable (not built, or none on this CPU: oneDNN"
+    " 2.x has them on AVX-512 CPUs only)",
+)
 
 # (H=W, Cin, Cout, k, stride, padding): every convolution of the network (batch 64 in it).
 NETWORK = [
@@ -81,7 +86,7 @@ def _fresh_load(monkeypatch):
 def test_auto_bf16_takes_onednn_where_built_and_todays_picks_where_not(monkeypatch):
     got = {}
     for built in (True, False):
-        monkeypatch.setattr(onednn_conv, "available", lambda backend=None, b=built: b)
+        monkeypatch.setattr(onednn_conv, "available", lambda backend=None, bf16=False, b=built: b)
         got[built] = [conv.select_impl(*_shapes(c), backend="cpu", bf16=True) for c in NETWORK]
         # float32 "auto" and other backends never take it.
         for c in NETWORK:
@@ -96,7 +101,7 @@ def test_auto_bf16_takes_onednn_where_built_and_todays_picks_where_not(monkeypat
 
 
 def test_float32_auto_never_asks_for_the_library(monkeypatch):
-    def boom(backend=None):
+    def boom(backend=None, bf16=False):
         raise AssertionError("asked")
 
     monkeypatch.setattr(onednn_conv, "available", boom)
@@ -106,7 +111,7 @@ def test_float32_auto_never_asks_for_the_library(monkeypatch):
 
 def test_without_the_library_auto_bf16_traces_todays_program(monkeypatch):
     """No library: conv2d("auto:bf16") is the same program as before, impl by impl."""
-    monkeypatch.setattr(onednn_conv, "available", lambda backend=None: False)
+    monkeypatch.setattr(onednn_conv, "available", lambda backend=None, bf16=False: False)
     x = jnp.ones((2, 11, 11, 16))
     k = jnp.ones((3, 3, 16, 16)) / 100
     auto = jax.make_jaxpr(lambda x, k: conv.conv2d(x, k, impl="auto:bf16"))(x, k)
@@ -114,9 +119,24 @@ def test_without_the_library_auto_bf16_traces_todays_program(monkeypatch):
     assert str(auto) == str(im2col) and "ffi_call" not in str(auto)
 
 
+@needs_library
+def test_a_cpu_without_onednn_bf16_keeps_todays_picks_and_refuses_it_in_one_line(monkeypatch):
+    """oneDNN 2.x has no bfloat16 convolutions on AVX2 CPUs: "auto:bf16" keeps fer_jax's own
+    forms there (float32 oneDNN still runs), and an explicit "onednn:bf16" says why."""
+    monkeypatch.setattr(onednn_conv, "bf16_supported", lambda: False)
+    assert [conv.select_impl(*_shapes(c), backend="cpu", bf16=True) for c in NETWORK] == (
+        PICKS_WITHOUT_ONEDNN
+    )
+    x, k = jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
+    assert "ffi_call" in str(jax.make_jaxpr(lambda x: conv.conv2d(x, k, impl="onednn"))(x))
+    with pytest.raises(ValueError, match="no bfloat16 convolutions on this CPU") as e:
+        conv.conv2d(x, k, impl="onednn:bf16")
+    assert "\n" not in str(e.value)
+
+
 def test_unsupported_dtypes_fall_back(monkeypatch):
     """float16 / float64 x: "auto:bf16" takes today's forms; explicit "onednn" refuses."""
-    monkeypatch.setattr(onednn_conv, "available", lambda backend=None: True)
+    monkeypatch.setattr(onednn_conv, "available", lambda backend=None, bf16=False: True)
     x = jnp.ones((2, 11, 11, 16), jnp.float16)
     k = jnp.ones((3, 3, 16, 16), jnp.float16)
     assert "ffi_call" not in str(jax.make_jaxpr(lambda x: conv.conv2d(x, k, impl="auto:bf16"))(x))
@@ -158,7 +178,7 @@ def test_training_warns_once_where_onednn_would_pay(monkeypatch, caplog):
 
     monkeypatch.setattr(rn, "_ONEDNN_WARNED", [])
     monkeypatch.setattr(rn, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    monkeypatch.setattr(onednn_conv, "available", lambda backend=None: False)
+    monkeypatch.setattr(onednn_conv, "available", lambda backend=None, bf16=False: False)
     monkeypatch.setattr(onednn_conv, "unavailable_reason", lambda: "not built (...)")
     model = resnet.ResNet18(width=8, conv_impl="auto:bf16")
     with caplog.at_level(logging.WARNING):
@@ -173,7 +193,7 @@ def test_training_warns_once_where_onednn_would_pay(monkeypatch, caplog):
     monkeypatch.setattr(rn, "cpu_flags", lambda: frozenset({"avx2"}))
     assert not resnet.warn_if_onednn_missing(model, "cpu")  # no native bf16: nothing to gain
     monkeypatch.setattr(rn, "cpu_flags", lambda: frozenset({"amx_bf16"}))
-    monkeypatch.setattr(onednn_conv, "available", lambda backend=None: True)
+    monkeypatch.setattr(onednn_conv, "available", lambda backend=None, bf16=False: True)
     assert not resnet.warn_if_onednn_missing(model, "cpu")
 
 
@@ -241,7 +261,11 @@ def _rel_err(a, b) -> float:
 @needs_library
 @pytest.mark.parametrize(
     "impl,dtype,tol",
-    [("onednn", "float32", 2e-5), ("onednn", "bfloat16", 2e-2), ("onednn:bf16", "float32", 2e-2)],
+    [
+        ("onednn", "float32", 2e-5),
+        pytest.param("onednn", "bfloat16", 2e-2, marks=needs_bf16),
+        pytest.param("onednn:bf16", "float32", 2e-2, marks=needs_bf16),
+    ],
 )
 @pytest.mark.parametrize("case", NETWORK, ids=lambda s: "{}x{}x{}->{} k{} s{} p{}".format(s[0], *s))
 def test_matches_xla(case, impl, dtype, tol):
@@ -274,7 +298,7 @@ def test_info_version_threads():
     assert onednn_conv.max_threads() != 0
 
 
-@needs_library
+@needs_bf16
 def test_network_with_onednn_bf16_trains_like_float32():
     """A width-16 network: "auto:bf16" (oneDNN's convolutions here) within bf16 rounding of
     float32's logits and gradients (the tolerances of tests/test_resnet.py's bf16 test; float32

@@ -600,8 +600,9 @@ def select_impl(
     (CBAM's 7x7 2->1: forward 2.5-10x faster than XLA's); ``"xla"`` when Cout < 16 (a
     thinner matmul is slower than XLA's); otherwise:
 
-    - with ``bf16`` where oneDNN's convolutions are built (``onednn``; None: asks
-      :func:`fer_jax.model.onednn_conv.available`), ``"onednn"``: the whole train step 47.1 ->
+    - with ``bf16`` where oneDNN's convolutions are built and have bfloat16 on this CPU
+      (``onednn``; None: asks :func:`fer_jax.model.onednn_conv.available`; oneDNN 2.x has none
+      on AVX2 CPUs), ``"onednn"``: the whole train step 47.1 ->
       79.9 images/s (1.69x, 1.07x PyTorch's bf16 autocast), ten-crop evaluation 1.47x (2-core
       AMD EPYC, Zen 5, AVX512_BF16, quiet; experiments/results/onednn_conv_quiet_epyc_zen5/);
     - else fer_jax's own forms (:func:`_select_form`).
@@ -623,7 +624,7 @@ def select_impl(
         return "shifted_sums"
     if cout < 16:
         return "xla"
-    if bf16 and (onednn_conv.available(backend) if onednn is None else onednn):
+    if bf16 and (onednn_conv.available(backend, bf16=True) if onednn is None else onednn):
         return "onednn"
     return _select_form(kh, kw, cin, stride, padding, ho * wo, bf16)
 

@@ -355,6 +355,19 @@ extern "C" EXPORT int onednn_conv_version(char* buf, int len) {
   return std::snprintf(buf, len, "%d.%d.%d %s", v->major, v->minor, v->patch, rt);
 }
 
+// 1 where oneDNN has bfloat16 convolutions (forward and both gradients) on this CPU, else 0:
+// oneDNN 2.x has them on AVX-512 CPUs only (on AVX2 creating their primitive descriptor fails).
+extern "C" EXPORT int onednn_conv_bf16_supported() {
+  const int bf16 = static_cast<int>(dt::bf16), f32 = static_cast<int>(dt::f32);
+  try {
+    for (int op : {kFwd, kBwdData, kBwdWeights})
+      Build(Key{op, 1, 8, 8, 16, 16, 3, 3, 1, 1, bf16, f32});
+  } catch (const std::exception&) {
+    return 0;
+  }
+  return 1;
+}
+
 // Threads oneDNN would use for a call from the calling thread (OpenMP runtime), -1 otherwise.
 extern "C" EXPORT int onednn_conv_max_threads() {
   SetThreads();

@@ -130,6 +130,7 @@ class _Library:
             getattr(self.lib, name).argtypes = [ctypes.c_char_p, ctypes.c_int]
             getattr(self.lib, name).restype = ctypes.c_int
         self.lib.onednn_conv_max_threads.restype = ctypes.c_int
+        self.lib.onednn_conv_bf16_supported.restype = ctypes.c_int
         # Target names carry the library's digest: an XLA executable (in the persistent
         # compilation cache too) names the build it was compiled against.
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
@@ -184,16 +185,26 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
-def available(backend: str | None = None) -> bool:
+def available(backend: str | None = None, bf16: bool = False) -> bool:
     """Whether :func:`conv2d_onednn` runs here: the library is built for this source and jaxlib,
-    loads, is not switched off, and `backend` (default jax's) is the CPU. Never raises; the
-    first call logs why not (once)."""
+    loads, is not switched off, and `backend` (default jax's) is the CPU; with `bf16`, also in
+    bfloat16 (:func:`bf16_supported`). Never raises; the first call logs why not (once)."""
     try:
         backend = jax.default_backend() if backend is None else backend
-        return backend == "cpu" and _library() is not None
+        return backend == "cpu" and _library() is not None and (not bf16 or bf16_supported())
     except Exception as e:  # noqa: BLE001 - a broken environment means: without it
         _log.warning("oneDNN convolutions unavailable: %s", e)
         return False
+
+
+@functools.cache
+def bf16_supported() -> bool:
+    """Whether the loaded oneDNN has bfloat16 convolutions on this CPU (oneDNN 2.x: AVX-512
+    CPUs only; an AVX2 CPU has its float32 ones). Logs once when not."""
+    ok = bool(_loaded().lib.onednn_conv_bf16_supported())
+    if not ok:
+        _log.info("oneDNN %s has no bfloat16 convolutions on this CPU", version())
+    return ok
 
 
 def _loaded() -> _Library:
@@ -284,7 +295,13 @@ def conv2d_onednn(
             f"impl 'onednn' takes float32 or bfloat16 x and a kernel of x's dtype, got "
             f"{x.dtype} and {kernel.dtype}"
         )
-    return _conv(x, kernel, int(stride), int(padding), bool(bf16) or x.dtype == jnp.bfloat16)
+    bf16 = bool(bf16) or x.dtype == jnp.bfloat16
+    if bf16 and not bf16_supported():
+        raise ValueError(
+            f"impl 'onednn' in bfloat16: oneDNN {version()} has no bfloat16 convolutions on this"
+            " CPU (oneDNN 2.x needs AVX-512); use float32 operands or another impl"
+        )
+    return _conv(x, kernel, int(stride), int(padding), bf16)
 
 
 # --- the build ----------------------------------------------------------------------------------
