@@ -64,13 +64,8 @@ class Fer2013(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        try:
-            manual_dir = dl_manager.manual_dir
-        except AssertionError as e:  # TFDS: missing or empty; the message has the instructions.
-            raise FileNotFoundError(str(e)) from e
-        splits = files.SPLITS["fer2013"]
-        arrays = {s: files.load_split_from_files("fer2013", s, manual_dir) for s in splits}
-        return {split: self._generate_examples(arrays[split]) for split in splits}
+        splits = files.builder_splits("fer2013", dl_manager)
+        return {split: self._generate_examples(arrays) for split, arrays in splits.items()}
 
     def _generate_examples(self, arrays: dict[str, np.ndarray]):
         yield from files.examples(arrays, key="index")

@@ -86,6 +86,15 @@ def jaffe_arrays(items: list[jaffe_files.JaffeFile]) -> dict[str, np.ndarray]:
     }
 
 
+def builder_splits(name: str, dl_manager: Any) -> dict[str, dict[str, np.ndarray]]:
+    """Every split of the TFDS builder `name`, read from the files in `dl_manager.manual_dir`."""
+    try:
+        manual_dir = dl_manager.manual_dir
+    except AssertionError as e:  # TFDS: missing or empty; the message has the instructions.
+        raise FileNotFoundError(str(e)) from e
+    return {split: load_split_from_files(name, split, manual_dir) for split in SPLITS[name]}
+
+
 def examples(arrays: dict[str, np.ndarray], key: str) -> Iterator[tuple[Any, dict[str, Any]]]:
     """A split's arrays as TFDS `(key, example)` pairs, in order; the key is feature `key`."""
     for i, k in enumerate(arrays[key].tolist()):

@@ -61,12 +61,8 @@ class Jaffe(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        try:
-            manual_dir = dl_manager.manual_dir
-        except AssertionError as e:  # TFDS: missing or empty; the message has the instructions.
-            raise FileNotFoundError(str(e)) from e
-        arrays = files.load_split_from_files("jaffe", "train", manual_dir)
-        return {"train": self._generate_examples(arrays)}
+        splits = files.builder_splits("jaffe", dl_manager)
+        return {split: self._generate_examples(arrays) for split, arrays in splits.items()}
 
     def _generate_examples(self, arrays: dict[str, np.ndarray]):
         yield from files.examples(arrays, key="filename")

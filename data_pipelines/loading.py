@@ -56,20 +56,14 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike) -> dict[str, 
 
 
 def load_arrays(
-    name: str, split: str, data_dir: str | os.PathLike
+    name: str, split: str, data_dir: str | os.PathLike, indices: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 48, 48, 1) uint8, labels (N,) int32) of a built split; see `load_split`."""
+    """(images (N, 48, 48, 1) uint8, labels (N,) int32) of a built split (or of its examples
+    `indices`, in that order); see `load_split`."""
     arrays = load_split(name, split, data_dir)
-    return arrays["image"], arrays["label"].astype(np.int32)
-
-
-def _subset(
-    name: str, split: str, data_dir: str | os.PathLike, indices: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = load_arrays(name, split, data_dir)
+    images, labels = arrays["image"], arrays["label"].astype(np.int32)
     if indices is not None:
-        indices = np.asarray(indices)
-        images, labels = images[indices], labels[indices]
+        images, labels = images[np.asarray(indices)], labels[np.asarray(indices)]
     return images, labels
 
 
@@ -83,7 +77,7 @@ def train_dataset(
 ) -> tf.data.Dataset:
     """`train_dataset_from_arrays(**options)` on a built split (or its examples `indices`;
     'index' then counts positions in `indices`)."""
-    images, labels = _subset(dataset_name, split, data_dir, indices)
+    images, labels = load_arrays(dataset_name, split, data_dir, indices)
     return train_dataset_from_arrays(images, labels, **options)
 
 
@@ -97,5 +91,5 @@ def eval_dataset(
 ) -> tf.data.Dataset:
     """`eval_dataset_from_arrays(**options)` on a built split (or its examples `indices`, in
     that order)."""
-    images, labels = _subset(dataset_name, split, data_dir, indices)
+    images, labels = load_arrays(dataset_name, split, data_dir, indices)
     return eval_dataset_from_arrays(images, labels, **options)
