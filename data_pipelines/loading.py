@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import fer2013, jaffe  # noqa: F401  (registers the TFDS builders)
+from data_pipelines import builders  # noqa: F401  (registers the TFDS builders)
 from data_pipelines.pipelines import eval_dataset_from_arrays, train_dataset_from_arrays
 from data_pipelines.tf_cpu import tf
 

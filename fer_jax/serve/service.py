@@ -4,7 +4,7 @@
 `Service.find` decodes and crops on a thread pool (detection one image at a time: the shared
 Haar cascade is not thread-safe); a `Batcher` thread classifies the crops of every request
 waiting with the same crop count as one batch. In full: docs/serve.md, Concurrency. The answer
-is predict's `--json` record (`fer_jax.inference.predict.face_record`).
+is predict's `--json` record (`fer_jax.inference.predict.record`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fer_jax.inference.predict import face_record
+from fer_jax.inference.predict import record
 from fer_jax.inference.recognizer import FACE_SIZE, ImageError, Recognizer, find_faces, label_faces
 from fer_jax.serve.uploads import Limits, UploadError, decode
 
@@ -220,12 +220,7 @@ class Service:
                 source=name,
             )
         probabilities = await asyncio.wrap_future(self.batcher.submit(crops, faces))
-        return self.record(name, found, probabilities)
-
-    def record(self, source: str, boxes: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
-        """The JSON record of one image, as `python -m fer_jax.predict --json` writes it."""
-        faces = label_faces(boxes, probabilities, self.class_names)
-        return {"source": source, "faces": [face_record(f, self.class_names) for f in faces]}
+        return record(name, label_faces(found, probabilities, self.class_names), self.class_names)
 
     def health(self) -> dict[str, Any]:
         """The service's state: model, limits, load, and what the batcher has done."""
