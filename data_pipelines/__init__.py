@@ -54,7 +54,7 @@ def __dir__() -> list[str]:
 
 # e.g. `tfds build fer2013 --imports=data_pipelines` (None: a blocked import).
 if sys.modules.get("tensorflow_datasets") is not None:
-    from data_pipelines import builders  # noqa: F401  (registers the TFDS builders)
+    from data_pipelines import loading  # noqa: F401  (registers the TFDS builders)
 
 
 __all__ = [
