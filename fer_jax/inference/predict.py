@@ -366,8 +366,9 @@ def process_video(
                     name, where = f"{stem}_frame{index:06d}", f"{path} frame {index}"
                     faces = recognize(path, frame, name, recognizer, args, where)
                     found_any |= bool(faces)
-                    with tqdm.external_write_mode(file=reporter.out):
-                        reporter.faces(path, faces, frame=index, time_s=index / fps)
+                    if faces or args.format == "json":
+                        with tqdm.external_write_mode(file=reporter.out):
+                            reporter.faces(path, faces, frame=index, time_s=index / fps)
                 if frame is not None and args.annotate:
                     if writer is None:
                         out = os.path.join(args.annotate, f"{stem}_annotated.avi")
