@@ -31,16 +31,12 @@ if TYPE_CHECKING:
     )
     from data_pipelines.pipelines import eval_dataset_from_arrays, train_dataset_from_arrays
 
-# Name -> the submodule (which imports TensorFlow) that defines it; imported on first access.
-_LAZY = {
-    "build": "loading",
-    "eval_dataset": "loading",
-    "load_arrays": "loading",
-    "load_split": "loading",
-    "train_dataset": "loading",
-    "eval_dataset_from_arrays": "pipelines",
-    "train_dataset_from_arrays": "pipelines",
+# The submodules (which import TensorFlow) -> the names they define; imported on first access.
+_LAZY_MODULES = {
+    "loading": ("build", "eval_dataset", "load_arrays", "load_split", "train_dataset"),
+    "pipelines": ("eval_dataset_from_arrays", "train_dataset_from_arrays"),
 }
+_LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
@@ -58,7 +54,7 @@ def __dir__() -> list[str]:
 
 # e.g. `tfds build fer2013 --imports=data_pipelines` (None: a blocked import).
 if sys.modules.get("tensorflow_datasets") is not None:
-    from data_pipelines import fer2013, jaffe  # noqa: F401  (registers the TFDS builders)
+    from data_pipelines import loading  # noqa: F401  (registers the TFDS builders)
 
 
 __all__ = [

@@ -8,11 +8,12 @@ modification time (an edited or replaced file is read again).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pathlib
-from collections.abc import Callable, Hashable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -28,9 +29,6 @@ SPLITS: dict[str, tuple[str, ...]] = {
 TFDS_VERSIONS: dict[str, str] = {"fer2013": "1.0.0", "jaffe": "1.0.0"}
 
 _log = logging.getLogger(__name__)
-_T = TypeVar("_T")
-# (kind, resolved path) -> (stamp of the files read, what was read from them).
-_cache: dict[tuple[str, str], tuple[Hashable, Any]] = {}
 
 
 def load_split_from_files(
@@ -45,8 +43,8 @@ def load_split_from_files(
     if split not in SPLITS[name]:
         raise ValueError(f"{name} has no split {split!r}; its splits are {', '.join(SPLITS[name])}")
     if name == "fer2013":
-        return fer2013_split_arrays(_read_fer2013(manual_dir), split)
-    return {k: v.copy() for k, v in _read_jaffe(manual_dir).items()}
+        return fer2013_split_arrays(_read(name, manual_dir), split)
+    return {k: v.copy() for k, v in _read(name, manual_dir).items()}
 
 
 def fer2013_split_arrays(rows: fer2013_csv.Fer2013Rows, split: str) -> dict[str, np.ndarray]:
@@ -86,40 +84,40 @@ def jaffe_arrays(items: list[jaffe_files.JaffeFile]) -> dict[str, np.ndarray]:
     }
 
 
+def builder_splits(name: str, dl_manager: Any) -> dict[str, dict[str, np.ndarray]]:
+    """Every split of the TFDS builder `name`, read from the files in `dl_manager.manual_dir`."""
+    try:
+        manual_dir = dl_manager.manual_dir
+    except AssertionError as e:  # TFDS: missing or empty; the message has the instructions.
+        raise FileNotFoundError(str(e)) from e
+    return {split: load_split_from_files(name, split, manual_dir) for split in SPLITS[name]}
+
+
 def examples(arrays: dict[str, np.ndarray], key: str) -> Iterator[tuple[Any, dict[str, Any]]]:
     """A split's arrays as TFDS `(key, example)` pairs, in order; the key is feature `key`."""
     for i, k in enumerate(arrays[key].tolist()):
         yield k, {name: values[i] for name, values in arrays.items()}
 
 
-def _read_fer2013(manual_dir: str | os.PathLike) -> fer2013_csv.Fer2013Rows:
+def _read(name: str, manual_dir: str | os.PathLike) -> Any:
+    """The parsed source of dataset `name` in `manual_dir`: FER2013's rows, JAFFE's arrays."""
     try:
-        source = fer2013_csv.find_source(manual_dir)
+        if name == "fer2013":
+            paths = [fer2013_csv.find_source(manual_dir)]
+        else:
+            paths = [item.path for item in jaffe_files.list_images(manual_dir)]
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}\n\n{fer2013_csv.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
-    return _cached("fer2013", source, _stamp([source]), lambda: fer2013_csv.read_fer2013(source))
+        module = fer2013_csv if name == "fer2013" else jaffe_files
+        raise FileNotFoundError(f"{e}\n\n{module.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
+    # (path, size, mtime in ns) of each file: changes when any file is edited or replaced.
+    stamp = tuple((str(p), (s := p.stat()).st_size, s.st_mtime_ns) for p in paths)
+    return _parse(name, stamp)
 
 
-def _read_jaffe(manual_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    try:
-        items = jaffe_files.list_images(manual_dir)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}\n\n{jaffe_files.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
-    stamp = _stamp([item.path for item in items])
-    return _cached("jaffe", pathlib.Path(manual_dir), stamp, lambda: jaffe_arrays(items))
-
-
-def _stamp(paths: list[pathlib.Path]) -> Hashable:
-    """(path, size, mtime in ns) of each file: changes when any file is edited or replaced."""
-    return tuple((str(p), (s := p.stat()).st_size, s.st_mtime_ns) for p in paths)
-
-
-def _cached(kind: str, path: pathlib.Path, stamp: Hashable, read: Callable[[], _T]) -> _T:
-    """`read()`, or what it returned before for the same (kind, path) and stamp."""
-    key = (kind, str(path.resolve()))
-    hit = _cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    value = read()
-    _cache[key] = (stamp, value)
-    return value
+@functools.lru_cache(maxsize=2)
+def _parse(name: str, stamp: tuple[tuple[str, int, int], ...]) -> Any:
+    """`_read`'s parse of the files of `stamp`, once per process while they are unchanged."""
+    paths = [pathlib.Path(path) for path, _, _ in stamp]
+    if name == "fer2013":
+        return fer2013_csv.read_fer2013(paths[0])
+    return jaffe_arrays([jaffe_files.parse_filename(path) for path in paths])

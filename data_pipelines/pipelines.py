@@ -7,6 +7,7 @@ the flattened images, vectorised over the batch; the epoch plans and the normali
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -88,27 +89,21 @@ def train_dataset_from_arrays(
     if start_epoch < 0:
         raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
     five_crop_offsets(height, width, crop)  # Checks that the crop fits.
-    keys, types, shapes = _plan_arrays(steps, batch_size, zoom, rotate, erase)
-    make_batch = _batch_maker(images, labels, keys[4:], crop, normalize, return_index, num_devices)
+    options = dict(image_shape=(height, width), crop=crop, flip=flip, zoom=zoom, rotate=rotate)
+    plan_of = functools.partial(epoch_plan, n, batch_size, seed=seed, erase=erase, **options)
+    # The plan's arrays (which there are, their dtypes and shapes) as one epoch has them.
+    first = plan_of(epoch=start_epoch)
+    types = [tf.as_dtype(v.dtype) for v in first.values()]
+    make_batch = _batch_maker(
+        images, labels, tuple(first)[4:], crop, normalize, return_index, num_devices
+    )
 
     def plan(epoch: np.int64) -> tuple[np.ndarray, ...]:
-        p = epoch_plan(
-            n,
-            batch_size,
-            seed=seed,
-            epoch=int(epoch),
-            image_shape=(height, width),
-            crop=crop,
-            flip=flip,
-            zoom=zoom,
-            rotate=rotate,
-            erase=erase,
-        )
-        return tuple(p[k] for k in keys)
+        return tuple(plan_of(epoch=int(epoch)).values())
 
     def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
         out = tf.numpy_function(plan, [epoch], types, stateful=False)
-        out = [tf.ensure_shape(t, shape) for t, shape in zip(out, shapes, strict=False)]
+        out = [tf.ensure_shape(t, v.shape) for t, v in zip(out, first.values(), strict=True)]
         skip = tf.where(epoch == start_epoch, tf.constant(start_step, tf.int64), 0)
         return tf.data.Dataset.from_tensor_slices(tuple(out)).skip(skip)
 
@@ -116,21 +111,6 @@ def train_dataset_from_arrays(
     ds = tf.data.Dataset.range(start_epoch, stop).flat_map(epoch_batches)
     ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _options(ds.prefetch(tf.data.AUTOTUNE))
-
-
-def _plan_arrays(
-    steps: int, batch_size: int, zoom: float, rotate: float, erase: float
-) -> tuple[tuple[str, ...], list[tf.DType], list[list[int]]]:
-    """The names, dtypes and shapes of an epoch plan's arrays, in the batch maker's argument
-    order: 'affine' with zoom or rotation, 'erase' with erasing."""
-    keys = ("index", "top", "left", "flip")
-    types = [tf.int64, tf.int32, tf.int32, tf.bool]
-    shapes = [[steps, batch_size]] * 4
-    for key, size, on in (("affine", 6, zoom > 0 or rotate > 0), ("erase", 4, erase > 0)):
-        if on:
-            keys, types = keys + (key,), types + [tf.int32]
-            shapes = shapes + [[steps, batch_size, size]]
-    return keys, types, shapes
 
 
 def _batch_maker(

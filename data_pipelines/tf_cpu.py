@@ -1,7 +1,7 @@
 """TensorFlow for this package's tf.data pipelines and TFDS builders, with every GPU hidden.
 
 JAX owns the accelerator; tf.data runs on the CPU. Every module of this package that uses
-TensorFlow (`pipelines`, `loading`, the builders `fer2013` and `jaffe`) imports it through this
+TensorFlow (`pipelines`, `loading` with the TFDS builders) imports it through this
 module, so the GPUs are hidden from TensorFlow before it can touch them, whichever is first.
 """
 

@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import data_pipelines
-from data_pipelines import fer2013, fer2013_csv, files, synthetic
+from data_pipelines import fer2013_csv, files, loading, synthetic
 from data_pipelines.errors import DataError
 
 ROWS = synthetic.fer2013_rows((12, 5, 4), seed=1)
@@ -292,7 +292,7 @@ def built(tmp_path_factory) -> pathlib.Path:
 
 def test_builder_is_registered_with_the_conventions():
     builder_cls = tfds.builder_cls("fer2013")
-    assert builder_cls is fer2013.Fer2013
+    assert builder_cls is loading.Fer2013
     assert str(builder_cls.VERSION) == "1.0.0"
     assert "fer2013.tar.gz" in builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS
 
@@ -451,6 +451,6 @@ def test_tfds_then_package_import_registers_the_builders_and_hides_gpus():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == [
-        "data_pipelines.fer2013 data_pipelines.jaffe",
+        "data_pipelines.loading data_pipelines.loading",
         "[([], 'GPU')]",
     ]

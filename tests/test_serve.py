@@ -36,8 +36,7 @@ from fer_jax.inference import predict as predict_cli  # noqa: E402
 from fer_jax.inference.recognizer import Recognizer  # noqa: E402
 from fer_jax.serve import __main__ as serve_cli  # noqa: E402
 from fer_jax.serve.app import create_app  # noqa: E402
-from fer_jax.serve.service import Batcher, Service  # noqa: E402
-from fer_jax.serve.uploads import Limits  # noqa: E402
+from fer_jax.serve.service import Batcher, Limits, Service  # noqa: E402
 from fer_jax.user_errors import UserError  # noqa: E402
 from tests.test_recognizer import ASTRONAUT_BOX, small_model  # noqa: E402
 

@@ -211,14 +211,30 @@ def write_png(path: str, rgb: np.ndarray) -> None:
 # ----------------------------------------------------------------------------- output
 
 
-def face_record(face: Face, class_names: Sequence[str]) -> dict[str, Any]:
-    """One face as `--json` writes it: 'box' [x, y, w, h], 'probabilities' {name: p}, 'label'."""
-    probabilities = zip(class_names, face.probabilities, strict=True)
-    return {
-        "box": list(face.box),
-        "probabilities": {n: float(p) for n, p in probabilities},
-        "label": face.label,
-    }
+def record(
+    source: str,
+    faces: Sequence[Face],
+    class_names: Sequence[str],
+    frame: int | None = None,
+    time_s: float | None = None,
+) -> dict[str, Any]:
+    """One image's (or video frame's) record as `--json` writes it (and serve answers):
+    'source', 'frame' and 'time_s' of a frame, 'faces' each with 'box' [x, y, w, h],
+    'probabilities' {name: p} and 'label'."""
+    entry: dict[str, Any] = {"source": source}
+    if frame is not None:
+        entry |= {"frame": frame, "time_s": round(time_s, 4)}
+    entry["faces"] = [
+        {
+            "box": list(face.box),
+            "probabilities": {
+                n: float(p) for n, p in zip(class_names, face.probabilities, strict=True)
+            },
+            "label": face.label,
+        }
+        for face in faces
+    ]
+    return entry
 
 
 class Reporter:
@@ -245,11 +261,7 @@ class Reporter:
     def faces(self, source: str, faces: Sequence[Face], frame: int | None = None, time_s=None):
         """Reports the faces of an image or of a video's `frame` at `time_s` seconds."""
         if self.fmt == "json":
-            entry: dict[str, Any] = {"source": source}
-            if frame is not None:
-                entry |= {"frame": frame, "time_s": round(time_s, 4)}
-            entry["faces"] = [face_record(f, self.class_names) for f in faces]
-            self.records.append(entry)
+            self.records.append(record(source, faces, self.class_names, frame, time_s))
         elif self.fmt == "csv":
             for k, face in enumerate(faces):
                 self._csv.writerow(
@@ -284,36 +296,38 @@ class Reporter:
 # ----------------------------------------------------------------------------- processing
 
 
-def _write_attention(
-    directory: str, stem: str, image: np.ndarray, faces: Sequence[Face], recognizer: Recognizer
-) -> None:
-    write_png(
-        os.path.join(directory, f"{stem}_attention.png"),
-        attention_overlay(image, faces, recognizer.margin),
-    )
-    crops = recognizer.crop_faces(to_gray(image), np.asarray([f.box for f in faces]))
-    for k, (face, crop) in enumerate(zip(faces, crops, strict=True)):
-        write_png(
-            os.path.join(directory, f"{stem}_face{k}_stages.png"),
-            attention_panels(crop, face.attention),
-        )
+def recognize(
+    path: str,
+    image: np.ndarray,
+    stem: str,
+    recognizer: Recognizer,
+    args: argparse.Namespace,
+    where: str,
+) -> list[Face]:
+    """The faces of an image or video frame (`where` names it in errors), and with
+    `--attention` their maps written as `<stem>_attention.png` and `<stem>_face<k>_stages.png`."""
+    gray, boxes = to_gray(image), boxes_for(path, args.boxes, args.box)
+    faces = recognizer.recognize(gray, boxes=boxes, attention=bool(args.attention), name=where)
+    if args.attention and faces:
+        overlay = attention_overlay(image, faces, recognizer.margin)
+        write_png(os.path.join(args.attention, f"{stem}_attention.png"), overlay)
+        crops = recognizer.crop_faces(gray, np.asarray([f.box for f in faces]))
+        for k, (face, crop) in enumerate(zip(faces, crops, strict=True)):
+            panels = attention_panels(crop, face.attention)
+            write_png(os.path.join(args.attention, f"{stem}_face{k}_stages.png"), panels)
+    return faces
 
 
 def process_image(
     path: str, recognizer: Recognizer, reporter: Reporter, args: argparse.Namespace, stem: str
 ) -> None:
     image = read_image(path)
-    boxes = boxes_for(path, args.boxes, args.box)
-    faces = recognizer.recognize(
-        to_gray(image), boxes=boxes, attention=bool(args.attention), name=path
-    )
+    faces = recognize(path, image, stem, recognizer, args, where=path)
     if not faces:
         reporter.message(f"{path}: no face found")
     reporter.faces(path, faces)
     if args.annotate:
         write_png(os.path.join(args.annotate, f"{stem}.png"), annotate(image, faces))
-    if args.attention and faces:
-        _write_attention(args.attention, stem, image, faces, recognizer)
 
 
 def video_frames(capture: cv2.VideoCapture, every: int, decode_all: bool) -> Iterator[Any]:
@@ -341,7 +355,6 @@ def process_video(
     try:
         fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-        boxes = boxes_for(path, args.boxes, args.box)
         bar = tqdm(
             total=total, unit="frame", desc=os.path.basename(path), disable=args.quiet or None
         )
@@ -350,17 +363,12 @@ def process_video(
                 bar.update(1)
                 frames += 1
                 if index % args.every == 0:
-                    gray, where = to_gray(frame), f"{path} frame {index}"
-                    faces = recognizer.recognize(
-                        gray, boxes=boxes, attention=bool(args.attention), name=where
-                    )
+                    name, where = f"{stem}_frame{index:06d}", f"{path} frame {index}"
+                    faces = recognize(path, frame, name, recognizer, args, where)
                     found_any |= bool(faces)
                     if faces or args.format == "json":
                         with tqdm.external_write_mode(file=reporter.out):
                             reporter.faces(path, faces, frame=index, time_s=index / fps)
-                    if args.attention and faces:
-                        name = f"{stem}_frame{index:06d}"
-                        _write_attention(args.attention, name, frame, faces, recognizer)
                 if frame is not None and args.annotate:
                     if writer is None:
                         out = os.path.join(args.annotate, f"{stem}_annotated.avi")

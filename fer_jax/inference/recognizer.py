@@ -94,11 +94,9 @@ def to_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
     has_alpha = array.ndim == 3 and array.shape[-1] in (2, 4)
     if array.dtype == np.uint8 and not has_alpha:
         return np.ascontiguousarray(array)
-    if array.dtype == np.uint8:
-        unit = array.astype(np.float64) / 255
-    elif array.dtype == np.bool_:
+    if array.dtype == np.bool_:
         unit = array.astype(np.float64)
-    elif np.issubdtype(array.dtype, np.integer):
+    elif np.issubdtype(array.dtype, np.integer):  # uint8 with alpha too
         info = np.iinfo(array.dtype)
         unit = (array.astype(np.float64) - info.min) / (float(info.max) - info.min)
     elif np.issubdtype(array.dtype, np.floating):

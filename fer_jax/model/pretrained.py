@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import pathlib
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -144,23 +143,25 @@ def _encode(key: str, value: np.ndarray, param_dtype: str) -> tuple[np.ndarray, 
     return value, "float32"
 
 
-def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     """An `np.load`-able zip of `.npy` members (uncompressed), with fixed timestamps."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for key, array in arrays.items():
             info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
             info.external_attr = 0o644 << 16
             with archive.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
 
 
-def _write_atomic(directory: str, final: str, write: Any) -> None:
-    """Calls `write(tmp_path)`, then renames the temporary file to `final`."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(final)}.")
-    os.close(fd)
+def _write_atomic(final: str, data: bytes) -> None:
+    """Writes `data` to a temporary file next to `final`, then renames it to `final`."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.")
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
@@ -219,11 +220,9 @@ def save(
     }
     blob = json.dumps(metadata, sort_keys=True).encode("utf-8")
     arrays[META_KEY] = np.frombuffer(blob, np.uint8)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    _write_atomic(directory, path, lambda tmp: _write_npz(tmp, arrays))
-    with open(path, "rb") as f:
-        data = f.read()
+    data = _npz_bytes(arrays)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_atomic(path, data)
     manifest = {
         "file": os.path.basename(path),
         "bytes": len(data),
@@ -236,8 +235,7 @@ def save(
 
 def _write_manifest(npz_path: str, manifest: Mapping[str, Any]) -> None:
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    directory, final = os.path.dirname(npz_path), manifest_path(npz_path)
-    _write_atomic(directory, final, lambda tmp: pathlib.Path(tmp).write_text(text))
+    _write_atomic(manifest_path(npz_path), text.encode("utf-8"))
 
 
 def set_logit_adjustment(
@@ -301,36 +299,20 @@ def read_manifest(name_or_path: str | os.PathLike | None = None) -> dict[str, An
 
 
 def _decode(path: str, data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The arrays (float32) and metadata of a verified file's bytes."""
+    """The arrays (float32) and metadata of a verified file's bytes: its sha256 is the
+    manifest's, so the arrays are those `save` wrote with the metadata (`leaves`: each one's
+    stored dtype); whether they fit the model is `_check_against_model`'s."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             stored = {k: npz[k] for k in npz.files}
         metadata = json.loads(stored.pop(META_KEY).tobytes().decode("utf-8"))
-        leaves = metadata["leaves"]
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+        dtypes = {key: leaf["dtype"] for key, leaf in metadata["leaves"].items()}
+        arrays = {key: stored[key] for key in dtypes}
+    except (KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise PretrainedError(f"{path}: not a fer_jax weights file ({e}); {_hint(path)}") from e
-    missing, extra = sorted(set(leaves) - set(stored)), sorted(set(stored) - set(leaves))
-    if missing or extra:
-        raise PretrainedError(
-            f"{path}: its arrays do not match its metadata: missing {missing[:5]}, unexpected "
-            f"{extra[:5]}; {_hint(path)}"
-        )
-    arrays = {}
-    for key, leaf in leaves.items():
-        value, dtype = stored[key], leaf.get("dtype")
-        if dtype == "bfloat16" and value.dtype == np.uint16:
-            value = value.view(ml_dtypes.bfloat16).astype(np.float32)
-        elif dtype != "float32" or value.dtype != np.float32:
-            raise PretrainedError(
-                f"{path}: {key} is stored as {value.dtype}, its metadata says {dtype}; "
-                f"{_hint(path)}"
-            )
-        if list(value.shape) != list(leaf.get("shape", [])):
-            raise PretrainedError(
-                f"{path}: {key} has shape {list(value.shape)}, its metadata says "
-                f"{leaf.get('shape')}; {_hint(path)}"
-            )
-        arrays[key] = value
+    for key, value in arrays.items():
+        if dtypes[key] == "bfloat16":
+            arrays[key] = value.view(ml_dtypes.bfloat16).astype(np.float32)
     return arrays, metadata
 
 

@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from data_pipelines.crops import CROP_CHOICES
 from fer_jax.inference import predict
 from fer_jax.inference.recognizer import Recognizer
-from fer_jax.serve.service import DEFAULT_MAX_PENDING, Service
-from fer_jax.serve.uploads import (
+from fer_jax.serve.service import (
     DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PENDING,
     DEFAULT_MAX_PIXELS,
     DEFAULT_READ_SECONDS,
     Limits,
+    Service,
 )
 from fer_jax.user_errors import UserError, run_cli
 

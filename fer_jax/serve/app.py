@@ -3,6 +3,8 @@
 Every error is JSON `{"detail": "one message"}` with a 4xx status (503 when busy, with
 `Retry-After`), and the server goes on serving. The page (`static/`) is served from the package
 with a Content-Security-Policy that allows this origin only: it loads nothing from elsewhere.
+The image is the raw body or the one part of a `multipart/form-data` body, parsed in memory
+(Starlette spools large forms to disk; nothing uploaded may reach it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import asyncio
 import importlib.resources
 import logging
+import os
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
@@ -20,15 +23,7 @@ from pydantic import BaseModel, Field
 
 from data_pipelines.crops import CROP_CHOICES, NUM_CROPS
 from fer_jax.inference.predict import parse_box
-from fer_jax.serve.service import MAX_BOXES, Service
-from fer_jax.serve.uploads import (
-    MULTIPART,
-    Limits,
-    UploadError,
-    check_content_type,
-    image_bytes,
-    megabytes,
-)
+from fer_jax.serve.service import MAX_BOXES, Limits, Service, UploadError
 
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 PAGE_POLICY = (
@@ -38,6 +33,13 @@ PAGE_POLICY = (
 )
 UPLOAD_NAME = "upload"  # the record's "source" when the upload names no file
 RETRY_AFTER_S = "1"
+RAW_TYPES = ("image/", "application/octet-stream")  # accepted Content-Types of a raw body
+MULTIPART = "multipart/form-data"
+HOW_TO_SEND = (
+    "send the image as the raw body with Content-Type image/jpeg (image/png, ..., or "
+    "application/octet-stream), or as multipart/form-data (curl -F file=@photo.jpg)"
+)
+
 
 CropsQuery = Annotated[
     int,
@@ -195,6 +197,84 @@ def _add_docs(app: FastAPI) -> None:
         )
 
     _add_files(app, "/docs/static", swagger_ui_path, DOCS_FILES)
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+def media_type(content_type: str | None) -> str:
+    """`'image/jpeg'` of `'Image/JPEG; q=1'`; '' when absent."""
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def check_content_type(content_type: str | None) -> str:
+    """The media type of a request that may carry an image; UploadError 415 otherwise."""
+    kind = media_type(content_type)
+    if kind != MULTIPART and not kind.startswith(RAW_TYPES):
+        raise UploadError(415, f"Content-Type {kind or '(none)'} is not an image: {HOW_TO_SEND}")
+    return kind
+
+
+def image_bytes(body: bytes, content_type: str | None) -> tuple[bytes, str | None]:
+    """The image's bytes in a request body and the file name it was sent under (None if none);
+    UploadError 415 for a type that is not an image or a form, 400 for an empty or bad body."""
+    if check_content_type(content_type) == MULTIPART:
+        data, filename = multipart_file(body, content_type or "")
+    else:
+        data, filename = body, None
+    if not data:
+        raise UploadError(400, f"the request has no image (an empty body): {HOW_TO_SEND}")
+    return data, filename
+
+
+def multipart_file(body: bytes, content_type: str) -> tuple[bytes, str | None]:
+    """The one part of a `multipart/form-data` body: `(its bytes, its file name)`."""
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise UploadError(400, "the multipart/form-data Content-Type has no boundary")
+    parts: list[dict] = []
+    field, value = bytearray(), bytearray()
+
+    def begin() -> None:
+        parts.append({"headers": {}, "data": []})
+
+    def header_end() -> None:
+        parts[-1]["headers"][bytes(field).decode("latin-1").lower()] = bytes(value)
+        field.clear()
+        value.clear()
+
+    callbacks = {
+        "on_part_begin": begin,
+        "on_header_field": lambda data, start, end: field.extend(data[start:end]),
+        "on_header_value": lambda data, start, end: value.extend(data[start:end]),
+        "on_header_end": header_end,
+        "on_part_data": lambda data, start, end: parts[-1]["data"].append(data[start:end]),
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as e:
+        raise UploadError(400, f"the multipart/form-data body is malformed: {e}") from None
+    if len(parts) != 1:
+        raise UploadError(
+            400,
+            f"the form has {len(parts)} parts; send exactly one, the image (crops and face "
+            "boxes go in the query: ?crops=1&box=X,Y,W,H)",
+        )
+    headers = parts[0]["headers"]
+    _, disposition = parse_options_header(headers.get("content-disposition", b""))
+    filename = disposition.get(b"filename")
+    part_type = media_type(headers.get("content-type", b"").decode("latin-1"))
+    if part_type and not part_type.startswith(RAW_TYPES):
+        raise UploadError(415, f"the uploaded file is {part_type}, not an image")
+    data = b"".join(parts[0]["data"])
+    return data, None if filename is None else os.path.basename(filename.decode("utf-8", "replace"))
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:

@@ -4,7 +4,9 @@
 `Service.find` decodes and crops on a thread pool (detection one image at a time: the shared
 Haar cascade is not thread-safe); a `Batcher` thread classifies the crops of every request
 waiting with the same crop count as one batch. In full: docs/serve.md, Concurrency. The answer
-is predict's `--json` record (`fer_jax.inference.predict.face_record`).
+is predict's `--json` record (`fer_jax.inference.predict.record`). Each refusal is an
+`UploadError`: an HTTP status and one message (docs/serve.md); `decode` checks the pixel limit
+from the image's header before any pixel is decoded, against decompression bombs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import io
 import os
 import threading
 import time
@@ -21,13 +24,76 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from fer_jax.inference.predict import face_record
-from fer_jax.inference.recognizer import FACE_SIZE, ImageError, Recognizer, find_faces, label_faces
-from fer_jax.serve.uploads import Limits, UploadError, decode
+from fer_jax.inference.predict import record
+from fer_jax.inference.recognizer import (
+    FACE_SIZE,
+    ImageError,
+    Recognizer,
+    find_faces,
+    label_faces,
+    read_image,
+    to_gray,
+)
 
 DEFAULT_MAX_PENDING = 32
 MAX_BOXES = 64  # caller-given boxes per request
+DEFAULT_MAX_BYTES = 10 * 2**20
+DEFAULT_MAX_PIXELS = 40_000_000  # a 48-megapixel phone photo is refused; 8K video (33 MP) is not
+DEFAULT_READ_SECONDS = 30.0
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+class UploadError(Exception):
+    """A request that cannot be served as sent: an HTTP status and one message for the client
+    (and, for an image without a face, the image's name: `source`)."""
+
+    def __init__(self, status: int, message: str, source: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.source = source
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may send: `max_bytes` of body within `read_seconds` (a slow upload
+    holds one of the server's places), `max_pixels` of decoded image."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    read_seconds: float = DEFAULT_READ_SECONDS
+
+
+def decode(data: bytes, limits: Limits, name: str) -> np.ndarray:
+    """`(H, W)` uint8 gray pixels of an encoded image (EXIF orientation applied), in memory;
+    UploadError 400 not an image, truncated or unusable, 413 over `limits.max_pixels`."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise UploadError(
+            400, f"{name}: not an image, or not one of {', '.join(IMAGE_FORMATS)}"
+        ) from None
+    except Image.DecompressionBombError as e:  # over Pillow's own, higher, limit
+        raise UploadError(413, f"{name}: the image is refused unread: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UploadError(400, f"{name}: cannot read the image: {e}") from None
+    with image:
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise UploadError(
+                413,
+                f"{name}: the image is {width}x{height} = {width * height:,} pixels; the limit is "
+                f"{limits.max_pixels:,} (a guard against decompression bombs): send it smaller",
+            )
+        try:
+            image.load()
+            return to_gray(read_image(image))
+        except ImageError as e:  # pixels of a kind the recogniser does not take
+            raise UploadError(400, f"{name}: cannot use the image: {e}") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise UploadError(400, f"{name}: the image is truncated or corrupt: {e}") from None
 
 
 @dataclasses.dataclass
@@ -220,12 +286,7 @@ class Service:
                 source=name,
             )
         probabilities = await asyncio.wrap_future(self.batcher.submit(crops, faces))
-        return self.record(name, found, probabilities)
-
-    def record(self, source: str, boxes: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
-        """The JSON record of one image, as `python -m fer_jax.predict --json` writes it."""
-        faces = label_faces(boxes, probabilities, self.class_names)
-        return {"source": source, "faces": [face_record(f, self.class_names) for f in faces]}
+        return record(name, label_faces(found, probabilities, self.class_names), self.class_names)
 
     def health(self) -> dict[str, Any]:
         """The service's state: model, limits, load, and what the batcher has done."""
