@@ -67,24 +67,32 @@ def overrides(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     return [dict(d) for d in listed] or [{} for _ in range(count(config))]
 
 
-def replica_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-    """One plain (K = 1) config per replica: its seed and overrides applied."""
-    out = []
-    for seed, fields in zip(seeds(config), overrides(config), strict=True):
-        one = ml_collections.ConfigDict(config.to_dict())
-        one.replicas, one.replica_seeds, one.replica_overrides = 1, (), ()
-        one.seed = seed
+def with_fields(config: ml_collections.ConfigDict, fields: Mapping[str, Any]):
+    """A copy of `config` with the dotted `fields` set: numbers as the field's type, arrays
+    (traced: `ReplicaState.hparams`) as they are."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    with out.ignore_type():
         for name, value in fields.items():
             section, key = name.split(".")
-            old = one[section][key]
-            one[section][key] = type(old)(value) if isinstance(old, int | float) else value
-        out.append(one)
+            old = out[section][key]
+            number = isinstance(old, int | float) and not isinstance(value, jax.Array)
+            out[section][key] = type(old)(value) if number else value
     return out
+
+
+def replica_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """One plain (K = 1) config per replica: its seed and overrides applied."""
+    plain_fields = {"replicas": 1, "replica_seeds": (), "replica_overrides": ()}
+    return [
+        with_fields(ml_collections.ConfigDict({**config.to_dict(), **plain_fields, "seed": s}), f)
+        for s, f in zip(seeds(config), overrides(config), strict=True)
+    ]
 
 
 def hparams(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """The `OVERRIDABLE` values of a plain config as float32 scalars (the step's `hparams`)."""
-    return {name: np.float32(plain.field(config, name)) for name in OVERRIDABLE}
+    fields = (name.split(".") for name in OVERRIDABLE)
+    return {f"{section}.{key}": np.float32(config[section][key]) for section, key in fields}
 
 
 MAPS = ("vmap", "unroll")
@@ -127,8 +135,8 @@ def stack_plans(plans: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarr
 @flax.struct.dataclass
 class ReplicaState(plain.TrainState):
     """K stacked `TrainState`s with their `OVERRIDABLE` values as float32 arrays (`hparams`,
-    not checkpointed) and the static `recipe_of(hparams) -> Recipe` (`recipe`: None outside
-    the step)."""
+    not checkpointed) and the static `recipe_of(hparams) -> Recipe`, the recipe of the config
+    holding them (`recipe`: None outside the step)."""
 
     hparams: dict[str, jax.Array]
     recipe_of: Callable[[dict[str, jax.Array]], plain.Recipe] = flax.struct.field(pytree_node=False)
@@ -140,7 +148,10 @@ def create_train_state(
     """K fresh states (`replica_configs`), each as a plain run of its config starts, stacked."""
     configs = replica_configs(config)
     parts = plain.optimizer_parts(configs)
-    recipe_of = functools.partial(plain.create_recipe, config, steps_per_epoch, parts=parts)
+
+    def recipe_of(values: Mapping[str, Any]) -> plain.Recipe:
+        return plain.create_recipe(with_fields(config, values), steps_per_epoch, parts)
+
     fields = []
     for one in configs:  # one by one: a vmapped 'rbg' init would not match a plain run's
         values = hparams(one)
