@@ -159,13 +159,6 @@ def create_train_state(
     return ReplicaState(**stack(fields), apply_fn=model.apply, recipe=None, recipe_of=recipe_of)
 
 
-def _replica_train_step(state: ReplicaState, batch, *, config, axis_name):
-    """`step.train_step` of one replica, its recipe built from its `hparams` in the trace."""
-    one = state.replace(recipe=state.recipe_of(state.hparams))
-    new, metrics = plain.train_step(one, batch, config=config, axis_name=axis_name)
-    return new.replace(recipe=None), metrics
-
-
 def replica_eval_step(
     state: ReplicaState,
     batch: dict[str, jax.Array],
@@ -205,10 +198,15 @@ class Replicas:
         return create_train_state(self.config, model, steps_per_epoch)
 
     def train_step(self) -> Callable[..., Any]:
+        """`step.train_step` over the replicas, each one's recipe built from its `hparams`."""
         kind, config = self.map_kind, self.config
 
         def over_replicas(state, batch, *, axis_name):
-            one = functools.partial(_replica_train_step, config=config, axis_name=axis_name)
+            def one(state, batch):
+                state = state.replace(recipe=state.recipe_of(state.hparams))
+                new, metrics = plain.train_step(state, batch, config=config, axis_name=axis_name)
+                return new.replace(recipe=None), metrics
+
             return map_over(one, kind, (0, 0))(state, batch)
 
         return over_replicas
@@ -278,16 +276,15 @@ class Checkpoints(checkpoint.Checkpoints):
                 return np.where(improved.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, old)
 
             state = jax.tree.map(merge, state, self._best_state)
-        old, k = self.best_meta, self.replicas
-        steps = old.get("replica_steps", [step] * k)
-        epochs = old.get("replica_epochs", [meta["epoch"]] * k)
+        steps = np.where(improved, step, self.best_meta.get("replica_steps", step))
+        epochs = np.where(
+            improved, meta["epoch"], self.best_meta.get("replica_epochs", meta["epoch"])
+        )
         meta = {
             **meta,
             "select_accuracy": self.best_accuracy.tolist(),
-            "replica_steps": [step if up else s for up, s in zip(improved, steps, strict=True)],
-            "replica_epochs": [
-                meta["epoch"] if up else e for up, e in zip(improved, epochs, strict=True)
-            ],
+            "replica_steps": steps.tolist(),
+            "replica_epochs": epochs.tolist(),
         }
         self._best_state, self.best_meta = state, meta
         self._save(self.best, step, state, meta)

@@ -394,7 +394,6 @@ class OneDevice:
 
     axis_name = None
     num_devices = 1
-    batch_shape_devices: int | None = None  # the input pipelines' `num_devices`
 
     def __init__(self, device: jax.Device | None = None):
         self.devices = [device or jax.devices()[0]]
@@ -415,9 +414,6 @@ class OneDevice:
         return jax.device_get(tree)
 
     def place(self, tree: Any, split_axis: int | None) -> Any:
+        """A host pytree -> device arrays, as the compiled steps take them."""
         del split_axis  # one device holds it all
         return jax.device_put(tree, self.devices[0])
-
-    def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """A pipeline's host batch -> device arrays, as the compiled steps take it."""
-        return self.place(batch, 0)
