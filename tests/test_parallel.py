@@ -51,10 +51,9 @@ SCRIPT = textwrap.dedent(
         step = parallel.compile(lambda s, b, axis_name: train_step(
             s, b, config=config, axis_name=axis_name))
         ds = data_pipelines.train_dataset_from_arrays(
-            data["image"], data["label"], batch_size=16, seed=0, num_epochs=1,
-            num_devices=parallel.batch_shape_devices)
+            data["image"], data["label"], batch_size=16, seed=0, num_epochs=1)
         for batch in ds.take(1).as_numpy_iterator():
-            state, metrics = step(state, parallel.shard_batch(batch))
+            state, metrics = step(state, parallel.place(batch, 0))
         host = parallel.unreplicate(state)
         leaves = jax.tree.leaves((host.params, host.batch_stats))
         results[f"{mode}{n}"] = [np.asarray(x).tolist() for x in leaves]

@@ -319,30 +319,29 @@ def run(
         for line in fold_plan_lines(folds, arrays["label"], arrays["subject"], config, protocol):
             logging.info("%s", line)
     job = create_job(config)
-    if config.fold_protocol != folds_module.BOTH:
-        summary = _run_protocol(config, job, arrays, plans[config.fold_protocol], workdir)
-        summary.update(protocols={config.fold_protocol: dict(summary)})
-        summary.update(init_from=config.init_from, fine_tuning=settings)
-    else:
-        by_protocol = {}
-        for protocol, folds in plans.items():
-            sub_config = ml_collections.ConfigDict({**config.to_dict(), "fold_protocol": protocol})
-            subdir = checkpoint.prepare_workdir(os.path.join(workdir, protocol))
-            run_config.save_or_compare(sub_config, subdir, allow_changes=allow_config_changes)
-            by_protocol[protocol] = _run_protocol(sub_config, job, arrays, folds, subdir)
-            for line in summary_lines(by_protocol[protocol]):
-                logging.info("%s", line)
-            extra = {"init_from": config.init_from, "fine_tuning": settings}
-            if jax.process_index() == 0:
-                alone = {protocol: by_protocol[protocol]}  # as a one-protocol run's summary
-                evaluate.write_json(
-                    os.path.join(subdir, "summary.json"),
-                    {**by_protocol[protocol], "protocols": alone, **extra},
-                )
-        # The paper's protocol (random) leads, its figures at the top as a one-protocol
-        # summary has them; `protocols` holds each protocol's.
-        lead = by_protocol[folds_module.PROTOCOLS[0]]
-        summary = {**lead, "protocols": by_protocol, **extra}
+    both = config.fold_protocol == folds_module.BOTH
+    extra = {"init_from": config.init_from, "fine_tuning": settings}
+    by_protocol = {}
+    for protocol, folds in plans.items():
+        if not both:
+            by_protocol[protocol] = _run_protocol(config, job, arrays, folds, workdir)
+            continue
+        sub_config = ml_collections.ConfigDict({**config.to_dict(), "fold_protocol": protocol})
+        subdir = checkpoint.prepare_workdir(os.path.join(workdir, protocol))
+        run_config.save_or_compare(sub_config, subdir, allow_changes=allow_config_changes)
+        by_protocol[protocol] = _run_protocol(sub_config, job, arrays, folds, subdir)
+        for line in summary_lines(by_protocol[protocol]):
+            logging.info("%s", line)
+        if jax.process_index() == 0:
+            alone = {protocol: by_protocol[protocol]}  # as a one-protocol run's summary
+            evaluate.write_json(
+                os.path.join(subdir, "summary.json"),
+                {**by_protocol[protocol], "protocols": alone, **extra},
+            )
+    # The paper's protocol (random) leads 'both', its figures at the top as a one-protocol
+    # summary has them; `protocols` holds each protocol's.
+    lead = by_protocol[folds_module.PROTOCOLS[0] if both else config.fold_protocol]
+    summary = {**lead, "protocols": by_protocol, **extra}
     if jax.process_index() == 0:
         evaluate.write_json(os.path.join(workdir, "summary.json"), summary)
     for line in summary_lines(summary):

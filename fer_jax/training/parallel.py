@@ -38,11 +38,6 @@ class DataParallel(OneDevice):
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self.axis_name = AXIS if self.num_devices > 1 else None
 
-    @property
-    def batch_shape_devices(self) -> int | None:
-        """The input pipelines' `num_devices`: device-major batches for pmap over several."""
-        return self.num_devices if self.mode == "pmap" and self.num_devices > 1 else None
-
     def compile(
         self,
         step: Callable[..., Any],
@@ -120,10 +115,3 @@ class DataParallel(OneDevice):
         size = x.shape[axis] // count
         part = np.take(x, np.arange(index * size, (index + 1) * size), axis=axis)
         return jax.make_array_from_process_local_data(sharding, part, x.shape)
-
-    def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """A pipeline's host batch -> device arrays split along axis 0 (pmap: device-major)."""
-        if self.num_devices == 1:
-            return self.replicate(batch)
-        sharding = NamedSharding(self.mesh, P(AXIS))
-        return jax.tree.map(lambda x: self._put(np.asarray(x), sharding, 0), batch)

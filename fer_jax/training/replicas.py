@@ -67,24 +67,32 @@ def overrides(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     return [dict(d) for d in listed] or [{} for _ in range(count(config))]
 
 
-def replica_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-    """One plain (K = 1) config per replica: its seed and overrides applied."""
-    out = []
-    for seed, fields in zip(seeds(config), overrides(config), strict=True):
-        one = ml_collections.ConfigDict(config.to_dict())
-        one.replicas, one.replica_seeds, one.replica_overrides = 1, (), ()
-        one.seed = seed
+def with_fields(config: ml_collections.ConfigDict, fields: Mapping[str, Any]):
+    """A copy of `config` with the dotted `fields` set: numbers as the field's type, arrays
+    (traced: `ReplicaState.hparams`) as they are."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    with out.ignore_type():
         for name, value in fields.items():
             section, key = name.split(".")
-            old = one[section][key]
-            one[section][key] = type(old)(value) if isinstance(old, int | float) else value
-        out.append(one)
+            old = out[section][key]
+            number = isinstance(old, int | float) and not isinstance(value, jax.Array)
+            out[section][key] = type(old)(value) if number else value
     return out
+
+
+def replica_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """One plain (K = 1) config per replica: its seed and overrides applied."""
+    plain_fields = {"replicas": 1, "replica_seeds": (), "replica_overrides": ()}
+    return [
+        with_fields(ml_collections.ConfigDict({**config.to_dict(), **plain_fields, "seed": s}), f)
+        for s, f in zip(seeds(config), overrides(config), strict=True)
+    ]
 
 
 def hparams(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """The `OVERRIDABLE` values of a plain config as float32 scalars (the step's `hparams`)."""
-    return {name: np.float32(plain.field(config, name)) for name in OVERRIDABLE}
+    fields = (name.split(".") for name in OVERRIDABLE)
+    return {f"{section}.{key}": np.float32(config[section][key]) for section, key in fields}
 
 
 MAPS = ("vmap", "unroll")
@@ -127,8 +135,8 @@ def stack_plans(plans: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarr
 @flax.struct.dataclass
 class ReplicaState(plain.TrainState):
     """K stacked `TrainState`s with their `OVERRIDABLE` values as float32 arrays (`hparams`,
-    not checkpointed) and the static `recipe_of(hparams) -> Recipe` (`recipe`: None outside
-    the step)."""
+    not checkpointed) and the static `recipe_of(hparams) -> Recipe`, the recipe of the config
+    holding them (`recipe`: None outside the step)."""
 
     hparams: dict[str, jax.Array]
     recipe_of: Callable[[dict[str, jax.Array]], plain.Recipe] = flax.struct.field(pytree_node=False)
@@ -140,19 +148,15 @@ def create_train_state(
     """K fresh states (`replica_configs`), each as a plain run of its config starts, stacked."""
     configs = replica_configs(config)
     parts = plain.optimizer_parts(configs)
-    recipe_of = functools.partial(plain.create_recipe, config, steps_per_epoch, parts=parts)
+
+    def recipe_of(values: Mapping[str, Any]) -> plain.Recipe:
+        return plain.create_recipe(with_fields(config, values), steps_per_epoch, parts)
+
     fields = []
     for one in configs:  # one by one: a vmapped 'rbg' init would not match a plain run's
         values = hparams(one)
         fields.append({**plain.init_fields(one, model, recipe_of(values).tx), "hparams": values})
     return ReplicaState(**stack(fields), apply_fn=model.apply, recipe=None, recipe_of=recipe_of)
-
-
-def _replica_train_step(state: ReplicaState, batch, *, config, axis_name):
-    """`step.train_step` of one replica, its recipe built from its `hparams` in the trace."""
-    one = state.replace(recipe=state.recipe_of(state.hparams))
-    new, metrics = plain.train_step(one, batch, config=config, axis_name=axis_name)
-    return new.replace(recipe=None), metrics
 
 
 def replica_eval_step(
@@ -194,10 +198,15 @@ class Replicas:
         return create_train_state(self.config, model, steps_per_epoch)
 
     def train_step(self) -> Callable[..., Any]:
+        """`step.train_step` over the replicas, each one's recipe built from its `hparams`."""
         kind, config = self.map_kind, self.config
 
         def over_replicas(state, batch, *, axis_name):
-            one = functools.partial(_replica_train_step, config=config, axis_name=axis_name)
+            def one(state, batch):
+                state = state.replace(recipe=state.recipe_of(state.hparams))
+                new, metrics = plain.train_step(state, batch, config=config, axis_name=axis_name)
+                return new.replace(recipe=None), metrics
+
             return map_over(one, kind, (0, 0))(state, batch)
 
         return over_replicas
@@ -267,16 +276,15 @@ class Checkpoints(checkpoint.Checkpoints):
                 return np.where(improved.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, old)
 
             state = jax.tree.map(merge, state, self._best_state)
-        old, k = self.best_meta, self.replicas
-        steps = old.get("replica_steps", [step] * k)
-        epochs = old.get("replica_epochs", [meta["epoch"]] * k)
+        steps = np.where(improved, step, self.best_meta.get("replica_steps", step))
+        epochs = np.where(
+            improved, meta["epoch"], self.best_meta.get("replica_epochs", meta["epoch"])
+        )
         meta = {
             **meta,
             "select_accuracy": self.best_accuracy.tolist(),
-            "replica_steps": [step if up else s for up, s in zip(improved, steps, strict=True)],
-            "replica_epochs": [
-                meta["epoch"] if up else e for up, e in zip(improved, epochs, strict=True)
-            ],
+            "replica_steps": steps.tolist(),
+            "replica_epochs": epochs.tolist(),
         }
         self._best_state, self.best_meta = state, meta
         self._save(self.best, step, state, meta)

@@ -57,29 +57,17 @@ def _clip(limit: Any) -> optax.GradientTransformation:
     return optax.stateless(clip)
 
 
-def field(config: ml_collections.ConfigDict, path: str) -> Any:
-    """The value of dotted `path` (e.g. 'optimizer.learning_rate') in `config`."""
-    node = config
-    for part in path.split("."):
-        node = node[part]
-    return node
-
-
-def _value(config, values: dict[str, Any] | None, name: str) -> Any:
-    return field(config, name) if values is None else values[name]
-
-
 def learning_rate_schedule(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, values: dict[str, Any] | None = None
+    config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.Schedule:
     """The learning rate of the global step: 'step' (the reference recipe: `lr * decay_rate **
     ((epoch - decay_start) // decay_every)` once `epoch > decay_start`, 0-based), 'cosine' (to 0
-    over the run after `warmup_epochs` of linear warmup) or 'constant'. `values` (dotted names,
-    possibly traced) replace the config's rate and decay."""
+    over the run after `warmup_epochs` of linear warmup) or 'constant'. The rate and decay may
+    be traced arrays (replicas)."""
     opt = config.optimizer
-    lr = _value(config, values, "optimizer.learning_rate")
+    lr = opt.learning_rate
     if opt.schedule == "step":
-        decay_rate = _value(config, values, "optimizer.decay_rate")
+        decay_rate = opt.decay_rate
 
         def schedule(step):
             epoch = step // steps_per_epoch
@@ -116,39 +104,34 @@ def optimizer_parts(configs: list[ml_collections.ConfigDict]) -> dict[str, bool]
 def create_optimizer(
     config: ml_collections.ConfigDict,
     steps_per_epoch: int,
-    values: dict[str, Any] | None = None,
     parts: dict[str, bool] | None = None,
 ) -> optax.GradientTransformation:
-    """The optimizer of `config.optimizer.name` ('sgd': `sgd_pytorch`, or 'adamw'); `values`
-    (possibly traced) replace the config's scalars, `parts` (`optimizer_parts`) fix its form."""
+    """The optimizer of `config.optimizer.name` ('sgd': `sgd_pytorch`, or 'adamw'), its
+    scalars possibly traced; `parts` (`optimizer_parts`) fix its form."""
     opt = config.optimizer
     parts = parts or optimizer_parts([config])
-    schedule = learning_rate_schedule(config, steps_per_epoch, values)
-    clip = _value(config, values, "optimizer.grad_clip") if parts["clip"] else None
-    weight_decay = _value(config, values, "optimizer.weight_decay")
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    clip = opt.grad_clip if parts["clip"] else None
     if opt.name == "sgd":
-        momentum = _value(config, values, "optimizer.momentum") if parts["momentum"] else None
         return sgd_pytorch(
             schedule,
-            momentum=momentum,
-            weight_decay=weight_decay if parts["decay"] else None,
+            momentum=opt.momentum if parts["momentum"] else None,
+            weight_decay=opt.weight_decay if parts["decay"] else None,
             clip=clip,
         )
     clips = [] if clip is None else [_clip(clip)]  # 'adamw'
-    return optax.chain(*clips, optax.adamw(schedule, weight_decay=weight_decay))
+    return optax.chain(*clips, optax.adamw(schedule, weight_decay=opt.weight_decay))
 
 
 def lambda_schedule(
     loss_config: ml_collections.ConfigDict,
     steps_per_epoch: int,
     num_epochs: int | None = None,
-    values: dict[str, Any] | None = None,
 ) -> Callable[[jax.Array], jax.Array]:
     """A-Softmax's lambda of the global step: `max(lambda_min, lambda_base * (1 + lambda_gamma *
     t) ** -lambda_power)` (SphereFace), t counted in steps (`lambda_per='step'`), epochs
     (`'epoch'`, fractional) or over the run (`'run'`: t = lambda_run_epochs * step / total steps,
-    so a short run ends at the lambda the long recipe ends at). `values` ('loss.lambda_base',
-    ...) replace the section's constants.
+    so a short run ends at the lambda the long recipe ends at). The constants may be traced.
     """
     c = loss_config
     if c.lambda_per == "step":
@@ -160,8 +143,7 @@ def lambda_schedule(
             raise ValueError("config.loss.lambda_per='run' needs the run's num_epochs")
         run_epochs = c.get("lambda_run_epochs", DEFAULT_LAMBDA_RUN_EPOCHS)
         per = run_epochs / (num_epochs * steps_per_epoch)
-    names = ("lambda_base", "lambda_gamma", "lambda_power", "lambda_min")
-    constants = [c[n] if values is None else values[f"loss.{n}"] for n in names]
+    constants = [c[n] for n in ("lambda_base", "lambda_gamma", "lambda_power", "lambda_min")]
 
     def schedule(step: jax.Array) -> jax.Array:
         return losses.sphereface_lambda(jnp.asarray(step, jnp.float32) * per, *constants)
@@ -181,19 +163,16 @@ class Recipe:
 
 
 def create_recipe(
-    config: ml_collections.ConfigDict,
-    steps_per_epoch: int,
-    values: dict[str, Any] | None = None,
-    parts: dict[str, bool] | None = None,
+    config: ml_collections.ConfigDict, steps_per_epoch: int, parts: dict[str, bool] | None = None
 ) -> Recipe:
-    """The `Recipe` of `config`, or of traced `values` (dotted names) with `parts`
+    """The `Recipe` of `config` (its scalars possibly traced), the optimizer of `parts`
     (`optimizer_parts` of all the configs in one program)."""
     return Recipe(
-        tx=create_optimizer(config, steps_per_epoch, values, parts),
-        learning_rate=learning_rate_schedule(config, steps_per_epoch, values),
-        lam=lambda_schedule(config.loss, steps_per_epoch, config.num_epochs, values),
-        margin=_value(config, values, "loss.margin"),
-        dropout_rate=_value(config, values, "model.dropout_rate"),
+        tx=create_optimizer(config, steps_per_epoch, parts),
+        learning_rate=learning_rate_schedule(config, steps_per_epoch),
+        lam=lambda_schedule(config.loss, steps_per_epoch, config.num_epochs),
+        margin=config.loss.margin,
+        dropout_rate=config.model.dropout_rate,
     )
 
 
@@ -415,7 +394,6 @@ class OneDevice:
 
     axis_name = None
     num_devices = 1
-    batch_shape_devices: int | None = None  # the input pipelines' `num_devices`
 
     def __init__(self, device: jax.Device | None = None):
         self.devices = [device or jax.devices()[0]]
@@ -436,9 +414,6 @@ class OneDevice:
         return jax.device_get(tree)
 
     def place(self, tree: Any, split_axis: int | None) -> Any:
+        """A host pytree -> device arrays, as the compiled steps take them."""
         del split_axis  # one device holds it all
         return jax.device_put(tree, self.devices[0])
-
-    def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """A pipeline's host batch -> device arrays, as the compiled steps take it."""
-        return self.place(batch, 0)

@@ -19,10 +19,7 @@ def prefetch(devices: OneDevice, batches: Iterator[Any], split_axis: int, size: 
     """The batches, each put on the devices (split along `split_axis`) `size` ahead of use."""
     queue: list[Any] = []
     for batch in batches:
-        on_device = (
-            devices.shard_batch(batch) if split_axis == 0 else devices.place(batch, split_axis)
-        )
-        queue.append(on_device)
+        queue.append(devices.place(batch, split_axis))
         if len(queue) > size:
             yield queue.pop(0)
     yield from queue
@@ -48,7 +45,7 @@ class TfDataInput(DeviceInput):
         config = self.config
         del total_steps  # the pipelines end with the last epoch
 
-        def pipeline(seed: int, num_devices: int | None):
+        def pipeline(seed: int):
             return data_pipelines.train_dataset_from_arrays(
                 images,
                 labels,
@@ -57,7 +54,6 @@ class TfDataInput(DeviceInput):
                 start_epoch=start_step // steps_per_epoch,
                 start_step=start_step % steps_per_epoch,
                 num_epochs=config.num_epochs - start_step // steps_per_epoch,
-                num_devices=num_devices,
                 normalize=config.normalize,
                 **augmentation(config),
             )
@@ -67,8 +63,7 @@ class TfDataInput(DeviceInput):
         if None not in self._train_fns:
             self._train_fns[None] = self.devices.compile(step, split_axes=(axis,))
         fn = self._train_fns[None]
-        num_devices = self.devices.batch_shape_devices if axis == 0 else None
-        batches = self.models.batches(lambda seed: pipeline(seed, num_devices).as_numpy_iterator())
+        batches = self.models.batches(lambda seed: pipeline(seed).as_numpy_iterator())
         for batch in prefetch(self.devices, batches, axis):
             yield 1, lambda s, b=batch: fn(s, b)
 
@@ -82,12 +77,11 @@ class TfDataInput(DeviceInput):
             images,
             labels,
             batch_size=self.config.eval_batch_size,
-            num_devices=self.devices.batch_shape_devices,
             normalize=self.config.normalize,
             crops="ten" if crops == NUM_CROPS else "centre",
         )
-        if crops == 1:  # (..., B, c, c, C) -> (..., B, 1, c, c, C), as eval_step takes
-            ds = ds.map(lambda b: {**b, "image": b["image"][..., None, :, :, :]})
+        if crops == 1:  # (B, c, c, C) -> (B, 1, c, c, C), as eval_step takes
+            ds = ds.map(lambda b: {**b, "image": b["image"][:, None]})
         if crops not in self._eval_fns:
             eval_step = self.models.eval_step()
             compiled = self.devices.compile(eval_step, donate_state=False, replicated_out=1)

@@ -6,9 +6,9 @@ evaluates the model chosen on the select split on the report split and writes `r
 `create_job` makes the one choice of the options: data parallelism (`parallel.DataParallel`),
 K replicas (`replicas.Replicas`), tf.data (`tf_data_input.TfDataInput`). A plain run is
 `step.OneDevice`, `step.OneModel` and `DeviceInput`: `step.train_step`, jitted, over the
-batches `device_input` gathers on the device. `fit` hands each compiled call's result to a few
-actions, in the spirit of `clu.periodic_actions`: `TrainLog`, `Selection`, `Saving` and
-`signals.StopSignal` (SIGTERM or Ctrl-C checkpoints the step in flight, then stops).
+batches `device_input` gathers on the device. After each compiled call `fit` logs (`TrainLog`),
+and where its `Position` says so evaluates the select split, saves the latest and best
+checkpoints, or stops (`signals.StopSignal`: SIGTERM or Ctrl-C checkpoints the step in flight).
 """
 
 from __future__ import annotations
@@ -150,6 +150,23 @@ class Position:
     def last(self) -> bool:
         return self.step == self.total_steps
 
+    def evaluation_due(self, every_epochs: int) -> bool:
+        """Whether the select split is evaluated here: every `every_epochs` (> 0) epochs and
+        after the last."""
+        return (
+            self.end_of_epoch and every_epochs > 0 and (self.epoch % every_epochs == 0 or self.last)
+        )
+
+    def save_due(self, config: ml_collections.ConfigDict) -> bool:
+        """Whether the latest checkpoint is saved here (each `checkpoint_every_epochs` /
+        `_steps`, and the last step; a stop saves too)."""
+        every_steps = config.checkpoint_every_steps
+        return (
+            (self.end_of_epoch and self.epoch % config.checkpoint_every_epochs == 0)
+            or (every_steps > 0 and self.step % every_steps == 0)
+            or self.last
+        )
+
     def meta(self) -> dict[str, int]:
         """The data position a checkpoint records."""
         return {
@@ -202,55 +219,6 @@ class TrainLog:
             self._write(step, None)
 
 
-class Selection:
-    """Evaluation on the select split (`config.select_crops` crops) after every
-    `config.eval_every_epochs` epochs and the last one; returns the report."""
-
-    def __init__(self, job: Job, writers: RunWriters, select, select_name: str):
-        self.job, self.writers = job, writers
-        self.select, self.select_name = select, select_name
-        self.every = job.config.eval_every_epochs
-        self.crops = config_schema.select_crops(job.config)
-
-    def due(self, at: Position) -> bool:
-        return (
-            at.end_of_epoch
-            and self.select is not None
-            and self.every > 0
-            and (at.epoch % self.every == 0 or at.last)
-        )
-
-    def __call__(self, state: TrainState, at: Position, timer: Timer) -> dict[str, Any]:
-        report = self.job.evaluate(state, *self.select, crops=self.crops)
-        timer.evaluated(len(self.select[1]) * self.crops)
-        self.writers.write_evaluation(at.step, self.select_name, at.epoch, report)
-        return report
-
-
-class Saving:
-    """The latest checkpoint (each `checkpoint_every_epochs` / `_steps`, the last step, before
-    a stop) and the best by the select split's accuracy."""
-
-    def __init__(self, manager: checkpoint.Checkpoints, devices: OneDevice, config):
-        self.manager, self.devices, self.config = manager, devices, config
-
-    def due(self, at: Position, stopping: bool) -> bool:
-        every_steps = self.config.checkpoint_every_steps
-        return (
-            (at.end_of_epoch and at.epoch % self.config.checkpoint_every_epochs == 0)
-            or (every_steps > 0 and at.step % every_steps == 0)
-            or at.last
-            or stopping
-        )
-
-    def __call__(self, state: TrainState, at: Position, save: bool, report: dict | None) -> None:
-        host_state = self.devices.unreplicate(state)
-        if save:
-            self.manager.save(at.step, host_state, at.meta())
-        if report is not None:
-            self.manager.maybe_save_best(at.step, host_state, at.meta(), report)
-
-
 def _resume(manager: checkpoint.Checkpoints, template: TrainState, config) -> TrainState:
     """The latest checkpoint's state, else a fresh one (from `config.init_from` if set)."""
     restored = manager.restore_latest(template)
@@ -297,9 +265,8 @@ def fit(
     )
     if at.step == 0:
         writers.write_start(host_state.params)
-    log = TrainLog(job, writers)
-    selection = Selection(job, writers, select, select_name)
-    saving, timer, stop = Saving(manager, devices, config), Timer(job), StopSignal()
+    log, timer, stop = TrainLog(job, writers), Timer(job), StopSignal()
+    crops = config_schema.select_crops(config)  # of the selection evaluations
     state = devices.replicate(host_state)
     calls = job.train_calls(train_images, train_labels, at.step, total_steps, steps_per_epoch)
     try:
@@ -308,14 +275,23 @@ def fit(
             at = dataclasses.replace(at, step=at.step + steps, steps=steps)
             timer.steps += steps
             log(step_metrics, at)
-            evaluate_now, stop_now = selection.due(at), stop.agreed()
-            save_now = saving.due(at, stop_now)
+            evaluate_now = select is not None and at.evaluation_due(config.eval_every_epochs)
+            stop_now = stop.agreed()
+            save_now = at.save_due(config) or stop_now
             if not (evaluate_now or save_now):
                 continue
             timer.pause(state)
-            report = selection(state, at, timer) if evaluate_now else None
-            log.check_pending(at.step)
-            saving(state, at, save_now, report)
+            report = None
+            if evaluate_now:
+                report = job.evaluate(state, *select, crops=crops)
+                timer.evaluated(len(select[1]) * crops)
+                writers.write_evaluation(at.step, select_name, at.epoch, report)
+            log.check_pending(at.step)  # before anything is saved
+            host_state = devices.unreplicate(state)
+            if save_now:
+                manager.save(at.step, host_state, at.meta())
+            if report is not None:  # the best checkpoint, by the select split's accuracy
+                manager.maybe_save_best(at.step, host_state, at.meta(), report)
             writers.flush()
             if stop_now:
                 manager.close()  # waits for the checkpoint to be written
