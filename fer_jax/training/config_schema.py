@@ -249,14 +249,20 @@ def schemas() -> tuple[Section, Section]:
     return Section(training), Section(cv)
 
 
-def field_paths(config: Any, prefix: str = "config") -> Iterator[str]:
-    """Every field and section of a config or a `Schema` as a dotted path (`config.model.cbam`)."""
+def _walk(config: Any, prefix: str = "config") -> Iterator[tuple[str, Any]]:
+    """`(dotted path, value)` of every field and section of a config or a `Schema`
+    (`('config.model.cbam', its value or Rule)`)."""
     for key in config.keys():
-        path = f"{prefix}.{key}"
-        yield path
-        value = config[key].fields if isinstance(config[key], Section) else config[key]
-        if _section(value):
-            yield from field_paths(value, path)
+        path, value = f"{prefix}.{key}", config[key]
+        yield path, value
+        inner = value.fields if isinstance(value, Section) else value
+        if _section(inner):
+            yield from _walk(inner, path)
+
+
+def field_paths(config: Any) -> list[str]:
+    """Every field and section of a config or a `Schema` as a dotted path, sorted."""
+    return sorted(path for path, _ in _walk(config))
 
 
 def closest(path: str, known: Sequence[str]) -> str:
@@ -353,7 +359,7 @@ def _check_replicas(config: Any, path: str, schema: Schema) -> None:
         for name, value in fields.items():
             where = f"{path}.replica_overrides[{i}][{name!r}]"
             if name not in OVERRIDABLE:
-                why = _not_overridable(config, name, OVERRIDABLE)
+                why = _not_overridable(name, OVERRIDABLE)
                 raise UserError(f"{where}: {name!r} cannot differ between replicas: {why}")
             section, key = name.split(".")
             rule = schema[section].fields[key]
@@ -361,11 +367,11 @@ def _check_replicas(config: Any, path: str, schema: Schema) -> None:
                 raise UserError(f"{where} is {_describe(value)}; allowed: {rule.allowed}")
 
 
-def _not_overridable(config: Any, name: str, overridable: Sequence[str]) -> str:
+def _not_overridable(name: str, overridable: Sequence[str]) -> str:
     """Why `name` cannot be a replica's override, and what can."""
     if name == "seed":
         return "per-replica seeds go in config.replica_seeds"
-    if _lookup(config, name.split(".")) is None:
+    if f"config.{name}" in _nodes():
         return "it changes the program or its shapes; replicas may differ only in " + ", ".join(
             overridable
         )
@@ -379,7 +385,7 @@ def validate(config: Any) -> None:
     of the former)."""
     training, cv = schemas()
     schema = (cv if "folds" in config else training).fields
-    known = sorted(field_paths(schema))
+    known = field_paths(schema)
     _check_section(config, schema, "config", known)
     _check_replicas(config, "config", schema)
     _check_data(config, "config")
@@ -424,18 +430,10 @@ def check_mode(config: Any, mode: str, split: str | None = None) -> None:
             )
 
 
-def allowed_for(path: str) -> str | None:
-    """What the field at dotted `path` ('config.model.cbam') may hold, in words, or None."""
-    for section in schemas():
-        node: Rule | Section = section
-        for part in path.split(".")[1:]:
-            if not isinstance(node, Section) or part not in node.fields:
-                break
-            node = node.fields[part]
-        else:
-            if isinstance(node, Rule):
-                return node.allowed
-    return None
+@functools.cache
+def _nodes() -> dict[str, Rule | Section]:
+    """Every field and section of either schema by dotted path ('config.model.cbam')."""
+    return {path: node for section in schemas() for path, node in _walk(section.fields)}
 
 
 _BAD_VALUE = re.compile(r"^flag --(?P<path>[A-Za-z_]\w*\.[^=]+)=(?P<value>.*?): ")
@@ -445,56 +443,27 @@ def bad_override_value(message: str) -> str | None:
     """absl's "flag --config.FIELD=VALUE: <parse error>" as "config.FIELD is 'VALUE'; allowed:
     ..." (or None)."""
     match = _BAD_VALUE.match(message)
-    allowed = match and allowed_for(match["path"])
-    if not allowed:
+    rule = _nodes().get(match["path"]) if match else None
+    if not isinstance(rule, Rule):
         return None
-    return f"{match['path']} is {match['value']!r}; allowed: {allowed}"
+    return f"{match['path']} is {match['value']!r}; allowed: {rule.allowed}"
 
 
-_OVERRIDE = re.compile(r"^--?(?:no)?(?P<flag>[A-Za-z_][\w]*)\.(?P<path>[^=]+)")
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.(?P<path>[^=]+)")
 
 
-def _lookup(config: Any, parts: Sequence[str]) -> tuple[str, bool] | None:
-    """None if `parts` name a field of `config`, else `(the dotted prefix that does not,
-    whether that prefix is a field holding a value rather than a missing name)`."""
-    node = config
-    for i, part in enumerate(parts):
-        if not _section(node):
-            return ".".join(parts[:i]), True
-        if part not in node:
-            return ".".join(parts[: i + 1]), False
-        node = node[part]
-    return None
-
-
-def unknown_override_in_file(
-    argv: Sequence[str], load: Callable[[str], Any], flag: str = "config"
-) -> str | None:
-    """`unknown_override` against the config file of `--config[=]PATH` in `argv` (None if
-    none), loaded with `load`: ml_collections words such mistakes as bare Python errors."""
-    path = None
-    for i, arg in enumerate(argv):
-        if arg.startswith((f"--{flag}=", f"-{flag}=")):
-            path = arg.split("=", 1)[1]
-        elif arg in (f"--{flag}", f"-{flag}") and i + 1 < len(argv):
-            path = argv[i + 1]
-    return None if path is None else unknown_override(argv, load(path), flag)
-
-
-def unknown_override(argv: Sequence[str], config: Any, flag: str = "config") -> str | None:
-    """The message for the first `--config.PATH=...` in `argv` that names no field of `config`
-    (or goes into a field that is not a section), or None."""
-    known = sorted(field_paths(config, flag))
+def unknown_override(argv: Sequence[str]) -> str | None:
+    """The message for the first `--config.PATH=...` in `argv` that names no field of the
+    schemas (or goes into a field that is not a section), or None: ml_collections words such
+    mistakes as bare Python errors."""
+    nodes = _nodes()
     for arg in argv:
         match = _OVERRIDE.match(arg)
-        if match is None or match["flag"] != flag:
-            continue
-        parts = re.sub(r"\[[^]]*\]", "", match["path"]).split(".")
-        found = _lookup(config, parts)
-        if found is None:
-            continue
-        bad, is_value = found
-        if is_value:
-            return f"{arg}: {flag}.{bad} is a field, not a section with fields"
-        return f"{arg}: {unknown_field_message(f'{flag}.{bad}', known)}"
+        parts = ["config", *re.sub(r"\[[^]]*\]", "", match["path"]).split(".")] if match else []
+        for i in range(2, len(parts) + 1):
+            path, parent = ".".join(parts[:i]), ".".join(parts[: i - 1])
+            if isinstance(nodes.get(parent), Rule):
+                return f"{arg}: {parent} is a field, not a section with fields"
+            if path not in nodes:
+                return f"{arg}: {unknown_field_message(path, sorted(nodes))}"
     return None
