@@ -130,9 +130,8 @@ def main(argv: list[str]) -> None:
     config_schema.validate(config)
     if FLAGS.check_mode and FLAGS.mode != "check":
         raise UserError(f"--check_mode={FLAGS.check_mode} needs --mode=check")
-    mode = FLAGS.mode if FLAGS.mode != "check" else FLAGS.check_mode
-    mode = mode or data_check.default_mode(config)
-    config_schema.check_mode(config, mode, FLAGS.split)
+    mode = FLAGS.check_mode if FLAGS.mode == "check" else FLAGS.mode
+    mode = config_schema.check_mode(config, mode, FLAGS.split)
     if not FLAGS.multihost and (
         FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
     ):

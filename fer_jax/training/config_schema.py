@@ -44,10 +44,14 @@ class Rule:
     ok: Callable[[Any], bool] = lambda value: True
     required: bool = True
 
-    def type_ok(self, value: Any) -> bool:
-        if isinstance(value, bool) and bool not in self.types:
-            return False  # bool is an int subclass: True is not an epoch count
-        return isinstance(value, self.types)
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` ("is 'x' (type str); allowed: ..."), or None."""
+        # bool is an int subclass: True is not an epoch count.
+        if not isinstance(value, self.types) or (
+            isinstance(value, bool) and bool not in self.types
+        ):
+            return f"is {_describe(value)} (type {type(value).__name__}); allowed: {self.allowed}"
+        return None if self.ok(value) else f"is {_describe(value)}; allowed: {self.allowed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +192,7 @@ def schemas() -> tuple[Section, Section]:
         "replica_seeds": Rule(
             (list, tuple),
             f"a list of integers from 0 to {MAX_SEED}, one per replica, or none",
-            lambda v: all(seed.type_ok(s) and seed.ok(s) for s in v),
+            lambda v: not any(seed.problem(s) for s in v),
             required=False,
         ),
         "replica_overrides": Rule(
@@ -260,25 +264,13 @@ def _walk(config: Any, prefix: str = "config") -> Iterator[tuple[str, Any]]:
             yield from _walk(inner, path)
 
 
-def field_paths(config: Any) -> list[str]:
-    """Every field and section of a config or a `Schema` as a dotted path, sorted."""
-    return sorted(path for path, _ in _walk(config))
-
-
-def closest(path: str, known: Sequence[str]) -> str:
-    """The known path most like `path` (difflib), preferring one in the same section."""
-    section = path.rsplit(".", 1)[0]
-    siblings = [k for k in known if k.rsplit(".", 1)[0] == section]
-    for pool in (siblings, known):
-        found = difflib.get_close_matches(path, pool, n=1, cutoff=0.6)
-        if found:
-            return found[0]
-    found = difflib.get_close_matches(path, siblings or known, n=1, cutoff=0.0)
-    return found[0] if found else "none"
-
-
 def unknown_field_message(path: str, known: Sequence[str]) -> str:
-    return f"{path} is not a known field; the closest known field is {closest(path, known)}"
+    """`path` is unknown, and the known path most like it (difflib; one in the same section
+    first, then any)."""
+    siblings = [k for k in known if k.rsplit(".", 1)[0] == path.rsplit(".", 1)[0]]
+    pools = [(siblings, 0.6), (known, 0.6), (siblings or known, 0.0)]
+    close = [m for pool, cut in pools for m in difflib.get_close_matches(path, pool, 1, cut)]
+    return f"{path} is not a known field; the closest known field is {(close or ['none'])[0]}"
 
 
 def _describe(value: Any) -> str:
@@ -301,11 +293,8 @@ def _check_section(config: Any, schema: Schema, path: str, known: Sequence[str])
         value = config[key]
         if isinstance(rule, Section):
             _check_section(value, rule.fields, field, known)
-        elif not rule.type_ok(value):
-            kind = type(value).__name__
-            raise UserError(f"{field} is {_describe(value)} (type {kind}); allowed: {rule.allowed}")
-        elif not rule.ok(value):
-            raise UserError(f"{field} is {_describe(value)}; allowed: {rule.allowed}")
+        elif problem := rule.problem(value):
+            raise UserError(f"{field} {problem}")
 
 
 def _split_names(config: Any) -> tuple[str, ...]:
@@ -343,7 +332,7 @@ def _check_splits(config: Any, path: str) -> None:
             )
 
 
-def _check_replicas(config: Any, path: str, schema: Schema) -> None:
+def _check_replicas(config: Any, path: str) -> None:
     """One seed and dict of overrides per replica, each of an `OVERRIDABLE` field."""
     from fer_jax.training.replicas import OVERRIDABLE
 
@@ -361,10 +350,9 @@ def _check_replicas(config: Any, path: str, schema: Schema) -> None:
             if name not in OVERRIDABLE:
                 why = _not_overridable(name, OVERRIDABLE)
                 raise UserError(f"{where}: {name!r} cannot differ between replicas: {why}")
-            section, key = name.split(".")
-            rule = schema[section].fields[key]
-            if not rule.type_ok(value) or not rule.ok(value):
-                raise UserError(f"{where} is {_describe(value)}; allowed: {rule.allowed}")
+            problem = _nodes()[f"config.{name}"].problem(value)
+            if problem:
+                raise UserError(f"{where} {problem}")
 
 
 def _not_overridable(name: str, overridable: Sequence[str]) -> str:
@@ -385,9 +373,9 @@ def validate(config: Any) -> None:
     of the former)."""
     training, cv = schemas()
     schema = (cv if "folds" in config else training).fields
-    known = field_paths(schema)
+    known = sorted(path for path, _ in _walk(schema))
     _check_section(config, schema, "config", known)
-    _check_replicas(config, "config", schema)
+    _check_replicas(config, "config")
     _check_data(config, "config")
     if schema is training.fields:
         _check_splits(config, "config")
@@ -397,14 +385,16 @@ def validate(config: Any) -> None:
                     "config.jaffe is missing; config.cross_validate=True fine-tunes on it"
                 )
             # The CV stage reads its data as the parent run does (cross_validate.py).
-            _check_replicas(config["jaffe"], "config.jaffe", cv.fields)
+            _check_replicas(config["jaffe"], "config.jaffe")
             _check_data(config["jaffe"], "config.jaffe")
 
 
-def check_mode(config: Any, mode: str, split: str | None = None) -> None:
-    """Raises `UserError` unless `config` (validated) suits `fer_jax.main --mode=mode`
-    (and, for 'evaluate', has the split `split`)."""
+def check_mode(config: Any, mode: str | None, split: str | None = None) -> str:
+    """The mode `fer_jax.main` runs `config` (validated) in: `mode`, or by default
+    'cross_validate' for a cross-validation config (it has `folds`), else 'train'; UserError
+    where `config` does not suit it (or, for 'evaluate', lacks the split `split`)."""
     is_cv = "folds" in config
+    mode = mode or ("cross_validate" if is_cv else "train")
     if mode == "train" and is_cv:
         raise UserError(
             "this is a cross-validation config (it has config.folds): run it with "
@@ -428,6 +418,7 @@ def check_mode(config: Any, mode: str, split: str | None = None) -> None:
                 f"--split={split} is not a split of {config['dataset']}; allowed: one of "
                 + ", ".join(have)
             )
+    return mode
 
 
 @functools.cache

@@ -42,7 +42,6 @@ class Stage:
     config: ml_collections.ConfigDict  # dataset, data_source, data_dir, manual_dir, ...
     field: str  # where its data fields are set: 'config' or 'config.jaffe'
     splits: tuple[str, ...]
-    skip: str = ""  # the flag that drops the stage, if any
 
 
 @dataclasses.dataclass
@@ -69,22 +68,14 @@ class Found:
         labels = np.asarray([item.label for item in self.jaffe])
         subjects = np.asarray([item.subject for item in self.jaffe])
         stage = self.stage
-        return (
-            labels,
-            subjects,
-            make_folds(labels, subjects, stage.config, stage.label, stage.field),
-        )
+        made = make_folds(labels, subjects, stage.config, stage.label, stage.field)
+        return labels, subjects, made
 
     def fold_train_sizes(self) -> list[int] | None:
         """Training images of each fold of JAFFE listed by name (else None)."""
-        return (
-            None if self.folds is None else [len(t) for f in self.folds[2].values() for t, _ in f]
-        )
-
-
-def default_mode(config: ml_collections.ConfigDict) -> str:
-    """The mode a config runs in: 'cross_validate' for a CV config (it has `folds`)."""
-    return "cross_validate" if "folds" in config else "train"
+        if self.folds is None:
+            return None
+        return [len(train) for split in self.folds[2].values() for train, _ in split]
 
 
 def stages(
@@ -113,7 +104,6 @@ def stages(
                 cv,
                 "config.jaffe",
                 ("train",),
-                skip="--config.cross_validate=False",
             )
         )
     return out
@@ -225,8 +215,8 @@ def _missing(stage: Stage, source: str, manual: str, data_dir: str) -> str:
     else:
         problem += " (data_source 'files' reads the downloaded files from it)"
     ways = f"--{field}.manual_dir=DIR ({WHERE.get(name, 'the downloaded files')})"
-    if stage.skip:
-        ways += f" or {stage.skip}"
+    if field == "config.jaffe":  # the stage after training, which it may skip
+        ways += " or --config.cross_validate=False"
     elif source == "tfds":
         ways += f" or --{field}.data_dir=DIR (where TFDS {name!r} is built)"
     else:
