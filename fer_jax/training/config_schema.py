@@ -65,9 +65,9 @@ class Section:
 Schema = dict[str, Rule | Section]
 
 
-def integer(low: int | None = None, high: int | None = None, *, required: bool = True) -> Rule:
-    bounds = _bounds(low, high, "an integer")
-    return Rule((int,), bounds, lambda v: _within(v, low, high), required)
+def integer(low: int, high: int | None = None, *, required: bool = True) -> Rule:
+    words = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+    return Rule((int,), words, lambda v: v >= low and (high is None or v <= high), required)
 
 
 def number(
@@ -79,17 +79,16 @@ def number(
     required: bool = True,
 ) -> Rule:
     def ok(v: float) -> bool:
-        if not math.isfinite(v) or not _within(v, low, high):
-            return False
-        return not ((low_open and v == low) or (high_open and v == high))
+        above = low is None or (v > low if low_open else v >= low)
+        below = high is None or (v < high if high_open else v <= high)
+        return math.isfinite(v) and above and below
 
-    words = "a number"
-    if low is not None and high is not None:
-        words += f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if high is not None:  # and a low bound, as every such field has
+        words = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     elif low is not None:
-        words += f" {'>' if low_open else '>='} {low}"
-    elif high is not None:
-        words += f" {'<' if high_open else '<='} {high}"
+        words = f"a number {'>' if low_open else '>='} {low}"
+    else:
+        words = "a number"
     return Rule((int, float), words, ok, required)
 
 
@@ -104,18 +103,6 @@ def boolean(*, required: bool = True) -> Rule:
 
 def string(words: str = "a string", *, required: bool = True) -> Rule:
     return Rule((str,), words, required=required)
-
-
-def _bounds(low: float | None, high: float | None, what: str) -> str:
-    if low is not None and high is not None:
-        return f"{what} from {low} to {high}"
-    if low is not None:
-        return f"{what} >= {low}"
-    return f"{what} <= {high}" if high is not None else what
-
-
-def _within(value: float, low: float | None, high: float | None) -> bool:
-    return (low is None or value >= low) and (high is None or value <= high)
 
 
 def _normalize_ok(v: Any) -> bool:

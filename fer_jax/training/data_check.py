@@ -30,6 +30,7 @@ WHERE = {
     "jaffe": "the jaffedbase folder of TIFFs, from https://zenodo.org/record/3451524",
 }
 CHECK_MODES = ("train", "evaluate", "cross_validate")  # what --mode=check can check
+Folds = dict[str, list[tuple[np.ndarray, np.ndarray]]]  # {protocol: [(train, test) indices]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +56,7 @@ class Found:
     jaffe: list[jaffe_files.JaffeFile] | None = None  # JAFFE photos listed by name
 
     @functools.cached_property
-    def folds(
-        self,
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, list[tuple[np.ndarray, np.ndarray]]]] | None:
+    def folds(self) -> tuple[np.ndarray, np.ndarray, Folds] | None:
         """`(labels, subjects, {protocol: its folds})` of JAFFE listed by name (else None), made
         once from the stage's folds, seed and protocol, as the run makes them; UserError where
         they cannot be made."""
