@@ -111,11 +111,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         one_line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise UserError(config_schema.bad_override_value(one_line) or one_line) from e
     except (AttributeError, KeyError, TypeError) as e:  # ml_collections: no such field
-        unset = str(e.args[0] if e.args else e).splitlines()[0]  # a field the schema has
-        message = config_schema.unknown_override(argv) or (
-            f"the config file does not set {unset}, which a --config.FIELD flag changes: set "
-            "it in the file"
-        )
+        missing = str(e.args[0] if e.args else e).splitlines()[0].strip("\"'")
+        message = config_schema.unknown_override(argv, missing)
+        if message is None:
+            raise
         raise UserError(message) from e
 
 

@@ -203,6 +203,11 @@ def test_unknown_override_on_the_command_line():
     assert config_schema.unknown_override(["--noconfig.cross_validat"]).endswith(
         "the closest known field is config.cross_validate"
     )
+    # A known field that this config file does not set (ml_collections' KeyError names it).
+    assert config_schema.unknown_override(["--config.select_crops=1"], "select_crops") == (
+        "--config.select_crops=1: the config file does not set config.select_crops, so no flag "
+        "can change it"
+    )
     assert config_schema.bad_override_value(
         "flag --config.num_epochs=abc: invalid literal for int() with base 10: 'abc'"
     ) == ("config.num_epochs is 'abc'; allowed: an integer >= 1")

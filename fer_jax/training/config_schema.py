@@ -430,10 +430,11 @@ def bad_override_value(message: str) -> str | None:
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.(?P<path>[^=]+)")
 
 
-def unknown_override(argv: Sequence[str]) -> str | None:
+def unknown_override(argv: Sequence[str], missing: str = "") -> str | None:
     """The message for the first `--config.PATH=...` in `argv` that names no field of the
-    schemas (or goes into a field that is not a section), or None: ml_collections words such
-    mistakes as bare Python errors."""
+    schemas (or goes into a field that is not a section) or one the config file does not set
+    (`missing`, which ml_collections did not find), or None: ml_collections words such mistakes
+    as bare Python errors."""
     nodes = _nodes()
     for arg in argv:
         match = _OVERRIDE.match(arg)
@@ -444,4 +445,7 @@ def unknown_override(argv: Sequence[str]) -> str | None:
                 return f"{arg}: {parent} is a field, not a section with fields"
             if path not in nodes:
                 return f"{arg}: {unknown_field_message(path, sorted(nodes))}"
+        if missing in parts[1:]:
+            path = ".".join(parts[: parts.index(missing, 1) + 1])
+            return f"{arg}: the config file does not set {path}, so no flag can change it"
     return None
