@@ -111,7 +111,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         one_line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise UserError(config_schema.bad_override_value(one_line) or one_line) from e
     except (AttributeError, KeyError, TypeError) as e:  # ml_collections: no such field
-        message = config_schema.unknown_override_in_file(argv, FLAGS["config"].parser.parse)
+        missing = str(e.args[0] if e.args else e).splitlines()[0].strip("\"'")
+        message = config_schema.unknown_override(argv, missing)
         if message is None:
             raise
         raise UserError(message) from e
@@ -128,9 +129,8 @@ def main(argv: list[str]) -> None:
     config_schema.validate(config)
     if FLAGS.check_mode and FLAGS.mode != "check":
         raise UserError(f"--check_mode={FLAGS.check_mode} needs --mode=check")
-    mode = FLAGS.mode if FLAGS.mode != "check" else FLAGS.check_mode
-    mode = mode or data_check.default_mode(config)
-    config_schema.check_mode(config, mode, FLAGS.split)
+    mode = FLAGS.check_mode if FLAGS.mode == "check" else FLAGS.mode
+    mode = config_schema.check_mode(config, mode, FLAGS.split)
     if not FLAGS.multihost and (
         FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
     ):

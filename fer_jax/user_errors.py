@@ -69,26 +69,18 @@ def user_message(error: BaseException) -> str | None:
     return None
 
 
-def report(error: BaseException, argv: Sequence[str] | None = None) -> int | None:
-    """Prints a user error (with its traceback if `verbose(argv)`) and returns 2; None for a
-    bug."""
-    message = user_message(error)
-    if message is None:
-        return None
-    if verbose(argv):
-        traceback.print_exception(error)
-    sys.stdout.flush()
-    sys.stderr.write(f"error: {message.strip()}\n")  # lines after the first as they are
-    sys.stderr.flush()
-    return EXIT_USER_ERROR
-
-
 def run_cli(main: Callable[[], int | None], argv: Sequence[str] | None = None) -> int:
-    """Runs `main()` and returns its exit status (None: 0), 2 for a reported user error."""
+    """Runs `main()` and returns its exit status (None: 0); a user error is printed (with its
+    traceback if `verbose(argv)`) and gives 2, a bug propagates."""
     try:
         return main() or 0
-    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs by `report`
-        status = report(e, argv)
-        if status is None:
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs by `user_message`
+        message = user_message(e)
+        if message is None:
             raise
-        return status
+        if verbose(argv):
+            traceback.print_exception(e)
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {message.strip()}\n")  # lines after the first as they are
+        sys.stderr.flush()
+        return EXIT_USER_ERROR

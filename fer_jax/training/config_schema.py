@@ -44,10 +44,14 @@ class Rule:
     ok: Callable[[Any], bool] = lambda value: True
     required: bool = True
 
-    def type_ok(self, value: Any) -> bool:
-        if isinstance(value, bool) and bool not in self.types:
-            return False  # bool is an int subclass: True is not an epoch count
-        return isinstance(value, self.types)
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` ("is 'x' (type str); allowed: ..."), or None."""
+        # bool is an int subclass: True is not an epoch count.
+        if not isinstance(value, self.types) or (
+            isinstance(value, bool) and bool not in self.types
+        ):
+            return f"is {_describe(value)} (type {type(value).__name__}); allowed: {self.allowed}"
+        return None if self.ok(value) else f"is {_describe(value)}; allowed: {self.allowed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +65,9 @@ class Section:
 Schema = dict[str, Rule | Section]
 
 
-def integer(low: int | None = None, high: int | None = None, *, required: bool = True) -> Rule:
-    bounds = _bounds(low, high, "an integer")
-    return Rule((int,), bounds, lambda v: _within(v, low, high), required)
+def integer(low: int, high: int | None = None, *, required: bool = True) -> Rule:
+    words = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+    return Rule((int,), words, lambda v: v >= low and (high is None or v <= high), required)
 
 
 def number(
@@ -75,17 +79,16 @@ def number(
     required: bool = True,
 ) -> Rule:
     def ok(v: float) -> bool:
-        if not math.isfinite(v) or not _within(v, low, high):
-            return False
-        return not ((low_open and v == low) or (high_open and v == high))
+        above = low is None or (v > low if low_open else v >= low)
+        below = high is None or (v < high if high_open else v <= high)
+        return math.isfinite(v) and above and below
 
-    words = "a number"
-    if low is not None and high is not None:
-        words += f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if high is not None:  # and a low bound, as every such field has
+        words = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     elif low is not None:
-        words += f" {'>' if low_open else '>='} {low}"
-    elif high is not None:
-        words += f" {'<' if high_open else '<='} {high}"
+        words = f"a number {'>' if low_open else '>='} {low}"
+    else:
+        words = "a number"
     return Rule((int, float), words, ok, required)
 
 
@@ -100,18 +103,6 @@ def boolean(*, required: bool = True) -> Rule:
 
 def string(words: str = "a string", *, required: bool = True) -> Rule:
     return Rule((str,), words, required=required)
-
-
-def _bounds(low: float | None, high: float | None, what: str) -> str:
-    if low is not None and high is not None:
-        return f"{what} from {low} to {high}"
-    if low is not None:
-        return f"{what} >= {low}"
-    return f"{what} <= {high}" if high is not None else what
-
-
-def _within(value: float, low: float | None, high: float | None) -> bool:
-    return (low is None or value >= low) and (high is None or value <= high)
 
 
 def _normalize_ok(v: Any) -> bool:
@@ -188,7 +179,7 @@ def schemas() -> tuple[Section, Section]:
         "replica_seeds": Rule(
             (list, tuple),
             f"a list of integers from 0 to {MAX_SEED}, one per replica, or none",
-            lambda v: all(seed.type_ok(s) and seed.ok(s) for s in v),
+            lambda v: not any(seed.problem(s) for s in v),
             required=False,
         ),
         "replica_overrides": Rule(
@@ -249,30 +240,24 @@ def schemas() -> tuple[Section, Section]:
     return Section(training), Section(cv)
 
 
-def field_paths(config: Any, prefix: str = "config") -> Iterator[str]:
-    """Every field and section of a config or a `Schema` as a dotted path (`config.model.cbam`)."""
+def _walk(config: Any, prefix: str = "config") -> Iterator[tuple[str, Any]]:
+    """`(dotted path, value)` of every field and section of a config or a `Schema`
+    (`('config.model.cbam', its value or Rule)`)."""
     for key in config.keys():
-        path = f"{prefix}.{key}"
-        yield path
-        value = config[key].fields if isinstance(config[key], Section) else config[key]
-        if _section(value):
-            yield from field_paths(value, path)
-
-
-def closest(path: str, known: Sequence[str]) -> str:
-    """The known path most like `path` (difflib), preferring one in the same section."""
-    section = path.rsplit(".", 1)[0]
-    siblings = [k for k in known if k.rsplit(".", 1)[0] == section]
-    for pool in (siblings, known):
-        found = difflib.get_close_matches(path, pool, n=1, cutoff=0.6)
-        if found:
-            return found[0]
-    found = difflib.get_close_matches(path, siblings or known, n=1, cutoff=0.0)
-    return found[0] if found else "none"
+        path, value = f"{prefix}.{key}", config[key]
+        yield path, value
+        inner = value.fields if isinstance(value, Section) else value
+        if _section(inner):
+            yield from _walk(inner, path)
 
 
 def unknown_field_message(path: str, known: Sequence[str]) -> str:
-    return f"{path} is not a known field; the closest known field is {closest(path, known)}"
+    """`path` is unknown, and the known path most like it (difflib; one in the same section
+    first, then any)."""
+    siblings = [k for k in known if k.rsplit(".", 1)[0] == path.rsplit(".", 1)[0]]
+    pools = [(siblings, 0.6), (known, 0.6), (siblings or known, 0.0)]
+    close = [m for pool, cut in pools for m in difflib.get_close_matches(path, pool, 1, cut)]
+    return f"{path} is not a known field; the closest known field is {(close or ['none'])[0]}"
 
 
 def _describe(value: Any) -> str:
@@ -295,11 +280,8 @@ def _check_section(config: Any, schema: Schema, path: str, known: Sequence[str])
         value = config[key]
         if isinstance(rule, Section):
             _check_section(value, rule.fields, field, known)
-        elif not rule.type_ok(value):
-            kind = type(value).__name__
-            raise UserError(f"{field} is {_describe(value)} (type {kind}); allowed: {rule.allowed}")
-        elif not rule.ok(value):
-            raise UserError(f"{field} is {_describe(value)}; allowed: {rule.allowed}")
+        elif problem := rule.problem(value):
+            raise UserError(f"{field} {problem}")
 
 
 def _split_names(config: Any) -> tuple[str, ...]:
@@ -337,7 +319,7 @@ def _check_splits(config: Any, path: str) -> None:
             )
 
 
-def _check_replicas(config: Any, path: str, schema: Schema) -> None:
+def _check_replicas(config: Any, path: str) -> None:
     """One seed and dict of overrides per replica, each of an `OVERRIDABLE` field."""
     from fer_jax.training.replicas import OVERRIDABLE
 
@@ -353,19 +335,18 @@ def _check_replicas(config: Any, path: str, schema: Schema) -> None:
         for name, value in fields.items():
             where = f"{path}.replica_overrides[{i}][{name!r}]"
             if name not in OVERRIDABLE:
-                why = _not_overridable(config, name, OVERRIDABLE)
+                why = _not_overridable(name, OVERRIDABLE)
                 raise UserError(f"{where}: {name!r} cannot differ between replicas: {why}")
-            section, key = name.split(".")
-            rule = schema[section].fields[key]
-            if not rule.type_ok(value) or not rule.ok(value):
-                raise UserError(f"{where} is {_describe(value)}; allowed: {rule.allowed}")
+            problem = _nodes()[f"config.{name}"].problem(value)
+            if problem:
+                raise UserError(f"{where} {problem}")
 
 
-def _not_overridable(config: Any, name: str, overridable: Sequence[str]) -> str:
+def _not_overridable(name: str, overridable: Sequence[str]) -> str:
     """Why `name` cannot be a replica's override, and what can."""
     if name == "seed":
         return "per-replica seeds go in config.replica_seeds"
-    if _lookup(config, name.split(".")) is None:
+    if f"config.{name}" in _nodes():
         return "it changes the program or its shapes; replicas may differ only in " + ", ".join(
             overridable
         )
@@ -379,9 +360,9 @@ def validate(config: Any) -> None:
     of the former)."""
     training, cv = schemas()
     schema = (cv if "folds" in config else training).fields
-    known = sorted(field_paths(schema))
+    known = sorted(path for path, _ in _walk(schema))
     _check_section(config, schema, "config", known)
-    _check_replicas(config, "config", schema)
+    _check_replicas(config, "config")
     _check_data(config, "config")
     if schema is training.fields:
         _check_splits(config, "config")
@@ -391,14 +372,16 @@ def validate(config: Any) -> None:
                     "config.jaffe is missing; config.cross_validate=True fine-tunes on it"
                 )
             # The CV stage reads its data as the parent run does (cross_validate.py).
-            _check_replicas(config["jaffe"], "config.jaffe", cv.fields)
+            _check_replicas(config["jaffe"], "config.jaffe")
             _check_data(config["jaffe"], "config.jaffe")
 
 
-def check_mode(config: Any, mode: str, split: str | None = None) -> None:
-    """Raises `UserError` unless `config` (validated) suits `fer_jax.main --mode=mode`
-    (and, for 'evaluate', has the split `split`)."""
+def check_mode(config: Any, mode: str | None, split: str | None = None) -> str:
+    """The mode `fer_jax.main` runs `config` (validated) in: `mode`, or by default
+    'cross_validate' for a cross-validation config (it has `folds`), else 'train'; UserError
+    where `config` does not suit it (or, for 'evaluate', lacks the split `split`)."""
     is_cv = "folds" in config
+    mode = mode or ("cross_validate" if is_cv else "train")
     if mode == "train" and is_cv:
         raise UserError(
             "this is a cross-validation config (it has config.folds): run it with "
@@ -422,20 +405,13 @@ def check_mode(config: Any, mode: str, split: str | None = None) -> None:
                 f"--split={split} is not a split of {config['dataset']}; allowed: one of "
                 + ", ".join(have)
             )
+    return mode
 
 
-def allowed_for(path: str) -> str | None:
-    """What the field at dotted `path` ('config.model.cbam') may hold, in words, or None."""
-    for section in schemas():
-        node: Rule | Section = section
-        for part in path.split(".")[1:]:
-            if not isinstance(node, Section) or part not in node.fields:
-                break
-            node = node.fields[part]
-        else:
-            if isinstance(node, Rule):
-                return node.allowed
-    return None
+@functools.cache
+def _nodes() -> dict[str, Rule | Section]:
+    """Every field and section of either schema by dotted path ('config.model.cbam')."""
+    return {path: node for section in schemas() for path, node in _walk(section.fields)}
 
 
 _BAD_VALUE = re.compile(r"^flag --(?P<path>[A-Za-z_]\w*\.[^=]+)=(?P<value>.*?): ")
@@ -445,56 +421,31 @@ def bad_override_value(message: str) -> str | None:
     """absl's "flag --config.FIELD=VALUE: <parse error>" as "config.FIELD is 'VALUE'; allowed:
     ..." (or None)."""
     match = _BAD_VALUE.match(message)
-    allowed = match and allowed_for(match["path"])
-    if not allowed:
+    rule = _nodes().get(match["path"]) if match else None
+    if not isinstance(rule, Rule):
         return None
-    return f"{match['path']} is {match['value']!r}; allowed: {allowed}"
+    return f"{match['path']} is {match['value']!r}; allowed: {rule.allowed}"
 
 
-_OVERRIDE = re.compile(r"^--?(?:no)?(?P<flag>[A-Za-z_][\w]*)\.(?P<path>[^=]+)")
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.(?P<path>[^=]+)")
 
 
-def _lookup(config: Any, parts: Sequence[str]) -> tuple[str, bool] | None:
-    """None if `parts` name a field of `config`, else `(the dotted prefix that does not,
-    whether that prefix is a field holding a value rather than a missing name)`."""
-    node = config
-    for i, part in enumerate(parts):
-        if not _section(node):
-            return ".".join(parts[:i]), True
-        if part not in node:
-            return ".".join(parts[: i + 1]), False
-        node = node[part]
-    return None
-
-
-def unknown_override_in_file(
-    argv: Sequence[str], load: Callable[[str], Any], flag: str = "config"
-) -> str | None:
-    """`unknown_override` against the config file of `--config[=]PATH` in `argv` (None if
-    none), loaded with `load`: ml_collections words such mistakes as bare Python errors."""
-    path = None
-    for i, arg in enumerate(argv):
-        if arg.startswith((f"--{flag}=", f"-{flag}=")):
-            path = arg.split("=", 1)[1]
-        elif arg in (f"--{flag}", f"-{flag}") and i + 1 < len(argv):
-            path = argv[i + 1]
-    return None if path is None else unknown_override(argv, load(path), flag)
-
-
-def unknown_override(argv: Sequence[str], config: Any, flag: str = "config") -> str | None:
-    """The message for the first `--config.PATH=...` in `argv` that names no field of `config`
-    (or goes into a field that is not a section), or None."""
-    known = sorted(field_paths(config, flag))
+def unknown_override(argv: Sequence[str], missing: str = "") -> str | None:
+    """The message for the first `--config.PATH=...` in `argv` that names no field of the
+    schemas (or goes into a field that is not a section) or one the config file does not set
+    (`missing`, which ml_collections did not find), or None: ml_collections words such mistakes
+    as bare Python errors."""
+    nodes = _nodes()
     for arg in argv:
         match = _OVERRIDE.match(arg)
-        if match is None or match["flag"] != flag:
-            continue
-        parts = re.sub(r"\[[^]]*\]", "", match["path"]).split(".")
-        found = _lookup(config, parts)
-        if found is None:
-            continue
-        bad, is_value = found
-        if is_value:
-            return f"{arg}: {flag}.{bad} is a field, not a section with fields"
-        return f"{arg}: {unknown_field_message(f'{flag}.{bad}', known)}"
+        parts = ["config", *re.sub(r"\[[^]]*\]", "", match["path"]).split(".")] if match else []
+        for i in range(2, len(parts) + 1):
+            path, parent = ".".join(parts[:i]), ".".join(parts[: i - 1])
+            if isinstance(nodes.get(parent), Rule):
+                return f"{arg}: {parent} is a field, not a section with fields"
+            if path not in nodes:
+                return f"{arg}: {unknown_field_message(path, sorted(nodes))}"
+        if missing in parts[1:]:
+            path = ".".join(parts[: parts.index(missing, 1) + 1])
+            return f"{arg}: the config file does not set {path}, so no flag can change it"
     return None

@@ -8,6 +8,7 @@ reading it, or raises a one-line `UserError` naming what is missing and the ways
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ WHERE = {
     "jaffe": "the jaffedbase folder of TIFFs, from https://zenodo.org/record/3451524",
 }
 CHECK_MODES = ("train", "evaluate", "cross_validate")  # what --mode=check can check
+Folds = dict[str, list[tuple[np.ndarray, np.ndarray]]]  # {protocol: [(train, test) indices]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,6 @@ class Stage:
     config: ml_collections.ConfigDict  # dataset, data_source, data_dir, manual_dir, ...
     field: str  # where its data fields are set: 'config' or 'config.jaffe'
     splits: tuple[str, ...]
-    skip: str = ""  # the flag that drops the stage, if any
 
 
 @dataclasses.dataclass
@@ -54,10 +55,26 @@ class Found:
     sizes: dict[str, int] | None = None  # examples per split
     jaffe: list[jaffe_files.JaffeFile] | None = None  # JAFFE photos listed by name
 
+    @functools.cached_property
+    def folds(self) -> tuple[np.ndarray, np.ndarray, Folds] | None:
+        """`(labels, subjects, {protocol: its folds})` of JAFFE listed by name (else None), made
+        once from the stage's folds, seed and protocol, as the run makes them; UserError where
+        they cannot be made."""
+        from fer_jax.training.cross_validate import make_folds
 
-def default_mode(config: ml_collections.ConfigDict) -> str:
-    """The mode a config runs in: 'cross_validate' for a CV config (it has `folds`)."""
-    return "cross_validate" if "folds" in config else "train"
+        if self.jaffe is None:
+            return None
+        labels = np.asarray([item.label for item in self.jaffe])
+        subjects = np.asarray([item.subject for item in self.jaffe])
+        stage = self.stage
+        made = make_folds(labels, subjects, stage.config, stage.label, stage.field)
+        return labels, subjects, made
+
+    def fold_train_sizes(self) -> list[int] | None:
+        """Training images of each fold of JAFFE listed by name (else None)."""
+        if self.folds is None:
+            return None
+        return [len(train) for split in self.folds[2].values() for train, _ in split]
 
 
 def stages(
@@ -86,7 +103,6 @@ def stages(
                 cv,
                 "config.jaffe",
                 ("train",),
-                skip="--config.cross_validate=False",
             )
         )
     return out
@@ -107,7 +123,14 @@ def check(
         if stage.config.get("input_pipeline") == "tf_data":
             _need_tfds(stage, "config.input_pipeline='tf_data'", "--config.input_pipeline=device")
         found.append(find(stage, count=count))
-        _check_folds(found[-1])
+        folds = found[-1].fold_train_sizes() if stage.kind == "cross_validate" else None
+        for k, train in enumerate(folds or []):  # each fold fills a training batch
+            if train < stage.config.batch_size:
+                raise UserError(
+                    f"{stage.label}: fold {k} has {train} training images, fewer than "
+                    f"{stage.field}.batch_size={stage.config.batch_size}; use more images, "
+                    f"fewer folds or a smaller {stage.field}.batch_size"
+                )
     return found
 
 
@@ -191,47 +214,13 @@ def _missing(stage: Stage, source: str, manual: str, data_dir: str) -> str:
     else:
         problem += " (data_source 'files' reads the downloaded files from it)"
     ways = f"--{field}.manual_dir=DIR ({WHERE.get(name, 'the downloaded files')})"
-    if stage.skip:
-        ways += f" or {stage.skip}"
+    if field == "config.jaffe":  # the stage after training, which it may skip
+        ways += " or --config.cross_validate=False"
     elif source == "tfds":
         ways += f" or --{field}.data_dir=DIR (where TFDS {name!r} is built)"
     else:
         ways += ", or try the tool without data: --config=configs/synthetic.py"
     return f"{stage.label} not found: {problem}; pass {ways}"
-
-
-def _check_folds(found: Found) -> None:
-    """A cross-validation stage: its folds can be made, and each fills a training batch."""
-    config = found.stage.config
-    if found.stage.kind != "cross_validate":
-        return
-    for k, train in enumerate(fold_train_sizes(found) or []):
-        if train < config.batch_size:
-            raise UserError(
-                f"{found.stage.label}: fold {k} has {train} training images, fewer than "
-                f"{found.stage.field}.batch_size={config.batch_size}; use more images, fewer "
-                f"folds or a smaller {found.stage.field}.batch_size"
-            )
-
-
-def fold_train_sizes(found: Found) -> list[int] | None:
-    """Training images of each fold of JAFFE listed by name (else None)."""
-    made = _folds(found)
-    return None if made is None else [len(t) for split in made[2].values() for t, _ in split]
-
-
-def _folds(
-    found: Found,
-) -> tuple[np.ndarray, np.ndarray, dict[str, list[tuple[np.ndarray, np.ndarray]]]] | None:
-    """`(labels, subjects, {protocol: its folds})` of JAFFE listed by name (else None)."""
-    from fer_jax.training.cross_validate import make_folds
-
-    if found.jaffe is None:
-        return None
-    labels = np.asarray([item.label for item in found.jaffe])
-    subjects = np.asarray([item.subject for item in found.jaffe])
-    stage = found.stage
-    return labels, subjects, make_folds(labels, subjects, stage.config, stage.label, stage.field)
 
 
 # --mode=check: the report.
@@ -264,7 +253,7 @@ def _stage_lines(i: int, found: Found, devices: int, workdir: str) -> list[str]:
     if replicas > 1:
         per_device += f", {replicas} replicas"
     if stage.kind == "cross_validate":
-        sizes = fold_train_sizes(found)
+        sizes = found.fold_train_sizes()
         total = (found.sizes or {}).get("train")
         if sizes:
             low, high = min(sizes) // batch, max(sizes) // batch
@@ -310,9 +299,10 @@ def _folds_text(config: ml_collections.ConfigDict) -> str:
     return f"{config.folds} folds of each protocol ({', '.join(protocols)})"
 
 
-def _checkpoint_steps(directory: str) -> list[int]:
+def _names(directory: str) -> list[str]:
+    """The entries of `directory` ([] where it is not a readable directory)."""
     try:
-        return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+        return os.listdir(directory)
     except OSError:
         return []
 
@@ -325,8 +315,7 @@ def _folds_done(directory: str, config: ml_collections.ConfigDict, field: str) -
     check_layout(directory, config.fold_protocol, field)
 
     def done(path: str) -> int:
-        names = os.listdir(path) if os.path.isdir(path) else []
-        return sum(os.path.isfile(os.path.join(path, d, "result.json")) for d in names)
+        return sum(os.path.isfile(os.path.join(path, d, "result.json")) for d in _names(path))
 
     if config.fold_protocol != folds.BOTH:
         return f"{done(directory)} fold(s) done"
@@ -352,24 +341,21 @@ def _workdir_lines(
         what = "the evaluation reports" if mode == "evaluate" else "a new run"
         return [f"workdir: {path}: created for {what}"]
     workdir_lock.check_free(path)
-    if mode == "train":
-        run_config.compare(config, path, allow_changes=allow_config_changes)
-    lines = []
-    steps = _checkpoint_steps(os.path.join(path, "checkpoints"))
-    if mode == "train":
-        if steps:
-            lines.append(f"workdir: {path}: resumes from the checkpoint of step {steps[-1]}")
-        else:
-            lines.append(f"workdir: {path}: no checkpoint, starts from step 0")
-        cv_dir = os.path.join(path, "cross_validation")
-        if os.path.isdir(cv_dir) and config.get("cross_validate"):
-            done = _folds_done(cv_dir, config.jaffe, "config.jaffe")
-            lines.append(f"  cross-validation: {done}")
-    elif mode == "cross_validate":
-        done = _folds_done(path, config, "config")
-        lines.append(f"workdir: {path}: {done}, the others resume or start")
+    if mode == "evaluate":
+        return [f"workdir: {path}: the evaluation reports go to {path}/eval/"]
+    if mode == "cross_validate":
+        return [
+            f"workdir: {path}: {_folds_done(path, config, 'config')}, the others resume or start"
+        ]
+    run_config.compare(config, path, allow_changes=allow_config_changes)
+    steps = sorted(int(d) for d in _names(os.path.join(path, "checkpoints")) if d.isdigit())
+    if steps:
+        lines = [f"workdir: {path}: resumes from the checkpoint of step {steps[-1]}"]
     else:
-        lines.append(f"workdir: {path}: the evaluation reports go to {path}/eval/")
+        lines = [f"workdir: {path}: no checkpoint, starts from step 0"]
+    cv_dir = os.path.join(path, "cross_validation")
+    if os.path.isdir(cv_dir) and config.get("cross_validate"):
+        lines.append(f"  cross-validation: {_folds_done(cv_dir, config.jaffe, 'config.jaffe')}")
     return lines
 
 
@@ -407,12 +393,9 @@ def describe(
         target = checkpoint or workdir
         there = "found" if _checkpoint_exists(target) else "NOT FOUND"
         lines.append(f"  checkpoint: {target} ({there})")
-    for item in found:
-        init = item.stage.config.get("init_from", "")
-        if init and item.stage.field == "config" and not _checkpoint_exists(init):
-            lines.append(
-                f"  warning: config.init_from={init} does not exist (yet): the run needs it"
-            )
+    init = config.init_from  # the first stage's (a later one's may be stage 1's model)
+    if init and not _checkpoint_exists(init):
+        lines.append(f"  warning: config.init_from={init} does not exist (yet): the run needs it")
     lines.append(f"devices: {len(devices)} x {', '.join(kinds)} ({devices[0].platform}): {devices}")
     lines += _workdir_lines(config, mode, workdir, allow_config_changes)
     lines += cross_validation_lines(config, mode, workdir, user_set)
@@ -421,18 +404,18 @@ def describe(
 
 
 def _fold_plan_lines(stage: Stage) -> list[str]:
-    """The fold plan of a stage whose images are listed by name (without reading them); the
-    folds, made from `stage.config`'s folds, seed and protocol, are those the run makes."""
+    """The fold plan of a stage whose images are listed by name (without reading them)."""
     from fer_jax.training.cross_validate import fold_plan_lines
 
-    made = _folds(find(stage))
+    made = find(stage).folds
     if made is None:
         return [f"fold plan: {_folds_text(stage.config)}, made when the data is read"]
     labels, subjects, splits = made
-    lines = []
-    for protocol, split in splits.items():
-        lines += fold_plan_lines(split, labels, subjects, stage.config, protocol)
-    return lines
+    return [
+        line
+        for protocol, split in splits.items()
+        for line in fold_plan_lines(split, labels, subjects, stage.config, protocol)
+    ]
 
 
 def cross_validation_lines(
@@ -443,15 +426,14 @@ def cross_validation_lines(
     from fer_jax.model import pretrained
     from fer_jax.training import cross_validate as cv_module
 
-    if mode == "cross_validate":
-        cv, field = config, "config.init_from"
-    elif mode == "train" and config.get("cross_validate"):
-        cv, field = cv_module.config_from_parent(config, workdir), "config.jaffe.init_from"
-        user_set = [f.removeprefix("jaffe.") for f in user_set if f.startswith("jaffe.")]
-    else:
+    stage = next((s for s in stages(config, mode, workdir) if s.kind == "cross_validate"), None)
+    if stage is None:
         return []
-    stage = next(s for s in stages(config, mode, workdir) if s.kind == "cross_validate")
-    if mode == "train" and not config.jaffe.init_from:
+    cv, field = stage.config, f"{stage.field}.init_from"
+    after_training = stage.field == "config.jaffe"
+    if after_training:
+        user_set = [f.removeprefix("jaffe.") for f in user_set if f.startswith("jaffe.")]
+    if after_training and not config.jaffe.init_from:
         where = "the config of stage 1"
         source = cv_module.source_from_config(
             config.to_dict(), "the model selected in stage 1", where

@@ -121,17 +121,14 @@ def save_or_compare(
     import jax
 
     changed = compare(config, workdir, allow_changes=allow_changes)
-    if changed is not None:
-        recipe = [c for c in changed if changes_result(c[0])]
-        if recipe:
-            logging.warning(
-                "Config changes allowed (--allow_config_changes): %s", _describe(recipe)
-            )
-        neutral = [c for c in changed if not changes_result(c[0])]
-        if neutral:
-            logging.info("Config changes that do not affect the result: %s", _describe(neutral))
-        if not changed:
-            return
+    if changed == []:
+        return  # the same config
+    recipe = [c for c in changed or [] if changes_result(c[0])]
+    neutral = [c for c in changed or [] if not changes_result(c[0])]
+    if recipe:
+        logging.warning("Config changes allowed (--allow_config_changes): %s", _describe(recipe))
+    if neutral:
+        logging.info("Config changes that do not affect the result: %s", _describe(neutral))
     if jax.process_index() == 0:  # atomically: `to_json`'s text, sorted, one space indents
         evaluate.write_json(
             os.path.join(workdir, CONFIG_FILE), json.loads(to_json(config)), indent=1

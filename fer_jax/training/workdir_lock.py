@@ -116,8 +116,13 @@ def _take_over(path: str, stale: dict[str, Any]) -> None:
         )
 
 
-def _refuse_live(workdir: str, path: str, holder: dict[str, Any]) -> None:
-    """Raises UserError unless the lock `holder` at `path` is stale (its process is gone)."""
+def check_free(workdir: str) -> dict[str, Any] | None:
+    """Raises UserError where another run holds `workdir`'s lock (`acquire` would refuse it);
+    returns the record of a stale lock, whose process is gone (None: no lock)."""
+    path = os.path.join(workdir, LOCK_FILE)
+    holder = _read(path)
+    if holder is None:
+        return None
     alive = process_alive(holder)
     if alive is None:
         raise UserError(
@@ -130,14 +135,7 @@ def _refuse_live(workdir: str, path: str, holder: dict[str, Any]) -> None:
             f"workdir {workdir} is in use by {_holder_text(holder)}; wait for that run "
             "to end or use another --workdir"
         )
-
-
-def check_free(workdir: str) -> None:
-    """Raises UserError where `acquire` would refuse `workdir` (for `--mode=check`)."""
-    path = os.path.join(workdir, LOCK_FILE)
-    holder = _read(path)
-    if holder is not None:
-        _refuse_live(workdir, path, holder)
+    return holder
 
 
 def acquire(workdir: str) -> str:
@@ -148,10 +146,9 @@ def acquire(workdir: str) -> str:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = _read(path)
-            if holder is not None:  # else released meanwhile
-                _refuse_live(workdir, path, holder)
-                _take_over(path, holder)
+            stale = check_free(workdir)
+            if stale is not None:  # else released meanwhile
+                _take_over(path, stale)
             continue  # try again: released, taken over, or another run was faster
         with os.fdopen(fd, "w") as f:
             json.dump(record, f)
