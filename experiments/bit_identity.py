@@ -30,14 +30,15 @@ import numpy as np
 from experiments import common, provenance
 
 SYNTHETIC = ["--config=configs/synthetic.py", "--config.synthetic.train=128"]  # 4 steps/epoch
+_OVERRIDES = shlex.quote("--config.replica_overrides=({'optimizer.learning_rate': 0.1}, {})")
 # Name: flags after SYNTHETIC (`shlex` words; `{runs}`: the side's run folder). The plain run
 # covers the moving average, random erasing, checkpoints, selection, the report and a 2-fold
 # JAFFE-style stage; evaluate_* read its checkpoint.
 RUNS = {
     "plain": "--config.num_epochs=2 --config.ema_decay=0.9 --config.augment.erase=0.5 "
     "--config.jaffe.folds=2 --config.jaffe.num_epochs=1",
-    "replicas": "--config.replicas=2 \"--config.replica_overrides=({'optimizer.learning_rate': "
-    '0.1}, {})" --config.num_epochs=1 --config.cross_validate=False',
+    "replicas": f"--config.replicas=2 {_OVERRIDES} --config.num_epochs=1 "
+    "--config.cross_validate=False",
     "tf_data": "--config.input_pipeline=tf_data --config.augment.erase=0.5 --config.num_epochs=1 "
     "--config.cross_validate=False",
     "evaluate_1": "--mode=evaluate --checkpoint={runs}/plain --crops=1",
