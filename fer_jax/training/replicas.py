@@ -67,7 +67,9 @@ def overrides(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     return [dict(d) for d in listed] or [{} for _ in range(count(config))]
 
 
-def with_fields(config: ml_collections.ConfigDict, fields: Mapping[str, Any]):
+def with_fields(
+    config: ml_collections.ConfigDict, fields: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
     """A copy of `config` with the dotted `fields` set: numbers as the field's type, arrays
     (traced: `ReplicaState.hparams`) as they are."""
     out = ml_collections.ConfigDict(config.to_dict())
